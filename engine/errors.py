@@ -1,0 +1,172 @@
+"""Every error ploy-engine raises, under one root.
+
+Each error takes structured arguments, builds its own message, and keeps its
+inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
+
+    PloyError
+    ├── ConfigError               ploy.yaml: file, key, line
+    ├── UnknownBindingError       env.NAME that ploy.yaml does not bind
+    ├── UnknownWorkflowError      a binding naming a workflow the worker lacks
+    ├── InvalidInputError         trigger input fails the workflow's input model
+    ├── PayloadTooLargeError      an event would not fit a Kafka record
+    ├── DurationError (ValueError) "5 parsecs"
+    ├── SerializationError        a step result that is not JSON
+    ├── CodecError                corrupt bytes / unknown schema fingerprint
+    ├── CorruptEventError         CodecError at a topic/partition/offset
+    ├── InvalidTransitionError    the fold met an event its state forbids
+    ├── BrokerUnavailableError    bootstrap servers not reachable in time
+    ├── AppendError               the broker refused or timed out an append
+    ├── NonRetryableError         raised by user code: fail the step now
+    ├── StepTimeoutError          one attempt ran past its timeout
+    ├── StepFailedError           a step exhausted its retries
+    └── WorkflowFailedError       (reserved for callers waiting on a result)
+
+Control flow that user code must not swallow (``except Exception``) derives
+from ``BaseException`` and lives in the runtime: ``Suspend`` and ``Cancelled``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PloyError(Exception):
+    """Root of every error ploy-engine raises on purpose."""
+
+
+class ConfigError(PloyError):
+    """ploy.yaml (or an environment override) is invalid."""
+
+    def __init__(self, file: str, key: str | None, problem: str, line: int | None = None):
+        self.file, self.key, self.problem, self.line = file, key, problem, line
+        where = file + (f":{line}" if line is not None else "")
+        what = f" key '{key}':" if key else ""
+        super().__init__(f"{where}:{what} {problem}")
+
+
+class UnknownBindingError(PloyError, AttributeError):
+    """``env.NAME`` names no binding of ploy.yaml."""
+
+    def __init__(self, binding: str, known: list[str]):
+        self.binding, self.known = binding, known
+        names = ", ".join(sorted(known)) or "none"
+        super().__init__(f"unknown binding '{binding}' (bound in ploy.yaml: {names})")
+
+
+class UnknownWorkflowError(PloyError):
+    """A name that no ``.workflow(...)`` of the worker defines."""
+
+    def __init__(self, workflow: str, known: list[str], binding: str | None = None):
+        self.workflow, self.known, self.binding = workflow, known, binding
+        via = f"binding '{binding}' names " if binding else ""
+        names = ", ".join(sorted(known)) or "none"
+        super().__init__(f"{via}unknown workflow '{workflow}' (the worker defines: {names})")
+
+
+class InvalidInputError(PloyError, ValueError):
+    """Trigger input that does not match the workflow's input model; nothing was appended."""
+
+    def __init__(self, workflow: str, errors: list[dict[str, Any]]):
+        self.workflow, self.errors = workflow, errors
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())) or '<input>'}: {e.get('msg')}"
+            for e in errors
+        )
+        super().__init__(f"invalid input for workflow '{workflow}': {detail}")
+
+
+class PayloadTooLargeError(PloyError, ValueError):
+    """A payload whose event would not fit one Kafka record."""
+
+    def __init__(self, what: str, size: int, limit: int):
+        self.what, self.size, self.limit = what, size, limit
+        super().__init__(f"{what} is {size} bytes, over the limit of {limit} bytes")
+
+
+class DurationError(PloyError, ValueError):
+    """A duration that is neither int milliseconds nor like '1h30m'."""
+
+    def __init__(self, value: object):
+        self.value = value
+        super().__init__(
+            f"invalid duration {value!r}: use int milliseconds or a string like "
+            "'500ms', '30s', '5m', '1h', '1d', '1h30m'"
+        )
+
+
+class SerializationError(PloyError, TypeError):
+    """A value the engine must record is not JSON-serializable."""
+
+    def __init__(self, what: str, cause: str):
+        self.what, self.cause = what, cause
+        super().__init__(f"{what} is not JSON-serializable: {cause}")
+
+
+class CodecError(PloyError):
+    """Bytes that are not a record of any known event schema."""
+
+
+class CorruptEventError(PloyError):
+    """An undecodable record on the log; its partition stops here."""
+
+    def __init__(self, topic: str, partition: int, offset: int, cause: str):
+        self.topic, self.partition, self.offset, self.cause = topic, partition, offset, cause
+        super().__init__(
+            f"corrupt event at topic '{topic}' partition {partition} offset {offset}: {cause}; "
+            "the partition is stopped at this offset"
+        )
+
+
+class InvalidTransitionError(PloyError):
+    """The fold met an event that the execution's state does not allow."""
+
+    def __init__(self, execution_id: str, status: str | None, event: str):
+        self.execution_id, self.status, self.event = execution_id, status, event
+        super().__init__(f"execution {execution_id} in state {status}: cannot apply {event}")
+
+
+class BrokerUnavailableError(PloyError):
+    """Kafka did not answer within the bounded wait."""
+
+    def __init__(self, servers: str, seconds: float, cause: str = ""):
+        self.servers, self.seconds, self.cause = servers, seconds, cause
+        tail = f" ({cause})" if cause else ""
+        super().__init__(f"Kafka at {servers} is not reachable after {seconds:g} s{tail}")
+
+
+class AppendError(PloyError):
+    """The broker did not acknowledge an append."""
+
+    def __init__(self, topic: str, cause: str):
+        self.topic, self.cause = topic, cause
+        super().__init__(f"append to '{topic}' failed: {cause}")
+
+
+class NonRetryableError(PloyError):
+    """Raise inside a step to fail it at once, without retries."""
+
+
+class StepTimeoutError(PloyError, TimeoutError):
+    """One attempt of a step ran longer than its timeout."""
+
+    def __init__(self, step: str, timeout_ms: int):
+        self.step, self.timeout_ms = step, timeout_ms
+        super().__init__(f"step '{step}' timed out after {timeout_ms} ms")
+
+
+class StepFailedError(PloyError):
+    """A step failed for good; the workflow may catch this and roll back."""
+
+    def __init__(self, step: str, attempts: int, error_type: str, message: str):
+        self.step, self.attempts = step, attempts
+        self.error_type, self.message = error_type, message
+        plural = "attempt" if attempts == 1 else "attempts"
+        super().__init__(f"step '{step}' failed after {attempts} {plural}: {error_type}: {message}")
+
+
+class WorkflowFailedError(PloyError):
+    """An execution ended failed (for callers that wait on a result)."""
+
+    def __init__(self, execution_id: str, error_type: str, message: str):
+        self.execution_id, self.error_type, self.message = execution_id, error_type, message
+        super().__init__(f"execution {execution_id} failed: {error_type}: {message}")

@@ -1,0 +1,186 @@
+"""The event types of the log and their envelope: plain data, no I/O.
+
+Field names and types mirror ``schemas/event.v1.avsc`` one to one; the codec
+turns these into Avro and back. User payloads (inputs, outputs, log data) are
+JSON text, so the Avro contract never changes with a user's models.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class WorkflowTriggered:
+    """An execution was requested, with its validated input."""
+
+    input: str
+    idempotency_key: str | None = None
+    NAME: ClassVar[str] = "WorkflowTriggered"
+
+
+@dataclass(frozen=True)
+class WorkflowStarted:
+    """A worker began running the handler for the first time."""
+
+    worker: str
+    NAME: ClassVar[str] = "WorkflowStarted"
+
+
+@dataclass(frozen=True)
+class StepStarted:
+    """An attempt of a step began; produced without waiting for the ack."""
+
+    step: str
+    attempt: int
+    input: str | None = None
+    NAME: ClassVar[str] = "StepStarted"
+
+
+@dataclass(frozen=True)
+class StepCompleted:
+    """An attempt of a step returned; ``output`` is its JSON result."""
+
+    step: str
+    attempt: int
+    input: str | None
+    output: str
+    started_at: int
+    NAME: ClassVar[str] = "StepCompleted"
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    """An attempt raised: ``retry_at`` when another attempt follows, ``final`` when none will."""
+
+    step: str
+    attempt: int
+    input: str | None
+    error_type: str
+    message: str
+    traceback: str
+    started_at: int
+    retry_at: int | None
+    final: bool
+    NAME: ClassVar[str] = "StepFailed"
+
+
+@dataclass(frozen=True)
+class SleepScheduled:
+    """A durable sleep began; its timer fires at ``wake_at``."""
+
+    sleep: str
+    duration_ms: int
+    wake_at: int
+    NAME: ClassVar[str] = "SleepScheduled"
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    """The timer of a durable sleep fired; the execution resumes by replay."""
+
+    sleep: str
+    wake_at: int
+    NAME: ClassVar[str] = "TimerFired"
+
+
+@dataclass(frozen=True)
+class WorkflowLog:
+    """``ctx.log``: a message with optional JSON data."""
+
+    level: str
+    message: str
+    data: str | None = None
+    NAME: ClassVar[str] = "WorkflowLog"
+
+
+@dataclass(frozen=True)
+class CancelRequested:
+    """``cancel(id)`` was called."""
+
+    reason: str | None = None
+    NAME: ClassVar[str] = "CancelRequested"
+
+
+@dataclass(frozen=True)
+class WorkflowCancelled:
+    """The runtime stopped the execution after a cancel."""
+
+    reason: str | None = None
+    NAME: ClassVar[str] = "WorkflowCancelled"
+
+
+@dataclass(frozen=True)
+class WorkflowCompleted:
+    """The handler returned; ``output`` is its validated JSON result."""
+
+    output: str
+    NAME: ClassVar[str] = "WorkflowCompleted"
+
+
+@dataclass(frozen=True)
+class WorkflowFailed:
+    """The handler raised, or its output failed validation."""
+
+    error_type: str
+    message: str
+    traceback: str
+    NAME: ClassVar[str] = "WorkflowFailed"
+
+
+Body = (
+    WorkflowTriggered
+    | WorkflowStarted
+    | StepStarted
+    | StepCompleted
+    | StepFailed
+    | SleepScheduled
+    | TimerFired
+    | WorkflowLog
+    | CancelRequested
+    | WorkflowCancelled
+    | WorkflowCompleted
+    | WorkflowFailed
+)
+
+BODY_TYPES: dict[str, type[Body]] = {
+    cls.NAME: cls
+    for cls in (
+        WorkflowTriggered,
+        WorkflowStarted,
+        StepStarted,
+        StepCompleted,
+        StepFailed,
+        SleepScheduled,
+        TimerFired,
+        WorkflowLog,
+        CancelRequested,
+        WorkflowCancelled,
+        WorkflowCompleted,
+        WorkflowFailed,
+    )
+}
+
+
+def new_event_id() -> str:
+    """A random id; consumers of the log deduplicate on it."""
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Event:
+    """The envelope: who, when, which writer epoch, and one body."""
+
+    execution_id: str
+    workflow: str
+    timestamp: int
+    body: Body
+    epoch: int = 0
+    event_id: str = field(default_factory=new_event_id)
+
+    @property
+    def type(self) -> str:
+        """The body's type name, as in the schema."""
+        return self.body.NAME

@@ -1,0 +1,328 @@
+"""The fold: (current view, event) -> writes. Pure: no RocksDB, no Kafka.
+
+The view is a function of the log alone (invariant 1): every value written
+here comes from the event and the state before it, never from a clock or a
+random source, so refolding from offset 0 gives the same bytes.
+
+Rules the fold keeps:
+1. ``WorkflowTriggered`` creates the execution; a second one for the same id
+   (an idempotency key used twice) changes nothing but the audit trail.
+2. Any other event for an execution the partition has never seen is an
+   ``InvalidTransitionError``: the log is not ours or is damaged.
+3. Once an execution is terminal its status never changes again. Events that
+   arrive after that (a step that was running when a cancel landed) are still
+   recorded on their step and in the history.
+4. Every event of an execution is kept in its history, under its offset.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from engine import keys
+from engine.errors import InvalidTransitionError
+from engine.events import (
+    CancelRequested,
+    Event,
+    SleepScheduled,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+    TimerFired,
+    WorkflowCancelled,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowLog,
+    WorkflowStarted,
+    WorkflowTriggered,
+)
+from engine.models import ExecutionStatus
+
+Record = dict[str, Any]
+_DELETED = object()
+
+QUEUED = ExecutionStatus.QUEUED.value
+RUNNING = ExecutionStatus.RUNNING.value
+SLEEPING = ExecutionStatus.SLEEPING.value
+TERMINAL = {s.value for s in ExecutionStatus if s.terminal}
+
+
+class Tx:
+    """Pending writes over a read function: the fold's only door to state.
+
+    Records are kept decoded until :meth:`encoded`, so a batch that touches
+    one execution a hundred times parses and serializes it once.
+    """
+
+    def __init__(self, read: Callable[[bytes], bytes | None]):
+        self._read = read
+        self._pending: dict[bytes, Any] = {}
+
+    def get(self, key: bytes) -> Record | None:
+        """The JSON record at ``key``, with this batch's writes applied."""
+        if key in self._pending:
+            value = self._pending[key]
+            return None if value is _DELETED else value  # type: ignore[no-any-return]
+        raw = self._read(key)
+        if raw is None:
+            return None
+        record: Record = json.loads(raw)
+        self._pending[key] = record
+        return record
+
+    def put(self, key: bytes, record: Record) -> None:
+        self._pending[key] = record
+
+    def put_raw(self, key: bytes, value: bytes) -> None:
+        self._pending[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self._pending[key] = _DELETED
+
+    def encoded(self) -> Iterator[tuple[bytes, bytes | None]]:
+        """Every write as bytes (``None`` deletes), deterministic JSON."""
+        for key, value in self._pending.items():
+            if value is _DELETED:
+                yield key, None
+            elif isinstance(value, bytes):
+                yield key, value
+            else:
+                yield key, json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> None:
+    """Fold one event (found at ``partition``/``offset`` as ``raw``) into ``tx``."""
+    eid = event.execution_id
+    body = event.body
+    ex = tx.get(keys.execution(eid))
+    if isinstance(body, WorkflowTriggered):
+        if ex is None:
+            ex = _new_execution(event, body, partition)
+            tx.put_raw(keys.active(eid), b"")
+            tx.put_raw(keys.created(event.timestamp, eid), b"")
+    elif ex is None:
+        raise InvalidTransitionError(eid, None, event.type)
+    else:
+        _FOLDS[type(body)](tx, ex, event)
+    ex["events"] += 1
+    ex["updated_at"] = event.timestamp
+    tx.put(keys.execution(eid), ex)
+    tx.put_raw(keys.history(eid, offset), raw)
+
+
+def _new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Record:
+    return {
+        "id": event.execution_id,
+        "workflow": event.workflow,
+        "status": QUEUED,
+        "input": body.input,
+        "output": None,
+        "error": None,
+        "idempotency_key": body.idempotency_key,
+        "partition": partition,
+        "created_at": event.timestamp,
+        "started_at": None,
+        "ended_at": None,
+        "updated_at": event.timestamp,
+        "events": 0,
+        "seq": 0,
+        "logs": 0,
+        "sleeping_on": None,
+        "cancel_reason": None,
+    }
+
+
+def _run(ex: Record, ts: int) -> None:
+    """queued/sleeping -> running; a terminal execution stays as it is."""
+    if ex["status"] in (QUEUED, SLEEPING):
+        ex["status"] = RUNNING
+    if ex["started_at"] is None:
+        ex["started_at"] = ts
+
+
+def _finish(tx: Tx, ex: Record, status: str, ts: int) -> bool:
+    """Make ``ex`` terminal; False when it already was (rule 3)."""
+    if ex["status"] in TERMINAL:
+        return False
+    ex["status"] = status
+    ex["ended_at"] = ts
+    tx.delete(keys.active(ex["id"]))
+    if ex["sleeping_on"] is not None:
+        sleep_key = keys.sleep(ex["id"], ex["sleeping_on"])
+        sleep = tx.get(sleep_key)
+        if sleep is not None:
+            tx.delete(keys.timer(sleep["wake_at"], ex["id"], sleep["key"]))
+            sleep.update(status=status, ended_at=ts)
+            tx.put(sleep_key, sleep)
+        ex["sleeping_on"] = None
+    return True
+
+
+def _started(tx: Tx, ex: Record, event: Event) -> None:
+    assert isinstance(event.body, WorkflowStarted)
+    _run(ex, event.timestamp)
+
+
+def _step(tx: Tx, ex: Record, key: str, input_: str | None, ts: int) -> Record:
+    step = tx.get(keys.step(ex["id"], key))
+    if step is None:
+        step = {
+            "key": key,
+            "kind": "step",
+            "seq": ex["seq"],
+            "status": RUNNING,
+            "input": input_,
+            "output": None,
+            "error": None,
+            "attempts": [],
+            "started_at": ts,
+            "ended_at": None,
+        }
+        ex["seq"] += 1
+    return step
+
+
+def _attempt(step: Record, n: int, started_at: int) -> Record:
+    for attempt in step["attempts"]:
+        if attempt["attempt"] == n:
+            return attempt  # type: ignore[no-any-return]
+    attempt = {"attempt": n, "started_at": started_at, "ended_at": None, "error": None,
+               "retry_at": None}
+    step["attempts"].append(attempt)
+    return attempt
+
+
+def _step_started(tx: Tx, ex: Record, event: Event) -> None:
+    body = event.body
+    assert isinstance(body, StepStarted)
+    _run(ex, event.timestamp)
+    step = _step(tx, ex, body.step, body.input, event.timestamp)
+    step["status"] = RUNNING
+    _attempt(step, body.attempt, event.timestamp)
+    tx.put(keys.step(ex["id"], body.step), step)
+
+
+def _step_completed(tx: Tx, ex: Record, event: Event) -> None:
+    body = event.body
+    assert isinstance(body, StepCompleted)
+    _run(ex, event.timestamp)
+    step = _step(tx, ex, body.step, body.input, body.started_at)
+    attempt = _attempt(step, body.attempt, body.started_at)
+    attempt["ended_at"] = event.timestamp
+    step.update(status="completed", output=body.output, ended_at=event.timestamp, error=None)
+    tx.put(keys.step(ex["id"], body.step), step)
+
+
+def _step_failed(tx: Tx, ex: Record, event: Event) -> None:
+    body = event.body
+    assert isinstance(body, StepFailed)
+    _run(ex, event.timestamp)
+    step = _step(tx, ex, body.step, body.input, body.started_at)
+    attempt = _attempt(step, body.attempt, body.started_at)
+    error = {"type": body.error_type, "message": body.message, "traceback": body.traceback}
+    attempt.update(ended_at=event.timestamp, error=error, retry_at=body.retry_at)
+    step["error"] = error
+    if body.final:
+        step.update(status="failed", ended_at=event.timestamp)
+    else:
+        step["status"] = "retrying"
+    tx.put(keys.step(ex["id"], body.step), step)
+
+
+def _sleep_scheduled(tx: Tx, ex: Record, event: Event) -> None:
+    body = event.body
+    assert isinstance(body, SleepScheduled)
+    key = keys.sleep(ex["id"], body.sleep)
+    if tx.get(key) is not None:
+        return
+    tx.put(key, {
+        "key": body.sleep,
+        "kind": "sleep",
+        "seq": ex["seq"],
+        "status": SLEEPING,
+        "duration_ms": body.duration_ms,
+        "wake_at": body.wake_at,
+        "started_at": event.timestamp,
+        "ended_at": None,
+    })
+    ex["seq"] += 1
+    if ex["status"] in TERMINAL:
+        return
+    ex["status"] = SLEEPING
+    ex["sleeping_on"] = body.sleep
+    tx.put_raw(keys.timer(body.wake_at, ex["id"], body.sleep), b"")
+
+
+def _timer_fired(tx: Tx, ex: Record, event: Event) -> None:
+    body = event.body
+    assert isinstance(body, TimerFired)
+    key = keys.sleep(ex["id"], body.sleep)
+    sleep = tx.get(key)
+    if sleep is None or sleep["status"] != SLEEPING:
+        return  # a duplicate firing, or a sleep a cancel already ended
+    sleep.update(status="completed", ended_at=event.timestamp)
+    tx.put(key, sleep)
+    tx.delete(keys.timer(sleep["wake_at"], ex["id"], body.sleep))
+    if ex["sleeping_on"] == body.sleep:
+        ex["sleeping_on"] = None
+        _run(ex, event.timestamp)
+
+
+def _log(tx: Tx, ex: Record, event: Event) -> None:
+    body = event.body
+    assert isinstance(body, WorkflowLog)
+    seq = ex["logs"]
+    tx.put(keys.log(ex["id"], seq), {
+        "seq": seq,
+        "timestamp": event.timestamp,
+        "level": body.level,
+        "message": body.message,
+        "data": body.data,
+    })
+    ex["logs"] = seq + 1
+
+
+def _cancel_requested(tx: Tx, ex: Record, event: Event) -> None:
+    body = event.body
+    assert isinstance(body, CancelRequested)
+    if _finish(tx, ex, ExecutionStatus.CANCELLED.value, event.timestamp):
+        ex["cancel_reason"] = body.reason
+
+
+def _cancelled(tx: Tx, ex: Record, event: Event) -> None:
+    body = event.body
+    assert isinstance(body, WorkflowCancelled)
+    if _finish(tx, ex, ExecutionStatus.CANCELLED.value, event.timestamp):
+        ex["cancel_reason"] = body.reason
+
+
+def _completed(tx: Tx, ex: Record, event: Event) -> None:
+    body = event.body
+    assert isinstance(body, WorkflowCompleted)
+    if _finish(tx, ex, ExecutionStatus.COMPLETED.value, event.timestamp):
+        ex["output"] = body.output
+
+
+def _failed(tx: Tx, ex: Record, event: Event) -> None:
+    body = event.body
+    assert isinstance(body, WorkflowFailed)
+    if _finish(tx, ex, ExecutionStatus.FAILED.value, event.timestamp):
+        ex["error"] = {"type": body.error_type, "message": body.message,
+                       "traceback": body.traceback}
+
+
+_FOLDS: dict[type, Callable[[Tx, Record, Event], None]] = {
+    WorkflowStarted: _started,
+    StepStarted: _step_started,
+    StepCompleted: _step_completed,
+    StepFailed: _step_failed,
+    SleepScheduled: _sleep_scheduled,
+    TimerFired: _timer_fired,
+    WorkflowLog: _log,
+    CancelRequested: _cancel_requested,
+    WorkflowCancelled: _cancelled,
+    WorkflowCompleted: _completed,
+    WorkflowFailed: _failed,
+}

@@ -1,0 +1,253 @@
+"""The Kafka log: append events (acknowledged), read them back, manage the topic.
+
+Every event of an execution goes to one partition, chosen here with Kafka's
+own murmur2 partitioner over the execution id, so any process (and a Java or
+Go client) computes the same partition for an id without asking anyone.
+
+Producer settings that the engine controls: ``enable.idempotence`` and
+``acks=all`` (an acknowledged event is durable and the order of one partition
+is kept even for appends that nobody waits for), and ``linger.ms=0``: a step
+waits on its completion's acknowledgement, so any linger is added to every
+step; under load, records still batch while earlier requests are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from engine.codec import Codec, default_codec
+from engine.errors import AppendError, BrokerUnavailableError
+from engine.events import Event
+
+logger = logging.getLogger("ploy.kafka")
+
+PRODUCER_DEFAULTS = {"linger.ms": 0, "compression.type": "none"}
+PRODUCER_FIXED = {"enable.idempotence": True, "acks": "all"}
+CONSUMER_DEFAULTS = {"fetch.wait.max.ms": 10, "fetch.min.bytes": 1}
+CONSUMER_FIXED = {"enable.auto.commit": False, "auto.offset.reset": "earliest"}
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 (as in the Java client's default partitioner)."""
+    length = len(data)
+    m, r = 0x5BD1E995, 24
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = length & ~3
+    extra = length % 4
+    if extra >= 3:
+        h ^= data[tail + 2] << 16
+    if extra >= 2:
+        h ^= data[tail + 1] << 8
+    if extra >= 1:
+        h ^= data[tail]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return h
+
+
+def partition_for(execution_id: str, partitions: int) -> int:
+    """The partition of every event of ``execution_id`` (Kafka's default for a key)."""
+    return (murmur2(execution_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+def client_config(bootstrap_servers: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Settings shared by every client: the servers, user extras, quiet logging."""
+    return {"bootstrap.servers": bootstrap_servers, **(extra or {}), "logger": logger}
+
+
+class EventLog:
+    """Appends to and reads from ``<prefix>.events``.
+
+    A background thread serves the producer's delivery callbacks, which
+    resolve the awaiting coroutine on its own event loop.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic_prefix: str = "ploy",
+        partitions: int = 6,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        connect_timeout_s: float = 10.0,
+        replication_factor: int = 1,
+        codec: Codec | None = None,
+    ):
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = f"{topic_prefix}.events"
+        self.extra = dict(extra or {})
+        self.codec = codec or default_codec()
+        self.connect_timeout_s = connect_timeout_s
+        self.partitions = self.ensure_topic(partitions, replication_factor)
+        self.high_acked: dict[int, int] = {}
+        self._producer = Producer({
+            **PRODUCER_DEFAULTS,
+            **client_config(bootstrap_servers, self.extra),
+            **PRODUCER_FIXED,
+        })
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="ploy-producer", daemon=True)
+        self._poller.start()
+
+    # -- admin -----------------------------------------------------------
+
+    def admin(self) -> AdminClient:
+        return AdminClient(client_config(self.bootstrap_servers, self.extra))
+
+    def ensure_topic(self, partitions: int, replication_factor: int = 1) -> int:
+        """Create the topic with infinite retention if missing; return its partition count."""
+        admin = self.admin()
+        existing = self._describe(admin)
+        if existing is None:
+            config = {"retention.ms": "-1", "retention.bytes": "-1"}
+            future = admin.create_topics(
+                [NewTopic(self.topic, partitions, replication_factor, config=config)]
+            )[self.topic]
+            try:
+                future.result(self.connect_timeout_s)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+            existing = self._describe(admin) or partitions
+        return existing
+
+    def _describe(self, admin: AdminClient) -> int | None:
+        try:
+            metadata = admin.list_topics(timeout=self.connect_timeout_s)
+        except KafkaException as exc:
+            raise BrokerUnavailableError(
+                self.bootstrap_servers, self.connect_timeout_s, str(exc.args[0])
+            ) from None
+        topic = metadata.topics.get(self.topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            return None
+        return len(topic.partitions)
+
+    def partition_for(self, execution_id: str) -> int:
+        return partition_for(execution_id, self.partitions)
+
+    # -- append ----------------------------------------------------------
+
+    def _poll(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(0.05)
+
+    def _produce(self, event: Event, on_delivery: Any) -> int:
+        partition = self.partition_for(event.execution_id)
+        value = self.codec.encode(event)
+        try:
+            self._producer.produce(
+                self.topic, value=value, key=event.execution_id.encode(),
+                partition=partition, on_delivery=on_delivery,
+            )
+        except BufferError:
+            self._producer.poll(0.1)
+            self._producer.produce(
+                self.topic, value=value, key=event.execution_id.encode(),
+                partition=partition, on_delivery=on_delivery,
+            )
+        except KafkaException as exc:
+            raise AppendError(self.topic, str(exc.args[0])) from None
+        return partition
+
+    def _acked(self, partition: int, offset: int) -> None:
+        if offset > self.high_acked.get(partition, -1):
+            self.high_acked[partition] = offset
+
+    async def append(self, event: Event) -> tuple[int, int]:
+        """Append and wait for the broker's acknowledgement: (partition, offset)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, int]] = loop.create_future()
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is None:
+                self._acked(msg.partition(), msg.offset())
+            loop.call_soon_threadsafe(_settle, future, err, msg, self.topic)
+
+        self._produce(event, delivered)
+        return await future
+
+    def append_nowait(self, event: Event) -> None:
+        """Append without waiting; the partition's order is kept all the same."""
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is None:
+                self._acked(msg.partition(), msg.offset())
+            else:
+                logger.error("append of %s failed: %s", event.type, err)
+
+        self._produce(event, delivered)
+
+    def append_sync(self, event: Event, timeout_s: float = 30.0) -> tuple[int, int]:
+        """Append from synchronous code (CLI, benchmarks) and wait for the ack."""
+        done = threading.Event()
+        result: list[Any] = []
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is None:
+                self._acked(msg.partition(), msg.offset())
+            result.append((err, msg))
+            done.set()
+
+        self._produce(event, delivered)
+        if not done.wait(timeout_s):
+            raise AppendError(self.topic, f"no acknowledgement within {timeout_s:g} s")
+        err, msg = result[0]
+        if err is not None:
+            raise AppendError(self.topic, str(err))
+        return msg.partition(), msg.offset()
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        self._producer.flush(timeout_s)
+
+    # -- read ------------------------------------------------------------
+
+    def consumer(self, group_id: str | None = None, **overrides: Any) -> Consumer:
+        """A consumer of the events topic; the caller assigns or subscribes."""
+        return Consumer({
+            **CONSUMER_DEFAULTS,
+            **client_config(self.bootstrap_servers, self.extra),
+            "group.id": group_id or f"{self.topic}.reader",
+            **overrides,
+            **CONSUMER_FIXED,
+        })
+
+    def watermarks(self, partition: int) -> tuple[int, int]:
+        """(low, high) offsets of a partition; high is the next offset to be written."""
+        consumer = self.consumer()
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(self.topic, partition), timeout=self.connect_timeout_s
+            )
+            return int(low), int(high)
+        finally:
+            consumer.close()
+
+    def close(self) -> None:
+        self._producer.flush(10)
+        self._closed.set()
+        self._poller.join(2)
+
+
+def _settle(future: asyncio.Future[tuple[int, int]], err: Any, msg: Any, topic: str) -> None:
+    if future.done():
+        return
+    if err is not None:
+        future.set_exception(AppendError(topic, str(err)))
+    else:
+        future.set_result((msg.partition(), msg.offset()))

@@ -1,0 +1,131 @@
+"""What queries return: an execution with its steps, attempts and logs.
+
+Every field is derived from events by the fold (invariant 3): nothing here
+lives only in a worker's memory. Times are milliseconds since the Unix epoch,
+as written by the event's writer.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ExecutionStatus(str, Enum):
+    """The life of an execution; the last three are terminal."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SLEEPING = "sleeping"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True once nothing more will run."""
+        return self in _TERMINAL
+
+
+_TERMINAL = {ExecutionStatus.COMPLETED, ExecutionStatus.FAILED, ExecutionStatus.CANCELLED}
+
+
+class ErrorInfo(BaseModel):
+    """An exception as recorded: its type name, message and traceback."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class Attempt(BaseModel):
+    """One attempt of a step: when it ran, how it ended, when the next one is due."""
+
+    model_config = ConfigDict(frozen=True)
+
+    attempt: int
+    started_at: int | None = None
+    ended_at: int | None = None
+    duration_ms: int | None = None
+    error: ErrorInfo | None = None
+    retry_at: int | None = None
+
+
+class StepRecord(BaseModel):
+    """A step (``kind="step"``) or durable sleep (``kind="sleep"``) of an execution."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    name: str
+    kind: str = "step"
+    seq: int
+    status: str
+    input: Any = None
+    output: Any = None
+    error: ErrorInfo | None = None
+    attempts: list[Attempt] = []
+    started_at: int | None = None
+    ended_at: int | None = None
+    duration_ms: int | None = None
+    wake_at: int | None = None
+
+
+class LogEntry(BaseModel):
+    """A ``ctx.log`` call."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int
+    timestamp: int
+    level: str
+    message: str
+    data: Any = None
+
+
+class Execution(BaseModel):
+    """The durable record of one execution, as ``get_execution`` returns it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    execution_id: str
+    workflow: str
+    status: ExecutionStatus
+    input: Any = None
+    output: Any = None
+    result: Any = None
+    error: ErrorInfo | None = None
+    steps: list[StepRecord] = []
+    logs: list[LogEntry] = []
+    partition: int
+    events: int
+    idempotency_key: str | None = None
+    created_at: int
+    started_at: int | None = None
+    ended_at: int | None = None
+    updated_at: int
+    duration_ms: int | None = None
+
+
+class HistoryEntry(BaseModel):
+    """One event of an execution's audit trail, where it is on the log."""
+
+    model_config = ConfigDict(frozen=True)
+
+    partition: int
+    offset: int
+    event_id: str
+    timestamp: int
+    type: str
+    epoch: int
+    body: dict[str, Any]
+
+
+def loads(text: str | None) -> Any:
+    """User payloads are JSON text in events and records."""
+    return None if text is None else json.loads(text)

@@ -1,0 +1,222 @@
+"""The materialized view: one RocksDB per partition, and the queries on it.
+
+A partition's fold and its next offset are written in one WriteBatch, so a
+crash at any point leaves the view exactly at some offset: on restart the
+worker reads that offset, seeks there and folds on, never applying an event
+twice nor losing one. The offset never moves backwards: records below it are
+already in the view and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from rocksdict import Options, Rdict, WriteBatch
+
+from engine import fold, keys
+from engine.codec import Codec, default_codec
+from engine.errors import CodecError, CorruptEventError, InvalidTransitionError
+from engine.events import Event
+from engine.models import (
+    Attempt,
+    ErrorInfo,
+    Execution,
+    ExecutionStatus,
+    HistoryEntry,
+    LogEntry,
+    StepRecord,
+    loads,
+)
+
+
+def _options() -> Options:
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    return opts
+
+
+class PartitionView:
+    """The folded state of one partition of the events topic."""
+
+    def __init__(self, path: Path, topic: str, partition: int, codec: Codec | None = None):
+        self.path, self.topic, self.partition = path, topic, partition
+        self.codec = codec or default_codec()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = Rdict(str(path), _options())
+        raw = self.db.get(keys.NEXT_OFFSET)
+        self.next_offset = 0 if raw is None else keys.read_u64(raw)
+
+    def apply(self, records: Iterable[tuple[int, bytes]]) -> list[tuple[int, Event]]:
+        """Fold ``(offset, value)`` records in one WriteBatch; return what was applied.
+
+        A record that does not decode, or that the fold refuses, stops the
+        batch there: what precedes it is committed, and CorruptEventError names
+        its topic, partition and offset. Nothing after it is folded.
+        """
+        tx = fold.Tx(self.db.get)
+        applied: list[tuple[int, Event]] = []
+        next_offset = self.next_offset
+        failure: CorruptEventError | None = None
+        for offset, raw in records:
+            if offset < next_offset:
+                continue  # already in the view
+            try:
+                event = self.codec.decode(raw)
+                fold.apply(tx, event, self.partition, offset, raw)
+            except (CodecError, InvalidTransitionError) as exc:
+                failure = CorruptEventError(self.topic, self.partition, offset, str(exc))
+                break
+            applied.append((offset, event))
+            next_offset = offset + 1
+        if next_offset != self.next_offset:
+            batch = WriteBatch(raw_mode=True)
+            for key, value in tx.encoded():
+                if value is None:
+                    batch.delete(key)
+                else:
+                    batch.put(key, value)
+            batch.put(keys.NEXT_OFFSET, keys.u64(next_offset))
+            self.db.write(batch)
+            self.next_offset = next_offset
+        if failure is not None:
+            raise failure
+        return applied
+
+    # -- queries ---------------------------------------------------------
+
+    def record(self, eid: str) -> dict[str, Any] | None:
+        """The raw execution record (for the runtime), or None."""
+        raw = self.db.get(keys.execution(eid))
+        return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
+
+    def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        for key, value in self.db.items(from_key=prefix):
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
+    def steps(self, eid: str) -> list[dict[str, Any]]:
+        """Step and sleep records of an execution, in the order they began."""
+        found = [json.loads(v) for _, v in self._scan(keys.prefix_of(keys.STEP, eid))]
+        found += [json.loads(v) for _, v in self._scan(keys.prefix_of(keys.SLEEP, eid))]
+        return sorted(found, key=lambda r: r["seq"])
+
+    def logs(self, eid: str) -> list[dict[str, Any]]:
+        return [json.loads(v) for _, v in self._scan(keys.prefix_of(keys.LOG, eid))]
+
+    def history(self, eid: str) -> Iterator[tuple[int, bytes]]:
+        """(offset, raw record) of every event of an execution, in log order."""
+        for key, value in self._scan(keys.prefix_of(keys.HISTORY, eid)):
+            yield keys.read_u64(key[-8:]), value
+
+    def active(self) -> list[str]:
+        """Ids of every execution that has not finished."""
+        return [k[len(keys.ACTIVE):].decode() for k, _ in self._scan(keys.ACTIVE)]
+
+    def due_timers(self, now: int, limit: int = 10_000) -> list[tuple[int, str, str]]:
+        """(wake_at, execution id, sleep key) of timers due at ``now``, oldest first."""
+        due = []
+        for key, _ in self._scan(keys.TIMER):
+            wake_at, eid, sleep = keys.parse_timer(key)
+            if wake_at > now or len(due) >= limit:
+                break
+            due.append((wake_at, eid, sleep))
+        return due
+
+    def next_timer(self) -> int | None:
+        """The earliest wake time of a pending timer."""
+        for key, _ in self._scan(keys.TIMER):
+            return keys.parse_timer(key)[0]
+        return None
+
+    def newest(self) -> Iterator[tuple[int, str]]:
+        """(created_at, id) of every execution, newest first."""
+        for key, _ in self.db.items(from_key=keys.CREATED + b"\xff", backwards=True):
+            if not key.startswith(keys.CREATED):
+                return
+            yield keys.read_u64(key[2:10]), key[10:].decode()
+
+    def dump(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every key and value, in key order (for the byte-identical rebuild check)."""
+        yield from self.db.items()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def destroy(self) -> None:
+        """Close and delete this partition's state (a rebuild starts from nothing)."""
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def build_execution(view: PartitionView, eid: str) -> Execution | None:
+    """The full Execution model of ``eid`` from one partition's view."""
+    ex = view.record(eid)
+    if ex is None:
+        return None
+    output = loads(ex["output"])
+    return Execution(
+        execution_id=ex["id"],
+        workflow=ex["workflow"],
+        status=ExecutionStatus(ex["status"]),
+        input=loads(ex["input"]),
+        output=output,
+        result=output,
+        error=ErrorInfo(**ex["error"]) if ex["error"] else None,
+        steps=[_step_record(s) for s in view.steps(eid)],
+        logs=[LogEntry(**{**entry, "data": loads(entry["data"])}) for entry in view.logs(eid)],
+        partition=ex["partition"],
+        events=ex["events"],
+        idempotency_key=ex["idempotency_key"],
+        created_at=ex["created_at"],
+        started_at=ex["started_at"],
+        ended_at=ex["ended_at"],
+        updated_at=ex["updated_at"],
+        duration_ms=_duration(ex["started_at"] or ex["created_at"], ex["ended_at"]),
+    )
+
+
+def _duration(start: int | None, end: int | None) -> int | None:
+    return None if start is None or end is None else end - start
+
+
+def _step_record(rec: dict[str, Any]) -> StepRecord:
+    if rec["kind"] == "sleep":
+        return StepRecord(
+            key=rec["key"], name="sleep", kind="sleep", seq=rec["seq"], status=rec["status"],
+            input={"duration_ms": rec["duration_ms"]}, started_at=rec["started_at"],
+            ended_at=rec["ended_at"], wake_at=rec["wake_at"],
+            duration_ms=_duration(rec["started_at"], rec["ended_at"]),
+        )
+    attempts = [
+        Attempt(
+            attempt=a["attempt"], started_at=a["started_at"], ended_at=a["ended_at"],
+            duration_ms=_duration(a["started_at"], a["ended_at"]),
+            error=ErrorInfo(**a["error"]) if a["error"] else None, retry_at=a["retry_at"],
+        )
+        for a in rec["attempts"]
+    ]
+    return StepRecord(
+        key=rec["key"], name=rec["key"], seq=rec["seq"], status=rec["status"],
+        input=loads(rec["input"]), output=loads(rec["output"]),
+        error=ErrorInfo(**rec["error"]) if rec["error"] else None, attempts=attempts,
+        started_at=rec["started_at"], ended_at=rec["ended_at"],
+        duration_ms=_duration(rec["started_at"], rec["ended_at"]),
+    )
+
+
+def history_entries(view: PartitionView, eid: str) -> list[HistoryEntry]:
+    """The audit trail of ``eid``: every event with its offset, as on the log."""
+    entries = []
+    for offset, raw in view.history(eid):
+        event = view.codec.decode(raw)
+        entries.append(HistoryEntry(
+            partition=view.partition, offset=offset, event_id=event.event_id,
+            timestamp=event.timestamp, type=event.type, epoch=event.epoch,
+            body=dict(vars(event.body)),
+        ))
+    return entries
