@@ -50,12 +50,15 @@ class PartitionView:
         raw = self.db.get(keys.NEXT_OFFSET)
         self.next_offset = 0 if raw is None else keys.read_u64(raw)
 
-    def apply(self, records: Iterable[tuple[int, bytes]]) -> list[tuple[int, Event]]:
-        """Fold ``(offset, value)`` records in one WriteBatch; return what was applied.
+    def apply(
+        self, records: Iterable[tuple[int, bytes]]
+    ) -> tuple[list[tuple[int, Event]], CorruptEventError | None]:
+        """Fold ``(offset, value)`` records in one WriteBatch: (what was applied, the stop).
 
         A record that does not decode, or that the fold refuses, stops the
-        batch there: what precedes it is committed, and CorruptEventError names
-        its topic, partition and offset. Nothing after it is folded.
+        batch there: what precedes it is committed, and the returned
+        CorruptEventError names its topic, partition and offset. Nothing after
+        it is folded; the caller stops the partition (never skips the record).
         """
         tx = fold.Tx(self.db.get)
         applied: list[tuple[int, Event]] = []
@@ -82,9 +85,7 @@ class PartitionView:
             batch.put(keys.NEXT_OFFSET, keys.u64(next_offset))
             self.db.write(batch)
             self.next_offset = next_offset
-        if failure is not None:
-            raise failure
-        return applied
+        return applied, failure
 
     # -- queries ---------------------------------------------------------
 

@@ -1,0 +1,97 @@
+"""The Engine: a user's built worker running on the log, with its bindings.
+
+It ties the pieces in the order an event travels: the Kafka log (append),
+the runtime (fold, view, runners) and the timer service; ``engine.env`` holds
+the bindings of ploy.yaml, exactly as ``ctx.env`` inside a workflow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from types import TracebackType
+
+from engine.bindings import Env
+from engine.builder import Worker, load_worker
+from engine.clock import Clock
+from engine.config import Config, check_bindings, load_config
+from engine.errors import ConfigError
+from engine.log import EventLog
+from engine.runtime import Runtime
+
+logger = logging.getLogger("ploy")
+
+
+class Engine:
+    """Starts and stops everything a worker process runs."""
+
+    def __init__(self, worker: Worker, config: Config, *, clock: Clock | None = None):
+        self.worker, self.config, self.clock = worker, config, clock
+        self._log: EventLog | None = None
+        self._runtime: Runtime | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError("the engine is not started (use 'async with Engine(...)')")
+        return self._runtime
+
+    @property
+    def env(self) -> Env:
+        """The bindings of ploy.yaml, as ``ctx.env`` has them."""
+        return self.runtime.env
+
+    async def start(self) -> None:
+        """Check bindings, connect to Kafka (bounded wait), catch up and resume."""
+        config = self.config
+        servers = config.kafka.bootstrap_servers
+        if not servers:
+            raise ConfigError(str(config.path or "ploy.yaml"), "kafka.bootstrap_servers",
+                              "is not set (ploy dev starts an embedded broker; "
+                              "ploy worker needs KAFKA_BOOTSTRAP_SERVERS)")
+        check_bindings(config, self.worker.workflows)
+        kafka = config.kafka
+        self._log = await asyncio.to_thread(
+            EventLog, servers, kafka.topic_prefix, kafka.partitions, extra=kafka.config,
+            connect_timeout_s=kafka.connect_timeout_s,
+            replication_factor=kafka.replication_factor,
+        )
+        self._runtime = Runtime(self.worker, config, self._log, clock=self.clock)
+        await self._runtime.start()
+
+    async def stop(self) -> None:
+        """Graceful: running steps finish, nothing more starts, the producer flushes."""
+        if self._runtime is not None:
+            await self._runtime.stop()
+        if self._log is not None:
+            await asyncio.to_thread(self._log.close)
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+
+def load_app(directory: str | Path | None = None, **overrides: object) -> tuple[Worker, Config]:
+    """ploy.yaml and the worker it names with ``main:``."""
+    config = load_config(directory, **overrides)  # type: ignore[arg-type]
+    worker = load_worker(config.root / config.main)
+    check_bindings(config, worker.workflows)
+    return worker, config
+
+
+async def serve_until_signalled(engine: Engine) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with engine:
+        logger.info("worker %s running on %s", engine.runtime.worker_id, engine.runtime.log.topic)
+        await stop.wait()
+        logger.info("stopping: running steps finish, no new step starts")

@@ -1,0 +1,100 @@
+"""``ctx.env``: the workflow bindings of ploy.yaml, as awaitable objects.
+
+``env.ORDER_FLOW.trigger(input)`` starts an execution of the workflow that
+the binding names; ``get_execution`` and ``cancel`` act on one by id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Generic, Protocol, TypedDict, TypeVar
+
+from engine.errors import UnknownBindingError
+from engine.models import Execution
+
+InputT = TypeVar("InputT")
+OutputT = TypeVar("OutputT")
+
+
+class TriggerResult(TypedDict):
+    """What ``trigger`` returns (the seed's ``{ executionId }``)."""
+
+    execution_id: str
+
+
+class Client(Protocol):
+    """What a binding needs from the engine (the runtime implements it)."""
+
+    async def trigger(
+        self, workflow: str, input: Any, *, idempotency_key: str | None = None
+    ) -> str: ...
+
+    async def get_execution(self, execution_id: str) -> Execution | None: ...
+
+    async def cancel(self, execution_id: str, reason: str | None = None) -> bool: ...
+
+
+class WorkflowBinding(Generic[InputT, OutputT]):
+    """One binding: a workflow, reachable by its binding name."""
+
+    def __init__(self, client: Client, binding: str, workflow: str):
+        self._client, self.binding, self.workflow = client, binding, workflow
+
+    async def trigger(
+        self, input: InputT | Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> TriggerResult:
+        """Validate ``input`` and start an execution; the same key gives the same execution.
+
+        Raises:
+            InvalidInputError: the input does not match the workflow's model;
+                nothing was appended.
+        """
+        eid = await self._client.trigger(self.workflow, input, idempotency_key=idempotency_key)
+        return {"execution_id": eid}
+
+    async def get_execution(self, execution_id: str) -> Execution | None:
+        """The execution's durable record, or None for an unknown id.
+
+        Sees every write this process made before the call (read-your-writes).
+        """
+        execution = await self._client.get_execution(execution_id)
+        if execution is not None and execution.workflow != self.workflow:
+            return None
+        return execution
+
+    async def cancel(self, execution_id: str, reason: str | None = None) -> bool:
+        """Stop a queued, running or sleeping execution; False if it had already finished.
+
+        A step that is running finishes and is recorded; no further step starts.
+        """
+        return await self._client.cancel(execution_id, reason)
+
+    def __repr__(self) -> str:
+        return f"<WorkflowBinding {self.binding} -> {self.workflow}>"
+
+
+class Env:
+    """``ctx.env``: attribute access by binding name; unknown names fail clearly."""
+
+    def __init__(self, bindings: Mapping[str, WorkflowBinding[Any, Any]]):
+        self._bindings = dict(bindings)
+
+    def __getattr__(self, name: str) -> WorkflowBinding[Any, Any]:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._bindings[name]
+        except KeyError:
+            raise UnknownBindingError(name, list(self._bindings)) from None
+
+    def __getitem__(self, name: str) -> WorkflowBinding[Any, Any]:
+        return self.__getattr__(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._bindings
+
+    def __iter__(self) -> Any:
+        return iter(self._bindings)
+
+    def __repr__(self) -> str:
+        return f"<Env {sorted(self._bindings)}>"

@@ -1,0 +1,111 @@
+"""Durations: the one place that turns ``"1h30m"`` into milliseconds and back.
+
+Sleeps, step timeouts and ploy.yaml's backoff all accept the same forms (int
+milliseconds or a compact string), so they are parsed here once and a malformed
+value fails the same way everywhere: with a :class:`~engine.errors.DurationError`
+naming it, before anything is appended. The retry schedule lives here too, so
+the runtime and the dashboard agree on when the next attempt is due.
+"""
+
+from __future__ import annotations
+
+import re
+
+from engine.errors import DurationError
+
+# Units in descending order, each at most once, ASCII digits only: "1d2h", "1h30m", "500ms".
+_DURATION = re.compile(
+    r"(?:(?P<d>[0-9]+)d)?(?:(?P<h>[0-9]+)h)?(?:(?P<m>[0-9]+)m)?"
+    r"(?:(?P<s>[0-9]+)s)?(?:(?P<ms>[0-9]+)ms)?"
+)
+_UNIT_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
+
+
+def parse_duration(value: int | str) -> int:
+    """Convert a duration to milliseconds.
+
+    Args:
+        value: Non-negative int milliseconds, a string of ASCII digits
+            (milliseconds), or a string of units in descending order, each at
+            most once and without spaces: ``"500ms"``, ``"30s"``, ``"5m"``,
+            ``"1h"``, ``"1d"``, ``"1h30m"``, ``"1d2h"``.
+
+    Returns:
+        The duration in milliseconds.
+
+    Raises:
+        DurationError: For anything else (negative, float, bool, None,
+            ``""``, ``"5 parsecs"``, ``"1s1h"``).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise DurationError(value)
+        return value
+    if not isinstance(value, str):
+        raise DurationError(value)
+    if value.isascii() and value.isdigit():
+        return int(value)
+    match = _DURATION.fullmatch(value)
+    if not value or match is None:
+        raise DurationError(value)
+    return sum(int(n) * _UNIT_MS[unit] for unit, n in match.groupdict().items() if n is not None)
+
+
+def backoff_ms(
+    attempt: int, initial_ms: int = 1000, max_ms: int = 60_000, multiplier: float = 2.0
+) -> int:
+    """Return how long to wait after failed attempt number ``attempt``.
+
+    The wait grows as ``initial_ms * multiplier ** (attempt - 1)`` and is capped
+    at ``max_ms``: with the defaults 1 s, 2 s, 4 s ... 60 s.
+
+    Args:
+        attempt: The 1-based number of the attempt that just failed.
+        initial_ms: The wait after the first failure.
+        max_ms: The longest wait.
+        multiplier: Growth factor between consecutive waits (>= 1).
+
+    Returns:
+        The wait in milliseconds.
+
+    Raises:
+        ValueError: If ``attempt`` is below 1.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt is 1-based, got {attempt}")
+    try:
+        wait = initial_ms * multiplier ** (attempt - 1)
+    except OverflowError:  # a huge attempt number: the cap applies anyway
+        return max_ms
+    return min(round(wait), max_ms)
+
+
+def format_duration(ms: int) -> str:
+    """Render milliseconds for people: "850ms", "1.2s", "3m 5s", "2h 3m", "1d 2h".
+
+    Two units at most, the smaller one dropped when it is zero; seconds below a
+    minute keep one decimal (truncated, so 59.99 s never shows as "60.0s").
+
+    Args:
+        ms: A duration in milliseconds; a negative one (clock skew between
+            hosts) is shown with a leading ``-`` rather than raising.
+
+    Returns:
+        The display string.
+    """
+    if ms < 0:
+        return "-" + format_duration(-ms)
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms < 60_000:
+        tenths = ms // 100
+        return f"{tenths // 10}s" if tenths % 10 == 0 else f"{tenths / 10:.1f}s"
+    if ms < 3_600_000:
+        big, small, big_ms, small_ms = "m", "s", 60_000, 1_000
+    elif ms < 86_400_000:
+        big, small, big_ms, small_ms = "h", "m", 3_600_000, 60_000
+    else:
+        big, small, big_ms, small_ms = "d", "h", 86_400_000, 3_600_000
+    whole, rest = divmod(ms, big_ms)
+    part = rest // small_ms
+    return f"{whole}{big} {part}{small}" if part else f"{whole}{big}"

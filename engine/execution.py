@@ -1,0 +1,327 @@
+"""Replay-or-run of one execution: the machinery behind ``ctx.step``.
+
+A runner holds one execution as a live coroutine. It starts from what the
+view recorded (completed steps, attempts, fired sleeps, logged lines), runs the
+handler from the top, and for each step:
+
+1. Looks the step's key up in what was recorded: a completed step returns its
+   recorded output; a step that failed for good raises its StepFailedError
+   again; a step part-way through its retries waits for its ``retry_at`` and
+   goes on with the next attempt (invariant 2).
+2. Otherwise appends ``StepStarted`` without waiting (the idempotent
+   producer keeps it before what follows), runs ``fn``, and awaits the append
+   of ``StepCompleted``, or ``StepFailed`` with ``retry_at`` or ``final``.
+3. Goes on with the value in hand: it never waits for its own events to come
+   back through the fold.
+
+A durable sleep appends ``SleepScheduled`` and ends the coroutine (Suspend):
+the execution holds no task while it sleeps, and ``TimerFired`` resumes it by
+replay. A cancel takes effect at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import traceback as tb
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from engine.context import Context
+from engine.durations import backoff_ms, parse_duration
+from engine.errors import (
+    NonRetryableError,
+    PayloadTooLargeError,
+    SerializationError,
+    StepFailedError,
+    StepTimeoutError,
+)
+from engine.events import (
+    Body,
+    Event,
+    SleepScheduled,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+    WorkflowCancelled,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowLog,
+    WorkflowStarted,
+)
+
+if TYPE_CHECKING:
+    from engine.builder import WorkflowDef
+    from engine.runtime import Runtime
+
+user_log = logging.getLogger("ploy.workflow")
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+class Suspend(BaseException):  # noqa: N818 - a signal, not an error
+    """The execution sleeps durably; its coroutine ends without finishing it."""
+
+
+class Cancelled(BaseException):  # noqa: N818
+    """A cancel was requested; no further step starts."""
+
+
+class Shutdown(BaseException):  # noqa: N818
+    """The worker is stopping; the execution resumes elsewhere or on restart."""
+
+
+def to_json(value: Any, what: str) -> str:
+    """Strict JSON text for a recorded value; pydantic models become dicts."""
+    try:
+        return json.dumps(value, default=_model_dump, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(what, str(exc)) from None
+
+
+def _model_dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def error_fields(exc: BaseException) -> tuple[str, str, str]:
+    """(type name, message, traceback) as recorded in events."""
+    text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
+    return type(exc).__name__, str(exc), text
+
+
+class ExecutionRunner:
+    """One execution in memory: its replay state and its live coroutine."""
+
+    def __init__(self, runtime: Runtime, record: dict[str, Any], steps: list[dict[str, Any]],
+                 workflow: WorkflowDef):
+        self.runtime = runtime
+        self.id: str = record["id"]
+        self.record = record
+        self.workflow = workflow
+        self.recorded = {s["key"]: s for s in steps if s["kind"] == "step"}
+        self.sleeps = {s["key"]: s for s in steps if s["kind"] == "sleep"}
+        self.logs_recorded: int = record["logs"]
+        self.cancel_requested = asyncio.Event()
+        self._occurrences: dict[str, int] = {}
+        self._sleep_count = 0
+        self._log_count = 0
+        self.step_running = 0
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _event(self, body: Body) -> Event:
+        return Event(self.id, self.workflow.name, self.runtime.clock.now(), body,
+                     epoch=self.runtime.epoch_of(self.id))
+
+    async def _append(self, body: Body) -> None:
+        await self.runtime.log.append(self._event(body))
+
+    def _append_nowait(self, body: Body) -> None:
+        self.runtime.log.append_nowait(self._event(body))
+
+    def _checkpoint(self) -> None:
+        """A step boundary: stop here if cancelled or shutting down."""
+        if self.cancel_requested.is_set():
+            raise Cancelled
+        if self.runtime.stopping:
+            raise Shutdown
+
+    def _key(self, name: str) -> str:
+        n = self._occurrences.get(name, 0) + 1
+        self._occurrences[name] = n
+        if n == 1:
+            return name
+        if n == 2:
+            self.log(f"step name '{name}' is used more than once; later ones are keyed "
+                     f"'{name}#2', '{name}#3', ... (give each step a unique name)", None,
+                     "warning")
+        return f"{name}#{n}"
+
+    def _check_size(self, what: str, text: str | None) -> None:
+        limit = self.runtime.config.max_payload_bytes
+        if text is not None and len(text) > limit:
+            raise PayloadTooLargeError(what, len(text), limit)
+
+    # -- the handler ----------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the handler to its end, its next durable sleep, a cancel, or shutdown."""
+        try:
+            if self.record["status"] == "queued":
+                self._append_nowait(WorkflowStarted(self.runtime.worker_id))
+            ctx = Context(input=self._input(), env=self.runtime.env, execution_id=self.id,
+                          workflow=self.workflow.name, runner=self)
+            result = await self.workflow.handler(ctx)
+            self._checkpoint()
+            output = self._output(result)
+        except (Suspend, Shutdown):
+            return
+        except Cancelled:
+            await self._append(WorkflowCancelled(self.record.get("cancel_reason")))
+            return
+        except Exception as exc:
+            await self._append(WorkflowFailed(*error_fields(exc)))
+            return
+        await self._append(WorkflowCompleted(output))
+
+    def _input(self) -> Any:
+        data = json.loads(self.record["input"])
+        model = self.workflow.input
+        return model.model_validate(data) if model is not None else data
+
+    def _output(self, result: Any) -> str:
+        model = self.workflow.output
+        if model is not None:
+            if isinstance(result, BaseModel) and not isinstance(result, model):
+                result = result.model_dump()
+            validated = result if isinstance(result, model) else model.model_validate(result)
+            text = validated.model_dump_json()
+        else:
+            text = to_json(result, f"the output of workflow '{self.workflow.name}'")
+        self._check_size("workflow output", text)
+        return text
+
+    # -- ctx.step.run ---------------------------------------------------------
+
+    async def run_step(self, name: str, fn: Callable[[], Any], *, input: Any,
+                       retries: int | None, timeout: int | str | None) -> Any:
+        self._checkpoint()
+        return await self._step(self._key(name), fn, input, retries, timeout)
+
+    async def _step(self, key: str, fn: Callable[[], Any], input: Any, retries: int | None,
+                    timeout: int | str | None) -> Any:
+        timeout_ms = None if timeout is None else parse_duration(timeout)
+        limit = self.runtime.config.retries_for(self.workflow.name) if retries is None else retries
+        if limit < 0:
+            raise ValueError(f"step '{key}': retries must be >= 0, got {limit}")
+        input_json = None if input is None else to_json(input, f"the input of step '{key}'")
+        self._check_size(f"the input of step '{key}'", input_json)
+        attempt = 1
+        recorded = self.recorded.get(key)
+        if recorded is not None:
+            if recorded["status"] == "completed":
+                return json.loads(recorded["output"])
+            attempt = self._resume_attempt(key, recorded)
+        while True:
+            started_at = self.runtime.clock.now()
+            self._append_nowait(StepStarted(key, attempt, input_json))
+            self.step_running += 1
+            try:
+                value = await self._call(key, fn, timeout_ms)
+                output = to_json(value, f"the result of step '{key}'")
+                self._check_size(f"the result of step '{key}'", output)
+            except Exception as exc:
+                final = attempt > limit or isinstance(
+                    exc, NonRetryableError | SerializationError | PayloadTooLargeError)
+                now = self.runtime.clock.now()
+                retry_at = None if final else now + self._backoff(attempt)
+                await self._append(StepFailed(key, attempt, input_json, *error_fields(exc),
+                                              started_at, retry_at, final))
+                if final:
+                    raise StepFailedError(key, attempt, type(exc).__name__, str(exc)) from exc
+                assert retry_at is not None
+                await self._wait_until(retry_at)
+                attempt += 1
+                continue
+            finally:
+                self.step_running -= 1
+            await self._append(StepCompleted(key, attempt, input_json, output, started_at))
+            return json.loads(output)
+
+    def _resume_attempt(self, key: str, recorded: dict[str, Any]) -> int:
+        """The attempt to run next for a step the log already has attempts of."""
+        last = recorded["attempts"][-1] if recorded["attempts"] else None
+        if recorded["status"] == "failed" and last is not None and last["error"]:
+            err = last["error"]
+            raise StepFailedError(key, last["attempt"], err["type"], err["message"])
+        if last is None:
+            return 1
+        if last["error"] is None:
+            return int(last["attempt"])  # started, never finished: run that attempt again
+        return int(last["attempt"]) + 1
+
+    async def _call(self, key: str, fn: Callable[[], Any], timeout_ms: int | None) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            work: Any = fn()
+        else:
+            work = self._in_thread(fn)
+        if timeout_ms is None:
+            return await work
+        try:
+            return await asyncio.wait_for(work, timeout_ms / 1000)
+        except TimeoutError:
+            raise StepTimeoutError(key, timeout_ms) from None
+
+    async def _in_thread(self, fn: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        value = await loop.run_in_executor(self.runtime.pool, fn)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    def _backoff(self, attempt: int) -> int:
+        b = self.runtime.config.backoff
+        return backoff_ms(attempt, b.initial_ms, b.max_ms, b.multiplier)
+
+    async def _wait_until(self, at_ms: int) -> None:
+        """Wait for a retry (cancel and shutdown end the wait early)."""
+        while True:
+            self._checkpoint()
+            delay = (at_ms - self.runtime.clock.now()) / 1000
+            if delay <= 0:
+                return
+            try:
+                await asyncio.wait_for(self.cancel_requested.wait(), min(delay, 0.25))
+            except TimeoutError:
+                pass
+
+    # -- ctx.step.sleep -------------------------------------------------------
+
+    async def sleep(self, duration: int | str) -> None:
+        ms = parse_duration(duration)
+        self._checkpoint()
+        self._sleep_count += 1
+        key = f"sleep#{self._sleep_count}"
+        recorded = self.sleeps.get(key)
+        if recorded is not None:
+            if recorded["status"] == "completed":
+                return
+            raise Suspend  # still waiting for its timer
+        await self._append(SleepScheduled(key, ms, self.runtime.clock.now() + ms))
+        raise Suspend
+
+    # -- ctx.step.parallel ------------------------------------------------------
+
+    async def parallel(self, name: str, fns: Sequence[Callable[[], Any]]) -> list[Any]:
+        self._checkpoint()
+        key = self._key(name)
+        results = await asyncio.gather(
+            *(self._step(f"{key}[{i}]", fn, None, None, None) for i, fn in enumerate(fns)),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # Suspend / Cancelled / Shutdown
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return list(results)
+
+    # -- ctx.log --------------------------------------------------------------
+
+    def log(self, message: str, data: Any, level: str) -> None:
+        seq = self._log_count
+        self._log_count += 1
+        if seq < self.logs_recorded:
+            return  # recorded before this replay
+        data_json = None if data is None else to_json(data, "log data")
+        user_log.log(_LEVELS.get(level, logging.INFO), "[%s %s] %s%s", self.workflow.name,
+                     self.id, message, f" {data_json}" if data_json else "")
+        self._append_nowait(WorkflowLog(level, message, data_json))
+
