@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
@@ -227,8 +227,46 @@ class EventLog:
             **CONSUMER_FIXED,
         })
 
+    def read_until_end(
+        self, start: Mapping[int, int], *, stopped: set[int] | None = None, batch: int = 5000
+    ) -> Iterator[dict[int, list[tuple[int, bytes]]]]:
+        """Batches of ``(offset, value)`` per partition, from ``start`` to each partition's end.
+
+        The end is where the broker's fetch says the partition ends (partition
+        EOF), not a ListOffsets answer taken beforehand: the embedded broker
+        answers ListOffsets late for batched writes. A partition the caller
+        puts in ``stopped`` (a corrupt record) counts as done.
+        """
+        stopped = stopped if stopped is not None else set()
+        consumer = self.consumer(**{"enable.partition.eof": True})
+        consumer.assign([TopicPartition(self.topic, p, o) for p, o in start.items()])
+        at_end: set[int] = set()
+        try:
+            while not set(start) <= at_end | stopped:
+                by_partition: dict[int, list[tuple[int, bytes]]] = {}
+                for msg in consumer.consume(batch, 0.2):
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            at_end.add(msg.partition())
+                        else:
+                            logger.warning("reading %s: %s", self.topic, err)
+                        continue
+                    at_end.discard(msg.partition())
+                    by_partition.setdefault(msg.partition(), []).append(
+                        (msg.offset(), msg.value()))
+                if by_partition:
+                    yield by_partition
+        finally:
+            consumer.close()
+
     def watermarks(self, partition: int) -> tuple[int, int]:
-        """(low, high) offsets of a partition; high is the next offset to be written."""
+        """(low, high) offsets of a partition, as ListOffsets reports them.
+
+        An estimate for progress and lag: the embedded broker reports the high
+        watermark late for batched writes; use :meth:`read_until_end` to read
+        everything there is.
+        """
         consumer = self.consumer()
         try:
             low, high = consumer.get_watermark_offsets(

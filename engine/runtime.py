@@ -108,11 +108,12 @@ class Runtime:
                                           self.log.codec)
             self.epochs[p] = 0
             self._waiters[p] = []
+        await asyncio.to_thread(self._catch_up)
         self._consumer = self.log.consumer(group_id=f"{self.log.topic}.worker")
         self._consumer.assign([
-            TopicPartition(self.log.topic, p, self.views[p].next_offset) for p in partitions
+            TopicPartition(self.log.topic, p, self.views[p].next_offset)
+            for p in partitions if p not in self.stalled
         ])
-        await asyncio.to_thread(self._catch_up)
         # Step 2. Resume what was running when the last worker stopped.
         for view in self.views.values():
             for eid in view.active():
@@ -161,17 +162,19 @@ class Runtime:
         applied, failure = view.apply(records)
         if failure is not None:
             self.stalled[partition] = failure
-            self._consumer.pause([TopicPartition(self.log.topic, partition)])
+            if self._consumer is not None:
+                self._consumer.pause([TopicPartition(self.log.topic, partition)])
             logger.error("%s", failure)
         return applied
 
     def _catch_up(self) -> None:
-        """Fold every owned partition up to its current high watermark."""
-        targets = {p: self.log.watermarks(p)[1] for p in self.views}
-        while any(self.views[p].next_offset < high and p not in self.stalled
-                  for p, high in targets.items()):
-            for p, records in self._poll(0.2).items():
+        """Fold every owned partition up to the end of the log."""
+        start = {p: view.next_offset for p, view in self.views.items()}
+        stopped = set(self.stalled)
+        for batches in self.log.read_until_end(start, stopped=stopped):
+            for p, records in batches.items():
                 self._fold(p, records)
+            stopped.update(self.stalled)
 
     def _fold_loop(self) -> None:
         assert self._loop is not None

@@ -1,0 +1,179 @@
+"""The pure fold, over an in-memory dict: no RocksDB, no Kafka."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import fold, keys
+from engine.codec import default_codec
+from engine.errors import InvalidTransitionError
+from engine.events import (
+    Body,
+    CancelRequested,
+    Event,
+    SleepScheduled,
+    StepCompleted,
+    StepFailed,
+    StepStarted,
+    TimerFired,
+    WorkflowCancelled,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowLog,
+    WorkflowStarted,
+    WorkflowTriggered,
+)
+
+
+class Store:
+    """A dict standing in for one partition's RocksDB, with the view's batch rule."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.offset = 0
+
+    def apply(self, *bodies: Body, eid: str = "e1", ts: int = 1000) -> None:
+        tx = fold.Tx(self.data.get)
+        for body in bodies:
+            event = Event(eid, "wf", ts, body, event_id=f"ev{self.offset}")
+            fold.apply(tx, event, 3, self.offset, default_codec().encode(event))
+            self.offset += 1
+            ts += 10
+        for key, value in tx.encoded():
+            if value is None:
+                self.data.pop(key, None)
+            else:
+                self.data[key] = value
+
+    def get(self, key: bytes) -> dict:  # type: ignore[type-arg]
+        return json.loads(self.data[key])  # type: ignore[no-any-return]
+
+    def execution(self, eid: str = "e1") -> dict:  # type: ignore[type-arg]
+        return self.get(keys.execution(eid))
+
+    def timers(self) -> list[bytes]:
+        return sorted(k for k in self.data if k.startswith(keys.TIMER))
+
+
+def test_trigger_creates_a_queued_execution_indexed_for_listing() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered('{"a":1}', "k"))
+    ex = s.execution()
+    assert (ex["status"], ex["input"], ex["idempotency_key"], ex["partition"]) == (
+        "queued", '{"a":1}', "k", 3)
+    assert keys.active("e1") in s.data
+    assert keys.created(1000, "e1") in s.data
+    assert keys.history("e1", 0) in s.data
+
+
+def test_a_second_trigger_changes_nothing_but_the_history() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered('{"a":1}', "k"), WorkflowStarted("w"))
+    s.apply(WorkflowTriggered('{"a":2}', "k"))
+    ex = s.execution()
+    assert (ex["status"], ex["input"], ex["events"]) == ("running", '{"a":1}', 3)
+    assert keys.history("e1", 2) in s.data
+
+
+def test_event_for_unknown_execution_is_refused() -> None:
+    with pytest.raises(InvalidTransitionError, match="e1"):
+        Store().apply(StepStarted("s", 1))
+
+
+def test_step_attempts_retries_and_completion() -> None:
+    s = Store()
+    s.apply(
+        WorkflowTriggered("{}"),
+        StepStarted("charge", 1, '{"amt":1}'),
+        StepFailed("charge", 1, '{"amt":1}', "IOError", "down", "tb", 1010, 5000, False),
+    )
+    step = s.get(keys.step("e1", "charge"))
+    assert step["status"] == "retrying"
+    assert step["attempts"][0]["retry_at"] == 5000
+    s.apply(StepStarted("charge", 2), StepCompleted("charge", 2, None, '{"ok":1}', 1500), ts=2000)
+    step = s.get(keys.step("e1", "charge"))
+    assert step["status"] == "completed"
+    assert step["output"] == '{"ok":1}'
+    assert [a["attempt"] for a in step["attempts"]] == [1, 2]
+    assert step["attempts"][1] == {"attempt": 2, "started_at": 2000, "ended_at": 2010,
+                                   "error": None, "retry_at": None}
+    assert step["input"] == '{"amt":1}'
+    assert s.execution()["status"] == "running"
+
+
+def test_final_failure_marks_the_step_failed() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered("{}"), StepFailed("x", 1, None, "E", "m", "", 1000, None, True))
+    step = s.get(keys.step("e1", "x"))
+    assert (step["status"], step["error"]["message"]) == ("failed", "m")
+
+
+def test_sleep_indexes_a_timer_and_firing_resumes() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered("{}"), SleepScheduled("sleep#1", 500, 99_000))
+    assert s.execution()["status"] == "sleeping"
+    assert s.timers() == [keys.timer(99_000, "e1", "sleep#1")]
+    s.apply(TimerFired("sleep#1", 99_000))
+    assert s.execution()["status"] == "running"
+    assert s.timers() == []
+    assert s.get(keys.sleep("e1", "sleep#1"))["status"] == "completed"
+    s.apply(TimerFired("sleep#1", 99_000))  # a duplicate firing changes nothing
+    assert s.execution()["status"] == "running"
+
+
+def test_timer_keys_sort_by_wake_time() -> None:
+    assert keys.timer(9, "z", "s") < keys.timer(10, "a", "s") < keys.timer(2**40, "a", "s")
+    assert keys.parse_timer(keys.timer(12345, "exec", "sleep#2")) == (12345, "exec", "sleep#2")
+
+
+def test_cancel_while_sleeping_ends_it_at_once_and_drops_the_timer() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered("{}"), SleepScheduled("sleep#1", 500, 99_000),
+            CancelRequested("stop"))
+    ex = s.execution()
+    assert (ex["status"], ex["cancel_reason"]) == ("cancelled", "stop")
+    assert s.timers() == []
+    assert keys.active("e1") not in s.data
+    s.apply(TimerFired("sleep#1", 99_000), WorkflowCancelled("stop"))
+    assert s.execution()["status"] == "cancelled"
+
+
+def test_terminal_status_never_changes_but_late_steps_are_recorded() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered("{}"), StepStarted("a", 1), CancelRequested(None))
+    s.apply(StepCompleted("a", 1, None, "1", 1000), WorkflowCompleted("2"),
+            WorkflowFailed("E", "m", ""))
+    ex = s.execution()
+    assert (ex["status"], ex["output"], ex["error"]) == ("cancelled", None, None)
+    assert s.get(keys.step("e1", "a"))["status"] == "completed"
+
+
+def test_completion_and_failure() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered("{}"), WorkflowCompleted('{"r":1}'))
+    assert (s.execution()["status"], s.execution()["output"]) == ("completed", '{"r":1}')
+    f = Store()
+    f.apply(WorkflowTriggered("{}"), WorkflowFailed("ValueError", "bad", "tb"))
+    assert f.execution()["error"] == {"type": "ValueError", "message": "bad", "traceback": "tb"}
+
+
+def test_logs_are_numbered() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered("{}"), WorkflowLog("info", "a", '{"x":1}'), WorkflowLog("warning", "b"))
+    assert s.get(keys.log("e1", 1))["message"] == "b"
+    assert s.execution()["logs"] == 2
+
+
+def test_the_fold_is_deterministic_and_batching_does_not_matter() -> None:
+    bodies: list[Body] = [
+        WorkflowTriggered("{}"), WorkflowStarted("w"), StepStarted("a", 1),
+        StepCompleted("a", 1, None, "1", 1000), SleepScheduled("sleep#1", 5, 2000),
+        TimerFired("sleep#1", 2000), WorkflowLog("info", "x"), WorkflowCompleted("null"),
+    ]
+    one_batch, per_event = Store(), Store()
+    one_batch.apply(*bodies)
+    for i, body in enumerate(bodies):
+        per_event.apply(body, ts=1000 + 10 * i)
+    assert one_batch.data == per_event.data
