@@ -382,9 +382,12 @@ class Runtime:
         return found
 
     def _newest(self) -> Iterator[tuple[int, str, PartitionView]]:
-        streams = [
-            ((-created, eid, view) for created, eid in view.newest())
-            for view in self.views.values()
-        ]
+        """(created_at, id, view) across every owned partition, newest first."""
+        streams = [_newest_of(view) for view in self.views.values()]
         for neg, eid, view in heapq.merge(*streams, key=lambda t: (t[0], t[1])):
             yield -neg, eid, view
+
+
+def _newest_of(view: PartitionView) -> Iterator[tuple[int, str, PartitionView]]:
+    for created, eid in view.newest():
+        yield -created, eid, view

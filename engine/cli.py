@@ -1,0 +1,695 @@
+"""The ``ploy`` command.
+
+    ploy dev [DIR]           engine + HTTP; an embedded broker unless Kafka is configured
+    ploy worker [DIR]        engine on the configured Kafka (HTTP too with --port)
+    ploy trigger BINDING     start an execution through a running server's engine API
+    ploy status ID           one execution: status, steps, attempts, error
+    ploy list                recent executions
+    ploy history ID          every event of an execution (the audit trail)
+    ploy cancel ID           stop an execution
+    ploy rebuild [DIR]       drop the view and refold it from the topic
+    ploy types [DIR]         write ploy_env.py, which types ``ctx.env``'s bindings
+
+A mistake the user can fix (no ploy.yaml, bad JSON, an unknown id, a server
+or Kafka that does not answer within the bounded wait) prints one line,
+``ploy: error: ...``, on stderr and exits 2. The client commands use only the
+standard library's HTTP client, so they add no dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from engine.app import Engine, load_app
+from engine.builder import Worker
+from engine.config import Config, load_config
+from engine.errors import PloyError
+from engine.http import admin_enabled, create_app, format_duration, is_loopback
+from engine.rebuild import clear_state, rebuild
+
+__all__ = ["main"]
+
+API = "/__ploy/api"
+DEFAULT_URL = "http://127.0.0.1:8787"
+EXIT_USAGE = 2
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104 - names, not a bind
+
+
+class Failure(Exception):
+    """A mistake the user can fix; printed as one ``ploy: error:`` line."""
+
+
+def fail(message: str) -> NoReturn:
+    raise Failure(message)
+
+
+# -- the parser -------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"ploy: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_app_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", nargs="?", metavar="DIR",
+                   help="the app's directory, holding ploy.yaml (default: the current one)")
+
+
+def _add_client(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", help="the server (default: http.host/port of ploy.yaml in the "
+                   f"current directory or --dir, else {DEFAULT_URL})")
+    p.add_argument("--dir", help="the app's directory whose ploy.yaml gives the default --url")
+    p.add_argument("--token", help="admin bearer token (default: $PLOY_ADMIN_TOKEN)")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                   help="seconds to wait for the server (default: 10)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ploy`` parser; each subcommand's ``run`` is the function that does it."""
+    parser = _Parser(prog="ploy", description="Durable workflows, event-sourced on Kafka.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     parser_class=_Parser)
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str,
+                ) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, help=help, description=help)
+        p.set_defaults(run=run)
+        return p
+
+    p = command("dev", _cmd_dev, "run the app locally: engine, HTTP routes, dashboard and API; "
+                "an embedded Kafka-protocol broker unless Kafka is configured")
+    _add_app_dir(p)
+    p.add_argument("--host", help="listen address (default: http.host of ploy.yaml, "
+                   "else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port, 0 for any free one "
+                   "(default: http.port of ploy.yaml, else 8787)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    p = command("worker", _cmd_worker, "run the engine on the configured Kafka until "
+                "SIGTERM; serve HTTP too when --port is given")
+    _add_app_dir(p)
+    p.add_argument("--host", help="HTTP listen address (default: http.host of ploy.yaml)")
+    p.add_argument("--port", type=int, help="serve the routes, dashboard and API on this port")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    p = command("trigger", _cmd_trigger, "start an execution through a binding of ploy.yaml; "
+                "prints its id")
+    p.add_argument("binding", metavar="BINDING", help="a binding name of ploy.yaml")
+    p.add_argument("--input", default="{}", metavar="JSON",
+                   help="the workflow input as JSON, @FILE, or - for stdin (default: {})")
+    p.add_argument("--idempotency-key", metavar="K",
+                   help="the same key gives the same execution")
+    _add_client(p)
+
+    p = command("status", _cmd_status, "show one execution: status, steps, attempts, error")
+    p.add_argument("id", metavar="ID", help="execution id")
+    p.add_argument("--json", action="store_true", help="print the execution as JSON")
+    _add_client(p)
+
+    p = command("list", _cmd_list, "list executions, newest first")
+    p.add_argument("--workflow", metavar="W", help="only this workflow")
+    p.add_argument("--status", metavar="S", help="only this status (queued, running, "
+                   "sleeping, completed, failed, cancelled)")
+    p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N (default: 20)")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    _add_client(p)
+
+    p = command("history", _cmd_history, "every event of an execution with its partition, "
+                "offset, time and body (the audit trail)")
+    p.add_argument("id", metavar="ID", help="execution id")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    _add_client(p)
+
+    p = command("cancel", _cmd_cancel, "cancel a queued, running or sleeping execution")
+    p.add_argument("id", metavar="ID", help="execution id")
+    _add_client(p)
+
+    p = command("rebuild", _cmd_rebuild, "delete the view and refold it from the topic "
+                "(stop the workers first)")
+    _add_app_dir(p)
+
+    p = command("types", _cmd_types, "generate a typed env module for ctx.env "
+                "(the counterpart of env.d.ts)")
+    _add_app_dir(p)
+    p.add_argument("--out", default="ploy_env.py", metavar="FILE",
+                   help="output file, relative to DIR (default: ploy_env.py)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``ploy``; returns the exit status (0 ok, 2 a user error, 130 Ctrl-C)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)  # type: ignore[no-any-return]
+    except (PloyError, Failure) as exc:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"ploy: error: {lines[0].rstrip(':')}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- dev and worker ---------------------------------------------------------------
+
+
+def _app_dir(value: str | None) -> Path:
+    """DIR, which must hold a ploy.yaml (a missing one is an error, not defaults)."""
+    directory = Path(value or ".")
+    if not (directory / "ploy.yaml").is_file():
+        fail(f"no ploy.yaml in {directory.resolve()}")
+    return directory
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the HTTP socket before anything starts, so a taken port fails fast and clearly."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    return sock
+
+
+def _url_host(host: str) -> str:
+    """A host for a URL a user can open: a wildcard address becomes loopback."""
+    if host in _WILDCARD_HOSTS:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _uvicorn_server(engine: Engine, host: str) -> Any:
+    """A uvicorn server for the engine's app that leaves signals to us."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        # uvicorn would take SIGINT/SIGTERM over and re-raise them after its own
+        # shutdown; here one handler stops server, engine and broker in order.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    config = uvicorn.Config(create_app(engine, host=host), log_level="warning", lifespan="on")
+    return Server(config)
+
+
+class _Run:
+    """What ``ploy dev`` / ``ploy worker`` started, stopped in reverse order."""
+
+    def __init__(self, mode: str, directory: Path, args: argparse.Namespace):
+        self.mode, self.directory, self.args = mode, directory, args
+        self.stop = asyncio.Event()
+        self.stack = contextlib.AsyncExitStack()
+        self.broker: Any = None
+        self.notes: list[str] = []
+
+    def config(self, **overrides: Any) -> Config:
+        return load_config(self.directory, host=self.args.host, port=self.args.port,
+                           **overrides)
+
+    async def embedded_broker(self, config: Config) -> Config:
+        """Start a broker for ``ploy dev``; its log is in memory, so the view starts over."""
+        from engine.broker import EmbeddedBroker
+
+        state_path = config.state_dir / f"{config.kafka.topic_prefix}.events"
+        if clear_state(state_path):
+            self.notes.append(f"cleared the view at {state_path}: the embedded broker "
+                              "starts with an empty log")
+        for old in config.state_dir.glob("tansu-*.log"):
+            old.unlink(missing_ok=True)
+        self.broker = EmbeddedBroker(log_dir=config.state_dir)
+        self.stack.callback(self.broker.stop)
+        await asyncio.to_thread(self.broker.start)
+        return self.config(bootstrap_servers=self.broker.bootstrap_servers)
+
+    async def serve_http(self, engine: Engine, sock: socket.socket, host: str) -> None:
+        server = _uvicorn_server(engine, host)
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="ploy-http")
+
+        async def stop_server() -> None:
+            server.should_exit = True
+            await asyncio.wait({task}, timeout=10)
+
+        self.stack.push_async_callback(stop_server)
+        while not server.started:
+            if task.done():
+                await task
+                fail(f"the HTTP server on {host} exited at start")
+            await asyncio.sleep(0.01)
+
+    def banner(self, worker: Worker, config: Config, address: tuple[str, int] | None) -> None:
+        names = ", ".join(sorted(worker.workflows)) or "no workflows"
+        lines = [f"ploy {self.mode}: {names} from {config.root / config.main}"]
+        if address is not None:
+            base = f"http://{_url_host(address[0])}:{address[1]}"
+            lines.append(f"  app        {base}/")
+            if admin_enabled(config.http.host, config.http.admin_token):
+                lines.append(f"  dashboard  {base}/__ploy/")
+                lines.append(f"  api        {base}{API}/")
+            else:
+                lines.append("  dashboard  off: a non-loopback address needs PLOY_ADMIN_TOKEN")
+        where = (f"embedded broker, in memory; log {self.broker.log_path}"
+                 if self.broker is not None else "configured")
+        lines.append(f"  kafka      {config.kafka.bootstrap_servers} ({where})")
+        lines.append(f"  topic      {config.kafka.topic_prefix}.events")
+        lines.append(f"  state      {config.state_dir}")
+        lines += [f"  note       {note}" for note in self.notes]
+        lines.append("press Ctrl-C to stop" if self.mode == "dev" else "SIGTERM stops")
+        print("\n".join(lines), flush=True)
+
+    async def run(self) -> int:
+        """1. Load the app. 2. Bind HTTP. 3. Kafka. 4. Engine. 5. HTTP. 6. Wait, stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+        # Step 1. Everything that can be wrong in the app fails here, before any start.
+        worker, config = load_app(self.directory, host=self.args.host, port=self.args.port)
+        if self.mode == "worker" and not config.kafka.bootstrap_servers:
+            fail("ploy worker needs Kafka: set kafka.bootstrap_servers in ploy.yaml or "
+                 "KAFKA_BOOTSTRAP_SERVERS (ploy dev starts an embedded broker)")
+        # Step 2.
+        serve = self.mode == "dev" or self.args.port is not None
+        sock = _listen(config.http.host, config.http.port) if serve else None
+        async with self.stack:
+            if sock is not None:
+                self.stack.callback(sock.close)
+            # Step 3.
+            if not config.kafka.bootstrap_servers:
+                config = await self.embedded_broker(config)
+            # Step 4.
+            engine = Engine(worker, config)
+            self.stack.push_async_callback(engine.stop)
+            await engine.start()
+            # Step 5.
+            address = None
+            if sock is not None:
+                address = sock.getsockname()[:2]
+                await self.serve_http(engine, sock, config.http.host)
+            self.banner(worker, config, address)
+            # Step 6.
+            await self.stop.wait()
+            print(f"ploy {self.mode}: stopping (running steps finish)", flush=True)
+        print(f"ploy {self.mode}: stopped", flush=True)
+        return 0
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    directory = _app_dir(args.dir)
+    _configure_logging(args.log_level)
+    return asyncio.run(_Run("dev", directory, args).run())
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    directory = _app_dir(args.dir)
+    _configure_logging(args.log_level)
+    return asyncio.run(_Run("worker", directory, args).run())
+
+
+# -- the engine API client --------------------------------------------------------
+
+
+class ApiClient:
+    """A small JSON client of the engine API (``/__ploy/api``) on the standard library."""
+
+    def __init__(self, url: str, token: str | None, timeout_s: float):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            fail(f"--url must be an http(s) URL, got {url!r}")
+        self.url, self.token, self.timeout_s = url.rstrip("/"), token, timeout_s
+        handlers = [urllib.request.ProxyHandler({})] if is_loopback(parts.hostname) else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """(status, decoded JSON body); 401/403 and an unreachable server are failures."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + API + path, data, headers, method=method)  # noqa: S310 - scheme checked above
+        try:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                return response.status, _decode(response.read())
+        except urllib.error.HTTPError as exc:
+            status, payload = exc.code, _decode(exc.read())
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, TimeoutError | socket.timeout):
+                reason = f"no answer within {self.timeout_s:g} s"
+            fail(f"cannot reach the ploy server at {self.url}: {reason} "
+                 "(is `ploy dev` running? see --url)")
+        if status in (401, 403):
+            hint = "a valid --token or PLOY_ADMIN_TOKEN" if self.token else \
+                "--token or PLOY_ADMIN_TOKEN"
+            fail(f"the engine API at {self.url} refused the request ({status}): "
+                 f"it needs {hint}")
+        return status, payload
+
+    def expect(self, method: str, path: str, body: Any = None, *,
+               not_found: str | None = None) -> Any:
+        status, payload = self.call(method, path, body)
+        if status == 404 and not_found is not None:
+            fail(not_found)
+        if status >= 400:
+            fail(f"{method} {self.url}{API}{path} -> {status}: {_message(payload)}")
+        return payload
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return raw.decode("utf-8", "replace").strip()
+
+
+def _message(payload: Any) -> str:
+    """The error text of an API error body, whatever its shape."""
+    if isinstance(payload, dict):
+        for key in ("error", "detail", "message"):
+            if key in payload:
+                value = payload[key]
+                if isinstance(value, dict):
+                    return _message(value)
+                return value if isinstance(value, str) else json.dumps(value)
+    return payload if isinstance(payload, str) else json.dumps(payload)
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    token = args.token or os.environ.get("PLOY_ADMIN_TOKEN") or None
+    if args.url:
+        return ApiClient(args.url, token, args.timeout)
+    if args.dir is not None:
+        _app_dir(args.dir)
+    config = load_config(args.dir)  # None: ploy.yaml of the cwd, else the defaults
+    url = f"http://{_url_host(config.http.host)}:{config.http.port}"
+    return ApiClient(url, token or config.http.admin_token, args.timeout)
+
+
+def _quote(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+# -- client commands --------------------------------------------------------------
+
+
+def _read_input(text: str) -> Any:
+    source = "--input"
+    if text == "-":
+        text, source = sys.stdin.read(), "stdin"
+    elif text.startswith("@"):
+        try:
+            text, source = Path(text[1:]).read_text(encoding="utf-8"), text[1:]
+        except OSError as exc:
+            fail(f"cannot read {text[1:]}: {exc.strerror or exc}")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        fail(f"{source} is not valid JSON: {exc}")
+
+
+def _cmd_trigger(args: argparse.Namespace) -> int:
+    value = _read_input(args.input)  # before any network: bad JSON costs nothing
+    client = _client(args)
+    body = {"input": value, "idempotency_key": args.idempotency_key}
+    status, payload = client.call("POST", f"/trigger/{_quote(args.binding)}", body)
+    if status == 404:
+        fail(f"unknown binding '{args.binding}': {_message(payload)}")
+    if status == 422:
+        fail(f"invalid input: {_message(payload)}")
+    if status >= 400:
+        fail(f"trigger failed ({status}): {_message(payload)}")
+    print(payload["execution_id"])
+    return 0
+
+
+def _get_execution(client: ApiClient, eid: str) -> dict[str, Any]:
+    execution: dict[str, Any] = client.expect(
+        "GET", f"/executions/{_quote(eid)}", not_found=f"no execution '{eid}' at {client.url}")
+    return execution
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    execution = _get_execution(_client(args), args.id)
+    if args.json:
+        print(json.dumps(execution, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(format_execution(execution)))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    query = {k: v for k, v in (("workflow", args.workflow), ("status", args.status),
+                                ("limit", args.limit)) if v is not None}
+    payload = _client(args).expect("GET", "/executions?" + urllib.parse.urlencode(query))
+    if args.json:
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        return 0
+    rows = [[e.get("execution_id", ""), e.get("workflow", ""), e.get("status", ""),
+             _iso(e.get("created_at")), _duration(e.get("duration_ms"))]
+            for e in payload.get("executions", [])]
+    if not rows:
+        print("no executions")
+        return 0
+    print("\n".join(_table(["EXECUTION", "WORKFLOW", "STATUS", "CREATED", "DURATION"], rows)))
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    client = _client(args)
+    payload = client.expect("GET", f"/executions/{_quote(args.id)}/history",
+                            not_found=f"no execution '{args.id}' at {client.url}")
+    if args.json:
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        return 0
+    for event in payload.get("events", []):
+        body = json.dumps(event.get("body"), ensure_ascii=False, separators=(", ", ": "))
+        print(f"p{event['partition']}@{event['offset']}  {_iso(event['timestamp'])}  "
+              f"{event['type']:<18} {body}")
+    return 0
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    client = _client(args)
+    not_found = f"no execution '{args.id}' at {client.url}"
+    payload = client.expect("POST", f"/executions/{_quote(args.id)}/cancel", {},
+                            not_found=not_found)
+    if payload.get("cancelled"):
+        print(f"cancelled {args.id}")
+        return 0
+    execution = _get_execution(client, args.id)  # an unknown id is an error, a finished one not
+    print(f"{args.id} already finished ({execution.get('status')})")
+    return 0
+
+
+# -- formatting -------------------------------------------------------------------
+
+
+def _iso(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _duration(ms: int | None) -> str:
+    return "-" if ms is None else format_duration(ms)
+
+
+def _compact(value: Any, limit: int = 200) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _error(error: dict[str, Any] | None) -> str:
+    return "-" if not error else f"{error.get('type')}: {error.get('message')}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> Iterator[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        yield "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+
+
+def format_execution(ex: dict[str, Any]) -> list[str]:
+    """A readable summary of an Execution's JSON: status, each step and attempt, error."""
+    lines = [
+        f"execution  {ex['execution_id']}",
+        f"workflow   {ex['workflow']}",
+        f"status     {ex['status']}",
+        f"created    {_iso(ex.get('created_at'))}",
+        f"duration   {_duration(ex.get('duration_ms'))}",
+    ]
+    if ex.get("error"):
+        lines.append(f"error      {_error(ex['error'])}")
+    lines.append(f"input      {_compact(ex.get('input'))}")
+    if ex.get("status") == "completed":
+        lines.append(f"output     {_compact(ex.get('output'))}")
+    steps = ex.get("steps") or []
+    if steps:
+        lines.append("steps")
+        rows = []
+        for step in steps:
+            attempts = step.get("attempts") or []
+            count = "" if step.get("kind") == "sleep" else str(len(attempts))
+            detail = _iso(step.get("wake_at")) if step.get("kind") == "sleep" else \
+                _error(step.get("error")) if step.get("error") else ""
+            rows.append([step["key"], step["status"], count, _duration(step.get("duration_ms")),
+                         detail if step.get("kind") != "sleep" else f"until {detail}"])
+            if len(attempts) > 1 or step.get("status") == "failed":
+                rows += [[f"  attempt {a['attempt']}", "failed" if a.get("error") else "ok", "",
+                          _duration(a.get("duration_ms")), _error(a.get("error"))
+                          if a.get("error") else ""] for a in attempts]
+        lines += ["  " + line for line in _table(
+            ["STEP", "STATUS", "ATTEMPTS", "DURATION", "ERROR"], rows)]
+    for entry in ex.get("logs") or []:
+        data = "" if entry.get("data") is None else "  " + _compact(entry["data"])
+        lines.append(f"log        {_iso(entry.get('timestamp'))} {entry.get('level')} "
+                     f"{entry.get('message')}{data}")
+    return lines
+
+
+# -- rebuild and types ------------------------------------------------------------
+
+
+def _progress_bar() -> Callable[[int, int], None]:
+    """A progress bar on stderr when it is a terminal, else silence."""
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if not tty or (now - last[0] < 0.1 and done < total):
+            return
+        last[0] = now
+        share = done / total if total else 1.0
+        bar = "#" * int(share * 30)
+        sys.stderr.write(f"\rrebuilding [{bar:<30}] {done}/{total} events {share:4.0%}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    from engine.log import EventLog
+
+    directory = _app_dir(args.dir)
+    logging.getLogger("ploy.kafka").setLevel(logging.CRITICAL)  # librdkafka's retries: noise
+    config = load_config(directory)
+    kafka = config.kafka
+    if not kafka.bootstrap_servers:
+        fail("ploy rebuild needs Kafka: set kafka.bootstrap_servers in ploy.yaml or "
+             "KAFKA_BOOTSTRAP_SERVERS (the embedded broker of ploy dev keeps no log to "
+             "rebuild from once it stops)")
+    log = EventLog(kafka.bootstrap_servers, kafka.topic_prefix, kafka.partitions,
+                   extra=kafka.config, connect_timeout_s=kafka.connect_timeout_s,
+                   replication_factor=kafka.replication_factor)
+    try:
+        events, seconds = rebuild(log, config.state_dir / log.topic, _progress_bar())
+    finally:
+        log.close()
+    rate = events / seconds if seconds > 0 else 0.0
+    print(f"rebuilt {events} events in {seconds:.2f} s ({rate:,.0f} events/s)")
+    return 0
+
+
+def _cmd_types(args: argparse.Namespace) -> int:
+    directory = _app_dir(args.dir)
+    worker, config = load_app(directory)
+    out = Path(args.out)
+    if not out.is_absolute():
+        out = config.root / out
+    out.write_text(render_env_module(worker, config), encoding="utf-8")
+    print(f"wrote {out} ({len(config.workflow)} bindings)")
+    return 0
+
+
+def render_env_module(worker: Worker, config: Config) -> str:
+    """The source of ploy_env.py: ``class PloyEnv(Protocol)`` with one typed binding each.
+
+    Models are referenced through their module (``worker.OrderInput``), so two
+    models of one name cannot clash; the user's main file is imported by its
+    stem. The imports are for type checkers only, so the worker may import
+    ploy_env at run time without an import cycle.
+    """
+    main_file = (config.root / config.main).resolve()
+    modules: set[str] = set()
+    fields = []
+    for binding, target in sorted(config.workflow.items()):
+        wf = worker.workflow(target.name)
+        types = [_model_ref(m, main_file, modules) for m in
+                 ((wf.input, wf.output) if wf is not None else (None, None))]
+        fields.append(f"    {binding}: WorkflowBinding[{types[0]}, {types[1]}]\n"
+                      f'    """ploy.yaml binding {binding} -> workflow {target.name!r}."""\n')
+    uses_any = any("Any" in f.split(":", 1)[1] for f in fields)
+    head = [
+        f'"""Typed bindings of {config.path or "ploy.yaml"} for ``ctx.env``.\n',
+        "Generated by `ploy types`; do not edit. Run it again after changing ploy.yaml",
+        'or a workflow\'s input or output model.\n"""\n',
+        "from __future__ import annotations\n",
+        f"from typing import {'TYPE_CHECKING, ' if modules else ''}"
+        f"{'Any, ' if uses_any else ''}Protocol\n",
+        "from engine import WorkflowBinding\n",
+    ]
+    if modules:
+        head.append("if TYPE_CHECKING:\n" + "".join(f"    import {m}\n" for m in sorted(modules)))
+    head += ['__all__ = ["PloyEnv"]\n', "",
+             "class PloyEnv(Protocol):",
+             '    """``ctx.env``: the workflow bindings of ploy.yaml."""\n']
+    body = "\n".join(fields) if fields else "    pass\n"
+    return "\n".join(head) + "\n" + body
+
+
+def _model_ref(model: type | None, main_file: Path, modules: set[str]) -> str:
+    """``module.Qualname`` of a model, importable by name; ``Any`` when there is none."""
+    if model is None:
+        return "Any"
+    module = model.__module__
+    loaded = sys.modules.get(module)
+    file = getattr(loaded, "__file__", None)
+    if file is not None and Path(file).resolve() == main_file:
+        module = main_file.stem  # load_worker imports main under a private name
+    where = f"model {model.__qualname__} of {module}"
+    if not all(part.isidentifier() for part in module.split(".")) or module == "__main__":
+        fail(f"{where}: the module cannot be imported by name (rename {main_file.name}?)")
+    if "<locals>" in model.__qualname__:
+        fail(f"{where}: a model defined inside a function cannot be imported")
+    modules.add(module)
+    return f"{module}.{model.__qualname__}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,782 @@
+"""HTTP: the worker's routes, the engine API and the dashboard, on one Starlette app.
+
+=========================  ====================================================
+``/...``                   the routes of ``ploy().get/post/...`` (``/orders/:id``)
+``/__ploy/api/...``        the engine's JSON API (list, get, history, cancel, trigger)
+``/__ploy/``               the dashboard: executions, and one execution in detail
+=========================  ====================================================
+
+A user route's request goes through these steps (``_UserRoute.__call__``):
+
+1. Validate the path parameters, the query string and the JSON body against
+   the route's models (plain dicts without one); a mismatch is a 422 naming
+   every field, and the handler is not called.
+2. Call the handler with a :class:`RequestContext` (a sync handler runs in
+   the thread pool).
+3. Validate what it returned against the route's ``response`` model; a
+   mismatch is the server's fault: a 500 and a log line.
+
+Whatever goes wrong in a handler is answered with JSON and logged on
+``ploy.http``; the server keeps serving. A body over ``http.max_body_bytes`` is
+refused with a 413 before or while it streams in.
+
+The engine API and the dashboard can trigger and cancel any execution, so
+they are guarded (see :func:`admin_enabled`): with ``PLOY_ADMIN_TOKEN`` set they
+need ``Authorization: Bearer <token>`` (the dashboard also takes ``?token=``
+once and keeps an HttpOnly cookie); without a token they are served only on a
+loopback address, to requests whose ``Host`` is a loopback name (so a web page
+cannot reach them by DNS rebinding). Cross-site writes are refused always.
+Everything the dashboard shows from executions is untrusted text, escaped by
+Jinja's autoescape, under a Content-Security-Policy that runs only the page's
+own script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import ipaddress
+import json
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import jinja2
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import to_jsonable_python
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.errors import InvalidInputError, PayloadTooLargeError, UnknownBindingError
+from engine.models import Execution, ExecutionStatus, HistoryEntry, StepRecord
+
+if TYPE_CHECKING:
+    from engine.app import Engine
+    from engine.bindings import Env
+    from engine.builder import RouteDef
+
+__all__ = ["RequestContext", "admin_enabled", "create_app", "is_loopback", "starlette_path"]
+
+logger = logging.getLogger("ploy.http")
+
+API = "/__ploy/api"
+DASHBOARD = "/__ploy"
+COOKIE = "ploy_admin"
+PAGE_SIZE = 50
+MAX_LIMIT = 500
+TEMPLATES = Path(__file__).parent / "templates"
+_SEED_PARAM = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
+_STATUSES = [s.value for s in ExecutionStatus]
+_OFF = (
+    "the engine API and dashboard are off: this server listens on {host}, which is not a "
+    "loopback address, and no admin token is set; set PLOY_ADMIN_TOKEN to turn them on "
+    "(clients then send 'Authorization: Bearer <token>')"
+)
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+# -- public helpers -------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (``127.0.0.0/8``, ``::1``)."""
+    name = host.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_enabled(host: str, token: str | None) -> bool:
+    """Whether the engine API and dashboard are served by a server bound to ``host``.
+
+    They can trigger and cancel any execution: with an admin token they are on
+    (and need the token); without one, only on a loopback address.
+    """
+    return bool(token) or is_loopback(host)
+
+
+def starlette_path(path: str) -> str:
+    """The seed's route syntax in Starlette's: ``/orders/:id/status`` -> ``/orders/{id}/status``."""
+    if not path.startswith("/"):
+        raise ValueError(f"route path {path!r} must start with '/'")
+    return _SEED_PARAM.sub(r"{\1}", path)
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What a route handler receives.
+
+    ``params``, ``query`` and ``body`` are instances of the route's models
+    when it declares them, else a dict of strings (params, query) and the
+    decoded JSON body or None.
+    """
+
+    params: Any
+    query: Any
+    body: Any
+    env: Env
+    headers: Headers
+    request: Request
+
+
+def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
+    """The ASGI app serving ``engine.worker.routes``, the engine API and the dashboard.
+
+    Args:
+        engine: The engine whose bindings the routes use (started before requests).
+        host: The address the server listens on, which decides whether the API
+            and dashboard are served without a token (default ``config.http.host``).
+    """
+    http = engine.config.http
+    admin = _Admin(http.host if host is None else host, http.admin_token)
+    api = _Api(engine)
+    pages = _Dashboard(engine)
+    routes: list[BaseRoute] = [
+        admin.route(f"{API}/executions", api.executions),
+        admin.route(f"{API}/executions/{{id}}", api.execution),
+        admin.route(f"{API}/executions/{{id}}/history", api.history),
+        admin.route(f"{API}/executions/{{id}}/cancel", api.cancel, write=True),
+        admin.route(f"{API}/trigger/{{binding}}", api.trigger, write=True),
+        admin.route(f"{API}/workflows", api.workflows),
+        admin.route(f"{API}/health", api.health),
+        Route(DASHBOARD, _to_dashboard),
+        admin.route(f"{DASHBOARD}/", pages.index, page=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
+    ]
+    for route in engine.worker.routes:
+        path = starlette_path(route.path)
+        if path == DASHBOARD or path.startswith(DASHBOARD + "/"):
+            raise ValueError(f"route {route.method} {route.path}: {DASHBOARD} is the engine's")
+        routes.append(Route(path, _UserRoute(route, engine), methods=[route.method]))
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(_BodyLimit, limit=http.max_body_bytes)],
+        exception_handlers={HTTPException: _http_error},
+    )
+
+
+# -- errors and limits ------------------------------------------------------------
+
+
+def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
+class _Reject(Exception):  # noqa: N818 - a response to send, not an error
+    """Ends a request early with ``response`` (bad input, unknown id)."""
+
+    def __init__(self, status: int, payload: Any):
+        super().__init__(status)
+        self.response = _json(status, payload)
+
+
+def _errors(exc: ValidationError, *, include_input: bool = True) -> list[Any]:
+    """Pydantic's errors as JSON-safe data."""
+    errors: list[Any] = json.loads(exc.json(include_url=False, include_input=include_input))
+    return errors
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return _json(404, {"error": "not found", "path": request.url.path})
+    if exc.status_code == 405:
+        return _json(405, {"error": "method not allowed", "path": request.url.path},
+                     headers=exc.headers)
+    return _json(exc.status_code, {"error": exc.detail}, headers=exc.headers)
+
+
+class _BodyTooLarge(Exception):  # noqa: N818 - a signal out of ``receive``
+    pass
+
+
+class _BodyLimit:
+    """Refuses request bodies over ``limit`` bytes: by Content-Length, or as they stream."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.limit):
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _json(413, {"error": f"request body over the limit of {self.limit} bytes",
+                               "limit": self.limit}, headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+# -- the worker's routes ------------------------------------------------------------
+
+
+class _UserRoute:
+    """The endpoint of one ``RouteDef`` (see the module docstring for its steps)."""
+
+    def __init__(self, route: RouteDef, engine: Engine):
+        self.route, self.engine = route, engine
+        self.label = f"{route.method} {route.path}"
+
+    async def __call__(self, request: Request) -> Response:
+        route = self.route
+        try:
+            # Step 1.
+            params = _validate(route.params, dict(request.path_params), "path parameters")
+            query = _validate(route.query, dict(request.query_params), "query parameters")
+            body = await _read_body(request, route.body)
+        except _Reject as reject:
+            return reject.response
+        ctx = RequestContext(params, query, body, self.engine.env, request.headers, request)
+        # Step 2.
+        try:
+            if inspect.iscoroutinefunction(route.handler):
+                result = await route.handler(ctx)
+            else:
+                result = await run_in_threadpool(route.handler, ctx)
+            if inspect.isawaitable(result):
+                result = await result
+        except (HTTPException, _BodyTooLarge):
+            raise
+        except InvalidInputError as exc:
+            return _json(422, {"error": str(exc), "details": exc.errors})
+        except PayloadTooLargeError as exc:
+            return _json(413, {"error": str(exc)})
+        except UnknownBindingError as exc:
+            logger.error("%s: %s", self.label, exc)
+            return _json(500, {"error": str(exc)})
+        except Exception:
+            logger.exception("%s: the handler raised", self.label)
+            return _json(500, {"error": "internal error"})
+        # Step 3.
+        return self._respond(result)
+
+    def _respond(self, result: Any) -> Response:
+        if isinstance(result, Response):
+            return result
+        model = self.route.response
+        if model is not None:
+            if isinstance(result, BaseModel) and not isinstance(result, model):
+                result = result.model_dump()
+            try:
+                result = result if isinstance(result, model) else model.model_validate(result)
+            except ValidationError as exc:
+                # The handler's data is not the client's: keep its values out of the answer.
+                details = _errors(exc, include_input=False)
+                logger.error("%s: the response does not match %s: %s",
+                             self.label, model.__name__, details)
+                return _json(500, {"error": "response validation failed", "details": details})
+        try:
+            return _json(200, to_jsonable_python(result))
+        except Exception:
+            logger.exception("%s: the handler returned a value that is not JSON", self.label)
+            return _json(500, {"error": "internal error"})
+
+
+def _validate(model: type[BaseModel] | None, data: dict[str, str], what: str) -> Any:
+    if model is None:
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _Reject(422, {"error": f"invalid {what}", "details": _errors(exc)}) from None
+
+
+async def _read_body(request: Request, model: type[BaseModel] | None) -> Any:
+    """The JSON body, validated by ``model``; without a model, None for a non-JSON body."""
+    raw = await request.body()
+    if not raw.strip():
+        if model is None:
+            return None
+        raise _Reject(422, {"error": "invalid request body", "details": [
+            {"type": "missing", "loc": ["body"], "msg": "a JSON request body is required"}]})
+    content_type = request.headers.get("content-type", "").lower()
+    if model is None and content_type and "json" not in content_type:
+        return None  # a form or text body: the handler reads ctx.request itself
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise _Reject(422, {"error": f"malformed JSON body: {exc}"}) from None
+    if model is None:
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _Reject(422, {"error": "invalid request body", "details": _errors(exc)}) from None
+
+
+# -- the guard of the engine API and the dashboard -------------------------------------
+
+
+class _Admin:
+    """Decides who may use the engine API and the dashboard (module docstring)."""
+
+    def __init__(self, host: str, token: str | None):
+        self.host, self.token = host, token or None
+        self.enabled = admin_enabled(host, self.token)
+        # The cookie holds a digest of the token, never the token itself.
+        self.cookie = None if self.token is None else hmac.new(
+            self.token.encode(), b"ploy-dashboard", hashlib.sha256).hexdigest()
+
+    def route(self, path: str, handler: Endpoint, *, write: bool = False,
+              page: bool = False) -> Route:
+        """A Route running ``handler`` behind this guard, with errors answered as JSON."""
+
+        async def endpoint(request: Request) -> Response:
+            if page and "token" in request.query_params:
+                return self._login(request)
+            refused = self.refuse(request, write=write)
+            if refused is not None:
+                return refused
+            try:
+                return await handler(request)
+            except _Reject as reject:
+                return reject.response
+            except (HTTPException, _BodyTooLarge):
+                raise
+            except Exception:
+                logger.exception("%s %s failed", request.method, request.url.path)
+                return _json(500, {"error": "internal error"})
+
+        return Route(path, endpoint, methods=["POST"] if write else ["GET"])
+
+    def refuse(self, request: Request, *, write: bool) -> Response | None:
+        """The answer refusing ``request``, or None to let it through."""
+        if not self.enabled:
+            return _json(403, {"error": _OFF.format(host=self.host)})
+        if write and _cross_site(request):
+            return _json(403, {"error": "cross-site request refused"})
+        if self.token is None:
+            host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+            if is_loopback(host):
+                return None
+            return _json(403, {"error": f"Host '{host}' is not a loopback name; without "
+                                        "PLOY_ADMIN_TOKEN the engine API answers only "
+                                        "localhost and loopback addresses"})
+        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and _same(supplied.strip(), self.token):
+            return None
+        cookie = request.cookies.get(COOKIE)
+        if not write and cookie is not None and self.cookie and _same(cookie, self.cookie):
+            return None
+        return _json(401, {"error": "unauthorized: send 'Authorization: Bearer <PLOY_ADMIN_TOKEN>'"
+                                    f" (or open {DASHBOARD}/?token=<token> once in a browser)"},
+                     headers={"WWW-Authenticate": 'Bearer realm="ploy"'})
+
+    def _login(self, request: Request) -> Response:
+        """``?token=``: keep it in a cookie, then show the page without it in the URL."""
+        refused = self.refuse(request, write=False)
+        if self.token is None or not self.enabled:
+            return refused or RedirectResponse(request.url.path, status_code=303)
+        if not _same(request.query_params["token"], self.token):
+            return _json(401, {"error": "wrong admin token"})
+        query = request.url.remove_query_params("token").query
+        response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), 303)
+        assert self.cookie is not None
+        response.set_cookie(COOKIE, self.cookie, httponly=True, samesite="strict",
+                            path=DASHBOARD, secure=request.url.scheme == "https")
+        return response
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _cross_site(request: Request) -> bool:
+    """A browser request made by another site's page (CSRF), by Sec-Fetch-Site or Origin."""
+    if request.headers.get("sec-fetch-site", "") in ("cross-site", "same-site"):
+        return True
+    origin = request.headers.get("origin")
+    if origin is None:
+        return False
+    return urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()
+
+
+async def _to_dashboard(request: Request) -> Response:
+    return RedirectResponse(f"{DASHBOARD}/", status_code=307)
+
+
+# -- the engine API ------------------------------------------------------------------------
+
+
+class _TriggerBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: Any = None
+    idempotency_key: str | None = None
+
+
+class _CancelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = None
+
+
+class _Api:
+    """``/__ploy/api``: JSON over the runtime's queries and commands."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def executions(self, request: Request) -> Response:
+        q = request.query_params
+        limit = _int_param(q.get("limit"), "limit", PAGE_SIZE, 1, MAX_LIMIT)
+        offset = _int_param(q.get("offset"), "offset", 0, 0, None)
+        status = q.get("status") or None
+        if status is not None and status not in _STATUSES:
+            raise _Reject(422, {"error": f"unknown status '{status}'", "statuses": _STATUSES})
+        found = await self.engine.runtime.list_executions(
+            workflow=_workflow_filter(self.engine, q.get("workflow")), status=status,
+            limit=limit + 1, offset=offset)
+        return _json(200, {"executions": [summary(e) for e in found[:limit]], "limit": limit,
+                           "offset": offset, "has_more": len(found) > limit})
+
+    async def execution(self, request: Request) -> Response:
+        execution = await self._get(request)
+        return _json(200, execution.model_dump(mode="json"))
+
+    async def history(self, request: Request) -> Response:
+        execution = await self._get(request)
+        events = await self.engine.runtime.history(execution.execution_id) or []
+        return _json(200, {"execution_id": execution.execution_id,
+                           "events": [e.model_dump(mode="json") for e in events]})
+
+    async def cancel(self, request: Request) -> Response:
+        execution = await self._get(request)
+        body = await _read_body(request, _CancelBody) if (await request.body()).strip() else None
+        reason = body.reason if isinstance(body, _CancelBody) else None
+        cancelled = await self.engine.runtime.cancel(execution.execution_id, reason)
+        return _json(200, {"cancelled": cancelled})
+
+    async def trigger(self, request: Request) -> Response:
+        binding = request.path_params["binding"]
+        env = self.engine.env
+        if binding not in env:
+            known = sorted(env)
+            raise _Reject(404, {"error": f"unknown binding '{binding}'", "bindings": known})
+        body = await _read_body(request, _TriggerBody)
+        try:
+            result = await env[binding].trigger(body.input, idempotency_key=body.idempotency_key)
+        except InvalidInputError as exc:
+            raise _Reject(422, {"error": str(exc), "details": exc.errors}) from None
+        except PayloadTooLargeError as exc:
+            raise _Reject(413, {"error": str(exc)}) from None
+        return _json(201, {"execution_id": result["execution_id"]})
+
+    async def workflows(self, request: Request) -> Response:
+        config = self.engine.config
+        bindings = {
+            name: {"workflow": b.name, "retries": config.retries if b.retries is None
+                   else b.retries}
+            for name, b in config.workflow.items()
+        }
+        workflows = {
+            name: {
+                "bindings": [b for b, target in config.workflow.items() if target.name == name],
+                "input_schema": wf.input.model_json_schema() if wf.input else None,
+                "output_schema": wf.output.model_json_schema() if wf.output else None,
+            }
+            for name, wf in self.engine.worker.workflows.items()
+        }
+        return _json(200, {"bindings": bindings, "workflows": workflows})
+
+    async def health(self, request: Request) -> Response:
+        runtime = self.engine.runtime
+        stalled = {p: str(err) for p, err in sorted(runtime.stalled.items())}
+        return _json(200, {
+            "status": "degraded" if stalled else "ok",
+            "worker": runtime.worker_id,
+            "topic": runtime.log.topic,
+            "partitions": {p: {"next_offset": v.next_offset}
+                           for p, v in sorted(runtime.views.items())},
+            "stalled": stalled,
+            "running": len(runtime.runners),
+        })
+
+    async def _get(self, request: Request) -> Execution:
+        eid = request.path_params["id"]
+        execution = await self.engine.runtime.get_execution(eid)
+        if execution is None:
+            raise _Reject(404, {"error": f"unknown execution '{eid}'"})
+        return execution
+
+
+def _int_param(raw: str | None, name: str, default: int, low: int, high: int | None) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise _Reject(422, {"error": f"'{name}' must be an integer {bound}, got {raw!r}"})
+    return value
+
+
+def _workflow_filter(engine: Engine, name: str | None) -> str | None:
+    """A workflow name, also when given a binding name (``ORDER_FLOW``)."""
+    if not name:
+        return None
+    binding = engine.config.workflow.get(name)
+    if binding is not None and name not in engine.worker.workflows:
+        return binding.name
+    return name
+
+
+def summary(execution: Execution) -> dict[str, Any]:
+    """The light form of an execution that lists show."""
+    return {
+        "execution_id": execution.execution_id,
+        "workflow": execution.workflow,
+        "status": execution.status.value,
+        "created_at": execution.created_at,
+        "started_at": execution.started_at,
+        "ended_at": execution.ended_at,
+        "duration_ms": execution.duration_ms,
+        "steps": sum(1 for s in execution.steps if s.kind == "step"),
+        "error": execution.error.message if execution.error else None,
+    }
+
+
+# -- the dashboard -------------------------------------------------------------------------
+
+
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,  # every value from an execution is untrusted text
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["duration"] = format_duration
+    env.filters["utc"] = _utc
+    env.filters["iso"] = _iso
+    env.filters["pretty"] = _pretty
+    return env
+
+
+class _Dashboard:
+    """``/__ploy/``: server-rendered pages that re-fetch themselves while live."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.env = _templates()
+
+    def render(self, name: str, status: int = 200, **context: Any) -> Response:
+        nonce = secrets.token_urlsafe(16)
+        html = self.env.get_template(name).render(nonce=nonce, base=DASHBOARD, **context)
+        return HTMLResponse(html, status_code=status, headers={
+            "Content-Security-Policy": (
+                f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
+                "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+                "form-action 'self'; frame-ancestors 'none'"),
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-store",
+        })
+
+    async def index(self, request: Request) -> Response:
+        q = request.query_params
+        workflow = q.get("workflow") or ""
+        status = q.get("status") or ""
+        status = status if status in _STATUSES else ""
+        try:
+            offset = _int_param(q.get("offset"), "offset", 0, 0, None)
+        except _Reject:
+            offset = 0
+        runtime = self.engine.runtime
+        found = await runtime.list_executions(
+            workflow=_workflow_filter(self.engine, workflow), status=status or None,
+            limit=PAGE_SIZE + 1, offset=offset)
+        now = runtime.clock.now()
+        rows = [{**summary(e), "elapsed_ms": _elapsed(e, now)} for e in found[:PAGE_SIZE]]
+        return self.render(
+            "executions.html", rows=rows, workflows=sorted(self.engine.worker.workflows),
+            statuses=_STATUSES, workflow=workflow, status=status, offset=offset,
+            page_size=PAGE_SIZE, has_more=len(found) > PAGE_SIZE,
+            live={"live": True, "refresh_ms": 2000}, title="Executions")
+
+    async def detail(self, request: Request) -> Response:
+        eid = request.path_params["id"]
+        runtime = self.engine.runtime
+        execution = await runtime.get_execution(eid)
+        if execution is None:
+            return self.render("message.html", status=404, title="Not found",
+                               message=f"No execution with id {eid}.",
+                               live={"live": False, "refresh_ms": 2000})
+        history = await runtime.history(eid) or []
+        now = runtime.clock.now()
+        return self.render(
+            "execution.html", ex=execution, elapsed_ms=_elapsed(execution, now),
+            timeline=timeline(execution, now), events=[_event_row(e) for e in history],
+            live={"live": not execution.status.terminal, "refresh_ms": 2000},
+            title=f"{execution.workflow} · {execution.execution_id[:12]}")
+
+
+def _elapsed(execution: Execution, now: int) -> int | None:
+    """Duration so far: the final one when ended, else since the start."""
+    if execution.duration_ms is not None:
+        return execution.duration_ms
+    if execution.status.terminal:
+        return None
+    return max(now - (execution.started_at or execution.created_at), 0)
+
+
+def _event_row(entry: HistoryEntry) -> dict[str, Any]:
+    """An event for display: user payloads (JSON text in the event) decoded."""
+    body: dict[str, Any] = {}
+    for key, value in entry.body.items():
+        if key in ("input", "output", "data") and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        body[key] = value
+    return {"offset": entry.offset, "partition": entry.partition, "timestamp": entry.timestamp,
+            "type": entry.type, "epoch": entry.epoch, "body": body}
+
+
+MIN_BAR_PCT = 0.6
+
+
+def timeline(execution: Execution, now: int) -> dict[str, Any]:
+    """Bars of the steps and sleeps, to scale: percentages of the execution's span.
+
+    A bar runs from a step's first attempt to its end (now, while it runs); its
+    attempts are segments inside it, placed relative to the bar, so retries and
+    the backoff waits between them are visible.
+    """
+    origin = execution.started_at or execution.created_at
+    spans = [(s, *_span(s, execution, now)) for s in execution.steps]
+    spans = [(s, start, end) for s, start, end in spans if start is not None]
+    last = execution.ended_at or (now if not execution.status.terminal else origin)
+    end_all = max([last, origin] + [end for _, _, end in spans])
+    total = max(end_all - origin, 1)
+    bars = []
+    for step, start, end in spans:
+        assert start is not None
+        width = max((end - start) / total * 100, MIN_BAR_PCT)
+        left = min(max((start - origin) / total * 100, 0.0), 100 - width)
+        bars.append({
+            "key": step.key, "name": step.name, "kind": step.kind, "status": step.status,
+            "left": round(left, 3), "width": round(width, 3), "duration_ms": end - start,
+            "running": step.ended_at is None, "wake_at": step.wake_at,
+            "attempts": _segments(step, start, end, now),
+        })
+    ticks = [{"pct": pct, "label": format_duration(round(total * pct / 100))}
+             for pct in (0, 25, 50, 75, 100)]
+    return {"bars": bars, "total_ms": total, "ticks": ticks}
+
+
+def _span(step: StepRecord, execution: Execution, now: int) -> tuple[int | None, int]:
+    start = step.started_at
+    if step.attempts and step.attempts[0].started_at is not None:
+        start = min(start or step.attempts[0].started_at, step.attempts[0].started_at)
+    if start is None:
+        return None, 0
+    if step.ended_at is not None:
+        end = step.ended_at
+    elif execution.status.terminal:  # ended by a cancel or a crash while the step waited
+        ends = [a.ended_at for a in step.attempts if a.ended_at is not None]
+        end = execution.ended_at or max(ends, default=start)
+    elif step.kind == "sleep" and step.wake_at is not None:
+        end = max(step.wake_at, now)
+    else:
+        end = now
+    return start, max(end, start)
+
+
+def _segments(step: StepRecord, start: int, end: int, now: int) -> list[dict[str, Any]]:
+    span = max(end - start, 1)
+    segments = []
+    for attempt in step.attempts:
+        if attempt.started_at is None:
+            continue
+        a_end = min(attempt.ended_at if attempt.ended_at is not None else now, end)
+        width = max((a_end - attempt.started_at) / span * 100, 1.0)
+        left = min(max((attempt.started_at - start) / span * 100, 0.0), 100 - width)
+        outcome = ("failed" if attempt.error else
+                   "running" if attempt.ended_at is None else "completed")
+        segments.append({"attempt": attempt.attempt, "left": round(left, 3),
+                         "width": round(width, 3), "status": outcome})
+    return segments
+
+
+def format_duration(ms: int | None) -> str:
+    """``850 ms``, ``1.25 s``, ``2m 05s``, ``3h 07m``, ``2d 4h``."""
+    if ms is None:
+        return "—"
+    if ms < 1000:
+        return f"{ms} ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+def _utc(ms: int | None) -> str:
+    if ms is None:
+        return "—"
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S") + f".{ms % 1000:03d} UTC"
+
+
+def _iso(ms: int | None) -> str:
+    return "" if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
