@@ -242,8 +242,8 @@ class ExecutionRunner:
             raise StepFailedError(key, last["attempt"], err["type"], err["message"])
         if last is None:
             return 1
-        if last["error"] is None:
-            return int(last["attempt"])  # started, never finished: run that attempt again
+        # The last attempt failed, or it never finished (its worker died): either
+        # way it counts, and the next one runs.
         return int(last["attempt"]) + 1
 
     async def _call(self, key: str, fn: Callable[[], Any], timeout_ms: int | None) -> Any:

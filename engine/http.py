@@ -608,10 +608,10 @@ class _Dashboard:
         self.engine = engine
         self.env = _templates()
 
-    def render(self, name: str, status: int = 200, **context: Any) -> Response:
+    def render(self, name: str, code: int = 200, **context: Any) -> Response:
         nonce = secrets.token_urlsafe(16)
         html = self.env.get_template(name).render(nonce=nonce, base=DASHBOARD, **context)
-        return HTMLResponse(html, status_code=status, headers={
+        return HTMLResponse(html, status_code=code, headers={
             "Content-Security-Policy": (
                 f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
                 "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
@@ -647,7 +647,7 @@ class _Dashboard:
         runtime = self.engine.runtime
         execution = await runtime.get_execution(eid)
         if execution is None:
-            return self.render("message.html", status=404, title="Not found",
+            return self.render("message.html", code=404, title="Not found",
                                message=f"No execution with id {eid}.",
                                live={"live": False, "refresh_ms": 2000})
         history = await runtime.history(eid) or []

@@ -1,0 +1,17 @@
+"""Run a worker app dir as its own process (for kill -9 tests): python workerproc.py DIR.
+
+Kafka, topic prefix and state dir come from the environment, as for `ploy worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from engine.app import Engine, load_app, serve_until_signalled
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    worker, config = load_app(sys.argv[1])
+    asyncio.run(serve_until_signalled(Engine(worker, config)))
