@@ -68,12 +68,13 @@ class Codec:
     def decode(self, data: bytes) -> Event:
         """The event in ``data``; CodecError names what is wrong with the bytes."""
         if len(data) < HEADER_LEN or data[:2] != MAGIC:
-            raise CodecError(f"not an Avro single-object record (starts {data[:2].hex() or 'empty'})")
+            start = data[:2].hex() or "empty"
+            raise CodecError(f"not an Avro single-object record (starts {start})")
         schema = self.readers.get(data[2:HEADER_LEN])
         if schema is None:
             raise CodecError(f"unknown schema fingerprint {data[2:HEADER_LEN].hex()}")
         try:
-            record = schemaless_reader(
+            record: Any = schemaless_reader(
                 io.BytesIO(data[HEADER_LEN:]), schema, None, return_record_name=True
             )
             name, body = record["body"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from engine import keys
 from engine.errors import InvalidTransitionError
@@ -64,7 +64,7 @@ class Tx:
         """The JSON record at ``key``, with this batch's writes applied."""
         if key in self._pending:
             value = self._pending[key]
-            return None if value is _DELETED else value  # type: ignore[no-any-return]
+            return None if value is _DELETED else cast(Record, value)
         raw = self._read(key)
         if raw is None:
             return None

@@ -17,10 +17,10 @@ import asyncio
 import logging
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from engine.codec import Codec, default_codec
 from engine.errors import AppendError, BrokerUnavailableError
@@ -238,7 +238,7 @@ class EventLog:
         puts in ``stopped`` (a corrupt record) counts as done.
         """
         stopped = stopped if stopped is not None else set()
-        consumer = self.consumer(**{"enable.partition.eof": True})
+        consumer = self.consumer(None, **{"enable.partition.eof": True})
         consumer.assign([TopicPartition(self.topic, p, o) for p, o in start.items()])
         at_end: set[int] = set()
         try:
@@ -246,15 +246,16 @@ class EventLog:
                 by_partition: dict[int, list[tuple[int, bytes]]] = {}
                 for msg in consumer.consume(batch, 0.2):
                     err = msg.error()
+                    partition = cast(int, msg.partition())
                     if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            at_end.add(msg.partition())
+                        if err.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001
+                            at_end.add(partition)
                         else:
                             logger.warning("reading %s: %s", self.topic, err)
                         continue
-                    at_end.discard(msg.partition())
-                    by_partition.setdefault(msg.partition(), []).append(
-                        (msg.offset(), msg.value()))
+                    at_end.discard(partition)
+                    by_partition.setdefault(partition, []).append(
+                        (cast(int, msg.offset()), cast(bytes, msg.value())))
                 if by_partition:
                     yield by_partition
         finally:

@@ -8,13 +8,13 @@ as written by the event's writer.
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 
-class ExecutionStatus(str, Enum):
+class ExecutionStatus(StrEnum):
     """The life of an execution; the last three are terminal."""
 
     QUEUED = "queued"

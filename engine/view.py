@@ -13,7 +13,7 @@ import json
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rocksdict import Options, Rdict, WriteBatch
 
@@ -92,10 +92,15 @@ class PartitionView:
     def record(self, eid: str) -> dict[str, Any] | None:
         """The raw execution record (for the runtime), or None."""
         raw = self.db.get(keys.execution(eid))
-        return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
+        return None if raw is None else cast(dict[str, Any], json.loads(raw))
+
+    def _items(self, from_key: bytes, backwards: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        """Raw-mode iteration: keys and values are bytes."""
+        return cast(Iterator[tuple[bytes, bytes]],
+                    iter(self.db.items(from_key=from_key, backwards=backwards)))
 
     def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        for key, value in self.db.items(from_key=prefix):
+        for key, value in self._items(prefix):
             if not key.startswith(prefix):
                 return
             yield key, value
@@ -120,7 +125,7 @@ class PartitionView:
 
     def due_timers(self, now: int, limit: int = 10_000) -> list[tuple[int, str, str]]:
         """(wake_at, execution id, sleep key) of timers due at ``now``, oldest first."""
-        due = []
+        due: list[tuple[int, str, str]] = []
         for key, _ in self._scan(keys.TIMER):
             wake_at, eid, sleep = keys.parse_timer(key)
             if wake_at > now or len(due) >= limit:
@@ -136,14 +141,14 @@ class PartitionView:
 
     def newest(self) -> Iterator[tuple[int, str]]:
         """(created_at, id) of every execution, newest first."""
-        for key, _ in self.db.items(from_key=keys.CREATED + b"\xff", backwards=True):
+        for key, _ in self._items(keys.CREATED + b"\xff", backwards=True):
             if not key.startswith(keys.CREATED):
                 return
             yield keys.read_u64(key[2:10]), key[10:].decode()
 
     def dump(self) -> Iterator[tuple[bytes, bytes]]:
         """Every key and value, in key order (for the byte-identical rebuild check)."""
-        yield from self.db.items()
+        yield from self._items(b"")
 
     def close(self) -> None:
         self.db.close()

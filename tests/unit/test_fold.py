@@ -161,7 +161,8 @@ def test_completion_and_failure() -> None:
 
 def test_logs_are_numbered() -> None:
     s = Store()
-    s.apply(WorkflowTriggered("{}"), WorkflowLog("info", "a", '{"x":1}'), WorkflowLog("warning", "b"))
+    s.apply(WorkflowTriggered("{}"), WorkflowLog("info", "a", '{"x":1}'),
+            WorkflowLog("warning", "b"))
     assert s.get(keys.log("e1", 1))["message"] == "b"
     assert s.execution()["logs"] == 2
 
