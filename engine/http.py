@@ -6,7 +6,7 @@
 ``/__ploy/``               the dashboard: executions, and one execution in detail
 =========================  ====================================================
 
-A user route's request goes through these steps (``_UserRoute.__call__``):
+A user route's request goes through these steps (``_UserRoute.handle``):
 
 1. Validate the path parameters, the query string and the JSON body against
    the route's models (plain dicts without one); a mismatch is a 422 naming
@@ -69,7 +69,14 @@ if TYPE_CHECKING:
     from engine.bindings import Env
     from engine.builder import RouteDef
 
-__all__ = ["RequestContext", "admin_enabled", "create_app", "is_loopback", "starlette_path"]
+__all__ = [
+    "RequestContext",
+    "admin_enabled",
+    "create_app",
+    "format_duration",
+    "is_loopback",
+    "starlette_path",
+]
 
 logger = logging.getLogger("ploy.http")
 
@@ -167,11 +174,11 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         path = starlette_path(route.path)
         if path == DASHBOARD or path.startswith(DASHBOARD + "/"):
             raise ValueError(f"route {route.method} {route.path}: {DASHBOARD} is the engine's")
-        routes.append(Route(path, _UserRoute(route, engine), methods=[route.method]))
+        routes.append(Route(path, _UserRoute(route, engine).handle, methods=[route.method]))
     return Starlette(
         routes=routes,
         middleware=[Middleware(_BodyLimit, limit=http.max_body_bytes)],
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
 
 
@@ -206,12 +213,24 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _json(exc.status_code, {"error": exc.detail}, headers=exc.headers)
 
 
+async def _server_error(request: Request, exc: Exception) -> Response:
+    # Handlers answer their own errors; this is the last resort for a bug in this module.
+    return _json(500, {"error": "internal error"})
+
+
 class _BodyTooLarge(Exception):  # noqa: N818 - a signal out of ``receive``
     pass
 
 
 class _BodyLimit:
-    """Refuses request bodies over ``limit`` bytes: by Content-Length, or as they stream."""
+    """Refuses request bodies over ``limit`` bytes: by Content-Length, or as they stream.
+
+    Before answering 413 it reads and drops up to ``DRAIN_BYTES`` more of the
+    body, so that a client still uploading gets the answer instead of a reset
+    connection; a bigger upload is cut off.
+    """
+
+    DRAIN_BYTES = 1 << 20
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
@@ -222,6 +241,8 @@ class _BodyLimit:
             return
         length = Headers(scope=scope).get("content-length")
         if length is not None and (not length.strip().isdigit() or int(length) > self.limit):
+            if length.strip().isdigit() and int(length) <= self.limit + self.DRAIN_BYTES:
+                await self._drain(receive)
             await self._refuse(scope, receive, send)
             return
         seen = 0
@@ -233,6 +254,8 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    if message.get("more_body", False):
+                        await self._drain(receive)
                     raise _BodyTooLarge
             return message
 
@@ -247,6 +270,14 @@ class _BodyLimit:
             if started:
                 raise
             await self._refuse(scope, receive, send)
+
+    async def _drain(self, receive: Receive) -> None:
+        budget = self.DRAIN_BYTES
+        while budget > 0:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            budget -= len(message.get("body", b""))
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _json(413, {"error": f"request body over the limit of {self.limit} bytes",
@@ -264,7 +295,7 @@ class _UserRoute:
         self.route, self.engine = route, engine
         self.label = f"{route.method} {route.path}"
 
-    async def __call__(self, request: Request) -> Response:
+    async def handle(self, request: Request) -> Response:
         route = self.route
         try:
             # Step 1.
@@ -273,9 +304,9 @@ class _UserRoute:
             body = await _read_body(request, route.body)
         except _Reject as reject:
             return reject.response
-        ctx = RequestContext(params, query, body, self.engine.env, request.headers, request)
         # Step 2.
         try:
+            ctx = RequestContext(params, query, body, self.engine.env, request.headers, request)
             if inspect.iscoroutinefunction(route.handler):
                 result = await route.handler(ctx)
             else:
@@ -390,6 +421,10 @@ class _Admin:
         """The answer refusing ``request``, or None to let it through."""
         if not self.enabled:
             return _json(403, {"error": _OFF.format(host=self.host)})
+        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+        if self.token is not None and scheme.lower() == "bearer" and _same(supplied.strip(),
+                                                                          self.token):
+            return None  # a page of another site cannot send this header (no CORS here)
         if write and _cross_site(request):
             return _json(403, {"error": "cross-site request refused"})
         if self.token is None:
@@ -399,9 +434,6 @@ class _Admin:
             return _json(403, {"error": f"Host '{host}' is not a loopback name; without "
                                         "PLOY_ADMIN_TOKEN the engine API answers only "
                                         "localhost and loopback addresses"})
-        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and _same(supplied.strip(), self.token):
-            return None
         cookie = request.cookies.get(COOKIE)
         if not write and cookie is not None and self.cookie and _same(cookie, self.cookie):
             return None
@@ -411,9 +443,8 @@ class _Admin:
 
     def _login(self, request: Request) -> Response:
         """``?token=``: keep it in a cookie, then show the page without it in the URL."""
-        refused = self.refuse(request, write=False)
-        if self.token is None or not self.enabled:
-            return refused or RedirectResponse(request.url.path, status_code=303)
+        if self.token is None or not self.enabled:  # no token to keep
+            return self.refuse(request, write=False) or RedirectResponse(request.url.path, 303)
         if not _same(request.query_params["token"], self.token):
             return _json(401, {"error": "wrong admin token"})
         query = request.url.remove_query_params("token").query
@@ -598,6 +629,7 @@ def _templates() -> jinja2.Environment:
     env.filters["utc"] = _utc
     env.filters["iso"] = _iso
     env.filters["pretty"] = _pretty
+    env.filters["compact"] = _compact
     return env
 
 
@@ -677,6 +709,8 @@ def _event_row(entry: HistoryEntry) -> dict[str, Any]:
                 value = json.loads(value)
             except ValueError:
                 pass
+        elif key == "traceback" and isinstance(value, str) and value:
+            value = f"({value.count(chr(10))} lines: shown with the attempt or the error)"
         body[key] = value
     return {"offset": entry.offset, "partition": entry.partition, "timestamp": entry.timestamp,
             "type": entry.type, "epoch": entry.epoch, "body": body}
@@ -780,3 +814,7 @@ def _iso(ms: int | None) -> str:
 
 def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)

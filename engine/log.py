@@ -278,9 +278,12 @@ class EventLog:
             consumer.close()
 
     def close(self) -> None:
+        """Flush what is pending, then drop the connection (a broker stop need not wait)."""
         self._producer.flush(10)
         self._closed.set()
         self._poller.join(2)
+        if hasattr(self._producer, "close"):  # confluent-kafka >= 2.13
+            self._producer.close()
 
 
 def _settle(future: asyncio.Future[tuple[int, int]], err: Any, msg: Any, topic: str) -> None:

@@ -16,9 +16,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from confluent_kafka import TopicPartition
 from rocksdict import Options, Rdict
 
 from engine.errors import PloyError
@@ -29,9 +27,6 @@ __all__ = ["RebuildError", "StateLockedError", "clear_state", "rebuild"]
 
 Progress = Callable[[int, int], None]
 """``on_progress(events folded so far, events to fold)``."""
-
-_POLL_S = 0.5
-_BATCH = 5000
 
 
 class StateLockedError(PloyError):
@@ -87,32 +82,27 @@ def rebuild(
     log: EventLog,
     state_path: Path,
     on_progress: Progress | None = None,
-    *,
-    stall_timeout_s: float = 30.0,
 ) -> tuple[int, float]:
     """Delete the view of ``log.topic`` under ``state_path`` and refold every partition.
 
     1. Check that no process holds a partition's RocksDB, then delete the view.
-    2. Read each partition's watermarks: the refold ends at the high watermark
-       taken here; a low watermark above 0 means records were deleted and the
-       view cannot be rebuilt.
-    3. Assign every partition from offset 0 and fold each polled batch of a
-       partition in one WriteBatch (``PartitionView.apply``), until every view
-       reaches its target.
+    2. Check each partition's low watermark: above 0, records were deleted and
+       the view cannot be rebuilt. The high watermarks give the progress total,
+       an estimate only (the embedded broker reports them late).
+    3. Read every partition from offset 0 to its end (partition EOF) and fold
+       each polled batch of a partition in one WriteBatch (``PartitionView.apply``).
 
     Args:
         log: The event log (its topic and partition count name the view).
         state_path: ``<state_dir>/<prefix>.events``, as ``Runtime.state_path``.
-        on_progress: Called after each folded batch with (done, total).
-        stall_timeout_s: Give up when no record arrives for this long.
+        on_progress: Called after each folded batch with (done, estimated total).
 
     Returns:
         (events folded, seconds taken).
 
     Raises:
         StateLockedError: A running worker holds the view; nothing was deleted.
-        RebuildError: Records below the low watermark are gone, or the log
-            stopped delivering records before the target.
+        RebuildError: Records below the low watermark are gone.
         CorruptEventError: A record does not decode or the fold refuses it;
             the view is left at that offset.
     """
@@ -120,52 +110,31 @@ def rebuild(
     # Step 1.
     clear_state(state_path)
     # Step 2.
-    targets: dict[int, int] = {}
+    total = 0
     for p in range(log.partitions):
         low, high = log.watermarks(p)
         if low > 0:
             raise RebuildError(log.topic, p, f"the log starts at offset {low}, not 0 "
                                "(records were deleted by retention)")
-        targets[p] = high
-    total = sum(targets.values())
-    views = {p: PartitionView(state_path / f"p{p}", log.topic, p, log.codec) for p in targets}
-    consumer = log.consumer()
+        total += high
+    views = {p: PartitionView(state_path / f"p{p}", log.topic, p, log.codec)
+             for p in range(log.partitions)}
     done = 0
     try:
         # Step 3.
-        consumer.assign([TopicPartition(log.topic, p, 0) for p in targets if targets[p] > 0])
         if on_progress is not None:
             on_progress(0, total)
-        last_record = time.monotonic()
-        while any(views[p].next_offset < high for p, high in targets.items()):
-            batches = _poll(consumer, targets)
-            if not batches:
-                if time.monotonic() - last_record > stall_timeout_s:
-                    p = next(p for p, h in targets.items() if views[p].next_offset < h)
-                    raise RebuildError(log.topic, p, f"no record for {stall_timeout_s:g} s at "
-                                       f"offset {views[p].next_offset} of {targets[p]}")
-                continue
-            last_record = time.monotonic()
+        for batches in log.read_until_end(dict.fromkeys(views, 0)):
             for p, records in batches.items():
                 applied, failure = views[p].apply(records)
                 done += len(applied)
                 if failure is not None:
                     raise failure
             if on_progress is not None:
-                on_progress(done, total)
+                on_progress(done, max(done, total))
     finally:
-        consumer.close()
         for view in views.values():
             view.close()
+    if on_progress is not None:
+        on_progress(done, done)
     return done, time.perf_counter() - started
-
-
-def _poll(consumer: Any, targets: dict[int, int]) -> dict[int, list[tuple[int, bytes]]]:
-    """One polled batch by partition, without records past the targets."""
-    batches: dict[int, list[tuple[int, bytes]]] = {}
-    for msg in consumer.consume(_BATCH, _POLL_S):
-        partition, offset = msg.partition(), msg.offset()
-        if msg.error() is not None or offset >= targets[partition]:
-            continue
-        batches.setdefault(partition, []).append((offset, msg.value()))
-    return batches

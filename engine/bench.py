@@ -1,0 +1,689 @@
+"""Benchmarks of the hot path: ``python -m engine.bench [SCENARIO ...] [--quick] [--json PATH]``.
+
+Each scenario runs on a real broker (an embedded Tansu started here, or the
+Kafka named by ``KAFKA_BOOTSTRAP_SERVERS``), with a topic prefix of its own and
+a state directory under one temporary directory. Every figure is printed as
+soon as it is measured, as one machine-readable line::
+
+    scenario=step metric=step_p50 value=1.23 unit=ms
+
+and a table with the targets closes the run. Latencies are p50/p99 of a
+sample list; a rate of a repeatable scenario is the median of its repeats.
+
+Scenarios (``--quick`` shrinks every count about 10x, for a CI smoke test):
+
+floor       one ``EventLog.append`` awaited at a time: the baseline of ratios
+log         batched appends (append_nowait + flush) and their fold, events/s
+step        10 no-op async steps per execution; per-step latency and its ratio to floor
+sequential  3-step executions one after another, trigger to completed (get_execution)
+throughput  3-step executions all triggered at once: executions/s, steps/s, CPU
+rebuild     refold a log of many executions from offset 0 into an empty view
+sleepers    executions durably asleep until one wake time: RSS, and wake to all done
+long        a 500-step execution: per-step time near step 10 vs near step 500
+
+The sleepers share one wake time on a :class:`~engine.clock.ManualClock`:
+the bench advances it to the wake time once every execution sleeps, so the
+figure is the engine's (timer poll, TimerFired, fold, replay, step, completion)
+and does not depend on how long triggering took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.app import Engine
+from engine.broker import EmbeddedBroker, wait_for_kafka
+from engine.builder import Worker, ploy
+from engine.clock import Clock, ManualClock
+from engine.events import (
+    Body,
+    Event,
+    StepCompleted,
+    StepStarted,
+    WorkflowCompleted,
+    WorkflowStarted,
+    WorkflowTriggered,
+)
+from engine.log import EventLog
+from engine.testing import engine_config, unique_prefix
+from engine.view import PartitionView
+
+__all__ = ["FULL", "QUICK", "SCENARIOS", "Figure", "Sizes", "Target", "main", "parse_line"]
+
+SCENARIOS = ("floor", "log", "step", "sequential", "throughput", "rebuild", "sleepers", "long")
+NEEDS_FLOOR = ("log", "step")
+LINE_FIELDS = ("scenario", "metric", "value", "unit")
+SETTLE_TIMEOUT_S = 300.0
+
+progress = logging.getLogger("ploy.bench")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The counts of one run (``FULL`` or ``QUICK``)."""
+
+    floor_samples: int
+    log_events: int
+    log_executions: int
+    step_executions: int
+    sequential: int
+    throughput: int
+    rebuild_events: int
+    sleepers: int
+    long_steps: int
+    repeats: int
+
+
+FULL = Sizes(floor_samples=500, log_events=50_000, log_executions=200, step_executions=50,
+             sequential=200, throughput=2_000, rebuild_events=200_000, sleepers=10_000,
+             long_steps=500, repeats=3)
+QUICK = Sizes(floor_samples=50, log_events=5_000, log_executions=20, step_executions=5,
+              sequential=20, throughput=200, rebuild_events=20_000, sleepers=1_000,
+              long_steps=50, repeats=1)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound a figure should keep: ``value <= bound`` or ``value >= bound``."""
+
+    op: str
+    bound: float
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.op == "<=" else value >= self.bound
+
+    def __str__(self) -> str:
+        return f"{self.op} {self.bound:g}"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured number."""
+
+    scenario: str
+    metric: str
+    value: float
+    unit: str
+    target: Target | None = None
+
+    @property
+    def ok(self) -> bool | None:
+        return None if self.target is None else self.target.met(self.value)
+
+    def line(self) -> str:
+        return (f"scenario={self.scenario} metric={self.metric} value={self.value:.6g} "
+                f"unit={self.unit}")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "metric": self.metric, "value": self.value,
+                "unit": self.unit, "target": None if self.target is None else str(self.target),
+                "ok": self.ok}
+
+
+def parse_line(line: str) -> dict[str, str] | None:
+    """The fields of a machine line, or None for any other line."""
+    parts = line.split()
+    if len(parts) != len(LINE_FIELDS):
+        return None
+    fields = dict(part.partition("=")[::2] for part in parts)
+    return fields if list(fields) == list(LINE_FIELDS) else None
+
+
+# -- numbers ----------------------------------------------------------------------
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of a non-empty sample list."""
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def rss_mb() -> float:
+    """This process's resident set (VmRSS), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds_of(pid: int | None) -> float | None:
+    """User + system CPU seconds of another process (the embedded broker), if readable."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the run ----------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """What every scenario shares: the broker, a temp root, sizes and the figures so far."""
+
+    servers: str
+    root: Path
+    sizes: Sizes
+    broker_pid: int | None = None
+    figures: list[Figure] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    floor_p50_ms: float | None = None
+    floor_p99_ms: float | None = None
+
+    def add(self, scenario: str, metric: str, value: float, unit: str,
+            target: Target | None = None) -> Figure:
+        figure = Figure(scenario, metric, value, unit, target)
+        self.figures.append(figure)
+        print(figure.line(), flush=True)
+        return figure
+
+    def prefix(self, scenario: str) -> str:
+        return unique_prefix(f"bench-{scenario}")
+
+    def state_dir(self, name: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.root))
+
+    def event_log(self, scenario: str) -> EventLog:
+        return EventLog(self.servers, self.prefix(scenario))
+
+    def broker_cpu(self) -> float | None:
+        return cpu_seconds_of(self.broker_pid)
+
+
+# -- workflows under test ---------------------------------------------------------------
+
+
+async def _noop() -> None:
+    return None
+
+
+@dataclass
+class Probe:
+    """What the bench's workflows report from inside: step times and how many ran."""
+
+    step_s: list[float] = field(default_factory=list)
+    entered: int = 0
+    returned: int = 0
+
+    def reset(self) -> None:
+        self.step_s.clear()
+        self.entered = self.returned = 0
+
+
+def bench_worker(probe: Probe, clock: Clock | None = None) -> Worker:
+    """``steps``: ``input["steps"]`` timed no-op steps; ``sleeper``: sleep to a wake time, step."""
+
+    async def steps(ctx: Any) -> int:
+        probe.entered += 1
+        times = probe.step_s
+        for i in range(ctx.input["steps"]):
+            started = time.perf_counter()
+            await ctx.step.run(f"s{i}", _noop)
+            times.append(time.perf_counter() - started)
+        probe.returned += 1
+        return int(ctx.input["steps"])
+
+    async def sleeper(ctx: Any) -> bool:
+        probe.entered += 1
+        now = (clock or Clock()).now()
+        await ctx.step.sleep(max(1, int(ctx.input["wake_at"]) - now))
+        await ctx.step.run("after", _noop)
+        probe.returned += 1
+        return True
+
+    return ploy().workflow("steps", None, steps).workflow("sleeper", None, sleeper).build()  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def engine_on(bench: Bench, scenario: str, worker: Worker,
+                    clock: Clock | None = None) -> AsyncIterator[Engine]:
+    """An engine on a fresh topic and state directory."""
+    config = engine_config(bench.servers, bench.prefix(scenario), bench.state_dir(scenario))
+    engine = Engine(worker, config, clock=clock)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+async def trigger_all(engine: Engine, workflow: str, inputs: Sequence[Any],
+                      chunk: int = 2_000) -> list[str]:
+    """Trigger concurrently (``chunk`` appends in flight at most); the ids in order."""
+    runtime = engine.runtime
+    ids: list[str] = []
+    for start in range(0, len(inputs), chunk):
+        ids += await asyncio.gather(
+            *(runtime.trigger(workflow, item) for item in inputs[start:start + chunk]))
+    return ids
+
+
+async def settle(engine: Engine, probe: Probe, returned: int, ids: Sequence[str]) -> None:
+    """Wait until ``returned`` handlers returned, every runner recorded its end, and the
+    view of each partition of ``ids`` folded all of it (read-your-writes)."""
+    runtime = engine.runtime
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while probe.returned < returned or runtime.runners:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{probe.returned} of {returned} handlers returned, "
+                               f"{len(runtime.runners)} runners left after "
+                               f"{SETTLE_TIMEOUT_S:g} s")
+        await asyncio.sleep(0.002)
+    one_per_partition = {runtime.log.partition_for(eid): eid for eid in ids}
+    await asyncio.gather(*(runtime.get_execution(eid) for eid in one_per_partition.values()))
+
+
+def statuses(engine: Engine, ids: Sequence[str]) -> Counter[str]:
+    """How many of ``ids`` the view has in each status."""
+    runtime = engine.runtime
+    found: Counter[str] = Counter()
+    for eid in ids:
+        record = runtime.views[runtime.log.partition_for(eid)].record(eid)
+        found[record["status"] if record else "unknown"] += 1
+    return found
+
+
+def expect(engine: Engine, ids: Sequence[str], status: str) -> None:
+    found = statuses(engine, ids)
+    if found[status] != len(ids):
+        raise RuntimeError(f"expected {len(ids)} {status}, the view has {dict(found)}")
+
+
+# -- synthetic logs ------------------------------------------------------------------
+
+
+def synthetic_events(total: int, per_execution: int, concurrent: int) -> Iterator[Event]:
+    """``total`` events of executions of ``per_execution`` events each, ``concurrent``
+    executions interleaved at a time, as a busy worker writes them: trigger, start,
+    StepStarted/StepCompleted pairs with small JSON inputs and outputs, completion."""
+    per_execution = max(per_execution, 3)
+    produced, ts, group = 0, 1_700_000_000_000, 0
+    while produced < total:
+        count = min(concurrent, math.ceil((total - produced) / per_execution))
+        eids = [f"bench-{group}-{n}-{uuid.uuid4().hex[:8]}" for n in range(count)]
+        group += 1
+        for index in range(per_execution):
+            for eid in eids:
+                if produced >= total:
+                    return
+                ts += 1
+                yield Event(eid, "steps", ts, _body(index, per_execution, ts))
+                produced += 1
+
+
+def _body(index: int, per_execution: int, ts: int) -> Body:
+    if index == 0:
+        return WorkflowTriggered('{"order_id":"o-1","amount":30.0}')
+    if index == 1:
+        return WorkflowStarted("bench:1")
+    if index == per_execution - 1:
+        return WorkflowCompleted('{"ok":true}')
+    step = (index - 2) // 2
+    step_input = json.dumps({"n": step})
+    if index % 2 == 0:
+        return StepStarted(f"step-{step}", 1, step_input)
+    output = json.dumps({"id": f"r-{step}", "ok": True})
+    return StepCompleted(f"step-{step}", 1, step_input, output, ts - 1)
+
+
+def append_batched(log: EventLog, events: Iterator[Event] | Sequence[Event]) -> int:
+    """append_nowait every event, then flush: how many were appended."""
+    count = 0
+    for event in events:
+        log.append_nowait(event)
+        count += 1
+    log.flush(120)
+    return count
+
+
+def fold_all(log: EventLog, state: Path) -> int:
+    """Fold the whole topic from offset 0 into empty views under ``state``; events folded."""
+    views = {p: PartitionView(state / f"p{p}", log.topic, p, log.codec)
+             for p in range(log.partitions)}
+    folded = 0
+    try:
+        for batches in log.read_until_end({p: 0 for p in views}):
+            for p, records in batches.items():
+                applied, failure = views[p].apply(records)
+                folded += len(applied)
+                if failure is not None:
+                    raise failure
+    finally:
+        for view in views.values():
+            view.close()
+    shutil.rmtree(state, ignore_errors=True)
+    return folded
+
+
+def timed_fold(bench: Bench, log: EventLog, name: str, expected: int) -> float:
+    """Events/s of one fold of the whole topic into a fresh directory."""
+    started = time.perf_counter()
+    folded = fold_all(log, bench.state_dir(name))
+    elapsed = time.perf_counter() - started
+    if folded != expected:
+        raise RuntimeError(f"folded {folded} events, appended {expected}")
+    return folded / elapsed
+
+
+# -- scenarios ---------------------------------------------------------------------
+
+
+async def floor(bench: Bench) -> None:
+    """One raw append awaited at a time with the engine's producer."""
+    log = await asyncio.to_thread(bench.event_log, "floor")
+    try:
+        samples: list[float] = []
+        for n in range(bench.sizes.floor_samples + 50):
+            event = Event(uuid.uuid4().hex, "floor", Clock().now(), WorkflowTriggered("{}"))
+            started = time.perf_counter()
+            await log.append(event)
+            if n >= 50:  # the first appends connect and set up the idempotent producer
+                samples.append(ms(time.perf_counter() - started))
+    finally:
+        await asyncio.to_thread(log.close)
+    bench.floor_p50_ms = percentile(samples, 50)
+    bench.floor_p99_ms = percentile(samples, 99)
+    bench.add("floor", "append_p50", bench.floor_p50_ms, "ms")
+    bench.add("floor", "append_p99", bench.floor_p99_ms, "ms")
+    bench.add("floor", "samples", len(samples), "count")
+
+
+async def log_scenario(bench: Bench) -> None:
+    """Batched appends and their fold; append latency is the floor's."""
+    sizes = bench.sizes
+    per_execution = sizes.log_events // sizes.log_executions
+    append_rates, fold_rates = [], []
+    for repeat in range(sizes.repeats):
+        log = await asyncio.to_thread(bench.event_log, "log")
+        try:
+            events = list(synthetic_events(sizes.log_events, per_execution,
+                                           sizes.log_executions))
+            started = time.perf_counter()
+            count = await asyncio.to_thread(append_batched, log, events)
+            append_rates.append(count / (time.perf_counter() - started))
+            fold_rates.append(await asyncio.to_thread(timed_fold, bench, log, f"log{repeat}",
+                                                      count))
+        finally:
+            await asyncio.to_thread(log.close)
+    bench.add("log", "appended", statistics.median(append_rates), "events/s")
+    bench.add("log", "folded", statistics.median(fold_rates), "events/s")
+    assert bench.floor_p50_ms is not None and bench.floor_p99_ms is not None
+    bench.add("log", "append_p50", bench.floor_p50_ms, "ms")
+    bench.add("log", "append_p99", bench.floor_p99_ms, "ms")
+
+
+async def step(bench: Bench) -> None:
+    """Per-step latency of no-op steps, timed around ``ctx.step.run`` in the workflow."""
+    probe = Probe()
+    async with engine_on(bench, "step", bench_worker(probe)) as engine:
+        await _warm_up(engine, probe)
+        for _ in range(bench.sizes.step_executions):
+            returned = probe.returned
+            eid = await engine.runtime.trigger("steps", {"steps": 10})
+            await settle(engine, probe, returned + 1, [eid])
+        samples = [ms(s) for s in probe.step_s]
+    p50 = percentile(samples, 50)
+    bench.add("step", "step_p50", p50, "ms")
+    bench.add("step", "step_p99", percentile(samples, 99), "ms")
+    assert bench.floor_p50_ms is not None
+    bench.add("step", "step_p50_over_floor_p50", p50 / bench.floor_p50_ms, "x",
+              Target("<=", 3))
+
+
+async def _warm_up(engine: Engine, probe: Probe) -> None:
+    """Run a few executions first; then forget what the probe saw."""
+    ids = await trigger_all(engine, "steps", [{"steps": 3}] * 5)
+    await settle(engine, probe, 5, ids)
+    probe.reset()
+
+
+async def sequential(bench: Bench) -> None:
+    """Trigger-to-completed as get_execution sees it, one execution at a time."""
+    probe = Probe()
+    samples: list[float] = []
+    async with engine_on(bench, "sequential", bench_worker(probe)) as engine:
+        runtime = engine.runtime
+        await _warm_up(engine, probe)
+        for _ in range(bench.sizes.sequential):
+            started = time.perf_counter()
+            eid = await runtime.trigger("steps", {"steps": 3})
+            while True:
+                execution = await runtime.get_execution(eid)
+                if execution is not None and execution.status.terminal:
+                    break
+                await asyncio.sleep(0.001)
+            samples.append(ms(time.perf_counter() - started))
+            if execution.status.value != "completed":
+                raise RuntimeError(f"execution {eid} ended {execution.status.value}")
+    bench.add("sequential", "trigger_to_completed_p50", percentile(samples, 50), "ms",
+              Target("<=", 15))
+    bench.add("sequential", "trigger_to_completed_p99", percentile(samples, 99), "ms")
+
+
+async def throughput(bench: Bench) -> None:
+    """Executions of 3 steps, all triggered at once; median over repeats."""
+    n = bench.sizes.throughput
+    rates, cpu, broker_cpu = [], [], []
+    for _ in range(bench.sizes.repeats):
+        probe = Probe()
+        async with engine_on(bench, "throughput", bench_worker(probe)) as engine:
+            await _warm_up(engine, probe)
+            cpu0, broker0 = time.process_time(), bench.broker_cpu()
+            started = time.perf_counter()
+            ids = await trigger_all(engine, "steps", [{"steps": 3}] * n, chunk=n)
+            await settle(engine, probe, n, ids)
+            elapsed = time.perf_counter() - started
+            cpu.append(ms((time.process_time() - cpu0) / n))
+            broker1 = bench.broker_cpu()
+            if broker0 is not None and broker1 is not None:
+                broker_cpu.append(ms((broker1 - broker0) / n))
+            expect(engine, ids, "completed")
+            rates.append(n / elapsed)
+    rate = statistics.median(rates)
+    bench.add("throughput", "completed", rate, "exec/s", Target(">=", 500))
+    bench.add("throughput", "steps", 3 * rate, "steps/s")
+    bench.add("throughput", "cpu_per_execution", statistics.median(cpu), "ms")
+    if broker_cpu:
+        bench.add("throughput", "broker_cpu_per_execution", statistics.median(broker_cpu), "ms")
+
+
+async def rebuild(bench: Bench) -> None:
+    """Refold a log of many 3-step executions (9 events each) from offset 0."""
+    total = bench.sizes.rebuild_events
+    log = await asyncio.to_thread(bench.event_log, "rebuild")
+    try:
+        count = await asyncio.to_thread(append_batched, log,
+                                        synthetic_events(total, 9, 1_000))
+        rates = [await asyncio.to_thread(timed_fold, bench, log, f"rebuild{repeat}", count)
+                 for repeat in range(bench.sizes.repeats)]
+    finally:
+        await asyncio.to_thread(log.close)
+    bench.add("rebuild", "events", count, "count")
+    bench.add("rebuild", "folded", statistics.median(rates), "events/s", Target(">=", 50_000))
+
+
+async def sleepers(bench: Bench) -> None:
+    """Executions asleep until one wake time: memory while asleep, then wake to all done."""
+    n = bench.sizes.sleepers
+    probe = Probe()
+    clock = ManualClock()
+    baseline = rss_mb()
+    async with engine_on(bench, "sleepers", bench_worker(probe, clock), clock) as engine:
+        wake_at = clock.now() + 3_600_000
+        started = time.perf_counter()
+        ids = await trigger_all(engine, "sleeper", [{"wake_at": wake_at}] * n)
+        runtime = engine.runtime
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while probe.entered < n or runtime.runners:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{probe.entered} of {n} sleepers went to sleep")
+            await asyncio.sleep(0.01)
+        await settle(engine, probe, 0, ids)
+        asleep_s = time.perf_counter() - started
+        expect(engine, ids, "sleeping")
+        rss = rss_mb()
+        clock.advance(wake_at - clock.now())
+        woke = time.perf_counter()
+        await settle(engine, probe, n, ids)
+        done_s = time.perf_counter() - woke
+        expect(engine, ids, "completed")
+    bench.add("sleepers", "executions", n, "count")
+    bench.add("sleepers", "all_asleep_after", asleep_s, "s")
+    bench.add("sleepers", "rss_while_asleep", rss, "MB", Target("<=", 300))
+    bench.add("sleepers", "rss_growth_while_asleep", rss - baseline, "MB")
+    bench.add("sleepers", "wake_to_all_completed", done_s, "s", Target("<=", 10))
+
+
+async def long(bench: Bench) -> None:
+    """Per-step time near step 10 and near the last step of one long execution."""
+    steps = bench.sizes.long_steps
+    probe = Probe()
+    early: list[float] = []
+    late: list[float] = []
+    async with engine_on(bench, "long", bench_worker(probe)) as engine:
+        await _warm_up(engine, probe)
+        for _ in range(bench.sizes.repeats):
+            probe.reset()
+            eid = await engine.runtime.trigger("steps", {"steps": steps})
+            await settle(engine, probe, 1, [eid])
+            expect(engine, [eid], "completed")
+            times = [ms(s) for s in probe.step_s]
+            early += times[4:15]  # steps 5..15
+            late += times[-11:]  # the last 11 steps, e.g. 490..500
+    first, last = statistics.median(early), statistics.median(late)
+    bench.add("long", "steps", steps, "count")
+    bench.add("long", "step_near_10", first, "ms")
+    bench.add("long", f"step_near_{steps}", last, "ms")
+    bench.add("long", "late_over_early", last / first, "x", Target("<=", 2))
+
+
+RUNNERS: dict[str, Callable[[Bench], Awaitable[None]]] = {
+    "floor": floor,
+    "log": log_scenario,
+    "step": step,
+    "sequential": sequential,
+    "throughput": throughput,
+    "rebuild": rebuild,
+    "sleepers": sleepers,
+    "long": long,
+}
+
+
+# -- output and the command line ---------------------------------------------------------
+
+
+def table(figures: Sequence[Figure]) -> str:
+    """The figures as an aligned, readable table."""
+    header = ("scenario", "metric", "value", "unit", "target", "ok?")
+    rows = [header] + [
+        (f.scenario, f.metric, f"{f.value:.4g}", f.unit, str(f.target or ""),
+         {True: "yes", False: "NO", None: ""}[f.ok])
+        for f in figures
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) if i == 2 else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def selected(names: Sequence[str]) -> list[str]:
+    """The scenarios to run, in their standard order; the floor first when a ratio needs it."""
+    chosen = set(names or SCENARIOS)
+    if chosen & set(NEEDS_FLOOR):
+        chosen.add("floor")
+    return [name for name in SCENARIOS if name in chosen]
+
+
+@contextmanager
+def kafka() -> Iterator[tuple[str, int | None]]:
+    """(bootstrap servers, broker pid): KAFKA_BOOTSTRAP_SERVERS, else an embedded broker."""
+    servers = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    if servers:
+        wait_for_kafka(servers, timeout_s=15)
+        yield servers, None
+        return
+    with EmbeddedBroker() as broker:
+        yield broker.bootstrap_servers, broker.pid
+
+
+async def run(bench: Bench, names: Sequence[str]) -> None:
+    for name in names:
+        progress.info("running %s", name)
+        started = time.perf_counter()
+        try:
+            await RUNNERS[name](bench)
+        except Exception as exc:  # report and go on with the next scenario
+            progress.exception("scenario %s failed", name)
+            bench.errors[name] = f"{type(exc).__name__}: {exc}"
+        progress.info("%s took %.1f s", name, time.perf_counter() - started)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.bench",
+        description="Benchmarks of the engine's hot path (see the module docstring).")
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help=f"any of {', '.join(SCENARIOS)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="about 10x smaller counts")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a target is missed (a failed scenario always does)")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)} (choose from {', '.join(SCENARIOS)})")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    progress.setLevel(logging.INFO)
+    names = selected(args.scenarios)
+    sizes = QUICK if args.quick else FULL
+    with kafka() as (servers, pid), tempfile.TemporaryDirectory(prefix="ploy-bench-") as tmp:
+        bench = Bench(servers, Path(tmp), sizes, pid)
+        asyncio.run(run(bench, names))
+    print()
+    print(table(bench.figures))
+    for name, error in bench.errors.items():
+        print(f"FAILED {name}: {error}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "quick": args.quick, "scenarios": names, "errors": bench.errors,
+            "figures": [f.as_json() for f in bench.figures]}, indent=2) + "\n")
+    missed = any(f.ok is False for f in bench.figures)
+    return 1 if bench.errors or (args.check and missed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
