@@ -130,6 +130,18 @@ class WorkflowFailed:
     NAME: ClassVar[str] = "WorkflowFailed"
 
 
+@dataclass(frozen=True)
+class PartitionClaimed:
+    """A worker claims a partition; the envelope's epoch is the claim's epoch.
+
+    Its execution id is ``partition-<N>``: it belongs to no execution.
+    """
+
+    partition: int
+    worker: str
+    NAME: ClassVar[str] = "PartitionClaimed"
+
+
 Body = (
     WorkflowTriggered
     | WorkflowStarted
@@ -143,6 +155,7 @@ Body = (
     | WorkflowCancelled
     | WorkflowCompleted
     | WorkflowFailed
+    | PartitionClaimed
 )
 
 BODY_TYPES: dict[str, type[Body]] = {
@@ -160,8 +173,17 @@ BODY_TYPES: dict[str, type[Body]] = {
         WorkflowCancelled,
         WorkflowCompleted,
         WorkflowFailed,
+        PartitionClaimed,
     )
 }
+
+# What clients append (any process may): never fenced by epoch.
+CLIENT_EVENTS = (WorkflowTriggered, CancelRequested)
+
+
+def claim_id(partition: int) -> str:
+    """The execution id a partition's claims are written under."""
+    return f"partition-{partition}"
 
 
 def new_event_id() -> str:

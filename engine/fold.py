@@ -13,6 +13,14 @@ Rules the fold keeps:
    arrive after that (a step that was running when a cancel landed) are still
    recorded on their step and in the history.
 4. Every event of an execution is kept in its history, under its offset.
+5. Fencing. ``PartitionClaimed`` with an epoch above the partition's current
+   claim becomes the claim; any other claim is ignored. A runtime event (step,
+   sleep, timer, log, end of an execution) whose epoch is below the current
+   claim was written by a former owner that lost the partition (a zombie):
+   it is ignored, counted in the claim as ``fenced``, and changes nothing else.
+   Client events (trigger, cancel) come from any process and are never fenced.
+   The log orders claims, so this holds on any Kafka-protocol broker, with no
+   reliance on transactions or read_committed.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from typing import Any, cast
 from engine import keys
 from engine.errors import InvalidTransitionError
 from engine.events import (
+    CLIENT_EVENTS,
     CancelRequested,
+    PartitionClaimed,
     Event,
     SleepScheduled,
     StepCompleted,
@@ -96,6 +106,8 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> None
     """Fold one event (found at ``partition``/``offset`` as ``raw``) into ``tx``."""
     eid = event.execution_id
     body = event.body
+    if _fenced(tx, event, offset):
+        return
     ex = tx.get(keys.execution(eid))
     if isinstance(body, WorkflowTriggered):
         if ex is None:
@@ -110,6 +122,23 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> None
     ex["updated_at"] = event.timestamp
     tx.put(keys.execution(eid), ex)
     tx.put_raw(keys.history(eid, offset), raw)
+
+
+def _fenced(tx: Tx, event: Event, offset: int) -> bool:
+    """Rule 5: apply a claim, or say whether a former owner's event is to be ignored."""
+    claim = tx.get(keys.CLAIM)
+    epoch = 0 if claim is None else int(claim["epoch"])
+    if isinstance(event.body, PartitionClaimed):
+        if event.epoch > epoch:
+            tx.put(keys.CLAIM, {"epoch": event.epoch, "worker": event.body.worker,
+                                "offset": offset, "fenced": 0 if claim is None else claim["fenced"]})
+        return True
+    if event.epoch >= epoch or isinstance(event.body, CLIENT_EVENTS):
+        return False
+    assert claim is not None
+    claim["fenced"] += 1
+    tx.put(keys.CLAIM, claim)
+    return True
 
 
 def _new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Record:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 
 NEXT_OFFSET = b"m:next_offset"  # the partition's next offset to fold (8 bytes BE)
+CLAIM = b"m:claim"  # the partition's current claim: {"epoch", "worker", "offset", "fenced"} (JSON)
 
 EXECUTION = b"e:"  # e:<id>                     -> execution record (JSON)
 STEP = b"s:"  # s:<id>\0<step key>              -> step record with every attempt (JSON)

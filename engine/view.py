@@ -49,6 +49,7 @@ class PartitionView:
         self.db = Rdict(str(path), _options())
         raw = self.db.get(keys.NEXT_OFFSET)
         self.next_offset = 0 if raw is None else keys.read_u64(raw)
+        self.claim_epoch = self._claim_epoch()
 
     def apply(
         self, records: Iterable[tuple[int, bytes]]
@@ -85,9 +86,19 @@ class PartitionView:
             batch.put(keys.NEXT_OFFSET, keys.u64(next_offset))
             self.db.write(batch)
             self.next_offset = next_offset
+            self.claim_epoch = self._claim_epoch()
         return applied, failure
 
     # -- queries ---------------------------------------------------------
+
+    def claim(self) -> dict[str, Any] | None:
+        """The partition's current claim (epoch, worker, offset, fenced), or None."""
+        raw = self.db.get(keys.CLAIM)
+        return None if raw is None else cast(dict[str, Any], json.loads(raw))
+
+    def _claim_epoch(self) -> int:
+        claim = self.claim()
+        return 0 if claim is None else int(claim["epoch"])
 
     def record(self, eid: str) -> dict[str, Any] | None:
         """The raw execution record (for the runtime), or None."""

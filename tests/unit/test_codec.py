@@ -13,6 +13,7 @@ from engine.codec import MAGIC, Codec, default_codec, schema_dir
 from engine.errors import CodecError
 from engine.events import (
     BODY_TYPES,
+    PartitionClaimed,
     CancelRequested,
     Event,
     SleepScheduled,
@@ -45,6 +46,7 @@ EVERY_BODY = [
     WorkflowCancelled(None),
     WorkflowCompleted('{"ok":true}'),
     WorkflowFailed("StepFailedError", "step 'x' failed", "Traceback..."),
+    PartitionClaimed(3, "host:42"),
 ]
 
 
@@ -76,7 +78,7 @@ def test_fingerprint_is_crc64_avro_of_the_canonical_form() -> None:
     from fastavro.schema import parse_schema, to_parsing_canonical_form
 
     canonical = to_parsing_canonical_form(
-        parse_schema(json.loads((schema_dir() / "event.v1.avsc").read_text()))
+        parse_schema(json.loads((schema_dir() / "event.v2.avsc").read_text()))
     ).encode()
     empty = 0xC15D213AA4D7A795
     table = []
@@ -88,7 +90,7 @@ def test_fingerprint_is_crc64_avro_of_the_canonical_form() -> None:
     fp = empty
     for byte in canonical:
         fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
-    assert default_codec().readers[fp.to_bytes(8, "little")] is not None
+    assert default_codec().writer_fingerprint == fp.to_bytes(8, "little")
 
 
 @pytest.mark.parametrize(
@@ -111,17 +113,25 @@ def test_truncated_body_is_a_codec_error() -> None:
         codec.decode(data[:-6])
 
 
-def test_old_versions_stay_readable_after_a_schema_change(tmp_path: Path) -> None:
-    v1 = json.loads((schema_dir() / "event.v1.avsc").read_text())
-    (tmp_path / "event.v1.avsc").write_text(json.dumps(v1))
-    v2 = json.loads(json.dumps(v1))
-    v2["fields"].append({"name": "trace_id", "type": ["null", "string"], "default": None})
-    (tmp_path / "event.v2.avsc").write_text(json.dumps(v2))
+def test_v1_events_stay_readable_by_the_current_codec(tmp_path: Path) -> None:
+    (tmp_path / "event.v1.avsc").write_text((schema_dir() / "event.v1.avsc").read_text())
+    v1_writer = Codec(tmp_path)
+    current = default_codec()
+    assert current.writer_fingerprint != v1_writer.writer_fingerprint
+    event = Event("e", "w", 1, StepCompleted("s", 1, None, "{}", 1))
+    assert current.decode(v1_writer.encode(event)) == event
+    assert current.versions[v1_writer.writer_fingerprint] == 1
+    assert current.versions[current.writer_fingerprint] == 2
 
-    old = Codec(schema_dir())
+
+def test_a_new_version_is_picked_up_from_the_schema_directory(tmp_path: Path) -> None:
+    latest = json.loads((schema_dir() / "event.v2.avsc").read_text())
+    (tmp_path / "event.v2.avsc").write_text(json.dumps(latest))
+    v3 = json.loads(json.dumps(latest))
+    v3["fields"].append({"name": "trace_id", "type": ["null", "string"], "default": None})
+    (tmp_path / "event.v3.avsc").write_text(json.dumps(v3))
     new = Codec(tmp_path)
-    assert new.writer_fingerprint != old.writer_fingerprint
     event = Event("e", "w", 1, WorkflowTriggered("{}"))
-    assert new.decode(old.encode(event)) == event
+    assert new.decode(default_codec().encode(event)) == event
     assert new.decode(new.encode(event)) == event
-    assert new.versions[old.writer_fingerprint] == 1
+    assert new.versions[new.writer_fingerprint] == 3

@@ -11,6 +11,7 @@ from engine.codec import default_codec
 from engine.errors import InvalidTransitionError
 from engine.events import (
     Body,
+    PartitionClaimed,
     CancelRequested,
     Event,
     SleepScheduled,
@@ -41,6 +42,9 @@ class Store:
             fold.apply(tx, event, 3, self.offset, default_codec().encode(event))
             self.offset += 1
             ts += 10
+        self.commit(tx)
+
+    def commit(self, tx: fold.Tx) -> None:
         for key, value in tx.encoded():
             if value is None:
                 self.data.pop(key, None)
@@ -178,3 +182,34 @@ def test_the_fold_is_deterministic_and_batching_does_not_matter() -> None:
     for i, body in enumerate(bodies):
         per_event.apply(body, ts=1000 + 10 * i)
     assert one_batch.data == per_event.data
+
+
+def claim(s: Store, epoch: int, worker: str, partition: int = 3) -> None:
+    tx = fold.Tx(s.data.get)
+    event = Event(f"partition-{partition}", "", 1, PartitionClaimed(partition, worker), epoch=epoch)
+    fold.apply(tx, event, partition, s.offset, default_codec().encode(event))
+    s.offset += 1
+    s.commit(tx)
+
+
+def test_a_higher_claim_fences_the_former_owners_runtime_events() -> None:
+    s = Store()
+    claim(s, 1, "a")
+    tx_events = [WorkflowTriggered("{}"), StepStarted("x", 1)]
+    for body in tx_events:
+        s.apply(body)  # epoch 0 < 1: the trigger counts, the step is fenced
+    assert s.execution()["events"] == 1
+    claim(s, 2, "b")
+    claim(s, 2, "c")  # not above the current claim: ignored
+    assert s.get(keys.CLAIM)["worker"] == "b"
+    tx = fold.Tx(s.data.get)
+    for epoch, body in [(1, StepCompleted("x", 1, None, '"zombie"', 1)),
+                        (1, CancelRequested("client")),
+                        (2, StepCompleted("x", 1, None, '"owner"', 1))]:
+        event = Event("e1", "wf", 5, body, epoch=epoch)
+        fold.apply(tx, event, 3, s.offset, default_codec().encode(event))
+        s.offset += 1
+    s.commit(tx)
+    assert s.get(keys.step("e1", "x"))["output"] == '"owner"'
+    assert s.execution()["status"] == "cancelled"  # a client event is never fenced
+    assert s.get(keys.CLAIM)["fenced"] == 2
