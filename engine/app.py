@@ -27,8 +27,13 @@ logger = logging.getLogger("ploy")
 class Engine:
     """Starts and stops everything a worker process runs."""
 
-    def __init__(self, worker: Worker, config: Config, *, clock: Clock | None = None):
+    def __init__(self, worker: Worker, config: Config, *, clock: Clock | None = None,
+                 scale_out: bool = False, runs: bool = True):
+        """Run every partition (``ploy dev``, tests); or with ``scale_out`` join the
+        consumer group and run the partitions it assigns (``ploy worker``); or with
+        ``runs=False`` run nothing and only answer queries, for every partition."""
         self.worker, self.config, self.clock = worker, config, clock
+        self.scale_out, self.runs = scale_out, runs
         self._log: EventLog | None = None
         self._runtime: Runtime | None = None
 
@@ -58,7 +63,8 @@ class Engine:
             connect_timeout_s=kafka.connect_timeout_s,
             replication_factor=kafka.replication_factor,
         )
-        self._runtime = Runtime(self.worker, config, self._log, clock=self.clock)
+        self._runtime = Runtime(self.worker, config, self._log, clock=self.clock,
+                                scale_out=self.scale_out, runs=self.runs)
         await self._runtime.start()
 
     async def stop(self) -> None:

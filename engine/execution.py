@@ -112,6 +112,7 @@ class ExecutionRunner:
         self._sleep_count = 0
         self._log_count = 0
         self.step_running = 0
+        self.partition = runtime.log.partition_for(self.id)
 
     # -- plumbing ----------------------------------------------------------
 
@@ -125,12 +126,17 @@ class ExecutionRunner:
     def _append_nowait(self, body: Body) -> None:
         self.runtime.log.append_nowait(self._event(body))
 
-    def _checkpoint(self) -> None:
-        """A step boundary: stop here if cancelled or shutting down."""
+    async def _checkpoint(self) -> None:
+        """A step boundary: stop here if cancelled, shutting down, or no longer the owner."""
         if self.cancel_requested.is_set():
             raise Cancelled
-        if self.runtime.stopping:
+        runtime = self.runtime
+        if runtime.stopping:
             raise Shutdown
+        if runtime.scale_out:
+            await runtime.ensure_lease()
+            if not runtime.may_run(self.partition):
+                raise Shutdown
 
     def _key(self, name: str) -> str:
         n = self._occurrences.get(name, 0) + 1
@@ -158,7 +164,7 @@ class ExecutionRunner:
             ctx = Context(input=self._input(), env=self.runtime.env, execution_id=self.id,
                           workflow=self.workflow.name, runner=self)
             result = await self.workflow.handler(ctx)
-            self._checkpoint()
+            await self._checkpoint()
             output = self._output(result)
         except (Suspend, Shutdown):
             return
@@ -191,7 +197,7 @@ class ExecutionRunner:
 
     async def run_step(self, name: str, fn: Callable[[], Any], *, input: Any,
                        retries: int | None, timeout: int | str | None) -> Any:
-        self._checkpoint()
+        await self._checkpoint()
         return await self._step(self._key(name), fn, input, retries, timeout)
 
     async def _step(self, key: str, fn: Callable[[], Any], input: Any, retries: int | None,
@@ -272,7 +278,7 @@ class ExecutionRunner:
     async def _wait_until(self, at_ms: int) -> None:
         """Wait for a retry (cancel and shutdown end the wait early)."""
         while True:
-            self._checkpoint()
+            await self._checkpoint()
             delay = (at_ms - self.runtime.clock.now()) / 1000
             if delay <= 0:
                 return
@@ -285,7 +291,7 @@ class ExecutionRunner:
 
     async def sleep(self, duration: int | str) -> None:
         ms = parse_duration(duration)
-        self._checkpoint()
+        await self._checkpoint()
         self._sleep_count += 1
         key = f"sleep#{self._sleep_count}"
         recorded = self.sleeps.get(key)
@@ -299,7 +305,7 @@ class ExecutionRunner:
     # -- ctx.step.parallel ------------------------------------------------------
 
     async def parallel(self, name: str, fns: Sequence[Callable[[], Any]]) -> list[Any]:
-        self._checkpoint()
+        await self._checkpoint()
         key = self._key(name)
         results = await asyncio.gather(
             *(self._step(f"{key}[{i}]", fn, None, None, None) for i, fn in enumerate(fns)),

@@ -147,8 +147,9 @@ class EventLog:
         while not self._closed.is_set():
             self._producer.poll(0.05)
 
-    def _produce(self, event: Event, on_delivery: Any) -> int:
-        partition = self.partition_for(event.execution_id)
+    def _produce(self, event: Event, on_delivery: Any, partition: int | None = None) -> int:
+        if partition is None:
+            partition = self.partition_for(event.execution_id)
         value = self.codec.encode(event)
         try:
             self._producer.produce(
@@ -169,8 +170,12 @@ class EventLog:
         if offset > self.high_acked.get(partition, -1):
             self.high_acked[partition] = offset
 
-    async def append(self, event: Event) -> tuple[int, int]:
-        """Append and wait for the broker's acknowledgement: (partition, offset)."""
+    async def append(self, event: Event, partition: int | None = None) -> tuple[int, int]:
+        """Append and wait for the broker's acknowledgement: (partition, offset).
+
+        ``partition`` is for events of no execution (a partition claim); every
+        other event goes to its execution id's partition.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
 
@@ -179,7 +184,7 @@ class EventLog:
                 self._acked(msg.partition(), msg.offset())
             loop.call_soon_threadsafe(_settle, future, err, msg, self.topic)
 
-        self._produce(event, delivered)
+        self._produce(event, delivered, partition)
         return await future
 
     def append_nowait(self, event: Event) -> None:

@@ -1,12 +1,13 @@
 """The worker loop: own partitions, fold them, run their executions.
 
 Start-up (``Runtime.start``):
-1. Open each owned partition's view and fold it up to the log's high
-   watermark (recovery: read the view's next offset, seek there, fold on).
-2. Resume every unfinished execution that is queued or running; sleeping ones
-   wait for the timer service.
-3. Start the fold thread (consume -> fold -> dispatch to the event loop) and
-   the timer service.
+1. Open each partition's view and fold it to the end of the log (recovery:
+   read the view's next offset, seek there, fold on).
+2. Start the fold thread (consume -> fold -> dispatch to the event loop).
+3. Take ownership: a single worker owns every partition and resumes every
+   unfinished execution that is queued or running (sleeping ones wait for the
+   timer service); scaled out, the consumer group assigns partitions and each
+   is claimed before it is run. Then the timer service starts.
 
 The fold thread applies each polled batch of a partition in one WriteBatch
 and then hands the applied events to the event loop, which starts runners for
@@ -15,6 +16,25 @@ its partition (paused, reported with topic/partition/offset); the others go on.
 
 Reads are read-your-writes: a query waits until the view has folded every
 event this process has had acknowledged on that partition.
+
+Every process folds every partition (the read view), so any process answers
+a query about any execution. Which partitions a process *runs* is ownership:
+a single worker (``ploy dev``, tests) owns them all at epoch 0; with
+``scale_out`` (``ploy worker``) the consumer group assigns them, and taking a
+partition over is:
+1. Append ``PartitionClaimed`` with an epoch above the partition's current
+   claim, and wait until the fold has applied it (so the view holds every
+   event before it).
+2. Check that the claim in the view is ours (a concurrent claim may have won;
+   then claim again, higher).
+3. Resume the partition's unfinished executions; from now on every event this
+   process writes there carries the new epoch, and the fold ignores runtime
+   events of lower epochs (see ``engine.fold``, rule 5).
+On revocation the partition leaves ``owned`` at once; its runners stop at
+their next step boundary. A step in flight may still finish and append: if a
+new owner has claimed, the fold ignores it. A process that was frozen (its fold
+loop saw a gap longer than the lease) checks the tail of the log for newer
+claims before it starts another step.
 """
 
 from __future__ import annotations
@@ -26,6 +46,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +61,7 @@ from engine.builder import Worker, WorkflowDef
 from engine.clock import Clock
 from engine.config import Config
 from engine.errors import (
+    CodecError,
     CorruptEventError,
     InvalidInputError,
     PayloadTooLargeError,
@@ -48,10 +70,12 @@ from engine.errors import (
 from engine.events import (
     CancelRequested,
     Event,
+    PartitionClaimed,
     TimerFired,
     WorkflowCancelled,
     WorkflowFailed,
     WorkflowTriggered,
+    claim_id,
 )
 from engine.execution import ExecutionRunner, to_json
 from engine.log import EventLog
@@ -63,21 +87,31 @@ logger = logging.getLogger("ploy.runtime")
 
 ID_NAMESPACE = uuid.UUID("6f1c1d1e-9a43-4b8e-9a55-3e1f0c2b7d10")
 RUNNABLE = (ExecutionStatus.QUEUED.value, ExecutionStatus.RUNNING.value)
+LEASE_S = 1.0  # a fold loop silent this long (a frozen process) must re-check its claims
+GROUP_SETTINGS = {
+    "session.timeout.ms": 6000,
+    "heartbeat.interval.ms": 500,
+    "partition.assignment.strategy": "roundrobin",
+}
 
 
 class Runtime:
     """Runs the executions of the partitions this process owns."""
 
     def __init__(self, worker: Worker, config: Config, log: EventLog, *,
-                 clock: Clock | None = None, max_threads: int = 32):
+                 clock: Clock | None = None, max_threads: int = 32, scale_out: bool = False,
+                 runs: bool = True):
         self.worker, self.config, self.log = worker, config, log
         self.clock = clock or Clock()
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.scale_out = scale_out
+        self.runs = runs  # False: a query process that folds every partition, runs nothing
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.env = Env({
             name: WorkflowBinding(self, name, binding.name)
             for name, binding in config.workflow.items()
         })
         self.views: dict[int, PartitionView] = {}
+        self.owned: set[int] = set()
         self.epochs: dict[int, int] = {}
         self.stalled: dict[int, CorruptEventError] = {}
         self.runners: dict[str, ExecutionRunner] = {}
@@ -90,6 +124,13 @@ class Runtime:
         self._fold_thread: threading.Thread | None = None
         self._consumer: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lease_ok = True
+        self._last_poll = time.monotonic()
+        self._lease_lock: asyncio.Lock | None = None
+        self._claiming: dict[int, int] = {}  # partition -> assignment generation
+        self._generation = 0
+        self._group_stop = threading.Event()
+        self._group_thread: threading.Thread | None = None
         self.timers = TimerService(self)
 
     @property
@@ -114,14 +155,29 @@ class Runtime:
             TopicPartition(self.log.topic, p, self.views[p].next_offset)
             for p in partitions if p not in self.stalled
         ])
-        # Step 2. Resume what was running when the last worker stopped.
-        for view in self.views.values():
-            for eid in view.active():
-                self._maybe_start(eid)
-        # Step 3. Follow the log.
+        self._lease_lock = asyncio.Lock()
+        # Step 2. Follow the log.
         self._fold_thread = threading.Thread(target=self._fold_loop, name="ploy-fold",
                                              daemon=True)
         self._fold_thread.start()
+        # Step 3. Resume what was running when the last worker stopped. A single
+        # worker on a topic that scaled-out workers claimed claims it back first.
+        if not self.runs:
+            pass
+        elif not self.scale_out:
+            for p in partitions:
+                if self.views[p].claim_epoch > 0:
+                    self._generation += 1
+                    self._claiming[p] = self._generation
+                    await self._claim(p, self._generation)
+                    continue
+                self.owned.add(p)
+                for eid in self.views[p].active():
+                    self._maybe_start(eid)
+        else:
+            self._group_thread = threading.Thread(target=self._group_loop, name="ploy-group",
+                                                  daemon=True)
+            self._group_thread.start()
         self.timers.start()
 
     async def stop(self, grace_s: float = 10.0) -> None:
@@ -134,6 +190,9 @@ class Runtime:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        self._group_stop.set()  # leave the group: the others take over at once
+        if self._group_thread is not None:
+            await asyncio.to_thread(self._group_thread.join, 10)
         self._fold_stop.set()
         if self._fold_thread is not None:
             await asyncio.to_thread(self._fold_thread.join, 5)
@@ -178,6 +237,7 @@ class Runtime:
 
     def _fold_loop(self) -> None:
         assert self._loop is not None
+        last = time.monotonic()
         while not self._fold_stop.is_set():
             try:
                 batches = self._poll(0.05)
@@ -185,6 +245,10 @@ class Runtime:
                 if self._fold_stop.is_set():
                     return
                 raise
+            now = time.monotonic()
+            if now - last > LEASE_S:
+                self._lease_ok = False  # frozen or starved: claims may have moved
+            last = self._last_poll = now  # after the flag: a reader sees one or the other
             for p, records in batches.items():
                 applied = self._fold(p, records)
                 self._loop.call_soon_threadsafe(self._on_folded, p, applied)
@@ -210,6 +274,138 @@ class Runtime:
                 still.append((target, future))
         self._waiters[partition] = still
 
+    # -- ownership (scale-out) ---------------------------------------------------------
+
+    def _group_loop(self) -> None:
+        """Membership of the consumer group: assignments, heartbeats, committed positions.
+
+        The group consumer fetches nothing (its partitions are paused); the fold
+        consumer reads every partition. Committing the fold's position lets
+        ``ploy workers`` report each partition's lag.
+        """
+        consumer = self.log.consumer(self.config.kafka.group_id, **GROUP_SETTINGS)
+        consumer.subscribe([self.log.topic], on_assign=self._on_assign,
+                           on_revoke=self._on_revoke, on_lost=self._on_revoke)
+        last_commit = 0.0
+        try:
+            while not self._group_stop.is_set():
+                consumer.consume(100, 0.1)
+                if time.monotonic() - last_commit > 1.0 and self.owned:
+                    last_commit = time.monotonic()
+                    offsets = [TopicPartition(self.log.topic, p, self.views[p].next_offset)
+                               for p in sorted(self.owned) if p in self.views]
+                    try:
+                        consumer.commit(offsets=offsets, asynchronous=True)
+                    except Exception as exc:  # a rebalance in progress; next time
+                        logger.debug("commit: %s", exc)
+        finally:
+            consumer.close()
+
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        consumer.assign(partitions)
+        consumer.pause(partitions)
+        assigned = sorted(tp.partition for tp in partitions)
+        logger.info("worker %s assigned partitions %s", self.worker_id, assigned)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._claim_all, assigned)
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """Does little and always releases: the partitions leave ``owned`` now."""
+        revoked = sorted(tp.partition for tp in partitions)
+        for p in revoked:
+            self.owned.discard(p)
+            self._claiming.pop(p, None)
+        logger.info("worker %s released partitions %s", self.worker_id, revoked)
+
+    def _claim_all(self, partitions: list[int]) -> None:
+        for p in partitions:
+            self._generation += 1
+            self._claiming[p] = self._generation
+            task = asyncio.create_task(self._claim(p, self._generation), name=f"ploy-claim-{p}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _claim(self, partition: int, generation: int) -> None:
+        """Take a partition over (see the module docstring, steps 1-3)."""
+        view = self.views[partition]
+        epoch = view.claim_epoch + 1
+        for _ in range(10):
+            # Step 1.
+            event = Event(claim_id(partition), "", self.clock.now(),
+                          PartitionClaimed(partition, self.worker_id), epoch=epoch)
+            _, offset = await self.log.append(event, partition=partition)
+            await self._folded(partition, offset)
+            if self._claiming.get(partition) != generation:
+                return  # revoked while claiming
+            # Step 2.
+            claim = view.claim()
+            if claim is not None and (claim["epoch"], claim["worker"]) == (epoch, self.worker_id):
+                break
+            epoch = view.claim_epoch + 1
+        else:
+            logger.error("partition %d: could not claim it after 10 tries", partition)
+            return
+        # Step 3.
+        del self._claiming[partition]
+        self.epochs[partition] = epoch
+        self.owned.add(partition)
+        logger.info("worker %s owns partition %d at epoch %d", self.worker_id, partition, epoch)
+        for eid in view.active():
+            self._maybe_start(eid)
+
+    async def _folded(self, partition: int, offset: int, timeout_s: float = 30.0) -> None:
+        view = self.views[partition]
+        if view.next_offset > offset:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[partition].append((offset, future))
+        await asyncio.wait_for(future, timeout_s)
+
+    def may_run(self, partition: int) -> bool:
+        """Whether this process may start a step on ``partition`` now."""
+        return partition in self.owned and self.views[partition].claim_epoch <= self.epochs.get(
+            partition, 0)
+
+    def _lease_fresh(self) -> bool:
+        """The fold loop has polled lately and saw no gap (no freeze since the last check)."""
+        return self._lease_ok and time.monotonic() - self._last_poll <= LEASE_S
+
+    async def ensure_lease(self) -> None:
+        """After a gap in the fold loop, look for newer claims on the log before going on.
+
+        A process frozen (SIGSTOP, a VM pause) past its session may have lost its
+        partitions without having heard so yet; a claim on the log is the proof.
+        """
+        if not self.scale_out or self._lease_fresh():
+            return
+        assert self._lease_lock is not None
+        async with self._lease_lock:
+            if self._lease_fresh():
+                return
+            start = {p: self.views[p].next_offset for p in self.owned}
+            lost = await asyncio.to_thread(self._claimed_by_others, start)
+            for p in lost:
+                self.owned.discard(p)
+                logger.warning("worker %s lost partition %d to a newer claim", self.worker_id, p)
+            self._lease_ok = True
+            self._last_poll = max(self._last_poll, time.monotonic())
+
+    def _claimed_by_others(self, start: dict[int, int]) -> set[int]:
+        lost: set[int] = set()
+        if not start:
+            return lost
+        for batches in self.log.read_until_end(start):
+            for p, records in batches.items():
+                for _, raw in records:
+                    try:
+                        event = self.log.codec.decode(raw)
+                    except CodecError:
+                        continue
+                    if isinstance(event.body, PartitionClaimed) and (
+                            event.epoch > self.epochs.get(p, 0)):
+                        lost.add(p)
+        return lost
+
     # -- running executions --------------------------------------------------------
 
     def _maybe_start(self, eid: str) -> None:
@@ -218,7 +414,10 @@ class Runtime:
         if eid in self.runners:
             self._resume_after.add(eid)  # a timer fired while the runner winds down
             return
-        view = self.views[self.log.partition_for(eid)]
+        partition = self.log.partition_for(eid)
+        if partition not in self.owned:
+            return
+        view = self.views[partition]
         record = view.record(eid)
         if record is None or record["status"] not in RUNNABLE:
             return
@@ -254,6 +453,8 @@ class Runtime:
         if runner is not None:
             runner.cancel_requested.set()
             return
+        if self.log.partition_for(eid) not in self.owned:
+            return  # its owner records the end
         record = self.views[self.log.partition_for(eid)].record(eid)
         if record is not None and record["status"] == ExecutionStatus.CANCELLED.value:
             self.log.append_nowait(Event(eid, record["workflow"], self.clock.now(),

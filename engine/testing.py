@@ -78,6 +78,7 @@ def engine_config(
     config = load_config(None, env={}, bootstrap_servers=kafka, topic_prefix=topic_prefix,
                          state_dir=state_dir)
     data = config.model_dump()
+    data["kafka"]["group_id"] = f"{topic_prefix}.workers"  # tests share one broker
     partitions = fields.pop("partitions", None)
     if partitions is not None:
         data["kafka"]["partitions"] = partitions
@@ -97,10 +98,10 @@ def engine_config(
 
 @asynccontextmanager
 async def running_engine(
-    worker: Worker, config: Config, *, clock: Clock | None = None
+    worker: Worker, config: Config, *, clock: Clock | None = None, scale_out: bool = False
 ) -> AsyncIterator[Engine]:
     """An Engine started on ``config`` and stopped on exit."""
-    engine = Engine(worker, config, clock=clock)
+    engine = Engine(worker, config, clock=clock, scale_out=scale_out)
     await engine.start()
     try:
         yield engine

@@ -56,8 +56,9 @@ class TimerService:
         runtime = self.runtime
         now = runtime.clock.now()
         due: list[tuple[int, str, str]] = []
-        for view in list(runtime.views.values()):
-            due.extend(view.due_timers(now))
+        for p in list(runtime.owned):
+            if runtime.may_run(p):
+                due.extend(runtime.views[p].due_timers(now))
         pending = {(eid, sleep) for _, eid, sleep in due}
         self._fired &= pending  # forget timers the fold has since deleted
         appends = []
