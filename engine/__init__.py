@@ -19,6 +19,7 @@ from engine.errors import (
     StepTimeoutError,
     UnknownBindingError,
 )
+from engine.http import RequestContext
 from engine.models import Attempt, Execution, ExecutionStatus, LogEntry, StepRecord
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "NonRetryableError",
     "Ploy",
     "PloyError",
+    "RequestContext",
     "Step",
     "StepFailedError",
     "StepRecord",

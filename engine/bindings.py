@@ -6,7 +6,7 @@ the binding names; ``get_execution`` and ``cancel`` act on one by id.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Any, Generic, Protocol, TypedDict, TypeVar
 
 from engine.errors import UnknownBindingError
@@ -41,9 +41,13 @@ class WorkflowBinding(Generic[InputT, OutputT]):
         self._client, self.binding, self.workflow = client, binding, workflow
 
     async def trigger(
-        self, input: InputT | Mapping[str, Any], *, idempotency_key: str | None = None
+        self, input: InputT, *, idempotency_key: str | None = None
     ) -> TriggerResult:
         """Validate ``input`` and start an execution; the same key gives the same execution.
+
+        ``input`` is an instance of the workflow's input model or data that
+        validates as one (a dict). ``ploy types`` spells both in ``InputT``
+        (``Model | ModelDict``); an untyped ``ctx.env`` takes anything.
 
         Raises:
             InvalidInputError: the input does not match the workflow's model;
@@ -98,3 +102,14 @@ class Env:
 
     def __repr__(self) -> str:
         return f"<Env {sorted(self._bindings)}>"
+
+
+def workflow_named(name: str, env: Env, workflows: Container[str]) -> str:
+    """The workflow ``name`` means: itself if a workflow has that name, else a binding's.
+
+    Lets lists be filtered by a binding name (``ORDER_FLOW``) as well as by a
+    workflow name (``order_processing``).
+    """
+    if name not in workflows and name in env:
+        return env[name].workflow
+    return name

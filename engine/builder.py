@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -37,6 +37,9 @@ from engine.errors import ConfigError
 
 EnvT = TypeVar("EnvT")
 Handler = Callable[..., Any]
+F = TypeVar("F", bound=Handler)  # a decorated handler keeps its own type
+Spec = Mapping[str, Any]  # the seed's {"input": M, "output": M} / {"params": M, "body": M, ...}
+Model = type[BaseModel] | None
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
@@ -77,21 +80,38 @@ class Worker:
 
 @dataclass
 class Ploy(Generic[EnvT]):
-    """The builder; see the module docstring."""
+    """The builder; see the module docstring.
+
+    Each of ``workflow``, ``route`` and ``get``/``post``/``put``/``patch``/
+    ``delete`` has two forms, told apart by the handler: given one, it is
+    registered and the builder returned (to chain); without one, the method
+    returns a decorator that registers the function and returns it unchanged,
+    so a type checker keeps the function's type.
+    """
 
     env_type: Any = None
     _workflows: dict[str, WorkflowDef] = field(default_factory=dict)
     _routes: list[RouteDef] = field(default_factory=list)
 
+    @overload
+    def workflow(self, name: str, spec: Spec | None = None, handler: None = None, *,
+                 input: Model = None, output: Model = None) -> Callable[[F], F]: ...
+    @overload
+    def workflow(self, name: str, spec: Spec | None, handler: Handler, *,
+                 input: Model = None, output: Model = None) -> Ploy[EnvT]: ...
+    @overload
+    def workflow(self, name: str, spec: Spec | None = None, *, handler: Handler,
+                 input: Model = None, output: Model = None) -> Ploy[EnvT]: ...
+
     def workflow(
         self,
         name: str,
-        spec: Mapping[str, Any] | None = None,
+        spec: Spec | None = None,
         handler: Handler | None = None,
         *,
-        input: type[BaseModel] | None = None,
-        output: type[BaseModel] | None = None,
-    ) -> Any:
+        input: Model = None,
+        output: Model = None,
+    ) -> Ploy[EnvT] | Callable[[F], F]:
         """Define workflow ``name``; chained when given a handler, else a decorator."""
         spec = dict(spec or {})
         unknown = set(spec) - {"input", "output"}
@@ -102,7 +122,7 @@ class Ploy(Generic[EnvT]):
         input_model = input or spec.get("input")
         output_model = output or spec.get("output")
 
-        def register(fn: Handler) -> Handler:
+        def register(fn: F) -> F:
             self._workflows[name] = WorkflowDef(name, fn, input_model, output_model)
             return fn
 
@@ -111,11 +131,25 @@ class Ploy(Generic[EnvT]):
             return self
         return register
 
+    @overload
+    def route(self, method: str, path: str, spec: Spec | None = None, handler: None = None,
+              **models: Model) -> Callable[[F], F]: ...
+    @overload
+    def route(self, method: str, path: str, spec: Spec | None, handler: Handler,
+              **models: Model) -> Ploy[EnvT]: ...
+    @overload
+    def route(self, method: str, path: str, spec: Spec | None = None, *, handler: Handler,
+              **models: Model) -> Ploy[EnvT]: ...
+
     def route(
-        self, method: str, path: str, spec: Mapping[str, Any] | None = None,
-        handler: Handler | None = None, **models: Any,
-    ) -> Any:
-        """Define an HTTP route; chained when given a handler, else a decorator."""
+        self, method: str, path: str, spec: Spec | None = None,
+        handler: Handler | None = None, **models: Model,
+    ) -> Ploy[EnvT] | Callable[[F], F]:
+        """Define an HTTP route; chained when given a handler, else a decorator.
+
+        ``spec`` (or keyword arguments) may name a model for ``params``,
+        ``query``, ``body`` and ``response``.
+        """
         method = method.upper()
         if method not in HTTP_METHODS:
             raise ValueError(f"unsupported HTTP method {method}")
@@ -124,7 +158,7 @@ class Ploy(Generic[EnvT]):
         if unknown:
             raise TypeError(f"route {method} {path}: unknown spec keys {sorted(unknown)}")
 
-        def register(fn: Handler) -> Handler:
+        def register(fn: F) -> F:
             self._routes.append(RouteDef(method, path, fn, **merged))
             return fn
 
@@ -133,24 +167,76 @@ class Ploy(Generic[EnvT]):
             return self
         return register
 
-    def get(self, path: str, spec: Mapping[str, Any] | None = None,
-            handler: Handler | None = None, **models: Any) -> Any:
+    # The verbs: ``route`` with the method filled in, in the same two forms.
+
+    @overload
+    def get(self, path: str, spec: Spec | None = None, handler: None = None,
+            **models: Model) -> Callable[[F], F]: ...
+    @overload
+    def get(self, path: str, spec: Spec | None, handler: Handler,
+            **models: Model) -> Ploy[EnvT]: ...
+    @overload
+    def get(self, path: str, spec: Spec | None = None, *, handler: Handler,
+            **models: Model) -> Ploy[EnvT]: ...
+
+    def get(self, path: str, spec: Spec | None = None, handler: Handler | None = None,
+            **models: Model) -> Ploy[EnvT] | Callable[[F], F]:
         return self.route("GET", path, spec, handler, **models)
 
-    def post(self, path: str, spec: Mapping[str, Any] | None = None,
-             handler: Handler | None = None, **models: Any) -> Any:
+    @overload
+    def post(self, path: str, spec: Spec | None = None, handler: None = None,
+             **models: Model) -> Callable[[F], F]: ...
+    @overload
+    def post(self, path: str, spec: Spec | None, handler: Handler,
+             **models: Model) -> Ploy[EnvT]: ...
+    @overload
+    def post(self, path: str, spec: Spec | None = None, *, handler: Handler,
+             **models: Model) -> Ploy[EnvT]: ...
+
+    def post(self, path: str, spec: Spec | None = None, handler: Handler | None = None,
+             **models: Model) -> Ploy[EnvT] | Callable[[F], F]:
         return self.route("POST", path, spec, handler, **models)
 
-    def put(self, path: str, spec: Mapping[str, Any] | None = None,
-            handler: Handler | None = None, **models: Any) -> Any:
+    @overload
+    def put(self, path: str, spec: Spec | None = None, handler: None = None,
+            **models: Model) -> Callable[[F], F]: ...
+    @overload
+    def put(self, path: str, spec: Spec | None, handler: Handler,
+            **models: Model) -> Ploy[EnvT]: ...
+    @overload
+    def put(self, path: str, spec: Spec | None = None, *, handler: Handler,
+            **models: Model) -> Ploy[EnvT]: ...
+
+    def put(self, path: str, spec: Spec | None = None, handler: Handler | None = None,
+            **models: Model) -> Ploy[EnvT] | Callable[[F], F]:
         return self.route("PUT", path, spec, handler, **models)
 
-    def patch(self, path: str, spec: Mapping[str, Any] | None = None,
-              handler: Handler | None = None, **models: Any) -> Any:
+    @overload
+    def patch(self, path: str, spec: Spec | None = None, handler: None = None,
+              **models: Model) -> Callable[[F], F]: ...
+    @overload
+    def patch(self, path: str, spec: Spec | None, handler: Handler,
+              **models: Model) -> Ploy[EnvT]: ...
+    @overload
+    def patch(self, path: str, spec: Spec | None = None, *, handler: Handler,
+              **models: Model) -> Ploy[EnvT]: ...
+
+    def patch(self, path: str, spec: Spec | None = None, handler: Handler | None = None,
+              **models: Model) -> Ploy[EnvT] | Callable[[F], F]:
         return self.route("PATCH", path, spec, handler, **models)
 
-    def delete(self, path: str, spec: Mapping[str, Any] | None = None,
-               handler: Handler | None = None, **models: Any) -> Any:
+    @overload
+    def delete(self, path: str, spec: Spec | None = None, handler: None = None,
+               **models: Model) -> Callable[[F], F]: ...
+    @overload
+    def delete(self, path: str, spec: Spec | None, handler: Handler,
+               **models: Model) -> Ploy[EnvT]: ...
+    @overload
+    def delete(self, path: str, spec: Spec | None = None, *, handler: Handler,
+               **models: Model) -> Ploy[EnvT]: ...
+
+    def delete(self, path: str, spec: Spec | None = None, handler: Handler | None = None,
+               **models: Model) -> Ploy[EnvT] | Callable[[F], F]:
         return self.route("DELETE", path, spec, handler, **models)
 
     def build(self) -> Worker:

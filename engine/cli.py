@@ -12,8 +12,9 @@
 
 A mistake the user can fix (no ploy.yaml, bad JSON, an unknown id, a server
 or Kafka that does not answer within the bounded wait) prints one line,
-``ploy: error: ...``, on stderr and exits 2. The client commands use only the
-standard library's HTTP client, so they add no dependency.
+``ploy: error: ...``, on stderr and exits 2. The client commands talk to a
+running server's engine API through ``engine.client``; ``ploy types`` renders
+its module with ``engine.typegen``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,7 @@ import signal
 import socket
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,25 +37,19 @@ from typing import Any, NoReturn
 
 from engine.app import Engine, load_app
 from engine.builder import Worker
+from engine.client import ApiClient, error_message, quote
 from engine.config import Config, load_config
-from engine.errors import PloyError
-from engine.http import admin_enabled, create_app, format_duration, is_loopback
+from engine.dashboard import format_duration
+from engine.errors import CommandError, PloyError
+from engine.http import API, admin_enabled, create_app
 from engine.rebuild import clear_state, rebuild
+from engine.typegen import render_env_module
 
 __all__ = ["main"]
 
-API = "/__ploy/api"
 DEFAULT_URL = "http://127.0.0.1:8787"
 EXIT_USAGE = 2
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104 - names, not a bind
-
-
-class Failure(Exception):
-    """A mistake the user can fix; printed as one ``ploy: error:`` line."""
-
-
-def fail(message: str) -> NoReturn:
-    raise Failure(message)
 
 
 # -- the parser -------------------------------------------------------------------
@@ -143,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="ID", help="execution id")
     _add_client(p)
 
+    p = command("workers", _cmd_workers, "each partition's worker (its claim on the log), "
+                "epoch and lag")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    _add_client(p)
+
     p = command("rebuild", _cmd_rebuild, "delete the view and refold it from the topic "
                 "(stop the workers first)")
     _add_app_dir(p)
@@ -160,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)  # type: ignore[no-any-return]
-    except (PloyError, Failure) as exc:
+    except PloyError as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         print(f"ploy: error: {lines[0].rstrip(':')}", file=sys.stderr)
         return EXIT_USAGE
@@ -175,7 +173,7 @@ def _app_dir(value: str | None) -> Path:
     """DIR, which must hold a ploy.yaml (a missing one is an error, not defaults)."""
     directory = Path(value or ".")
     if not (directory / "ploy.yaml").is_file():
-        fail(f"no ploy.yaml in {directory.resolve()}")
+        raise CommandError(f"no ploy.yaml in {directory.resolve()}")
     return directory
 
 
@@ -192,13 +190,13 @@ def _listen(host: str, port: int) -> socket.socket:
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
-        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
 
 
@@ -265,7 +263,7 @@ class _Run:
         while not server.started:
             if task.done():
                 await task
-                fail(f"the HTTP server on {host} exited at start")
+                raise CommandError(f"the HTTP server on {host} exited at start")
             await asyncio.sleep(0.01)
 
     def banner(self, worker: Worker, config: Config, address: tuple[str, int] | None) -> None:
@@ -296,8 +294,9 @@ class _Run:
         # Step 1. Everything that can be wrong in the app fails here, before any start.
         worker, config = load_app(self.directory, host=self.args.host, port=self.args.port)
         if self.mode == "worker" and not config.kafka.bootstrap_servers:
-            fail("ploy worker needs Kafka: set kafka.bootstrap_servers in ploy.yaml or "
-                 "KAFKA_BOOTSTRAP_SERVERS (ploy dev starts an embedded broker)")
+            raise CommandError("ploy worker needs Kafka: set kafka.bootstrap_servers in "
+                               "ploy.yaml or KAFKA_BOOTSTRAP_SERVERS (ploy dev starts an "
+                               "embedded broker)")
         # Step 2.
         serve = self.mode == "dev" or self.args.port is not None
         sock = _listen(config.http.host, config.http.port) if serve else None
@@ -308,7 +307,7 @@ class _Run:
             if not config.kafka.bootstrap_servers:
                 config = await self.embedded_broker(config)
             # Step 4.
-            engine = Engine(worker, config)
+            engine = Engine(worker, config, scale_out=self.mode == "worker")
             self.stack.push_async_callback(engine.stop)
             await engine.start()
             # Step 5.
@@ -336,74 +335,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return asyncio.run(_Run("worker", directory, args).run())
 
 
-# -- the engine API client --------------------------------------------------------
-
-
-class ApiClient:
-    """A small JSON client of the engine API (``/__ploy/api``) on the standard library."""
-
-    def __init__(self, url: str, token: str | None, timeout_s: float):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            fail(f"--url must be an http(s) URL, got {url!r}")
-        self.url, self.token, self.timeout_s = url.rstrip("/"), token, timeout_s
-        handlers = [urllib.request.ProxyHandler({})] if is_loopback(parts.hostname) else []
-        self._opener = urllib.request.build_opener(*handlers)
-
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """(status, decoded JSON body); 401/403 and an unreachable server are failures."""
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Accept": "application/json"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url + API + path, data, headers, method=method)  # noqa: S310 - scheme checked above
-        try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
-                return response.status, _decode(response.read())
-        except urllib.error.HTTPError as exc:
-            status, payload = exc.code, _decode(exc.read())
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, TimeoutError | socket.timeout):
-                reason = f"no answer within {self.timeout_s:g} s"
-            fail(f"cannot reach the ploy server at {self.url}: {reason} "
-                 "(is `ploy dev` running? see --url)")
-        if status in (401, 403):
-            hint = "a valid --token or PLOY_ADMIN_TOKEN" if self.token else \
-                "--token or PLOY_ADMIN_TOKEN"
-            fail(f"the engine API at {self.url} refused the request ({status}): "
-                 f"it needs {hint}")
-        return status, payload
-
-    def expect(self, method: str, path: str, body: Any = None, *,
-               not_found: str | None = None) -> Any:
-        status, payload = self.call(method, path, body)
-        if status == 404 and not_found is not None:
-            fail(not_found)
-        if status >= 400:
-            fail(f"{method} {self.url}{API}{path} -> {status}: {_message(payload)}")
-        return payload
-
-
-def _decode(raw: bytes) -> Any:
-    try:
-        return json.loads(raw) if raw else None
-    except ValueError:
-        return raw.decode("utf-8", "replace").strip()
-
-
-def _message(payload: Any) -> str:
-    """The error text of an API error body, whatever its shape."""
-    if isinstance(payload, dict):
-        for key in ("error", "detail", "message"):
-            if key in payload:
-                value = payload[key]
-                if isinstance(value, dict):
-                    return _message(value)
-                return value if isinstance(value, str) else json.dumps(value)
-    return payload if isinstance(payload, str) else json.dumps(payload)
+# -- client commands --------------------------------------------------------------
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
@@ -417,13 +349,6 @@ def _client(args: argparse.Namespace) -> ApiClient:
     return ApiClient(url, token or config.http.admin_token, args.timeout)
 
 
-def _quote(value: str) -> str:
-    return urllib.parse.quote(value, safe="")
-
-
-# -- client commands --------------------------------------------------------------
-
-
 def _read_input(text: str) -> Any:
     source = "--input"
     if text == "-":
@@ -432,33 +357,33 @@ def _read_input(text: str) -> Any:
         try:
             text, source = Path(text[1:]).read_text(encoding="utf-8"), text[1:]
         except OSError as exc:
-            fail(f"cannot read {text[1:]}: {exc.strerror or exc}")
+            raise CommandError(f"cannot read {text[1:]}: {exc.strerror or exc}") from None
     try:
         return json.loads(text)
     except ValueError as exc:
-        fail(f"{source} is not valid JSON: {exc}")
+        raise CommandError(f"{source} is not valid JSON: {exc}") from None
 
 
 def _cmd_trigger(args: argparse.Namespace) -> int:
     value = _read_input(args.input)  # before any network: bad JSON costs nothing
     client = _client(args)
     body = {"input": value, "idempotency_key": args.idempotency_key}
-    status, payload = client.call("POST", f"/trigger/{_quote(args.binding)}", body)
+    status, payload = client.call("POST", f"/trigger/{quote(args.binding)}", body)
     if status == 404:
         known = payload.get("bindings") if isinstance(payload, dict) else None
         bound = f" (bound in ploy.yaml: {', '.join(known) or 'none'})" if known is not None else ""
-        fail(f"unknown binding '{args.binding}'{bound}")
+        raise CommandError(f"unknown binding '{args.binding}'{bound}")
     if status == 422:
-        fail(f"invalid input: {_message(payload)}")
+        raise CommandError(f"invalid input: {error_message(payload)}")
     if status >= 400:
-        fail(f"trigger failed ({status}): {_message(payload)}")
+        raise CommandError(f"trigger failed ({status}): {error_message(payload)}")
     print(payload["execution_id"])
     return 0
 
 
 def _get_execution(client: ApiClient, eid: str) -> dict[str, Any]:
     execution: dict[str, Any] = client.expect(
-        "GET", f"/executions/{_quote(eid)}", not_found=f"no execution '{eid}' at {client.url}")
+        "GET", f"/executions/{quote(eid)}", not_found=f"no execution '{eid}' at {client.url}")
     return execution
 
 
@@ -490,7 +415,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_history(args: argparse.Namespace) -> int:
     client = _client(args)
-    payload = client.expect("GET", f"/executions/{_quote(args.id)}/history",
+    payload = client.expect("GET", f"/executions/{quote(args.id)}/history",
                             not_found=f"no execution '{args.id}' at {client.url}")
     if args.json:
         print(json.dumps(payload, indent=2, ensure_ascii=False))
@@ -515,13 +440,33 @@ def _decoded(body: dict[str, Any]) -> dict[str, Any]:
 def _cmd_cancel(args: argparse.Namespace) -> int:
     client = _client(args)
     not_found = f"no execution '{args.id}' at {client.url}"
-    payload = client.expect("POST", f"/executions/{_quote(args.id)}/cancel", {},
+    payload = client.expect("POST", f"/executions/{quote(args.id)}/cancel", {},
                             not_found=not_found)
     if payload.get("cancelled"):
         print(f"cancelled {args.id}")
         return 0
     execution = _get_execution(client, args.id)  # an unknown id is an error, a finished one not
     print(f"{args.id} already finished ({execution.get('status')})")
+    return 0
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    payload = _client(args).expect("GET", "/workers")
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return 0
+    print(f"group {payload['group']} on {payload['topic']}")
+    rows = [("PARTITION", "WORKER", "EPOCH", "END", "COMMITTED", "LAG", "FENCED")]
+    for p in payload["partitions"]:
+        lag = "-" if p["lag"] is None else str(p["lag"])
+        committed = "-" if p["committed_offset"] is None else str(p["committed_offset"])
+        state = " STALLED" if p["stalled"] else ""
+        rows.append((str(p["partition"]), (p["worker"] or "(unclaimed)") + state,
+                     str(p["epoch"]), str(p["end_offset"]), committed, lag,
+                     str(p["fenced_events"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -564,6 +509,8 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
     ]
     if ex.get("error"):
         lines.append(f"error      {_error(ex['error'])}")
+    if ex.get("cancel_reason"):
+        lines.append(f"reason     {ex['cancel_reason']}")
     lines.append(f"input      {_compact(ex.get('input'))}")
     if ex.get("status") == "completed":
         lines.append(f"output     {_compact(ex.get('output'))}")
@@ -622,9 +569,9 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
     config = load_config(directory)
     kafka = config.kafka
     if not kafka.bootstrap_servers:
-        fail("ploy rebuild needs Kafka: set kafka.bootstrap_servers in ploy.yaml or "
-             "KAFKA_BOOTSTRAP_SERVERS (the embedded broker of ploy dev keeps no log to "
-             "rebuild from once it stops)")
+        raise CommandError("ploy rebuild needs Kafka: set kafka.bootstrap_servers in ploy.yaml "
+                           "or KAFKA_BOOTSTRAP_SERVERS (the embedded broker of ploy dev keeps "
+                           "no log to rebuild from once it stops)")
     log = EventLog(kafka.bootstrap_servers, kafka.topic_prefix, kafka.partitions,
                    extra=kafka.config, connect_timeout_s=kafka.connect_timeout_s,
                    replication_factor=kafka.replication_factor)
@@ -646,61 +593,6 @@ def _cmd_types(args: argparse.Namespace) -> int:
     out.write_text(render_env_module(worker, config), encoding="utf-8")
     print(f"wrote {out} ({len(config.workflow)} bindings)")
     return 0
-
-
-def render_env_module(worker: Worker, config: Config) -> str:
-    """The source of ploy_env.py: ``class PloyEnv(Protocol)`` with one typed binding each.
-
-    Models are referenced through their module (``worker.OrderInput``), so two
-    models of one name cannot clash; the user's main file is imported by its
-    stem. The imports are for type checkers only, so the worker may import
-    ploy_env at run time without an import cycle.
-    """
-    main_file = (config.root / config.main).resolve()
-    modules: set[str] = set()
-    fields = []
-    for binding, target in sorted(config.workflow.items()):
-        wf = worker.workflow(target.name)
-        types = [_model_ref(m, main_file, modules) for m in
-                 ((wf.input, wf.output) if wf is not None else (None, None))]
-        fields.append(f"    {binding}: WorkflowBinding[{types[0]}, {types[1]}]\n"
-                      f'    """ploy.yaml binding {binding} -> workflow {target.name!r}."""\n')
-    uses_any = any("Any" in f.split(":", 1)[1] for f in fields)
-    head = [
-        f'"""Typed bindings of {config.path.name if config.path else "ploy.yaml"} '
-        "for ``ctx.env``.\n",
-        "Generated by `ploy types`; do not edit. Run it again after changing ploy.yaml",
-        'or a workflow\'s input or output model.\n"""\n',
-        "from __future__ import annotations\n",
-        f"from typing import {'TYPE_CHECKING, ' if modules else ''}"
-        f"{'Any, ' if uses_any else ''}Protocol\n",
-    ]
-    if fields:
-        head.append("from engine import WorkflowBinding\n")
-    if modules:
-        head.append("if TYPE_CHECKING:\n" + "".join(f"    import {m}\n" for m in sorted(modules)))
-    head += ['__all__ = ["PloyEnv"]\n', "",
-             "class PloyEnv(Protocol):",
-             '    """``ctx.env``: the workflow bindings of ploy.yaml."""\n']
-    return ("\n".join(head) + "\n" + "\n".join(fields)).rstrip("\n") + "\n"
-
-
-def _model_ref(model: type | None, main_file: Path, modules: set[str]) -> str:
-    """``module.Qualname`` of a model, importable by name; ``Any`` when there is none."""
-    if model is None:
-        return "Any"
-    module = model.__module__
-    loaded = sys.modules.get(module)
-    file = getattr(loaded, "__file__", None)
-    if file is not None and Path(file).resolve() == main_file:
-        module = main_file.stem  # load_worker imports main under a private name
-    where = f"model {model.__qualname__} of {module}"
-    if not all(part.isidentifier() for part in module.split(".")) or module == "__main__":
-        fail(f"{where}: the module cannot be imported by name (rename {main_file.name}?)")
-    if "<locals>" in model.__qualname__:
-        fail(f"{where}: a model defined inside a function cannot be imported")
-    modules.add(module)
-    return f"{module}.{model.__qualname__}"
 
 
 if __name__ == "__main__":

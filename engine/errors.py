@@ -16,6 +16,9 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── InvalidTransitionError    the fold met an event its state forbids
     ├── BrokerUnavailableError    bootstrap servers not reachable in time
     ├── AppendError               the broker refused or timed out an append
+    ├── StateLockedError          a rebuild met a view a running worker holds
+    ├── RebuildError              the log no longer holds every event (retention)
+    ├── CommandError              a `ploy` command the user can fix (bad --input, no server)
     ├── NonRetryableError         raised by user code: fail the step now
     ├── StepTimeoutError          one attempt ran past its timeout
     ├── StepFailedError           a step exhausted its retries
@@ -27,6 +30,7 @@ from ``BaseException`` and lives in the runtime: ``Suspend`` and ``Cancelled``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -140,6 +144,41 @@ class AppendError(PloyError):
     def __init__(self, topic: str, cause: str):
         self.topic, self.cause = topic, cause
         super().__init__(f"append to '{topic}' failed: {cause}")
+
+
+class StateLockedError(PloyError):
+    """A partition's RocksDB is open in a running process (a worker or ``ploy dev``)."""
+
+    def __init__(self, path: Path, cause: str):
+        self.path, self.cause = path, cause
+        super().__init__(
+            f"the view at {path} is in use by a running worker (RocksDB lock held); "
+            "stop it first"
+        )
+
+
+class RebuildError(PloyError):
+    """The log cannot give back the whole view: records below ``low_watermark`` are gone."""
+
+    def __init__(self, topic: str, partition: int, low_watermark: int):
+        self.topic, self.partition, self.low_watermark = topic, partition, low_watermark
+        super().__init__(
+            f"cannot rebuild topic '{topic}' partition {partition}: the log starts at offset "
+            f"{low_watermark}, not 0 (records were deleted by retention)"
+        )
+
+
+class CommandError(PloyError):
+    """A ``ploy`` command cannot go on for a reason its user can fix.
+
+    No ploy.yaml, ``--input`` that is not JSON, an unknown execution id, a
+    server that does not answer within the bounded wait: the CLI prints the
+    message as one ``ploy: error:`` line and exits 2.
+    """
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(problem)
 
 
 class NonRetryableError(PloyError):

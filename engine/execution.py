@@ -113,12 +113,16 @@ class ExecutionRunner:
         self._log_count = 0
         self.step_running = 0
         self.partition = runtime.log.partition_for(self.id)
+        # The claim this runner was started under: it writes with it, and it stops
+        # when its process no longer holds it (even if it claims the partition anew:
+        # a runner of the new claim then replays from the view).
+        self.epoch = runtime.epoch_of(self.id)
 
     # -- plumbing ----------------------------------------------------------
 
     def _event(self, body: Body) -> Event:
         return Event(self.id, self.workflow.name, self.runtime.clock.now(), body,
-                     epoch=self.runtime.epoch_of(self.id))
+                     epoch=self.epoch)
 
     async def _append(self, body: Body) -> None:
         await self.runtime.log.append(self._event(body))
@@ -135,7 +139,7 @@ class ExecutionRunner:
             raise Shutdown
         if runtime.scale_out:
             await runtime.ensure_lease()
-            if not runtime.may_run(self.partition):
+            if not runtime.may_run(self.partition) or runtime.epoch_of(self.id) != self.epoch:
                 raise Shutdown
 
     def _key(self, name: str) -> str:

@@ -34,8 +34,8 @@ from engine.errors import InvalidTransitionError
 from engine.events import (
     CLIENT_EVENTS,
     CancelRequested,
-    PartitionClaimed,
     Event,
+    PartitionClaimed,
     SleepScheduled,
     StepCompleted,
     StepFailed,
@@ -130,8 +130,9 @@ def _fenced(tx: Tx, event: Event, offset: int) -> bool:
     epoch = 0 if claim is None else int(claim["epoch"])
     if isinstance(event.body, PartitionClaimed):
         if event.epoch > epoch:
+            fenced = 0 if claim is None else claim["fenced"]
             tx.put(keys.CLAIM, {"epoch": event.epoch, "worker": event.body.worker,
-                                "offset": offset, "fenced": 0 if claim is None else claim["fenced"]})
+                                "offset": offset, "fenced": fenced})
         return True
     if event.epoch >= epoch or isinstance(event.body, CLIENT_EVENTS):
         return False

@@ -1,9 +1,9 @@
-"""HTTP: the worker's routes, the engine API and the dashboard, on one Starlette app.
+"""HTTP: the worker's routes, the engine API and its guard, on one Starlette app.
 
 =========================  ====================================================
 ``/...``                   the routes of ``ploy().get/post/...`` (``/orders/:id``)
 ``/__ploy/api/...``        the engine's JSON API (list, get, history, cancel, trigger)
-``/__ploy/``               the dashboard: executions, and one execution in detail
+``/__ploy/``               the dashboard (``engine.dashboard``), behind the same guard
 =========================  ====================================================
 
 A user route's request goes through these steps (``_UserRoute.handle``):
@@ -26,9 +26,6 @@ need ``Authorization: Bearer <token>`` (the dashboard also takes ``?token=``
 once and keeps an HttpOnly cookie); without a token they are served only on a
 loopback address, to requests whose ``Host`` is a loopback name (so a web page
 cannot reach them by DNS rebinding). Cross-site writes are refused always.
-Everything the dashboard shows from executions is untrusted text, escaped by
-Jinja's autoescape, under a Content-Security-Policy that runs only the page's
-own script.
 """
 
 from __future__ import annotations
@@ -40,15 +37,11 @@ import ipaddress
 import json
 import logging
 import re
-import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import jinja2
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import to_jsonable_python
 from starlette.applications import Starlette
@@ -57,12 +50,14 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine.bindings import workflow_named
+from engine.dashboard import DASHBOARD, Dashboard, redirect
 from engine.errors import InvalidInputError, PayloadTooLargeError, UnknownBindingError
-from engine.models import Execution, ExecutionStatus, HistoryEntry, StepRecord
+from engine.models import Execution, ExecutionStatus, ExecutionSummary
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -70,10 +65,10 @@ if TYPE_CHECKING:
     from engine.builder import RouteDef
 
 __all__ = [
+    "API",
     "RequestContext",
     "admin_enabled",
     "create_app",
-    "format_duration",
     "is_loopback",
     "starlette_path",
 ]
@@ -81,11 +76,9 @@ __all__ = [
 logger = logging.getLogger("ploy.http")
 
 API = "/__ploy/api"
-DASHBOARD = "/__ploy"
 COOKIE = "ploy_admin"
-PAGE_SIZE = 50
+DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
-TEMPLATES = Path(__file__).parent / "templates"
 _SEED_PARAM = re.compile(r":([A-Za-z_][A-Za-z0-9_]*)")
 _STATUSES = [s.value for s in ExecutionStatus]
 _OFF = (
@@ -157,7 +150,7 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
     http = engine.config.http
     admin = _Admin(http.host if host is None else host, http.admin_token)
     api = _Api(engine)
-    pages = _Dashboard(engine)
+    pages = Dashboard(engine)
     routes: list[BaseRoute] = [
         admin.route(f"{API}/executions", api.executions),
         admin.route(f"{API}/executions/{{id}}", api.execution),
@@ -166,7 +159,8 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/trigger/{{binding}}", api.trigger, write=True),
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
-        Route(DASHBOARD, _to_dashboard),
+        admin.route(f"{API}/workers", api.workers),
+        Route(DASHBOARD, redirect),
         admin.route(f"{DASHBOARD}/", pages.index, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
     ]
@@ -469,10 +463,6 @@ def _cross_site(request: Request) -> bool:
     return urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()
 
 
-async def _to_dashboard(request: Request) -> Response:
-    return RedirectResponse(f"{DASHBOARD}/", status_code=307)
-
-
 # -- the engine API ------------------------------------------------------------------------
 
 
@@ -495,16 +485,19 @@ class _Api:
 
     async def executions(self, request: Request) -> Response:
         q = request.query_params
-        limit = _int_param(q.get("limit"), "limit", PAGE_SIZE, 1, MAX_LIMIT)
+        limit = _int_param(q.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
         offset = _int_param(q.get("offset"), "offset", 0, 0, None)
         status = q.get("status") or None
         if status is not None and status not in _STATUSES:
             raise _Reject(422, {"error": f"unknown status '{status}'", "statuses": _STATUSES})
+        workflow = q.get("workflow") or None
+        if workflow is not None:
+            workflow = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
         found = await self.engine.runtime.list_executions(
-            workflow=_workflow_filter(self.engine, q.get("workflow")), status=status,
-            limit=limit + 1, offset=offset)
-        return _json(200, {"executions": [summary(e) for e in found[:limit]], "limit": limit,
-                           "offset": offset, "has_more": len(found) > limit})
+            workflow=workflow, status=status, limit=limit + 1, offset=offset)
+        executions = [ExecutionSummary.of(e).model_dump(mode="json") for e in found[:limit]]
+        return _json(200, {"executions": executions, "limit": limit, "offset": offset,
+                           "has_more": len(found) > limit})
 
     async def execution(self, request: Request) -> Response:
         execution = await self._get(request)
@@ -568,6 +561,15 @@ class _Api:
             "running": len(runtime.runners),
         })
 
+    async def workers(self, request: Request) -> Response:
+        """Who runs each partition (its claim on the log) and how far behind it is."""
+        runtime = self.engine.runtime
+        return _json(200, {
+            "group": self.engine.config.kafka.group_id,
+            "topic": runtime.log.topic,
+            "partitions": await runtime.partitions_report(),
+        })
+
     async def _get(self, request: Request) -> Execution:
         eid = request.path_params["id"]
         execution = await self.engine.runtime.get_execution(eid)
@@ -587,234 +589,3 @@ def _int_param(raw: str | None, name: str, default: int, low: int, high: int | N
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise _Reject(422, {"error": f"'{name}' must be an integer {bound}, got {raw!r}"})
     return value
-
-
-def _workflow_filter(engine: Engine, name: str | None) -> str | None:
-    """A workflow name, also when given a binding name (``ORDER_FLOW``)."""
-    if not name:
-        return None
-    binding = engine.config.workflow.get(name)
-    if binding is not None and name not in engine.worker.workflows:
-        return binding.name
-    return name
-
-
-def summary(execution: Execution) -> dict[str, Any]:
-    """The light form of an execution that lists show."""
-    return {
-        "execution_id": execution.execution_id,
-        "workflow": execution.workflow,
-        "status": execution.status.value,
-        "created_at": execution.created_at,
-        "started_at": execution.started_at,
-        "ended_at": execution.ended_at,
-        "duration_ms": execution.duration_ms,
-        "steps": sum(1 for s in execution.steps if s.kind == "step"),
-        "error": execution.error.message if execution.error else None,
-    }
-
-
-# -- the dashboard -------------------------------------------------------------------------
-
-
-def _templates() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        autoescape=True,  # every value from an execution is untrusted text
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["duration"] = format_duration
-    env.filters["utc"] = _utc
-    env.filters["iso"] = _iso
-    env.filters["pretty"] = _pretty
-    env.filters["compact"] = _compact
-    return env
-
-
-class _Dashboard:
-    """``/__ploy/``: server-rendered pages that re-fetch themselves while live."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.env = _templates()
-
-    def render(self, name: str, code: int = 200, **context: Any) -> Response:
-        nonce = secrets.token_urlsafe(16)
-        html = self.env.get_template(name).render(nonce=nonce, base=DASHBOARD, **context)
-        return HTMLResponse(html, status_code=code, headers={
-            "Content-Security-Policy": (
-                f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
-                "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
-                "form-action 'self'; frame-ancestors 'none'"),
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-store",
-        })
-
-    async def index(self, request: Request) -> Response:
-        q = request.query_params
-        workflow = q.get("workflow") or ""
-        status = q.get("status") or ""
-        status = status if status in _STATUSES else ""
-        try:
-            offset = _int_param(q.get("offset"), "offset", 0, 0, None)
-        except _Reject:
-            offset = 0
-        runtime = self.engine.runtime
-        found = await runtime.list_executions(
-            workflow=_workflow_filter(self.engine, workflow), status=status or None,
-            limit=PAGE_SIZE + 1, offset=offset)
-        now = runtime.clock.now()
-        rows = [{**summary(e), "elapsed_ms": _elapsed(e, now)} for e in found[:PAGE_SIZE]]
-        return self.render(
-            "executions.html", rows=rows, workflows=sorted(self.engine.worker.workflows),
-            statuses=_STATUSES, workflow=workflow, status=status, offset=offset,
-            page_size=PAGE_SIZE, has_more=len(found) > PAGE_SIZE,
-            live={"live": True, "refresh_ms": 2000}, title="Executions")
-
-    async def detail(self, request: Request) -> Response:
-        eid = request.path_params["id"]
-        runtime = self.engine.runtime
-        execution = await runtime.get_execution(eid)
-        if execution is None:
-            return self.render("message.html", code=404, title="Not found",
-                               message=f"No execution with id {eid}.",
-                               live={"live": False, "refresh_ms": 2000})
-        history = await runtime.history(eid) or []
-        now = runtime.clock.now()
-        return self.render(
-            "execution.html", ex=execution, elapsed_ms=_elapsed(execution, now),
-            timeline=timeline(execution, now), events=[_event_row(e) for e in history],
-            live={"live": not execution.status.terminal, "refresh_ms": 2000},
-            title=f"{execution.workflow} · {execution.execution_id[:12]}")
-
-
-def _elapsed(execution: Execution, now: int) -> int | None:
-    """Duration so far: the final one when ended, else since the start."""
-    if execution.duration_ms is not None:
-        return execution.duration_ms
-    if execution.status.terminal:
-        return None
-    return max(now - (execution.started_at or execution.created_at), 0)
-
-
-def _event_row(entry: HistoryEntry) -> dict[str, Any]:
-    """An event for display: user payloads (JSON text in the event) decoded."""
-    body: dict[str, Any] = {}
-    for key, value in entry.body.items():
-        if key in ("input", "output", "data") and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                pass
-        elif key == "traceback" and isinstance(value, str) and value:
-            value = f"({value.count(chr(10))} lines: shown with the attempt or the error)"
-        body[key] = value
-    return {"offset": entry.offset, "partition": entry.partition, "timestamp": entry.timestamp,
-            "type": entry.type, "epoch": entry.epoch, "body": body}
-
-
-MIN_BAR_PCT = 0.6
-
-
-def timeline(execution: Execution, now: int) -> dict[str, Any]:
-    """Bars of the steps and sleeps, to scale: percentages of the execution's span.
-
-    A bar runs from a step's first attempt to its end (now, while it runs); its
-    attempts are segments inside it, placed relative to the bar, so retries and
-    the backoff waits between them are visible.
-    """
-    origin = execution.started_at or execution.created_at
-    spans = [(s, *_span(s, execution, now)) for s in execution.steps]
-    spans = [(s, start, end) for s, start, end in spans if start is not None]
-    last = execution.ended_at or (now if not execution.status.terminal else origin)
-    end_all = max([last, origin] + [end for _, _, end in spans])
-    total = max(end_all - origin, 1)
-    bars = []
-    for step, start, end in spans:
-        assert start is not None
-        width = max((end - start) / total * 100, MIN_BAR_PCT)
-        left = min(max((start - origin) / total * 100, 0.0), 100 - width)
-        bars.append({
-            "key": step.key, "name": step.name, "kind": step.kind, "status": step.status,
-            "left": round(left, 3), "width": round(width, 3), "duration_ms": end - start,
-            "running": step.ended_at is None, "wake_at": step.wake_at,
-            "attempts": _segments(step, start, end, now),
-        })
-    ticks = [{"pct": pct, "label": format_duration(round(total * pct / 100))}
-             for pct in (0, 25, 50, 75, 100)]
-    return {"bars": bars, "total_ms": total, "ticks": ticks}
-
-
-def _span(step: StepRecord, execution: Execution, now: int) -> tuple[int | None, int]:
-    start = step.started_at
-    if step.attempts and step.attempts[0].started_at is not None:
-        start = min(start or step.attempts[0].started_at, step.attempts[0].started_at)
-    if start is None:
-        return None, 0
-    if step.ended_at is not None:
-        end = step.ended_at
-    elif execution.status.terminal:  # ended by a cancel or a crash while the step waited
-        ends = [a.ended_at for a in step.attempts if a.ended_at is not None]
-        end = execution.ended_at or max(ends, default=start)
-    elif step.kind == "sleep" and step.wake_at is not None:
-        end = max(step.wake_at, now)
-    else:
-        end = now
-    return start, max(end, start)
-
-
-def _segments(step: StepRecord, start: int, end: int, now: int) -> list[dict[str, Any]]:
-    span = max(end - start, 1)
-    segments = []
-    for attempt in step.attempts:
-        if attempt.started_at is None:
-            continue
-        a_end = min(attempt.ended_at if attempt.ended_at is not None else now, end)
-        width = max((a_end - attempt.started_at) / span * 100, 1.0)
-        left = min(max((attempt.started_at - start) / span * 100, 0.0), 100 - width)
-        outcome = ("failed" if attempt.error else
-                   "running" if attempt.ended_at is None else "completed")
-        segments.append({"attempt": attempt.attempt, "left": round(left, 3),
-                         "width": round(width, 3), "status": outcome})
-    return segments
-
-
-def format_duration(ms: int | None) -> str:
-    """``850 ms``, ``1.25 s``, ``2m 05s``, ``3h 07m``, ``2d 4h``."""
-    if ms is None:
-        return "—"
-    if ms < 1000:
-        return f"{ms} ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m {secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h {minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d {hours}h"
-
-
-def _utc(ms: int | None) -> str:
-    if ms is None:
-        return "—"
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S") + f".{ms % 1000:03d} UTC"
-
-
-def _iso(ms: int | None) -> str:
-    return "" if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat()
-
-
-def _pretty(value: Any) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
-
-
-def _compact(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "), default=str)

@@ -19,7 +19,14 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from engine.codec import Codec, default_codec
@@ -265,6 +272,15 @@ class EventLog:
                     yield by_partition
         finally:
             consumer.close()
+
+    def committed(self, group_id: str) -> dict[int, int]:
+        """The offsets a consumer group committed on the events topic, by partition."""
+        admin = self.admin()  # kept alive until the answer is in
+        futures = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group_id)], request_timeout=self.connect_timeout_s)
+        result = futures[group_id].result(self.connect_timeout_s)
+        return {tp.partition: tp.offset for tp in result.topic_partitions or []
+                if tp.topic == self.topic and tp.offset >= 0}
 
     def watermarks(self, partition: int) -> tuple[int, int]:
         """(low, high) offsets of a partition, as ListOffsets reports them.

@@ -1,4 +1,4 @@
-"""What queries return: an execution with its steps, attempts and logs.
+"""What queries return: an execution with its steps, attempts and logs, or its summary.
 
 Every field is derived from events by the fold (invariant 3): nothing here
 lives only in a worker's memory. Times are milliseconds since the Unix epoch,
@@ -110,6 +110,43 @@ class Execution(BaseModel):
     ended_at: int | None = None
     updated_at: int
     duration_ms: int | None = None
+    cancel_reason: str | None = None
+    """The reason given to ``cancel`` (None when none was given or not cancelled)."""
+
+
+class ExecutionSummary(BaseModel):
+    """An execution as lists show it, read from its execution record alone.
+
+    Building one scans no step or log records, so a page of them costs one
+    read per execution however long each has run.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    execution_id: str
+    workflow: str
+    status: ExecutionStatus
+    created_at: int
+    started_at: int | None = None
+    ended_at: int | None = None
+    duration_ms: int | None = None
+    steps: int = 0
+    """How many steps and sleeps it has begun (``Execution.steps`` holds both kinds)."""
+    error: str | None = None
+    """The message of the error it failed with."""
+
+    @classmethod
+    def of(cls, execution: Execution | ExecutionSummary) -> ExecutionSummary:
+        """The summary of ``execution`` (a summary is returned as it is)."""
+        if isinstance(execution, ExecutionSummary):
+            return execution
+        return cls(
+            execution_id=execution.execution_id, workflow=execution.workflow,
+            status=execution.status, created_at=execution.created_at,
+            started_at=execution.started_at, ended_at=execution.ended_at,
+            duration_ms=execution.duration_ms, steps=len(execution.steps),
+            error=execution.error.message if execution.error else None,
+        )
 
 
 class HistoryEntry(BaseModel):

@@ -7,7 +7,7 @@ disk. ``ploy rebuild`` runs :func:`rebuild`; tests and benchmarks call it too.
 A worker holds each partition's RocksDB lock while it runs. Deleting the
 directory under it would not fail on Linux (the lock is advisory) and would
 silently wreck the worker's state, so the lock is checked before anything is
-deleted: a held lock is a :class:`StateLockedError`.
+deleted: a held lock is a :class:`~engine.errors.StateLockedError`.
 """
 
 from __future__ import annotations
@@ -19,33 +19,14 @@ from pathlib import Path
 
 from rocksdict import Options, Rdict
 
-from engine.errors import PloyError
+from engine.errors import RebuildError, StateLockedError
 from engine.log import EventLog
 from engine.view import PartitionView
 
-__all__ = ["RebuildError", "StateLockedError", "clear_state", "rebuild"]
+__all__ = ["clear_state", "rebuild"]
 
 Progress = Callable[[int, int], None]
 """``on_progress(events folded so far, events to fold)``."""
-
-
-class StateLockedError(PloyError):
-    """A partition's RocksDB is open in a running process (a worker or ``ploy dev``)."""
-
-    def __init__(self, path: Path, cause: str):
-        self.path, self.cause = path, cause
-        super().__init__(
-            f"the view at {path} is in use by a running worker (RocksDB lock held); "
-            "stop it first"
-        )
-
-
-class RebuildError(PloyError):
-    """The log cannot give back the whole view."""
-
-    def __init__(self, topic: str, partition: int, problem: str):
-        self.topic, self.partition, self.problem = topic, partition, problem
-        super().__init__(f"cannot rebuild topic '{topic}' partition {partition}: {problem}")
 
 
 def _check_unlocked(db_path: Path) -> None:
@@ -114,8 +95,7 @@ def rebuild(
     for p in range(log.partitions):
         low, high = log.watermarks(p)
         if low > 0:
-            raise RebuildError(log.topic, p, f"the log starts at offset {low}, not 0 "
-                               "(records were deleted by retention)")
+            raise RebuildError(log.topic, p, low)
         total += high
     views = {p: PartitionView(state_path / f"p{p}", log.topic, p, log.codec)
              for p in range(log.partitions)}

@@ -79,9 +79,9 @@ from engine.events import (
 )
 from engine.execution import ExecutionRunner, to_json
 from engine.log import EventLog
-from engine.models import Execution, ExecutionStatus, HistoryEntry
+from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
 from engine.timers import TimerService
-from engine.view import PartitionView, build_execution, history_entries
+from engine.view import PartitionView, build_execution, build_summary, history_entries
 
 logger = logging.getLogger("ploy.runtime")
 
@@ -406,6 +406,35 @@ class Runtime:
                         lost.add(p)
         return lost
 
+    async def partitions_report(self) -> list[dict[str, Any]]:
+        """Who runs each partition (its claim on the log), and how far behind it is.
+
+        Works on any Kafka-protocol broker: ownership comes from the claims in
+        the view, the owner's position from the offsets its group commits, and
+        the end of the log from this process's own read view.
+        """
+        try:
+            committed = await asyncio.to_thread(self.log.committed, self.config.kafka.group_id)
+        except Exception as exc:  # no group yet, or a broker without the API
+            logger.debug("committed offsets: %s", exc)
+            committed = {}
+        report = []
+        for p, view in sorted(self.views.items()):
+            claim = view.claim() or {}
+            position = committed.get(p)
+            report.append({
+                "partition": p,
+                "worker": claim.get("worker"),
+                "epoch": claim.get("epoch", 0),
+                "fenced_events": claim.get("fenced", 0),
+                "end_offset": view.next_offset,
+                "committed_offset": position,
+                "lag": None if position is None else max(view.next_offset - position, 0),
+                "stalled": str(self.stalled[p]) if p in self.stalled else None,
+                "here": p in self.owned,
+            })
+        return report
+
     # -- running executions --------------------------------------------------------
 
     def _maybe_start(self, eid: str) -> None:
@@ -561,11 +590,11 @@ class Runtime:
             after["ended_at"] is not None and after["cancel_reason"] == reason)
 
     async def list_executions(self, *, workflow: str | None = None, status: str | None = None,
-                              limit: int = 50, offset: int = 0) -> list[Execution]:
+                              limit: int = 50, offset: int = 0) -> list[ExecutionSummary]:
         """Executions newest first, filtered by workflow and status."""
         for p in list(self.views):
             await self._caught_up(p)
-        found: list[Execution] = []
+        found: list[ExecutionSummary] = []
         skipped = 0
         for _, eid, view in self._newest():
             record = view.record(eid)
@@ -575,9 +604,9 @@ class Runtime:
             if skipped < offset:
                 skipped += 1
                 continue
-            execution = build_execution(view, eid)
-            if execution is not None:
-                found.append(execution)
+            summary = build_summary(view, eid)
+            if summary is not None:
+                found.append(summary)
             if len(found) >= limit:
                 break
         return found

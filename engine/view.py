@@ -26,6 +26,7 @@ from engine.models import (
     ErrorInfo,
     Execution,
     ExecutionStatus,
+    ExecutionSummary,
     HistoryEntry,
     LogEntry,
     StepRecord,
@@ -194,6 +195,25 @@ def build_execution(view: PartitionView, eid: str) -> Execution | None:
         ended_at=ex["ended_at"],
         updated_at=ex["updated_at"],
         duration_ms=_duration(ex["started_at"] or ex["created_at"], ex["ended_at"]),
+        cancel_reason=ex["cancel_reason"],
+    )
+
+
+def build_summary(view: PartitionView, eid: str) -> ExecutionSummary | None:
+    """The ExecutionSummary of ``eid`` from its execution record only (no step or log scan)."""
+    ex = view.record(eid)
+    if ex is None:
+        return None
+    return ExecutionSummary(
+        execution_id=ex["id"],
+        workflow=ex["workflow"],
+        status=ExecutionStatus(ex["status"]),
+        created_at=ex["created_at"],
+        started_at=ex["started_at"],
+        ended_at=ex["ended_at"],
+        duration_ms=_duration(ex["started_at"] or ex["created_at"], ex["ended_at"]),
+        steps=ex["seq"],  # the fold numbers steps and sleeps alike from it
+        error=ex["error"]["message"] if ex["error"] else None,
     )
 
 

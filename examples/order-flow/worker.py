@@ -19,8 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from engine import Context, ploy
-from engine.http import RequestContext
+from engine import Context, RequestContext, ploy
 
 # -- models ---------------------------------------------------------------------------
 

@@ -14,8 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from engine import Context, ploy
-from engine.http import RequestContext
+from engine import Context, RequestContext, ploy
 
 
 class PaymentInput(BaseModel):

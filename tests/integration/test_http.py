@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,7 +25,9 @@ from starlette.responses import JSONResponse
 from engine import Engine, ploy
 from engine.config import Config
 from engine.http import admin_enabled, create_app, is_loopback, starlette_path
+from engine.models import ExecutionSummary
 from engine.testing import engine_config, running_engine, wait_for_status
+from engine.view import build_summary
 
 BODY_LIMIT = 2048
 XSS = "<script>alert(1)</script>"
@@ -442,6 +445,10 @@ async def test_cancel(engine: Engine, client: httpx.AsyncClient) -> None:
     assert response.status_code == 200
     assert response.json() == {"cancelled": True}
     assert (await wait_for_status(engine, eid, "cancelled")).status.value == "cancelled"
+    execution = (await client.get(f"/__ploy/api/executions/{eid}")).json()
+    assert execution["cancel_reason"] == "changed my mind"
+    page = (await client.get(f"/__ploy/executions/{eid}")).text
+    assert 'data-testid="cancel-reason">changed my mind<' in page
 
     again = await client.post(f"/__ploy/api/executions/{eid}/cancel")
     assert again.json() == {"cancelled": False}
@@ -617,6 +624,41 @@ async def test_dashboard_pages(engine: Engine, client: httpx.AsyncClient) -> Non
     missing = await client.get("/__ploy/executions/nope")
     assert missing.status_code == 404
     assert "No execution with id nope" in missing.text
+
+
+async def test_a_summary_from_the_record_alone_matches_the_full_execution(
+        engine: Engine, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    done = await trigger(client, "ORDER", {"order_id": "o-s", "amount": 1})
+    sleeping = await trigger(client, "SLOW", None)
+    await wait_for_status(engine, done, "completed")
+    await wait_for_status(engine, sleeping, "sleeping")
+    runtime = engine.runtime
+    for eid in (done, sleeping):
+        view = runtime.views[runtime.log.partition_for(eid)]
+        full = await runtime.get_execution(eid)
+        assert full is not None
+        assert build_summary(view, eid) == ExecutionSummary.of(full)
+    assert build_summary(view, "nope") is None
+
+    # The list endpoint and page take summaries as well as full executions.
+    api_before = (await client.get("/__ploy/api/executions")).json()
+    page_before = (await client.get("/__ploy/")).text
+    full_list = runtime.list_executions
+
+    async def summaries(**query: Any) -> list[ExecutionSummary]:
+        return [ExecutionSummary.of(e) for e in await full_list(**query)]
+
+    monkeypatch.setattr(runtime, "list_executions", summaries)
+    assert (await client.get("/__ploy/api/executions")).json() == api_before
+    page_after = (await client.get("/__ploy/")).text
+    assert _rows(page_after) == _rows(page_before) and len(_rows(page_after)) == 2
+
+
+def _rows(page: str) -> list[str]:
+    """The table rows of the executions page, without the durations (a live one grows)."""
+    rows = re.findall(r'<tr data-testid="execution-row".*?</tr>', page, re.S)
+    duration = r'<td class="num">(?!\d+</td>)[^<]+(<span[^>]*>[^<]*</span>)?</td>'
+    return [re.sub(duration, "", row) for row in rows]
 
 
 # -- a real server -------------------------------------------------------------------------------

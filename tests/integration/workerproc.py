@@ -1,4 +1,4 @@
-"""Run a worker app dir as its own process (for kill -9 tests): python workerproc.py DIR [--scale-out].
+"""Run a worker app dir as its own process (kill -9 tests): workerproc.py DIR [--scale-out].
 
 Kafka, topic prefix and state dir come from the environment, as for `ploy worker`.
 """

@@ -11,8 +11,8 @@ import pytest
 
 from engine.cli import build_parser, format_execution, main
 
-COMMANDS = ["dev", "worker", "trigger", "status", "list", "history", "cancel", "rebuild",
-            "types"]
+COMMANDS = ["dev", "worker", "trigger", "status", "list", "history", "cancel", "workers",
+            "rebuild", "types"]
 
 
 def closed_port() -> int:
@@ -123,6 +123,7 @@ def test_trigger_input_from_a_missing_file(tmp_path: Path,
     ["list"],
     ["history", "abc"],
     ["cancel", "abc"],
+    ["workers"],
 ])
 def test_unreachable_server(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{closed_port()}"
@@ -184,3 +185,11 @@ def test_status_summary_shows_steps_attempts_and_error() -> None:
     assert text.count("RuntimeError: declined") == 5  # the step and each of its attempts
     assert "attempt 4" in text
     assert 'starting  {"a": 1}' in text
+
+
+def test_status_of_a_cancelled_execution_shows_the_reason() -> None:
+    execution: dict[str, Any] = {
+        "execution_id": "e2", "workflow": "nap", "status": "cancelled", "created_at": 0,
+        "duration_ms": 5, "input": None, "cancel_reason": "changed my mind",
+    }
+    assert "reason     changed my mind" in format_execution(execution)
