@@ -278,3 +278,57 @@ def test_a_frozen_worker_is_fenced_and_starts_no_step_after_it_resumes(
     finally:
         for view in views.values():
             view.close()
+
+
+def test_a_worker_joining_under_load_takes_partitions_and_nothing_stalls(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    app = make_app(tmp_path)
+    effects = tmp_path / "effects.log"
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "PLOY_TOPIC_PREFIX": topic_prefix,
+           "PLOY_GROUP_ID": f"{topic_prefix}.workers", "SIDE_EFFECTS": str(effects),
+           "PYTHONPATH": str(HERE.parent.parent)}
+    workers = [spawn(app, env, "w1"), spawn(app, env, "w2")]
+    ids: list[str] = []
+    try:
+        wait_until(lambda: len(set(owners(kafka, topic_prefix, tmp_path).values()) - {""}) == 2,
+                   60, "two workers to claim partitions")
+        log = EventLog(kafka, topic_prefix)
+        joined_at = None
+        deadline = time.monotonic() + 60
+        while joined_at is None or time.monotonic() < joined_at + 2:
+            # A steady stream of executions that each sleep 1 s, until the newcomer has
+            # claimed partitions and a little after.
+            assert time.monotonic() < deadline, "the third worker never claimed a partition"
+            eid = f"exec-{len(ids):03d}"
+            log.append_sync(Event(eid, "work", int(time.time() * 1000),
+                                  WorkflowTriggered(f'{{"n": {len(ids)}, "sleep": 1000}}')))
+            ids.append(eid)
+            if len(ids) == 30:
+                workers.append(spawn(app, env, "w3"))
+            if len(ids) % 20 == 0 and len(workers) == 3 and joined_at is None and str(
+                    workers[2].pid) in {w.split(":")[1] for w in owners(
+                        kafka, topic_prefix, tmp_path).values() if w}:
+                joined_at = time.monotonic()
+            time.sleep(0.03)
+        log.close()
+
+        async def read() -> list[Any]:
+            worker, config = load_app(app, env={**env, "PLOY_STATE_DIR": str(tmp_path / "q")})
+            async with Engine(worker, config, runs=False) as reader:
+                done = [await wait_for_status(reader, eid, timeout_s=90) for eid in ids]
+                return [(d, await reader.runtime.history(d.execution_id)) for d in done]
+
+        results = asyncio.run(read())
+    finally:
+        for proc in workers:
+            proc.send_signal(signal.SIGTERM)
+        for proc in workers:
+            proc.wait(30)
+    assert {d.status for d, _ in results} == {"completed"}
+    worst = 0
+    for _, history in results:
+        times = [h.timestamp for h in history or []]
+        worst = max(worst, *(b - a for a, b in zip(times, times[1:], strict=False)))
+    # No execution waited longer than its own 1 s sleep plus a rebalance (~4 s here).
+    assert worst < 12_000, worst
