@@ -12,6 +12,7 @@ import logging
 import signal
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from engine.bindings import Env
 from engine.builder import Worker, load_worker
@@ -20,6 +21,9 @@ from engine.config import Config, check_bindings, load_config
 from engine.errors import ConfigError
 from engine.log import EventLog
 from engine.runtime import Runtime
+
+if TYPE_CHECKING:
+    from connectors import Connectors
 
 logger = logging.getLogger("ploy")
 
@@ -36,6 +40,7 @@ class Engine:
         self.scale_out, self.runs = scale_out, runs
         self._log: EventLog | None = None
         self._runtime: Runtime | None = None
+        self.connectors: Connectors | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -49,7 +54,11 @@ class Engine:
         return self.runtime.env
 
     async def start(self) -> None:
-        """Check bindings, connect to Kafka (bounded wait), catch up and resume."""
+        """Check bindings and connectors, connect to Kafka (bounded wait), catch up, resume,
+        then start the connectors of ploy.yaml."""
+        # Imported here: the connectors package imports the engine.
+        from connectors import check_connectors, start_connectors
+
         config = self.config
         servers = config.kafka.bootstrap_servers
         if not servers:
@@ -57,6 +66,7 @@ class Engine:
                               "is not set (ploy dev starts an embedded broker; "
                               "ploy worker needs KAFKA_BOOTSTRAP_SERVERS)")
         check_bindings(config, self.worker.workflows)
+        check_connectors(config, self.worker.workflows)
         kafka = config.kafka
         self._log = await asyncio.to_thread(
             EventLog, servers, kafka.topic_prefix, kafka.partitions, extra=kafka.config,
@@ -66,11 +76,18 @@ class Engine:
         self._runtime = Runtime(self.worker, config, self._log, clock=self.clock,
                                 scale_out=self.scale_out, runs=self.runs)
         await self._runtime.start()
+        self.connectors = await start_connectors(self)
 
     async def stop(self) -> None:
-        """Graceful: running steps finish, nothing more starts, the producer flushes."""
+        """Graceful: sources stop triggering, running steps finish and nothing more
+        starts, sinks drain the last events, the producer flushes."""
+        if self.connectors is not None:
+            await self.connectors.stop_sources()
         if self._runtime is not None:
             await self._runtime.stop()
+        if self.connectors is not None:
+            await self.connectors.stop()
+            self.connectors = None
         if self._log is not None:
             await asyncio.to_thread(self._log.close)
 

@@ -35,6 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+from connectors import dev_archive_dir, dev_restore
+from connectors.cli import add_commands as add_connector_commands
 from engine.app import Engine, load_app
 from engine.builder import Worker
 from engine.client import ApiClient, error_message, quote
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_app_dir(p)
     p.add_argument("--out", default="ploy_env.py", metavar="FILE",
                    help="output file, relative to DIR (default: ploy_env.py)")
+    add_connector_commands(commands)
     return parser
 
 
@@ -243,7 +246,7 @@ class _Run:
         state_path = config.state_dir / f"{config.kafka.topic_prefix}.events"
         if clear_state(state_path):
             self.notes.append(f"cleared the view at {state_path}: the embedded broker "
-                              "starts with an empty log")
+                              "starts with an empty log (refilled from the archive)")
         for old in config.state_dir.glob("tansu-*.log"):
             old.unlink(missing_ok=True)
         self.broker = EmbeddedBroker(log_dir=config.state_dir)
@@ -306,6 +309,10 @@ class _Run:
             # Step 3.
             if not config.kafka.bootstrap_servers:
                 config = await self.embedded_broker(config)
+                config, restored = await asyncio.to_thread(dev_restore, config)
+                if restored:
+                    self.notes.append(f"restored {restored} events from the archive at "
+                                      f"{dev_archive_dir(config)}")
             # Step 4.
             engine = Engine(worker, config, scale_out=self.mode == "worker")
             self.stack.push_async_callback(engine.stop)

@@ -16,7 +16,8 @@ import re
 from collections.abc import Iterable, Mapping
 from keyword import iskeyword
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -26,6 +27,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -35,7 +37,12 @@ from engine.errors import ConfigError, DurationError
 FILENAME = "ploy.yaml"
 _MODEL = ConfigDict(frozen=True, extra="forbid", strict=True)
 # Fields whose ploy.yaml key differs because the value is a duration.
-_YAML_NAME = {"initial_ms": "initial", "max_ms": "max", "connect_timeout_s": "connect_timeout"}
+_YAML_NAME = {
+    "initial_ms": "initial",
+    "max_ms": "max",
+    "connect_timeout_s": "connect_timeout",
+    "timeout_s": "timeout",
+}
 _NOT_IN_YAML = ("path", "root")
 
 
@@ -87,6 +94,130 @@ class HttpConfig(BaseModel):
     admin_token: str | None = Field(default=None, repr=False)
 
 
+# -- connectors (the ``connectors`` package runs them) ------------------------------
+
+_TOPIC = r"^[A-Za-z0-9._-]+$"
+LIFECYCLE_TYPES = (
+    "workflow.triggered",
+    "workflow.started",
+    "step.started",
+    "step.completed",
+    "step.retrying",
+    "step.failed",
+    "workflow.sleeping",
+    "timer.fired",
+    "workflow.log",
+    "workflow.cancel_requested",
+    "workflow.cancelled",
+    "workflow.completed",
+    "workflow.failed",
+)
+"""Lifecycle event types a sink can select (CloudEvents type ``dev.ploy.<name>``)."""
+CLOUDEVENTS_TYPE_PREFIX = "dev.ploy."
+
+
+class SourceConfig(BaseModel):
+    """``sources:`` entry: records of ``topic`` trigger the workflow of ``binding``."""
+
+    model_config = _MODEL
+    topic: str = Field(min_length=1, pattern=_TOPIC)
+    binding: str = Field(min_length=1)
+    format: Literal["json", "cloudevents", "avro"] = "json"
+    schema_dir: Path | None = None
+    dead_letter_topic: str | None = Field(default=None, min_length=1, pattern=_TOPIC)
+
+    @model_validator(mode="after")
+    def _avro_needs_schemas(self) -> SourceConfig:
+        if self.format == "avro" and self.schema_dir is None:
+            raise ValueError("format avro needs schema_dir (a directory of <schema id>.avsc)")
+        return self
+
+    @property
+    def dead_letters(self) -> str:
+        """The dead-letter topic: ``dead_letter_topic`` or ``<topic>.dlq``."""
+        return self.dead_letter_topic or f"{self.topic}.dlq"
+
+
+def _lifecycle_types(value: object) -> object:
+    """Accept ``step.completed`` or ``dev.ploy.step.completed``; keep the short name."""
+    if not isinstance(value, list):
+        return value
+    names = []
+    for item in value:
+        name = item.removeprefix(CLOUDEVENTS_TYPE_PREFIX) if isinstance(item, str) else item
+        if name not in LIFECYCLE_TYPES:
+            raise ValueError(f"unknown lifecycle type {item!r}; one of: "
+                             + ", ".join(LIFECYCLE_TYPES))
+        names.append(name)
+    return names
+
+
+class _Filtered(BaseModel):
+    """A sink of lifecycle events; ``None`` selects every workflow / every type."""
+
+    model_config = _MODEL
+    workflows: list[str] | None = None
+    types: list[str] | None = None
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _known_types(cls, value: object) -> object:
+        return _lifecycle_types(value)
+
+    def selects(self, workflow: str, type_name: str) -> bool:
+        """Whether an event of ``workflow`` with lifecycle type ``type_name`` goes out."""
+        return (self.workflows is None or workflow in self.workflows) and (
+            self.types is None or type_name in self.types)
+
+
+class TopicSink(_Filtered):
+    """``kind: topic``: lifecycle events as CloudEvents JSON on a Kafka topic."""
+
+    kind: Literal["topic"]
+    topic: str = Field(min_length=1, pattern=_TOPIC)
+
+
+class WebhookSink(_Filtered):
+    """``kind: webhook``: lifecycle events POSTed as signed CloudEvents JSON."""
+
+    kind: Literal["webhook"]
+    url: str
+    secret: str = Field(min_length=1, repr=False)
+    max_attempts: int = Field(default=5, ge=1)
+    backoff: Backoff = Field(default_factory=lambda: Backoff(initial_ms=1000, max_ms=300_000))
+    timeout_s: float = Field(default=10.0, gt=0)
+    dead_letter_topic: str | None = Field(default=None, min_length=1, pattern=_TOPIC)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return value
+
+
+class ArchiveSink(BaseModel):
+    """``kind: archive``: every event into Avro container files, rolled by size and time."""
+
+    model_config = _MODEL
+    kind: Literal["archive"]
+    dir: Path
+    roll_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    roll_seconds: float = Field(default=300.0, gt=0)
+
+
+Sink = Annotated[TopicSink | WebhookSink | ArchiveSink, Field(discriminator="kind")]
+SINK_KINDS: dict[str, type[BaseModel]] = {
+    "topic": TopicSink, "webhook": WebhookSink, "archive": ArchiveSink,
+}
+
+
 class Config(BaseModel):
     """Everything configurable, validated and frozen. Build it with :func:`load_config`."""
 
@@ -104,6 +235,8 @@ class Config(BaseModel):
     http: HttpConfig = Field(default_factory=HttpConfig)
     state_dir: Path = Path(".ploy")
     max_payload_bytes: int = Field(default=900_000, ge=1)
+    sources: list[SourceConfig] = Field(default_factory=list)
+    sinks: list[Sink] = Field(default_factory=list)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
@@ -120,6 +253,9 @@ class Config(BaseModel):
         state_dir = data.get("state_dir", Path(".ploy"))
         if isinstance(root, Path) and isinstance(state_dir, Path):
             data["state_dir"] = root / state_dir  # an absolute state_dir stays as is
+        if isinstance(root, Path):
+            data["sources"] = _anchor_items(data.get("sources"), "schema_dir", root)
+            data["sinks"] = _anchor_items(data.get("sinks"), "dir", root)
         return data
 
     @model_validator(mode="after")
@@ -128,6 +264,36 @@ class Config(BaseModel):
         if isinstance(info.context, dict):
             self._lines.update(info.context.get("lines", {}))
         return self
+
+    @model_validator(mode="after")
+    def _check_connectors(self) -> Config:
+        """Sources name a binding and a schema dir that exist; no connector is listed twice.
+
+        Raises ConfigError itself (pydantic passes it through) to name the key and line.
+        """
+        topics: set[str] = set()
+        for i, source in enumerate(self.sources):
+            if source.binding not in self.workflow:
+                bound = ", ".join(sorted(self.workflow)) or "none"
+                raise self._error(f"sources.{i}.binding", f"names binding '{source.binding}' "
+                                  f"which 'workflow:' does not define (bound: {bound})")
+            if source.schema_dir is not None and not source.schema_dir.is_dir():
+                raise self._error(f"sources.{i}.schema_dir",
+                                  f"{source.schema_dir} is not a directory")
+            if source.topic in topics:
+                raise self._error(f"sources.{i}.topic", f"topic '{source.topic}' has two sources")
+            topics.add(source.topic)
+        seen: set[str] = set()
+        for i, sink in enumerate(self.sinks):
+            target = (sink.topic if isinstance(sink, TopicSink) else
+                      sink.url if isinstance(sink, WebhookSink) else str(sink.dir))
+            if f"{sink.kind}:{target}" in seen:
+                raise self._error(f"sinks.{i}", f"a second {sink.kind} sink to {target}")
+            seen.add(f"{sink.kind}:{target}")
+        return self
+
+    def _error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(str(self.path or FILENAME), key, problem, self.line_of(key))
 
     def binding_for(self, workflow_name: str) -> str | None:
         """Return the first binding name that calls ``workflow_name``, if any."""
@@ -223,8 +389,9 @@ def load_config(
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
-        key = ".".join(_YAML_NAME.get(str(p), str(p)) for p in err["loc"])
+        got = "" if err["type"] == "missing" or _is_secret(err["loc"]) else (
+            f" (got {err['input']!r})")
+        key = ".".join(_YAML_NAME.get(str(p), str(p)) for p in _yaml_loc(err["loc"]))
         if loc in sources:
             raise ConfigError(sources[loc], key, err["msg"] + got) from None
         raise doc.error(key, err["msg"] + got) from None
@@ -244,6 +411,29 @@ def check_bindings(config: Config, workflow_names: Iterable[str]) -> None:
             problem = f"names workflow '{target.name}' which the worker does not define"
             file = str(config.path or FILENAME)
             raise ConfigError(file, key, f"{problem} (defines: {defined})", config.line_of(key))
+
+
+def _anchor_items(items: object, field: str, root: Path) -> object:
+    """Connector entries with ``field`` (a path) made a Path under ``root`` if relative."""
+    if not isinstance(items, list):
+        return items if items is not None else []
+    out: list[object] = []
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get(field), str | Path):
+            item = {**item, field: root / Path(item[field])}
+        out.append(item)
+    return out
+
+
+def _yaml_loc(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """A pydantic error location without the union tag pydantic puts after ``sinks.N``."""
+    if len(loc) >= 3 and loc[0] == "sinks" and loc[2] in SINK_KINDS:
+        return loc[:2] + loc[3:]
+    return loc
+
+
+def _is_secret(loc: tuple[int | str, ...]) -> bool:
+    return bool(loc) and loc[-1] == "secret"
 
 
 def _find(path: str | Path | None) -> Path | None:
@@ -311,6 +501,11 @@ class _Doc:
         return self._translate(raw)
 
     def _index(self, node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.SequenceNode):  # connector lists: key "sinks.0.url"
+            for i, item in enumerate(node.value):
+                self.lines[f"{prefix}{i}"] = item.start_mark.line + 1
+                self._index(item, f"{prefix}{i}.")
+            return
         if not isinstance(node, yaml.MappingNode):
             return
         for key_node, value_node in node.value:
@@ -340,6 +535,48 @@ class _Doc:
             except DurationError as exc:
                 raise self.error(f"{at}.{key}", str(exc)) from None
 
+    def _durations_of(self, section: dict[str, Any], at: str) -> None:
+        """Nested durations of one connector entry (``timeout``, ``backoff.initial/max``)."""
+        holder = {at: section}
+        self._duration(holder, at, "timeout", "timeout_s", 0.001)
+        if "backoff" in section:
+            section["backoff"] = self._mapping(section["backoff"], f"{at}.backoff", Backoff)
+            holder = {f"{at}.backoff": section["backoff"]}
+            self._duration(holder, f"{at}.backoff", "initial", "initial_ms", 1)
+            self._duration(holder, f"{at}.backoff", "max", "max_ms", 1)
+
+    def _sources(self, value: object) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error("sources", "must be a list of {topic, binding, format, ...}")
+        sources = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.error(f"sources.{i}", "must be a mapping with topic and binding")
+            sources.append(self._mapping(item, f"sources.{i}", SourceConfig))
+        return sources
+
+    def _sinks(self, value: object) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error("sinks", "must be a list of {kind: topic|webhook|archive, ...}")
+        kinds = ", ".join(SINK_KINDS)
+        sinks = []
+        for i, item in enumerate(value):
+            key = f"sinks.{i}"
+            if not isinstance(item, dict) or "kind" not in item:
+                raise self.error(key, f"must be a mapping with 'kind' (one of: {kinds})")
+            model = SINK_KINDS.get(item["kind"]) if isinstance(item["kind"], str) else None
+            if model is None:
+                raise self.error(f"{key}.kind", f"unknown connector kind {item['kind']!r}; "
+                                 f"one of: {kinds}")
+            sink = self._mapping(item, key, model)
+            self._durations_of(sink, key)
+            sinks.append(sink)
+        return sinks
+
     def _translate(self, raw: dict[str, Any]) -> dict[str, Any]:
         data = self._mapping(raw, "", Config)
         for name, model in (("backoff", Backoff), ("kafka", KafkaConfig), ("http", HttpConfig)):
@@ -352,6 +589,10 @@ class _Doc:
             data["kafka"]["config"] = self._librdkafka(data["kafka"]["config"])
         if "workflow" in data:
             data["workflow"] = self._bindings(data["workflow"])
+        if "sources" in data:
+            data["sources"] = self._sources(data["sources"])
+        if "sinks" in data:
+            data["sinks"] = self._sinks(data["sinks"])
         return data
 
     def _librdkafka(self, value: object) -> dict[str, str]:

@@ -1,0 +1,140 @@
+"""The Kafka plumbing the connectors share: producers, topics, acknowledged batches.
+
+Every connector produces with the engine's producer settings (idempotent,
+``acks=all``), so the records of one partition keep their order, and waits for
+the acknowledgement of a batch before it moves its own position on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from connectors.errors import DeliveryError
+from engine.log import (
+    CONSUMER_DEFAULTS,
+    CONSUMER_FIXED,
+    PRODUCER_DEFAULTS,
+    PRODUCER_FIXED,
+    EventLog,
+    client_config,
+)
+
+Headers = list[tuple[str, bytes]]
+
+
+def make_producer(log: EventLog) -> Producer:
+    """A producer with the engine's settings on the engine's Kafka."""
+    return Producer({
+        **PRODUCER_DEFAULTS,
+        **client_config(log.bootstrap_servers, log.extra),
+        **PRODUCER_FIXED,
+    })
+
+
+def make_consumer(log: EventLog, group_id: str, **overrides: Any) -> Consumer:
+    """A consumer for ``assign()`` (no group join, no commits): offsets are ours to keep."""
+    return Consumer({
+        **CONSUMER_DEFAULTS,
+        **client_config(log.bootstrap_servers, log.extra),
+        "group.id": group_id,
+        **overrides,
+        **CONSUMER_FIXED,
+    })
+
+
+def partitions_of(log: EventLog, topic: str) -> int | None:
+    """How many partitions ``topic`` has, or None if it does not exist (yet).
+
+    Asks for the metadata of every topic: a request naming a missing topic
+    makes brokers with ``auto.create.topics.enable`` (Tansu, Kafka's default)
+    create it, with their default partition count.
+    """
+    admin = AdminClient(client_config(log.bootstrap_servers, log.extra))
+    try:
+        metadata = admin.list_topics(timeout=log.connect_timeout_s)
+    except KafkaException:
+        return None
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        return None
+    return len(found.partitions)
+
+
+def ensure_topic(log: EventLog, topic: str, partitions: int,
+                 config: Mapping[str, str] | None = None) -> int:
+    """Create ``topic`` if it is missing; return its partition count."""
+    existing = partitions_of(log, topic)
+    if existing is not None:
+        return existing
+    admin = AdminClient(client_config(log.bootstrap_servers, log.extra))
+    new = NewTopic(topic, partitions, 1, config=dict(config or {}))
+    try:
+        admin.create_topics([new])[topic].result(log.connect_timeout_s)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+    deadline = time.monotonic() + log.connect_timeout_s
+    while (count := partitions_of(log, topic)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the metadata may trail the creation by a moment
+    return count or partitions
+
+
+class Batch:
+    """Records produced together; :meth:`wait` returns once every one is acknowledged.
+
+    The delivery callbacks run inside ``flush``, on the waiting thread.
+    """
+
+    def __init__(self, producer: Producer, connector: str):
+        self.producer, self.connector = producer, connector
+        self.pending = 0
+        self.errors: list[str] = []
+        self.delivered: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None = None, *,
+                headers: Headers | None = None, partition: int | None = None) -> None:
+        """Queue one record; a full local queue is drained first, never dropped."""
+        kwargs: dict[str, Any] = {"value": value, "key": key, "headers": headers,
+                                  "on_delivery": self._delivered}
+        if partition is not None:
+            kwargs["partition"] = partition
+        while True:
+            try:
+                self.producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                self.producer.poll(0.1)
+            except KafkaException as exc:
+                raise DeliveryError(self.connector, f"produce to '{topic}': {exc.args[0]}"
+                                    ) from None
+        self.pending += 1
+
+    def _delivered(self, err: KafkaError | None, msg: Any) -> None:
+        with self._lock:
+            if err is not None:
+                self.errors.append(f"'{msg.topic()}': {err.str()}")
+            else:
+                self.delivered.append((cast(int, msg.partition()), cast(int, msg.offset())))
+
+    def wait(self, timeout_s: float = 30.0) -> None:
+        """Block until every record is acknowledged.
+
+        Raises:
+            DeliveryError: A record was refused or not acknowledged in time.
+        """
+        if self.pending == 0:
+            return
+        left = self.producer.flush(timeout_s)
+        if left:
+            raise DeliveryError(self.connector, f"{left} records not acknowledged within "
+                                f"{timeout_s:g} s")
+        if self.errors:
+            raise DeliveryError(self.connector, f"{len(self.errors)} records refused, first "
+                                f"{self.errors[0]}")
