@@ -24,7 +24,15 @@ long        a 500-step execution: per-step time near step 10 vs near step 500
 The sleepers share one wake time on a :class:`~engine.clock.ManualClock`:
 the bench advances it to the wake time once every execution sleeps, so the
 figure is the engine's (timer poll, TimerFired, fold, replay, step, completion)
-and does not depend on how long triggering took.
+and does not depend on how long triggering took. Their RSS is this process's,
+so with other scenarios in the run they run in a fresh child process.
+
+``throughput`` also splits its CPU per execution by thread (event loop, fold
+thread, librdkafka, the producer's poll thread) and, with the embedded broker,
+the broker's. The ``rebuild`` log is loaded with a lingering producer (see
+:func:`rebuild`). Lines starting with ``#`` note the host and its load: the
+figures of a busy host are pessimistic. ``--check`` exits 1 when a target is
+missed; a scenario that fails always does.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -69,8 +78,12 @@ __all__ = ["FULL", "QUICK", "SCENARIOS", "Figure", "Sizes", "Target", "main", "p
 
 SCENARIOS = ("floor", "log", "step", "sequential", "throughput", "rebuild", "sleepers", "long")
 NEEDS_FLOOR = ("log", "step")
+# Measures this process's memory: run in a fresh process when other scenarios run too.
+ISOLATED = ("sleepers",)
 LINE_FIELDS = ("scenario", "metric", "value", "unit")
 SETTLE_TIMEOUT_S = 300.0
+# Producer settings for loading a large log at once (not the engine's: it appends with linger 0).
+BULK_LOAD = {"linger.ms": "20", "batch.num.messages": "10000"}
 
 progress = logging.getLogger("ploy.bench")
 
@@ -111,6 +124,14 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.op} {self.bound:g}"
+
+    @classmethod
+    def parse(cls, text: str | None) -> Target | None:
+        """The inverse of ``str()``; None for None."""
+        if text is None:
+            return None
+        op, bound = text.split()
+        return cls(op, float(bound))
 
 
 @dataclass(frozen=True)
@@ -180,6 +201,40 @@ def cpu_seconds_of(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+THREAD_GROUPS = (("MainThread", "loop"), ("ploy-fold", "fold"), ("rdk:", "librdkafka"),
+                 ("ploy-producer", "producer_poll"), ("ploy-step", "step_pool"))
+
+
+def thread_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds of each thread of this process: {tid: (group, seconds)}.
+
+    Groups: the event loop, the fold thread, librdkafka's threads, the producer's
+    poll thread, the step pool, and everything else.
+    """
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    found: dict[int, tuple[str, float]] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        tid = int(task.name)
+        name = names.get(tid) or stat[stat.index("(") + 1:stat.rindex(")")]
+        group = next((g for prefix, g in THREAD_GROUPS if name.startswith(prefix)), "other")
+        fields = stat.rsplit(")", 1)[1].split()
+        found[tid] = (group, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    return found
+
+
+def cpu_by_group(before: dict[int, tuple[str, float]],
+                 after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent by each thread group between two :func:`thread_cpu` readings."""
+    spent: dict[str, float] = {}
+    for tid, (group, seconds) in after.items():
+        spent[group] = spent.get(group, 0.0) + seconds - before.get(tid, (group, 0.0))[1]
+    return spent
+
+
 # -- the run ----------------------------------------------------------------------
 
 
@@ -191,6 +246,7 @@ class Bench:
     root: Path
     sizes: Sizes
     broker_pid: int | None = None
+    quick: bool = False
     figures: list[Figure] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
     floor_p50_ms: float | None = None
@@ -257,7 +313,8 @@ def bench_worker(probe: Probe, clock: Clock | None = None) -> Worker:
         probe.returned += 1
         return True
 
-    return ploy().workflow("steps", None, steps).workflow("sleeper", None, sleeper).build()  # type: ignore[no-any-return]
+    app = ploy().workflow("steps", None, steps).workflow("sleeper", None, sleeper)
+    return app.build()
 
 
 @asynccontextmanager
@@ -362,15 +419,20 @@ def append_batched(log: EventLog, events: Iterator[Event] | Sequence[Event]) -> 
     return count
 
 
-def fold_all(log: EventLog, state: Path) -> int:
-    """Fold the whole topic from offset 0 into empty views under ``state``; events folded."""
+def fold_all(log: EventLog, state: Path) -> tuple[int, float]:
+    """Fold the whole topic from offset 0 into empty views under ``state``.
+
+    Returns (events folded, seconds spent inside ``PartitionView.apply``).
+    """
     views = {p: PartitionView(state / f"p{p}", log.topic, p, log.codec)
              for p in range(log.partitions)}
-    folded = 0
+    folded, applying = 0, 0.0
     try:
         for batches in log.read_until_end({p: 0 for p in views}):
             for p, records in batches.items():
+                started = time.perf_counter()
                 applied, failure = views[p].apply(records)
+                applying += time.perf_counter() - started
                 folded += len(applied)
                 if failure is not None:
                     raise failure
@@ -378,17 +440,18 @@ def fold_all(log: EventLog, state: Path) -> int:
         for view in views.values():
             view.close()
     shutil.rmtree(state, ignore_errors=True)
-    return folded
+    return folded, applying
 
 
-def timed_fold(bench: Bench, log: EventLog, name: str, expected: int) -> float:
-    """Events/s of one fold of the whole topic into a fresh directory."""
+def timed_fold(bench: Bench, log: EventLog, name: str, expected: int) -> tuple[float, float]:
+    """One fold of the whole topic into a fresh directory: (events/s end to end,
+    events/s of the time inside ``PartitionView.apply`` alone)."""
     started = time.perf_counter()
-    folded = fold_all(log, bench.state_dir(name))
+    folded, applying = fold_all(log, bench.state_dir(name))
     elapsed = time.perf_counter() - started
     if folded != expected:
         raise RuntimeError(f"folded {folded} events, appended {expected}")
-    return folded / elapsed
+    return folded / elapsed, folded / applying
 
 
 # -- scenarios ---------------------------------------------------------------------
@@ -418,21 +481,26 @@ async def log_scenario(bench: Bench) -> None:
     """Batched appends and their fold; append latency is the floor's."""
     sizes = bench.sizes
     per_execution = sizes.log_events // sizes.log_executions
-    append_rates, fold_rates = [], []
+    append_rates: list[float] = []
+    fold_rates: list[tuple[float, float]] = []
     for repeat in range(sizes.repeats):
         log = await asyncio.to_thread(bench.event_log, "log")
         try:
             events = list(synthetic_events(sizes.log_events, per_execution,
                                            sizes.log_executions))
+            await asyncio.to_thread(log.append_sync, events[0])  # connect first
             started = time.perf_counter()
-            count = await asyncio.to_thread(append_batched, log, events)
+            count = await asyncio.to_thread(append_batched, log, events[1:])
             append_rates.append(count / (time.perf_counter() - started))
+            count += 1
             fold_rates.append(await asyncio.to_thread(timed_fold, bench, log, f"log{repeat}",
                                                       count))
         finally:
             await asyncio.to_thread(log.close)
     bench.add("log", "appended", statistics.median(append_rates), "events/s")
-    bench.add("log", "folded", statistics.median(fold_rates), "events/s")
+    bench.add("log", "folded", statistics.median(r[0] for r in fold_rates), "events/s")
+    bench.add("log", "folded_apply_only", statistics.median(r[1] for r in fold_rates),
+              "events/s")
     assert bench.floor_p50_ms is not None and bench.floor_p99_ms is not None
     bench.add("log", "append_p50", bench.floor_p50_ms, "ms")
     bench.add("log", "append_p99", bench.floor_p99_ms, "ms")
@@ -489,43 +557,63 @@ async def sequential(bench: Bench) -> None:
 async def throughput(bench: Bench) -> None:
     """Executions of 3 steps, all triggered at once; median over repeats."""
     n = bench.sizes.throughput
-    rates, cpu, broker_cpu = [], [], []
+    rates: list[float] = []
+    cpu: dict[str, list[float]] = {}
     for _ in range(bench.sizes.repeats):
         probe = Probe()
         async with engine_on(bench, "throughput", bench_worker(probe)) as engine:
             await _warm_up(engine, probe)
-            cpu0, broker0 = time.process_time(), bench.broker_cpu()
+            cpu0, threads0, broker0 = time.process_time(), thread_cpu(), bench.broker_cpu()
             started = time.perf_counter()
             ids = await trigger_all(engine, "steps", [{"steps": 3}] * n, chunk=n)
             await settle(engine, probe, n, ids)
             elapsed = time.perf_counter() - started
-            cpu.append(ms((time.process_time() - cpu0) / n))
+            spent = cpu_by_group(threads0, thread_cpu())
+            spent["process"] = time.process_time() - cpu0
             broker1 = bench.broker_cpu()
             if broker0 is not None and broker1 is not None:
-                broker_cpu.append(ms((broker1 - broker0) / n))
+                spent["broker"] = broker1 - broker0
+            for group, seconds in spent.items():
+                cpu.setdefault(group, []).append(ms(seconds / n))
             expect(engine, ids, "completed")
             rates.append(n / elapsed)
     rate = statistics.median(rates)
     bench.add("throughput", "completed", rate, "exec/s", Target(">=", 500))
     bench.add("throughput", "steps", 3 * rate, "steps/s")
-    bench.add("throughput", "cpu_per_execution", statistics.median(cpu), "ms")
-    if broker_cpu:
-        bench.add("throughput", "broker_cpu_per_execution", statistics.median(broker_cpu), "ms")
+    bench.add("throughput", "cpu_per_execution", statistics.median(cpu.pop("process")), "ms")
+    for group in ("loop", "fold", "librdkafka", "producer_poll", "step_pool", "other", "broker"):
+        if group in cpu:
+            bench.add("throughput", f"cpu_{group}_per_execution", statistics.median(cpu[group]),
+                      "ms")
 
 
 async def rebuild(bench: Bench) -> None:
-    """Refold a log of many 3-step executions (9 events each) from offset 0."""
+    """Refold a log of many 3-step executions (9 events each) from offset 0.
+
+    The log is loaded with a lingering producer (large record batches), as a
+    busy worker's log has them: the embedded broker serves a fetch per record
+    batch, at a cost that grows with the partition, so a log of tiny batches
+    measures the broker rather than the fold.
+    """
     total = bench.sizes.rebuild_events
-    log = await asyncio.to_thread(bench.event_log, "rebuild")
+    prefix = bench.prefix("rebuild")
+    loader = await asyncio.to_thread(EventLog, bench.servers, prefix, extra=BULK_LOAD)
     try:
-        count = await asyncio.to_thread(append_batched, log,
+        count = await asyncio.to_thread(append_batched, loader,
                                         synthetic_events(total, 9, 1_000))
+    finally:
+        await asyncio.to_thread(loader.close)
+    log = await asyncio.to_thread(EventLog, bench.servers, prefix)
+    try:
         rates = [await asyncio.to_thread(timed_fold, bench, log, f"rebuild{repeat}", count)
                  for repeat in range(bench.sizes.repeats)]
     finally:
         await asyncio.to_thread(log.close)
     bench.add("rebuild", "events", count, "count")
-    bench.add("rebuild", "folded", statistics.median(rates), "events/s", Target(">=", 50_000))
+    bench.add("rebuild", "folded", statistics.median(r[0] for r in rates), "events/s",
+              Target(">=", 50_000))
+    bench.add("rebuild", "folded_apply_only", statistics.median(r[1] for r in rates),
+              "events/s")
 
 
 async def sleepers(bench: Bench) -> None:
@@ -602,7 +690,7 @@ def table(figures: Sequence[Figure]) -> str:
     """The figures as an aligned, readable table."""
     header = ("scenario", "metric", "value", "unit", "target", "ok?")
     rows = [header] + [
-        (f.scenario, f.metric, f"{f.value:.4g}", f.unit, str(f.target or ""),
+        (f.scenario, f.metric, _readable(f.value), f.unit, str(f.target or ""),
          {True: "yes", False: "NO", None: ""}[f.ok])
         for f in figures
     ]
@@ -612,6 +700,10 @@ def table(figures: Sequence[Figure]) -> str:
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _readable(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def selected(names: Sequence[str]) -> list[str]:
@@ -634,12 +726,34 @@ def kafka() -> Iterator[tuple[str, int | None]]:
         yield broker.bootstrap_servers, broker.pid
 
 
+async def in_child(bench: Bench, name: str) -> None:
+    """Run one scenario in a fresh ``python -m engine.bench`` on the same broker."""
+    out = bench.root / f"{name}.json"
+    command = [sys.executable, "-m", "engine.bench", name, "--json", str(out)]
+    if bench.quick:
+        command.append("--quick")
+    child = await asyncio.create_subprocess_exec(
+        *command, env={**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bench.servers},
+        stdout=asyncio.subprocess.DEVNULL)
+    await child.wait()
+    if not out.is_file():
+        raise RuntimeError(f"{' '.join(command)} exited {child.returncode} without figures")
+    result = json.loads(out.read_text())
+    for f in result["figures"]:
+        bench.add(f["scenario"], f["metric"], f["value"], f["unit"], Target.parse(f["target"]))
+    if result["errors"]:
+        raise RuntimeError("; ".join(result["errors"].values()))
+
+
 async def run(bench: Bench, names: Sequence[str]) -> None:
     for name in names:
         progress.info("running %s", name)
         started = time.perf_counter()
         try:
-            await RUNNERS[name](bench)
+            if name in ISOLATED and len(names) > 1:
+                await in_child(bench, name)
+            else:
+                await RUNNERS[name](bench)
         except Exception as exc:  # report and go on with the next scenario
             progress.exception("scenario %s failed", name)
             bench.errors[name] = f"{type(exc).__name__}: {exc}"
@@ -663,6 +777,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def host() -> str:
+    """A comment line on the machine: figures on a busy host are pessimistic."""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"# host: {os.cpu_count()} cpus, load average {load}, python {sys.version.split()[0]}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
@@ -670,16 +790,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress.setLevel(logging.INFO)
     names = selected(args.scenarios)
     sizes = QUICK if args.quick else FULL
+    hosts = [host()]
+    print(hosts[0], flush=True)
     with kafka() as (servers, pid), tempfile.TemporaryDirectory(prefix="ploy-bench-") as tmp:
-        bench = Bench(servers, Path(tmp), sizes, pid)
+        bench = Bench(servers, Path(tmp), sizes, pid, quick=args.quick)
         asyncio.run(run(bench, names))
+    hosts.append(host())
     print()
     print(table(bench.figures))
+    print(hosts[1])
     for name, error in bench.errors.items():
         print(f"FAILED {name}: {error}")
     if args.json is not None:
         args.json.write_text(json.dumps({
-            "quick": args.quick, "scenarios": names, "errors": bench.errors,
+            "quick": args.quick, "scenarios": names, "errors": bench.errors, "host": hosts,
             "figures": [f.as_json() for f in bench.figures]}, indent=2) + "\n")
     missed = any(f.ok is False for f in bench.figures)
     return 1 if bench.errors or (args.check and missed) else 0
