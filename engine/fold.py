@@ -111,7 +111,7 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> None
     ex = tx.get(keys.execution(eid))
     if isinstance(body, WorkflowTriggered):
         if ex is None:
-            ex = _new_execution(event, body, partition)
+            ex = new_execution(event, body, partition)
             tx.put_raw(keys.active(eid), b"")
             tx.put_raw(keys.created(event.timestamp, eid), b"")
     elif ex is None:
@@ -142,7 +142,7 @@ def _fenced(tx: Tx, event: Event, offset: int) -> bool:
     return True
 
 
-def _new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Record:
+def new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Record:
     return {
         "id": event.execution_id,
         "workflow": event.workflow,

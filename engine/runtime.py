@@ -78,6 +78,7 @@ from engine.events import (
     claim_id,
 )
 from engine.execution import ExecutionRunner, to_json
+from engine.fold import new_execution
 from engine.log import EventLog
 from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
 from engine.timers import TimerService
@@ -119,6 +120,7 @@ class Runtime:
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._resume_after: set[str] = set()
+        self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
         self._waiters: dict[int, list[tuple[int, asyncio.Future[None]]]] = {}
         self._fold_stop = threading.Event()
         self._fold_thread: threading.Thread | None = None
@@ -206,8 +208,14 @@ class Runtime:
     # -- folding ----------------------------------------------------------------
 
     def _poll(self, timeout_s: float) -> dict[int, list[tuple[int, bytes]]]:
+        """What has arrived, as soon as anything has: wait for one record, then take
+        what is queued without waiting (``consume(n, t)`` alone waits the whole ``t``
+        unless ``n`` records arrive, which put up to 50 ms on every fold hop)."""
         by_partition: dict[int, list[tuple[int, bytes]]] = {}
-        for msg in self._consumer.consume(5000, timeout_s):
+        first = self._consumer.poll(timeout_s)
+        if first is None:
+            return by_partition
+        for msg in [first, *self._consumer.consume(4999, 0)]:
             if msg.error() is not None:
                 logger.warning("consumer: %s", msg.error())
                 continue
@@ -257,7 +265,9 @@ class Runtime:
         """On the event loop: react to what the fold applied, wake waiting readers."""
         for _, event in applied:
             body = event.body
-            if isinstance(body, WorkflowTriggered | TimerFired):
+            if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
+                self._started_on_ack.discard(event.execution_id)  # trigger() started it
+            elif isinstance(body, WorkflowTriggered | TimerFired):
                 self._maybe_start(event.execution_id)
             elif isinstance(body, CancelRequested):
                 self._on_cancel(event.execution_id)
@@ -454,9 +464,11 @@ class Runtime:
         if workflow is None:
             self._fail_unknown(record)
             return
-        runner = ExecutionRunner(self, record, view.steps(eid), workflow)
-        self.runners[eid] = runner
-        task = asyncio.create_task(self._drive(runner), name=f"ploy-exec-{eid}")
+        self._run(ExecutionRunner(self, record, view.steps(eid), workflow))
+
+    def _run(self, runner: ExecutionRunner) -> None:
+        self.runners[runner.id] = runner
+        task = asyncio.create_task(self._drive(runner), name=f"ploy-exec-{runner.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -512,6 +524,10 @@ class Runtime:
            trigger with the key names the same execution.
         3. With a key, return the existing execution if the view has it.
         4. Append and wait for the acknowledgement.
+        5. If this process runs the partition, start the execution now, with the
+           value in hand (as a step goes on after its ack): the fold's
+           ``WorkflowTriggered`` then starts nothing. If the fold got there
+           first, it has started it already.
         """
         wf = self._workflow(workflow)
         # Step 1.
@@ -525,9 +541,16 @@ class Runtime:
             if await self._record(eid) is not None:
                 return eid
         # Step 4.
-        await self.log.append(Event(eid, workflow, self.clock.now(),
-                                    WorkflowTriggered(text, idempotency_key),
-                                    epoch=self.epoch_of(eid)))
+        event = Event(eid, workflow, self.clock.now(), WorkflowTriggered(text, idempotency_key),
+                      epoch=self.epoch_of(eid))
+        partition, offset = await self.log.append(event)
+        # Step 5.
+        view = self.views.get(partition)
+        if (view is not None and view.next_offset <= offset and partition in self.owned
+                and not self.stopping and eid not in self.runners):
+            assert isinstance(event.body, WorkflowTriggered)
+            self._started_on_ack.add(eid)
+            self._run(ExecutionRunner(self, new_execution(event, event.body, partition), [], wf))
         return eid
 
     def _input_json(self, wf: WorkflowDef, input: Any) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import Options, Rdict, ReadOptions, WriteBatch
 
 from engine import fold, keys
 from engine.codec import Codec, default_codec
@@ -112,10 +112,13 @@ class PartitionView:
                     iter(self.db.items(from_key=from_key, backwards=backwards)))
 
     def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        for key, value in self._items(prefix):
-            if not key.startswith(prefix):
-                return
-            yield key, value
+        """Every key with ``prefix``. The upper bound stops RocksDB at the prefix's
+        end: without it, the seek past the last match walks every deleted key that
+        follows (10,000 fired timers: 1.7 ms per ``steps()`` of a waking sleeper)."""
+        bound = ReadOptions()
+        bound.set_iterate_upper_bound(prefix[:-1] + bytes([prefix[-1] + 1]))
+        items = self.db.items(from_key=prefix, read_opt=bound)
+        yield from cast(Iterator[tuple[bytes, bytes]], iter(items))
 
     def steps(self, eid: str) -> list[dict[str, Any]]:
         """Step and sleep records of an execution, in the order they began."""
