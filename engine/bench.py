@@ -20,6 +20,8 @@ throughput  3-step executions all triggered at once: executions/s, steps/s, CPU
 rebuild     refold a log of many executions from offset 0 into an empty view
 sleepers    executions durably asleep until one wake time: RSS, and wake to all done
 long        a 500-step execution: per-step time near step 10 vs near step 500
+scale       throughput's executions run by 1, then 2 worker processes (scaled out)
+failover    2 worker processes; SIGKILL one: time until its executions step again
 
 The sleepers share one wake time on a :class:`~engine.clock.ManualClock`:
 the bench advances it to the wake time once every execution sleeps, so the
@@ -33,6 +35,17 @@ the broker's. The ``rebuild`` log is loaded with a lingering producer (see
 :func:`rebuild`). Lines starting with ``#`` note the host and its load: the
 figures of a busy host are pessimistic. ``--check`` exits 1 when a target is
 missed; a scenario that fails always does.
+
+``scale`` and ``failover`` run the workers as other processes: the bench writes
+a small app (ploy.yaml + worker.py) and starts each worker as ``python -m
+engine.bench --child-worker DIR`` (``Engine(..., scale_out=True)`` in the
+consumer group of the scenario's own topic prefix and group id, a state
+directory each). This process triggers and reads through a query-only engine
+(``runs=False``), which folds every partition as any ``ploy`` process does: a
+worker's claims on the log say who runs what, and the figures are what
+``get_execution`` answers. Every worker folds every partition too, so on a host
+of few cores, shared with the broker, more workers mean more folding per event.
+A worker leaves when the bench stops it, or by itself once the bench is gone.
 """
 
 from __future__ import annotations
@@ -44,20 +57,23 @@ import logging
 import math
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.app import Engine
+from engine.app import Engine, load_app
 from engine.broker import EmbeddedBroker, wait_for_kafka
 from engine.builder import Worker, ploy
 from engine.clock import Clock, ManualClock
@@ -71,12 +87,14 @@ from engine.events import (
     WorkflowTriggered,
 )
 from engine.log import EventLog
+from engine.runtime import GROUP_SETTINGS
 from engine.testing import engine_config, unique_prefix
 from engine.view import PartitionView
 
 __all__ = ["FULL", "QUICK", "SCENARIOS", "Figure", "Sizes", "Target", "main", "parse_line"]
 
-SCENARIOS = ("floor", "log", "step", "sequential", "throughput", "rebuild", "sleepers", "long")
+SCENARIOS = ("floor", "log", "step", "sequential", "throughput", "rebuild", "sleepers", "long",
+             "scale", "failover")
 NEEDS_FLOOR = ("log", "step")
 # Measures this process's memory: run in a fresh process when other scenarios run too.
 ISOLATED = ("sleepers",)
@@ -102,14 +120,20 @@ class Sizes:
     sleepers: int
     long_steps: int
     repeats: int
+    scale: int
+    failover_executions: int
+    failover_steps: int
+    failover_step_ms: int
 
 
 FULL = Sizes(floor_samples=500, log_events=50_000, log_executions=200, step_executions=50,
              sequential=200, throughput=2_000, rebuild_events=200_000, sleepers=10_000,
-             long_steps=500, repeats=3)
+             long_steps=500, repeats=3, scale=2_000, failover_executions=200,
+             failover_steps=20, failover_step_ms=50)
 QUICK = Sizes(floor_samples=50, log_events=5_000, log_executions=20, step_executions=5,
               sequential=20, throughput=200, rebuild_events=20_000, sleepers=1_000,
-              long_steps=50, repeats=1)
+              long_steps=50, repeats=1, scale=300, failover_executions=40,
+              failover_steps=20, failover_step_ms=50)
 
 
 @dataclass(frozen=True)
@@ -249,6 +273,7 @@ class Bench:
     quick: bool = False
     figures: list[Figure] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # printed under the table, '# ' first
     floor_p50_ms: float | None = None
     floor_p99_ms: float | None = None
 
@@ -671,6 +696,338 @@ async def long(bench: Bench) -> None:
     bench.add("long", "late_over_early", last / first, "x", Target("<=", 2))
 
 
+# -- scaled out: worker processes ----------------------------------------------------------
+
+CHILD_WORKER = textwrap.dedent('''
+    """The bench's workflows, run by worker processes (engine.bench, scale and failover)."""
+    import time
+
+    from engine import ploy
+
+    app = ploy()
+
+
+    async def _noop():
+        return None
+
+
+    @app.workflow("steps")
+    async def steps(ctx):
+        for i in range(ctx.input["steps"]):
+            await ctx.step.run(f"s{i}", _noop)
+        return ctx.input["steps"]
+
+
+    @app.workflow("busy")
+    async def busy(ctx):
+        pause = ctx.input["step_ms"] / 1000
+
+        def work():
+            time.sleep(pause)  # a sync step: it holds a thread of the step pool
+
+        for i in range(ctx.input["steps"]):
+            await ctx.step.run(f"s{i}", work)
+        return ctx.input["steps"]
+
+
+    worker = app.build()
+''').lstrip()
+CHILD_CONFIG = "kind: worker\nworkflow:\n  STEPS: steps\n  BUSY: busy\n"
+CLAIMS_TIMEOUT_S = 90.0  # workers start, join the group and claim every partition
+CLAIMS_STABLE_S = 1.0  # ... and no claim moves for this long
+CHILD_STOP_S = 20.0  # SIGTERM, then SIGKILL after this long (a worker's stop grace is 10 s)
+POLL_S = 0.02
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+async def child_worker(directory: Path) -> None:
+    """``--child-worker DIR``: run the app in DIR scaled out until SIGTERM/SIGINT, or until
+    the process that started it is gone (a killed bench leaves no worker behind)."""
+    worker, config = load_app(directory)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
+    async with Engine(worker, config, scale_out=True):
+        while not stop.is_set() and os.getppid() == parent:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+
+def _pid_of(worker_id: str | None) -> int | None:
+    """The process id in a worker id (``host:pid:random``)."""
+    if not worker_id:
+        return None
+    parts = worker_id.rsplit(":", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+@dataclass
+class Cluster:
+    """Worker processes of one app on one topic, and this process's query-only engine."""
+
+    bench: Bench
+    scenario: str
+    app: Path
+    env: dict[str, str]
+    query: Engine
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        n = len(self.procs)
+        output = (self.bench.root / f"{self.scenario}-worker{n}.log").open("wb")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "engine.bench", "--child-worker", str(self.app)],
+                env={**self.env, "PLOY_STATE_DIR": str(self.bench.state_dir(
+                    f"{self.scenario}-worker{n}"))},
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+        finally:
+            output.close()  # the child has its own copy
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self, procs: Sequence[subprocess.Popen[bytes]] | None = None) -> None:
+        """Raise with the end of its output if a worker exited."""
+        for proc in self.procs if procs is None else procs:
+            if proc.poll() is not None:
+                n = self.procs.index(proc)
+                log = self.bench.root / f"{self.scenario}-worker{n}.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+                raise RuntimeError(f"worker {n} (pid {proc.pid}) exited {proc.returncode}: "
+                                   f"{tail}")
+
+    async def claims(self) -> dict[int, tuple[int | None, int]]:
+        """{partition: (pid of the claiming worker or None, epoch)} from the view's claims."""
+        report = await self.query.runtime.partitions_report()
+        return {row["partition"]: (_pid_of(row["worker"]), int(row["epoch"])) for row in report}
+
+    async def wait_claimed(self) -> dict[int, int]:
+        """Wait until the live workers, each of them, hold every partition between them,
+        and no claim has moved for a while; then {partition: pid}."""
+        pids = {proc.pid for proc in self.procs if proc.poll() is None}
+        deadline = time.monotonic() + CLAIMS_TIMEOUT_S
+        stable: tuple[float, dict[int, tuple[int | None, int]]] | None = None
+        while True:
+            self.check_alive([proc for proc in self.procs if proc.pid in pids])
+            claims = await self.claims()
+            holders = {pid for pid, _ in claims.values()}
+            if holders == pids:
+                if stable is None or stable[1] != claims:
+                    stable = (time.monotonic(), claims)
+                elif time.monotonic() - stable[0] >= CLAIMS_STABLE_S:
+                    return {p: pid for p, (pid, _) in claims.items() if pid is not None}
+            else:
+                stable = None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"partitions not claimed by the {len(pids)} workers after "
+                                   f"{CLAIMS_TIMEOUT_S:g} s: {claims}")
+            await asyncio.sleep(0.2)
+
+    async def wait_completed(self, ids: Sequence[str]) -> None:
+        """Poll ``get_execution`` until every one of ``ids`` is completed (in trigger order:
+        one call per completed execution plus one per poll)."""
+        runtime = self.query.runtime
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        for eid in ids:
+            while True:
+                execution = await runtime.get_execution(eid)
+                if execution is not None and execution.status.terminal:
+                    if execution.status.value != "completed":
+                        raise RuntimeError(f"execution {eid} ended {execution.status.value}")
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"execution {eid} not completed after "
+                                       f"{SETTLE_TIMEOUT_S:g} s")
+                self.check_alive([proc for proc in self.procs if proc.returncode is None])
+                await asyncio.sleep(POLL_S)
+
+    def record(self, eid: str) -> dict[str, Any] | None:
+        runtime = self.query.runtime
+        return runtime.views[runtime.log.partition_for(eid)].record(eid)
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far: the live workers together, the broker, this process."""
+        found = {"workers": sum(cpu_seconds_of(proc.pid) or 0.0 for proc in self.procs
+                                if proc.poll() is None),
+                 "query": time.process_time()}
+        broker = self.bench.broker_cpu()
+        if broker is not None:
+            found["broker"] = broker
+        return found
+
+
+def stop_children(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every live worker; SIGKILL those that have not exited in time."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + CHILD_STOP_S
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            progress.warning("worker pid %d did not stop in %g s: SIGKILL", proc.pid,
+                             CHILD_STOP_S)
+            proc.kill()
+            proc.wait()
+
+
+@asynccontextmanager
+async def cluster(bench: Bench, scenario: str, workers: int) -> AsyncIterator[Cluster]:
+    """``workers`` worker processes on a topic prefix and group of their own, and a
+    query-only engine here; every worker is stopped on the way out, also on failure."""
+    prefix = bench.prefix(scenario)
+    app = bench.state_dir(f"{scenario}-app")
+    (app / "worker.py").write_text(CHILD_WORKER)
+    (app / "ploy.yaml").write_text(CHILD_CONFIG)
+    package_root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bench.servers, "PLOY_TOPIC_PREFIX": prefix,
+           "PLOY_GROUP_ID": f"{prefix}.workers",
+           "PYTHONPATH": package_root if not path else f"{package_root}{os.pathsep}{path}"}
+    worker, config = load_app(app, env={**env, "PLOY_STATE_DIR": str(bench.state_dir(
+        f"{scenario}-query"))})
+    query = Engine(worker, config, runs=False)
+    await query.start()  # creates the topic before any worker asks for it
+    group = Cluster(bench, scenario, app, env, query)
+    try:
+        for _ in range(workers):
+            group.spawn()
+        yield group
+    finally:
+        try:
+            await asyncio.to_thread(stop_children, group.procs)
+        finally:
+            await query.stop()
+
+
+async def scale(bench: Bench) -> None:
+    """Throughput's 3-step executions, all triggered at once from this process and run by
+    1, then 2 worker processes; completed exec/s as ``get_execution`` here sees them."""
+    n = bench.sizes.scale
+    rates: dict[int, float] = {}
+    for workers in (1, 2):
+        samples: list[float] = []
+        cpu: dict[str, list[float]] = {}
+        async with cluster(bench, "scale", workers) as group:
+            await group.wait_claimed()
+            warm = await trigger_all(group.query, "steps", [{"steps": 3}] * 30)
+            await group.wait_completed(warm)
+            for _ in range(bench.sizes.repeats):
+                before = group.cpu()
+                started = time.perf_counter()
+                ids = await trigger_all(group.query, "steps", [{"steps": 3}] * n, chunk=n)
+                await group.wait_completed(ids)
+                samples.append(n / (time.perf_counter() - started))
+                after = group.cpu()
+                for name, seconds in after.items():
+                    cpu.setdefault(name, []).append(ms((seconds - before[name]) / n))
+        rates[workers] = statistics.median(samples)
+        bench.add("scale", f"workers_{workers}", rates[workers], "exec/s")
+        for name in ("workers", "query", "broker"):
+            if name in cpu:
+                bench.add("scale", f"workers_{workers}_cpu_{name}_per_execution",
+                          statistics.median(cpu[name]), "ms")
+    bench.add("scale", "workers_2_over_workers_1", rates[2] / rates[1], "x")
+    bench.notes.append(
+        f"scale: {n:,} executions of 3 no-op steps at once, median of {bench.sizes.repeats}; "
+        f"the workers and this query process each fold every partition, on "
+        f"{os.cpu_count()} cpus shared with the broker")
+
+
+async def failover(bench: Bench) -> None:
+    """Two workers run long executions; SIGKILL one, then time until every unfinished
+    execution of its partitions has recorded a StepCompleted again (by the survivor)."""
+    sizes = bench.sizes
+    n, steps = sizes.failover_executions, sizes.failover_steps
+    async with cluster(bench, "failover", 2) as group:
+        await group.wait_claimed()
+        ids = await trigger_all(group.query, "busy",
+                                [{"steps": steps, "step_ms": sizes.failover_step_ms}] * n,
+                                chunk=n)
+        await _wait_all_stepped(group, ids)
+        claims = await group.claims()
+        victim, survivor = group.procs
+        moved = {p for p, (pid, _) in claims.items() if pid == victim.pid}
+        if not moved:
+            raise RuntimeError(f"the worker to kill holds no partition: {claims}")
+        runtime = group.query.runtime
+        waiting = {eid for eid in ids if runtime.log.partition_for(eid) in moved}
+        killed_ms = int(time.time() * 1000)
+        started = time.perf_counter()
+        victim.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(victim.wait)
+        claimed_s: float | None = None
+        progressed = 0
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while waiting:
+            if claimed_s is None:
+                now = await group.claims()
+                if all(now[p][0] == survivor.pid and now[p][1] > claims[p][1] for p in moved):
+                    claimed_s = time.perf_counter() - started
+            moving = _progressed_since(group, waiting, killed_ms)
+            waiting -= moving.keys()
+            progressed += sum(moving.values())
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(waiting)} executions of the killed worker made no "
+                                   f"progress in {SETTLE_TIMEOUT_S:g} s")
+            group.check_alive([survivor])
+            await asyncio.sleep(POLL_S)
+        progress_s = time.perf_counter() - started
+        if progressed == 0:
+            raise RuntimeError("every execution of the killed worker had finished before the "
+                               "kill: give them more steps")
+        await group.wait_completed(ids)
+    if claimed_s is not None:
+        bench.add("failover", "seconds_to_claim", claimed_s, "s")
+    bench.add("failover", "seconds_to_progress", progress_s, "s")
+    bench.add("failover", "executions_moved", progressed, "count")
+    bench.add("failover", "partitions_moved", len(moved), "count")
+    bench.notes.append(
+        f"failover: session.timeout.ms={GROUP_SETTINGS['session.timeout.ms']} (a dead worker's "
+        f"partitions move after it plus a rebalance); {n} executions of {steps} steps of a "
+        f"{sizes.failover_step_ms} ms sync sleep on 2 workers, one SIGKILLed once every "
+        f"execution ran a step; seconds_to_claim: until the survivor's claims on the killed "
+        f"worker's partitions are on the log")
+
+
+async def _wait_all_stepped(group: Cluster, ids: Sequence[str]) -> None:
+    """Wait until every execution is running with its first step recorded (its second
+    started), none ended."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while True:
+        records = [group.record(eid) for eid in ids]
+        if any(r is not None and r["status"] in TERMINAL for r in records):
+            raise RuntimeError("an execution ended before the kill: give it more steps")
+        if all(r is not None and r["seq"] >= 2 for r in records):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("the executions did not all start")
+        group.check_alive()
+        await asyncio.sleep(POLL_S)
+
+
+def _progressed_since(group: Cluster, ids: set[str], since_ms: int) -> dict[str, bool]:
+    """Which of ``ids`` are settled: {id: True} for one with a step completed after
+    ``since_ms``, {id: False} for one that had ended by then (nothing to resume)."""
+    settled: dict[str, bool] = {}
+    for eid in ids:
+        record = group.record(eid)
+        if record is None:
+            continue
+        if record["status"] in TERMINAL and record["ended_at"] <= since_ms:
+            settled[eid] = False
+        elif record["updated_at"] > since_ms and any(
+                s["kind"] == "step" and s["status"] == "completed" and s["ended_at"] > since_ms
+                for s in group.query.runtime.views[record["partition"]].steps(eid)):
+            settled[eid] = True
+    return settled
+
+
 RUNNERS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "floor": floor,
     "log": log_scenario,
@@ -680,6 +1037,8 @@ RUNNERS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "rebuild": rebuild,
     "sleepers": sleepers,
     "long": long,
+    "scale": scale,
+    "failover": failover,
 }
 
 
@@ -770,6 +1129,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a target is missed (a failed scenario always does)")
+    parser.add_argument("--child-worker", type=Path, metavar="DIR",
+                        help="(internal: scale, failover) run the app in DIR as a scaled-out "
+                             "worker until SIGTERM or until its parent is gone")
     args = parser.parse_args(argv)
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:
@@ -787,6 +1149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.child_worker is not None:
+        asyncio.run(child_worker(args.child_worker))
+        return 0
     progress.setLevel(logging.INFO)
     names = selected(args.scenarios)
     sizes = QUICK if args.quick else FULL
@@ -798,12 +1163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     hosts.append(host())
     print()
     print(table(bench.figures))
+    for note in bench.notes:
+        print(f"# {note}")
     print(hosts[1])
     for name, error in bench.errors.items():
         print(f"FAILED {name}: {error}")
     if args.json is not None:
         args.json.write_text(json.dumps({
             "quick": args.quick, "scenarios": names, "errors": bench.errors, "host": hosts,
+            "notes": bench.notes,
             "figures": [f.as_json() for f in bench.figures]}, indent=2) + "\n")
     missed = any(f.ok is False for f in bench.figures)
     return 1 if bench.errors or (args.check and missed) else 0

@@ -1,4 +1,4 @@
-"""``python -m engine.bench floor step --quick`` on the session's broker: a CI smoke test."""
+"""``python -m engine.bench ... --quick`` on the session's broker: CI smoke tests."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,27 +18,29 @@ MACHINE_LINE = re.compile(
 )
 ROOT = Path(__file__).resolve().parents[2]
 
+Figures = list[tuple[str, str, float, str]]
 
-def test_quick_floor_and_step_print_parseable_positive_figures(kafka: str, tmp_path: Path) -> None:
+
+def run_bench(kafka: str, tmp_path: Path, *args: str,
+              timeout_s: float) -> tuple[subprocess.CompletedProcess[str], Figures, Any]:
+    """Run the bench with ``args --quick``; its output, its parsed machine lines, its JSON."""
     out = tmp_path / "bench.json"
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka}
+    temp = tmp_path / "tmp"  # the bench's temporary files (and its workers' app dirs) go here
+    temp.mkdir()
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "TMPDIR": str(temp)}
     done = subprocess.run(
-        [sys.executable, "-m", "engine.bench", "floor", "step", "--quick", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "engine.bench", *args, "--quick", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    lines = [line for line in done.stdout.splitlines() if line.startswith("scenario=")]
     figures = []
-    for line in lines:
+    for line in done.stdout.splitlines():
+        if not line.startswith("scenario="):
+            continue
         match = MACHINE_LINE.match(line)
         assert match is not None, f"unparseable machine line: {line!r}"
-        value = float(match["value"])
-        assert value > 0, line
-        figures.append((match["scenario"], match["metric"], value, match["unit"]))
-    assert {f[0] for f in figures} == {"floor", "step"}
-    metrics = {(f[0], f[1]) for f in figures}
-    assert {("floor", "append_p50"), ("floor", "append_p99"), ("step", "step_p50"),
-            ("step", "step_p99"), ("step", "step_p50_over_floor_p50")} <= metrics
+        figures.append((match["scenario"], match["metric"], float(match["value"]),
+                        match["unit"]))
     # The table closes the output, and the JSON holds the same figures.
     assert re.search(r"^scenario\s+metric\s+value\s+unit\s+target\s+ok\?$", done.stdout, re.M)
     saved = json.loads(out.read_text())
@@ -46,3 +49,42 @@ def test_quick_floor_and_step_print_parseable_positive_figures(kafka: str, tmp_p
         (s, m, u) for s, m, _, u in figures]
     for saved_figure, (_, _, value, _) in zip(saved["figures"], figures, strict=True):
         assert saved_figure["value"] == pytest.approx(value, rel=1e-5)
+    return done, figures, saved
+
+
+def test_quick_floor_and_step_print_parseable_positive_figures(kafka: str, tmp_path: Path) -> None:
+    _, figures, _ = run_bench(kafka, tmp_path, "floor", "step", timeout_s=30)
+    assert all(value > 0 for _, _, value, _ in figures), figures
+    assert {f[0] for f in figures} == {"floor", "step"}
+    metrics = {(f[0], f[1]) for f in figures}
+    assert {("floor", "append_p50"), ("floor", "append_p99"), ("step", "step_p50"),
+            ("step", "step_p99"), ("step", "step_p50_over_floor_p50")} <= metrics
+
+
+def test_quick_scale_and_failover_run_worker_processes_and_leave_none(
+    kafka: str, tmp_path: Path
+) -> None:
+    done, figures, saved = run_bench(kafka, tmp_path, "scale", "failover", timeout_s=170)
+    value = {(s, m): v for s, m, v, _ in figures}
+    units = {(s, m): u for s, m, _, u in figures}
+    for n in (1, 2):
+        assert value["scale", f"workers_{n}"] > 0 and units["scale", f"workers_{n}"] == "exec/s"
+    assert value["scale", "workers_2_over_workers_1"] == pytest.approx(
+        value["scale", "workers_2"] / value["scale", "workers_1"], rel=1e-4)
+    # Nobody takes a dead worker's partitions before the group's session timeout (6 s).
+    assert 5 <= value["failover", "seconds_to_progress"] < 60
+    assert value["failover", "executions_moved"] >= 1
+    assert value["failover", "partitions_moved"] >= 1
+    assert any("session.timeout.ms=6000" in note for note in saved["notes"])
+    assert "# failover: session.timeout.ms=6000" in done.stdout
+    # Every worker process the bench started is gone.
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+            and str(tmp_path) in _cmdline(p)]
+    assert left == [], [_cmdline(p) for p in left]
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
