@@ -12,14 +12,17 @@ deleted: a held lock is a :class:`~engine.errors.StateLockedError`.
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rocksdict import Options, Rdict
 
-from engine.errors import RebuildError, StateLockedError
+from engine.errors import CorruptEventError, PloyError, RebuildError, StateLockedError
 from engine.log import EventLog
 from engine.view import PartitionView
 
@@ -63,6 +66,7 @@ def rebuild(
     log: EventLog,
     state_path: Path,
     on_progress: Progress | None = None,
+    workers: int | None = None,
 ) -> tuple[int, float]:
     """Delete the view of ``log.topic`` under ``state_path`` and refold every partition.
 
@@ -72,11 +76,16 @@ def rebuild(
        an estimate only (the embedded broker reports them late).
     3. Read every partition from offset 0 to its end (partition EOF) and fold
        each polled batch of a partition in one WriteBatch (``PartitionView.apply``).
+       Partitions are independent (each its own RocksDB), so with ``workers``
+       above 1 (default: one per CPU) groups of them fold in parallel processes:
+       the fold is CPU-bound Python, and one process folds on one core.
 
     Args:
         log: The event log (its topic and partition count name the view).
         state_path: ``<state_dir>/<prefix>.events``, as ``Runtime.state_path``.
         on_progress: Called after each folded batch with (done, estimated total).
+        workers: Processes that fold in parallel (default: one per CPU, at most
+            one per partition).
 
     Returns:
         (events folded, seconds taken).
@@ -97,24 +106,84 @@ def rebuild(
         if low > 0:
             raise RebuildError(log.topic, p, low)
         total += high
+    workers = max(1, min(workers or os.cpu_count() or 1, log.partitions))
+    groups = [list(range(log.partitions))[i::workers] for i in range(workers)]
+    if on_progress is not None:
+        on_progress(0, total)
+    # Step 3.
+    if workers == 1:
+        done = _fold(log, state_path, groups[0], lambda n: _report(on_progress, n, total))
+    else:
+        done = _fold_in_processes(log, state_path, groups, on_progress, total)
+    if on_progress is not None:
+        on_progress(done, done)
+    return done, time.perf_counter() - started
+
+
+def _report(on_progress: Progress | None, done: int, total: int) -> None:
+    if on_progress is not None:
+        on_progress(done, max(done, total))
+
+
+def _fold(log: EventLog, state_path: Path, partitions: list[int],
+          folded: Callable[[int], None]) -> int:
+    """Fold ``partitions`` from offset 0 to their end; ``folded(total so far)`` per batch."""
     views = {p: PartitionView(state_path / f"p{p}", log.topic, p, log.codec)
-             for p in range(log.partitions)}
+             for p in partitions}
     done = 0
     try:
-        # Step 3.
-        if on_progress is not None:
-            on_progress(0, total)
         for batches in log.read_until_end(dict.fromkeys(views, 0)):
             for p, records in batches.items():
                 applied, failure = views[p].apply(records)
                 done += len(applied)
                 if failure is not None:
                     raise failure
-            if on_progress is not None:
-                on_progress(done, max(done, total))
+            folded(done)
     finally:
         for view in views.values():
             view.close()
-    if on_progress is not None:
-        on_progress(done, done)
-    return done, time.perf_counter() - started
+    return done
+
+
+def _fold_in_processes(log: EventLog, state_path: Path, groups: list[list[int]],
+                       on_progress: Progress | None, total: int) -> int:
+    # spawn, not fork: a forked librdkafka client (its threads) is not safe to use.
+    context = multiprocessing.get_context("spawn")
+    queue: Any = context.Queue()
+    prefix = log.topic.removesuffix(".events")
+    args = (log.bootstrap_servers, prefix, log.partitions, log.extra, str(state_path))
+    procs = [context.Process(target=_child, args=(*args, group, i, queue), daemon=True)
+             for i, group in enumerate(groups)]
+    for proc in procs:
+        proc.start()
+    counts = [0] * len(groups)
+    finished = 0
+    try:
+        while finished < len(procs):
+            kind, index, value = queue.get(timeout=600)
+            if kind == "error":
+                raise CorruptEventError(*value) if len(value) == 4 else PloyError(value[0])
+            counts[index] = value
+            finished += kind == "done"
+            _report(on_progress, sum(counts), total)
+    finally:
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+    return sum(counts)
+
+
+def _child(servers: str, prefix: str, partitions: int, extra: dict[str, Any], state: str,
+           group: list[int], index: int, queue: Any) -> None:
+    """A rebuild process: fold one group of partitions, report counts on ``queue``."""
+    log = EventLog(servers, prefix, partitions, extra=extra)
+    try:
+        done = _fold(log, Path(state), group, lambda n: queue.put(("progress", index, n)))
+        queue.put(("done", index, done))
+    except CorruptEventError as exc:
+        queue.put(("error", index, (exc.topic, exc.partition, exc.offset, exc.cause)))
+    except Exception as exc:  # reported to the parent, which raises
+        queue.put(("error", index, (f"{type(exc).__name__}: {exc}",)))
+    finally:
+        log.close()

@@ -184,3 +184,44 @@ def test_unreachable_bootstrap_servers_fail_within_the_bound() -> None:
     with pytest.raises(BrokerUnavailableError, match="127.0.0.1:1 is not reachable after 2 s"):
         EventLog("127.0.0.1:1", "nobody", connect_timeout_s=2)
     assert time.monotonic() - started < 6
+
+
+def test_parallel_rebuild_equals_one_process_byte_for_byte(
+    kafka: str, filled_log: str, tmp_path: Path
+) -> None:
+    from engine.rebuild import rebuild
+
+    log = EventLog(kafka, filled_log)
+    try:
+        one = rebuild(log, tmp_path / "one", workers=1)
+        two = rebuild(log, tmp_path / "two", workers=2)
+    finally:
+        log.close()
+    assert one[0] == two[0] == 10_000
+    views = {name: {p: PartitionView(tmp_path / name / f"p{p}", "", p) for p in range(6)}
+             for name in ("one", "two")}
+    try:
+        assert digest(views["one"]) == digest(views["two"])
+    finally:
+        for group in views.values():
+            close(group)
+
+
+def test_parallel_rebuild_reports_a_corrupt_record_where_it_is(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    from engine.errors import CorruptEventError
+    from engine.rebuild import rebuild
+
+    log = EventLog(kafka, topic_prefix, partitions=2)
+    try:
+        eid = "exec-bad"
+        p = log.partition_for(eid)
+        log.append_sync(Event(eid, "wf", 1, WorkflowTriggered("{}")))
+        producer = Producer({"bootstrap.servers": kafka})
+        producer.produce(log.topic, key=eid.encode(), value=b"garbage", partition=p)
+        producer.flush(10)
+        with pytest.raises(CorruptEventError, match=rf"partition {p} offset 1"):
+            rebuild(log, tmp_path / "view", workers=2)
+    finally:
+        log.close()
