@@ -11,9 +11,9 @@ from engine.codec import default_codec
 from engine.errors import InvalidTransitionError
 from engine.events import (
     Body,
-    PartitionClaimed,
     CancelRequested,
     Event,
+    PartitionClaimed,
     SleepScheduled,
     StepCompleted,
     StepFailed,
