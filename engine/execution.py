@@ -89,10 +89,20 @@ def _model_dump(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+ERROR_TEXT_LIMIT = 16_384
+
+
 def error_fields(exc: BaseException) -> tuple[str, str, str]:
-    """(type name, message, traceback) as recorded in events."""
+    """(type name, message, traceback) as recorded in events, each cut to a bounded size
+    so that an exception quoting a large payload still fits one record."""
     text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
-    return type(exc).__name__, str(exc), text
+    return type(exc).__name__, _cut(str(exc)), _cut(text)
+
+
+def _cut(text: str) -> str:
+    if len(text) <= ERROR_TEXT_LIMIT:
+        return text
+    return text[:ERROR_TEXT_LIMIT] + f"... [{len(text) - ERROR_TEXT_LIMIT} more characters]"
 
 
 class ExecutionRunner:
@@ -111,7 +121,7 @@ class ExecutionRunner:
         self._occurrences: dict[str, int] = {}
         self._sleep_count = 0
         self._log_count = 0
-        self.step_running = 0
+        self.cancel_reason: str | None = None
         self.partition = runtime.log.partition_for(self.id)
         # The claim this runner was started under: it writes with it, and it stops
         # when its process no longer holds it (even if it claims the partition anew:
@@ -173,7 +183,7 @@ class ExecutionRunner:
         except (Suspend, Shutdown):
             return
         except Cancelled:
-            await self._append(WorkflowCancelled(self.record.get("cancel_reason")))
+            await self._append(WorkflowCancelled(self.cancel_reason))
             return
         except Exception as exc:
             await self._append(WorkflowFailed(*error_fields(exc)))
@@ -218,10 +228,12 @@ class ExecutionRunner:
             if recorded["status"] == "completed":
                 return json.loads(recorded["output"])
             attempt = self._resume_attempt(key, recorded)
+            retry_at = recorded["attempts"][-1]["retry_at"] if recorded["attempts"] else None
+            if retry_at is not None:
+                await self._wait_until(retry_at)  # the backoff is durable: a restart keeps it
         while True:
             started_at = self.runtime.clock.now()
             self._append_nowait(StepStarted(key, attempt, input_json))
-            self.step_running += 1
             try:
                 value = await self._call(key, fn, timeout_ms)
                 output = to_json(value, f"the result of step '{key}'")
@@ -231,7 +243,7 @@ class ExecutionRunner:
                     exc, NonRetryableError | SerializationError | PayloadTooLargeError)
                 now = self.runtime.clock.now()
                 retry_at = None if final else now + self._backoff(attempt)
-                await self._append(StepFailed(key, attempt, input_json, *error_fields(exc),
+                await self._append(StepFailed(key, attempt, None, *error_fields(exc),
                                               started_at, retry_at, final))
                 if final:
                     raise StepFailedError(key, attempt, type(exc).__name__, str(exc)) from exc
@@ -239,9 +251,7 @@ class ExecutionRunner:
                 await self._wait_until(retry_at)
                 attempt += 1
                 continue
-            finally:
-                self.step_running -= 1
-            await self._append(StepCompleted(key, attempt, input_json, output, started_at))
+            await self._append(StepCompleted(key, attempt, None, output, started_at))
             return json.loads(output)
 
     def _resume_attempt(self, key: str, recorded: dict[str, Any]) -> int:

@@ -102,12 +102,15 @@ class Tx:
                 yield key, json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> None:
-    """Fold one event (found at ``partition``/``offset`` as ``raw``) into ``tx``."""
+def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool:
+    """Fold one event (found at ``partition``/``offset`` as ``raw``) into ``tx``.
+
+    Returns False for an event that changes no execution (a claim, or fenced).
+    """
     eid = event.execution_id
     body = event.body
     if _fenced(tx, event, offset):
-        return
+        return False
     ex = tx.get(keys.execution(eid))
     if isinstance(body, WorkflowTriggered):
         if ex is None:
@@ -122,6 +125,7 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> None
     ex["updated_at"] = event.timestamp
     tx.put(keys.execution(eid), ex)
     tx.put_raw(keys.history(eid, offset), raw)
+    return True
 
 
 def _fenced(tx: Tx, event: Event, offset: int) -> bool:

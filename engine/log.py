@@ -157,8 +157,12 @@ class EventLog:
     # -- append ----------------------------------------------------------
 
     def _poll(self) -> None:
+        """Serve delivery callbacks until closed; a failing callback must not end it."""
         while not self._closed.is_set():
-            self._producer.poll(0.05)
+            try:
+                self._producer.poll(0.05)
+            except Exception:
+                logger.exception("a delivery callback failed")
 
     def _produce(self, event: Event, on_delivery: Any, partition: int | None = None) -> int:
         if partition is None:

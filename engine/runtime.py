@@ -48,7 +48,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,7 @@ class Runtime:
         self._claiming: dict[int, int] = {}  # partition -> assignment generation
         self._generation = 0
         self._group_stop = threading.Event()
+        self._ownership = threading.Lock()  # the group thread revokes, the loop claims
         self._group_thread: threading.Thread | None = None
         self.timers = TimerService(self)
 
@@ -164,9 +165,7 @@ class Runtime:
         self._fold_thread.start()
         # Step 3. Resume what was running when the last worker stopped. A single
         # worker on a topic that scaled-out workers claimed claims it back first.
-        if not self.runs:
-            pass
-        elif not self.scale_out:
+        if self.runs and not self.scale_out:
             for p in partitions:
                 if self.views[p].claim_epoch > 0:
                     self._generation += 1
@@ -176,11 +175,12 @@ class Runtime:
                 self.owned.add(p)
                 for eid in self.views[p].active():
                     self._maybe_start(eid)
-        else:
+        elif self.runs:
             self._group_thread = threading.Thread(target=self._group_loop, name="ploy-group",
                                                   daemon=True)
             self._group_thread.start()
-        self.timers.start()
+        if self.runs:
+            self.timers.start()
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop starting steps, let running ones finish (up to ``grace_s``), release all."""
@@ -258,7 +258,14 @@ class Runtime:
                 self._lease_ok = False  # frozen or starved: claims may have moved
             last = self._last_poll = now  # after the flag: a reader sees one or the other
             for p, records in batches.items():
-                applied = self._fold(p, records)
+                try:
+                    applied = self._fold(p, records)
+                except Exception as exc:  # e.g. a disk error: stop this partition, loudly
+                    logger.exception("partition %d: the fold failed", p)
+                    view = self.views[p]
+                    self.stalled[p] = CorruptEventError(self.log.topic, p, view.next_offset,
+                                                        f"fold failed: {exc!r}")
+                    continue
                 self._loop.call_soon_threadsafe(self._on_folded, p, applied)
 
     def _on_folded(self, partition: int, applied: list[tuple[int, Event]]) -> None:
@@ -322,22 +329,28 @@ class Runtime:
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         """Does little and always releases: the partitions leave ``owned`` now."""
         revoked = sorted(tp.partition for tp in partitions)
-        for p in revoked:
-            self.owned.discard(p)
-            self._claiming.pop(p, None)
+        with self._ownership:
+            for p in revoked:
+                self.owned.discard(p)
+                self._claiming.pop(p, None)
         logger.info("worker %s released partitions %s", self.worker_id, revoked)
 
     def _claim_all(self, partitions: list[int]) -> None:
         for p in partitions:
             self._generation += 1
             self._claiming[p] = self._generation
-            task = asyncio.create_task(self._claim(p, self._generation), name=f"ploy-claim-{p}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._claim(p, self._generation), f"ploy-claim-{p}")
 
     async def _claim(self, partition: int, generation: int) -> None:
         """Take a partition over (see the module docstring, steps 1-3)."""
         view = self.views[partition]
+        # This process's runners from an earlier claim stop at their next step
+        # boundary; a new claim before that would fence their in-flight completions
+        # and so run those steps again. Wait for them, within bounds.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+                r.partition == partition for r in self.runners.values()):
+            await asyncio.sleep(0.05)
         epoch = view.claim_epoch + 1
         for _ in range(10):
             # Step 1.
@@ -356,9 +369,12 @@ class Runtime:
             logger.error("partition %d: could not claim it after 10 tries", partition)
             return
         # Step 3.
-        del self._claiming[partition]
-        self.epochs[partition] = epoch
-        self.owned.add(partition)
+        with self._ownership:
+            if self._claiming.get(partition) != generation:
+                return  # revoked just now
+            del self._claiming[partition]
+            self.epochs[partition] = epoch
+            self.owned.add(partition)
         logger.info("worker %s owns partition %d at epoch %d", self.worker_id, partition, epoch)
         for eid in view.active():
             self._maybe_start(eid)
@@ -454,9 +470,15 @@ class Runtime:
             self._resume_after.add(eid)  # a timer fired while the runner winds down
             return
         partition = self.log.partition_for(eid)
-        if partition not in self.owned:
+        if partition not in self.owned or partition in self.stalled:
             return
         view = self.views[partition]
+        target = self.log.high_acked.get(partition, -1)
+        if view.next_offset <= target:
+            # The view lacks events this process has had acknowledged (a runner that
+            # just ended, say): replaying from it could run a completed step again.
+            self._spawn(self._start_when_folded(eid, partition, target), f"ploy-wait-{eid}")
+            return
         record = view.record(eid)
         if record is None or record["status"] not in RUNNABLE:
             return
@@ -466,9 +488,17 @@ class Runtime:
             return
         self._run(ExecutionRunner(self, record, view.steps(eid), workflow))
 
+    async def _start_when_folded(self, eid: str, partition: int, offset: int) -> None:
+        await self._folded(partition, offset)
+        self._maybe_start(eid)
+
     def _run(self, runner: ExecutionRunner) -> None:
         self.runners[runner.id] = runner
-        task = asyncio.create_task(self._drive(runner), name=f"ploy-exec-{runner.id}")
+        self._spawn(self._drive(runner), f"ploy-exec-{runner.id}")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """A task the runtime keeps (and awaits at stop)."""
+        task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -492,6 +522,8 @@ class Runtime:
     def _on_cancel(self, eid: str) -> None:
         runner = self.runners.get(eid)
         if runner is not None:
+            cancelled = self.views[runner.partition].record(eid) or {}
+            runner.cancel_reason = cancelled.get("cancel_reason")
             runner.cancel_requested.set()
             return
         if self.log.partition_for(eid) not in self.owned:
@@ -547,7 +579,9 @@ class Runtime:
         # Step 5.
         view = self.views.get(partition)
         if (view is not None and view.next_offset <= offset and partition in self.owned
-                and not self.stopping and eid not in self.runners):
+                and partition not in self.stalled and not self.stopping
+                and eid not in self.runners and eid not in self._started_on_ack
+                and view.record(eid) is None):
             assert isinstance(event.body, WorkflowTriggered)
             self._started_on_ack.add(eid)
             self._run(ExecutionRunner(self, new_execution(event, event.body, partition), [], wf))

@@ -62,15 +62,20 @@ class TimerService:
         pending = {(eid, sleep) for _, eid, sleep in due}
         self._fired &= pending  # forget timers the fold has since deleted
         appends = []
+        fired = []
         for wake_at, eid, sleep in due:
             if (eid, sleep) in self._fired:
                 continue
             self._fired.add((eid, sleep))
+            fired.append((eid, sleep))
             record = runtime.views[runtime.log.partition_for(eid)].record(eid)
             workflow = record["workflow"] if record else ""
             appends.append(runtime.log.append(Event(
                 eid, workflow, runtime.clock.now(), TimerFired(sleep, wake_at),
                 epoch=runtime.epoch_of(eid))))
-        if appends:
-            await asyncio.gather(*appends)
+        results = await asyncio.gather(*appends, return_exceptions=True)
+        for key, result in zip(fired, results, strict=True):
+            if isinstance(result, BaseException):
+                self._fired.discard(key)  # not appended: try again next round
+                logger.warning("timer %s of %s: %s", key[1], key[0], result)
         return len(appends)

@@ -71,11 +71,12 @@ class PartitionView:
                 continue  # already in the view
             try:
                 event = self.codec.decode(raw)
-                fold.apply(tx, event, self.partition, offset, raw)
+                changed = fold.apply(tx, event, self.partition, offset, raw)
             except (CodecError, InvalidTransitionError) as exc:
                 failure = CorruptEventError(self.topic, self.partition, offset, str(exc))
                 break
-            applied.append((offset, event))
+            if changed:  # claims and fenced events start nothing
+                applied.append((offset, event))
             next_offset = offset + 1
         if next_offset != self.next_offset:
             batch = WriteBatch(raw_mode=True)
@@ -147,12 +148,6 @@ class PartitionView:
                 break
             due.append((wake_at, eid, sleep))
         return due
-
-    def next_timer(self) -> int | None:
-        """The earliest wake time of a pending timer."""
-        for key, _ in self._scan(keys.TIMER):
-            return keys.parse_timer(key)[0]
-        return None
 
     def newest(self) -> Iterator[tuple[int, str]]:
         """(created_at, id) of every execution, newest first."""

@@ -350,13 +350,15 @@ async def test_cancel_while_a_step_runs_lets_it_finish_and_starts_no_more(
     async with running_engine(app.build(), cfg(kafka, topic_prefix, state_dir)) as e:
         eid = await e.runtime.trigger("long", {})
         await asyncio.wait_for(started.wait(), 10)
-        assert await e.runtime.cancel(eid) is True
+        assert await e.runtime.cancel(eid, reason="changed my mind") is True
         await asyncio.sleep(1.0)
         final = await e.runtime.get_execution(eid)
         history = await e.runtime.history(eid)
     assert final is not None and final.status == "cancelled"
+    assert final.cancel_reason == "changed my mind"
     assert [(s.key, s.status, s.output) for s in final.steps] == [("slow", "completed", "finished")]
-    assert [h.type for h in history or []][-1] == "WorkflowCancelled"
+    assert history is not None and history[-1].type == "WorkflowCancelled"
+    assert history[-1].body["reason"] == "changed my mind"
 
 
 async def test_bad_input_appends_nothing_and_errors_are_clear(
@@ -429,3 +431,36 @@ async def test_get_execution_reads_its_own_writes_and_unknown_is_none(
             execution = await e.env.NAP.get_execution(eid)
             assert execution is not None and execution.execution_id == eid
         assert await e.env.NAP.get_execution("no-such-id") is None
+
+
+async def test_retry_backoff_is_durable_across_a_restart(
+    kafka: str, topic_prefix: str, state_dir: Path
+) -> None:
+    counts: Counter[str] = Counter()
+    app = ploy()
+
+    @app.workflow("later")
+    async def later(ctx: Any) -> Any:
+        def once_then_ok() -> str:
+            counts["call"] += 1
+            if counts["call"] == 1:
+                raise ConnectionError("try again later")
+            return "ok"
+
+        return await ctx.step.run("call", once_then_ok, retries=1)
+
+    worker = app.build()
+    config = engine_config(kafka, topic_prefix, state_dir, backoff={"initial_ms": 1500})
+    async with running_engine(worker, config) as e:
+        eid = await e.runtime.trigger("later", {})
+        deadline = asyncio.get_running_loop().time() + 10
+        while counts["call"] == 0:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the failure is recorded; stop during the backoff
+    async with running_engine(worker, config) as e:
+        done = await wait_for_status(e, eid)
+    first, second = done.steps[0].attempts
+    assert first.retry_at is not None and second.started_at is not None
+    assert second.started_at >= first.retry_at  # the restart did not cut the wait short
+    assert (done.status, counts["call"]) == ("completed", 2)

@@ -213,3 +213,16 @@ def test_a_higher_claim_fences_the_former_owners_runtime_events() -> None:
     assert s.get(keys.step("e1", "x"))["output"] == '"owner"'
     assert s.execution()["status"] == "cancelled"  # a client event is never fenced
     assert s.get(keys.CLAIM)["fenced"] == 2
+
+
+def test_recorded_error_text_is_bounded() -> None:
+    from engine.execution import ERROR_TEXT_LIMIT, error_fields
+
+    try:
+        raise ValueError("x" * (ERROR_TEXT_LIMIT * 3))
+    except ValueError as exc:
+        kind, message, traceback = error_fields(exc)
+    assert kind == "ValueError"
+    assert len(message) < ERROR_TEXT_LIMIT + 100
+    assert message.endswith(f"[{ERROR_TEXT_LIMIT * 2} more characters]")
+    assert len(traceback) < ERROR_TEXT_LIMIT + 100
