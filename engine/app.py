@@ -75,8 +75,12 @@ class Engine:
         )
         self._runtime = Runtime(self.worker, config, self._log, clock=self.clock,
                                 scale_out=self.scale_out, runs=self.runs)
-        await self._runtime.start()
-        self.connectors = await start_connectors(self)
+        try:
+            await self._runtime.start()
+            self.connectors = await start_connectors(self)
+        except BaseException:
+            await self.stop()  # release the producer, the threads and the RocksDB locks
+            raise
 
     async def stop(self) -> None:
         """Graceful: sources stop triggering, running steps finish and nothing more

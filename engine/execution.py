@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from engine.context import Context
 from engine.durations import backoff_ms, parse_duration
 from engine.errors import (
+    AppendError,
     NonRetryableError,
     PayloadTooLargeError,
     SerializationError,
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from engine.builder import WorkflowDef
     from engine.runtime import Runtime
 
+logger = logging.getLogger("ploy.runtime")
 user_log = logging.getLogger("ploy.workflow")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -73,6 +75,11 @@ class Cancelled(BaseException):  # noqa: N818
 
 class Shutdown(BaseException):  # noqa: N818
     """The worker is stopping; the execution resumes elsewhere or on restart."""
+
+
+class LogUnavailable(BaseException):  # noqa: N818
+    """An append failed (the broker is down or refused it): stop this run, so that
+    user code cannot take it for a step's failure; the runtime tries again later."""
 
 
 def to_json(value: Any, what: str) -> str:
@@ -135,7 +142,10 @@ class ExecutionRunner:
                      epoch=self.epoch)
 
     async def _append(self, body: Body) -> None:
-        await self.runtime.log.append(self._event(body))
+        try:
+            await self.runtime.log.append(self._event(body))
+        except AppendError as exc:
+            raise LogUnavailable(str(exc)) from exc
 
     def _append_nowait(self, body: Body) -> None:
         self.runtime.log.append_nowait(self._event(body))
@@ -181,6 +191,10 @@ class ExecutionRunner:
             await self._checkpoint()
             output = self._output(result)
         except (Suspend, Shutdown):
+            return
+        except LogUnavailable as exc:
+            logger.warning("execution %s: %s; it resumes later", self.id, exc)
+            self.runtime.resume_later(self.id)
             return
         except Cancelled:
             await self._append(WorkflowCancelled(self.cancel_reason))

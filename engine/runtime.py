@@ -497,10 +497,27 @@ class Runtime:
         self._spawn(self._drive(runner), f"ploy-exec-{runner.id}")
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        """A task the runtime keeps (and awaits at stop)."""
+        """A task the runtime keeps (and awaits at stop); its failure is logged."""
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s failed", task.get_name(), exc_info=task.exception())
+
+    def resume_later(self, eid: str, delay_s: float = 5.0) -> None:
+        """Start ``eid`` again after ``delay_s`` (its run stopped on a failed append)."""
+        async def later() -> None:
+            deadline = time.monotonic() + delay_s
+            while time.monotonic() < deadline:
+                if self.stopping:
+                    return
+                await asyncio.sleep(0.1)
+            self._maybe_start(eid)
+
+        self._spawn(later(), f"ploy-resume-{eid}")
 
     async def _drive(self, runner: ExecutionRunner) -> None:
         try:

@@ -464,3 +464,27 @@ async def test_retry_backoff_is_durable_across_a_restart(
     assert first.retry_at is not None and second.started_at is not None
     assert second.started_at >= first.retry_at  # the restart did not cut the wait short
     assert (done.status, counts["call"]) == ("completed", 2)
+
+
+async def test_a_failed_append_stops_the_run_and_user_code_cannot_swallow_it(
+    kafka: str, topic_prefix: str, state_dir: Path
+) -> None:
+    caught: list[str] = []
+    app = ploy()
+
+    @app.workflow("huge")
+    async def huge(ctx: Any) -> Any:
+        try:  # 2 MB passes our limit (raised here) but not the producer's 1 MB
+            return await ctx.step.run("big", lambda: "x" * 2_000_000)
+        except Exception as exc:
+            caught.append(type(exc).__name__)
+            return "swallowed"
+
+    config = engine_config(kafka, topic_prefix, state_dir, max_payload_bytes=5_000_000)
+    async with running_engine(app.build(), config) as e:
+        eid = await e.runtime.trigger("huge", {})
+        await asyncio.sleep(1.5)
+        execution = await e.runtime.get_execution(eid)
+    assert caught == []
+    assert execution is not None and execution.status == "running"  # not failed, not done
+    assert execution.steps[0].attempts[0].ended_at is None  # resumes on a later try
