@@ -130,6 +130,13 @@ def make_app(tmp_path: Path) -> Path:
     return app
 
 
+def worker_env(kafka: str, prefix: str, effects: Path) -> dict[str, str]:
+    """The environment of a worker process of this test's app, group and topic."""
+    return {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "PLOY_TOPIC_PREFIX": prefix,
+            "PLOY_GROUP_ID": f"{prefix}.workers", "SIDE_EFFECTS": str(effects),
+            "PYTHONPATH": str(HERE.parent.parent)}
+
+
 def spawn(app: Path, env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, str(HERE / "workerproc.py"), str(app), "--scale-out"],
@@ -164,9 +171,7 @@ def test_three_workers_sigkill_one_every_execution_completes_acked_steps_once(
 ) -> None:
     app = make_app(tmp_path)
     effects = tmp_path / "effects.log"
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "PLOY_TOPIC_PREFIX": topic_prefix,
-           "PLOY_GROUP_ID": f"{topic_prefix}.workers", "SIDE_EFFECTS": str(effects),
-           "PYTHONPATH": str(HERE.parent.parent)}
+    env = worker_env(kafka, topic_prefix, effects)
     workers = {name: spawn(app, env, name) for name in ("w1", "w2", "w3")}
     try:
         wait_until(lambda: len(set(owners(kafka, topic_prefix, tmp_path).values()) - {""}) == 3,
@@ -214,9 +219,7 @@ def test_a_frozen_worker_is_fenced_and_starts_no_step_after_it_resumes(
 ) -> None:
     app = make_app(tmp_path)
     effects = tmp_path / "effects.log"
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "PLOY_TOPIC_PREFIX": topic_prefix,
-           "PLOY_GROUP_ID": f"{topic_prefix}.workers", "SIDE_EFFECTS": str(effects),
-           "PYTHONPATH": str(HERE.parent.parent)}
+    env = worker_env(kafka, topic_prefix, effects)
     workers = [spawn(app, env, "a"), spawn(app, env, "b")]
     by_pid = {str(w.pid): w for w in workers}
     try:
@@ -285,9 +288,7 @@ def test_a_worker_joining_under_load_takes_partitions_and_nothing_stalls(
 ) -> None:
     app = make_app(tmp_path)
     effects = tmp_path / "effects.log"
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka, "PLOY_TOPIC_PREFIX": topic_prefix,
-           "PLOY_GROUP_ID": f"{topic_prefix}.workers", "SIDE_EFFECTS": str(effects),
-           "PYTHONPATH": str(HERE.parent.parent)}
+    env = worker_env(kafka, topic_prefix, effects)
     workers = [spawn(app, env, "w1"), spawn(app, env, "w2")]
     ids: list[str] = []
     try:
