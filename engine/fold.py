@@ -90,7 +90,6 @@ class Tx:
 
     def delete(self, key: bytes) -> None:
         self._pending[key] = _DELETED
-
     def encoded(self) -> Iterator[tuple[bytes, bytes | None]]:
         """Every write as bytes (``None`` deletes), deterministic JSON."""
         for key, value in self._pending.items():

@@ -165,25 +165,33 @@ class EventLog:
                 logger.exception("a delivery callback failed")
 
     def _produce(self, event: Event, on_delivery: Any, partition: int | None = None) -> int:
+        """Hand one event to the producer; ``on_delivery(err, msg)`` runs on its ack."""
         if partition is None:
             partition = self.partition_for(event.execution_id)
-        value = self.codec.encode(event)
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is None:
+                self._acked(msg.partition(), msg.offset())
+            on_delivery(err, msg)
+
+        value, key = self.codec.encode(event), event.execution_id.encode()
+
+        def produce() -> None:
+            self._producer.produce(self.topic, value=value, key=key, partition=partition,
+                                   on_delivery=delivered)
+
         try:
-            self._producer.produce(
-                self.topic, value=value, key=event.execution_id.encode(),
-                partition=partition, on_delivery=on_delivery,
-            )
-        except BufferError:
-            self._producer.poll(0.1)
-            self._producer.produce(
-                self.topic, value=value, key=event.execution_id.encode(),
-                partition=partition, on_delivery=on_delivery,
-            )
+            try:
+                produce()
+            except BufferError:  # the local queue is full: serve acks, then once more
+                self._producer.poll(0.1)
+                produce()
         except KafkaException as exc:
             raise AppendError(self.topic, str(exc.args[0])) from None
         return partition
 
     def _acked(self, partition: int, offset: int) -> None:
+        """Every acknowledged offset raises the partition's mark (read-your-writes)."""
         if offset > self.high_acked.get(partition, -1):
             self.high_acked[partition] = offset
 
@@ -197,8 +205,6 @@ class EventLog:
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
 
         def delivered(err: KafkaError | None, msg: Any) -> None:
-            if err is None:
-                self._acked(msg.partition(), msg.offset())
             loop.call_soon_threadsafe(_settle, future, err, msg, self.topic)
 
         self._produce(event, delivered, partition)
@@ -208,9 +214,7 @@ class EventLog:
         """Append without waiting; the partition's order is kept all the same."""
 
         def delivered(err: KafkaError | None, msg: Any) -> None:
-            if err is None:
-                self._acked(msg.partition(), msg.offset())
-            else:
+            if err is not None:
                 logger.error("append of %s failed: %s", event.type, err)
 
         self._produce(event, delivered)
@@ -221,8 +225,6 @@ class EventLog:
         result: list[Any] = []
 
         def delivered(err: KafkaError | None, msg: Any) -> None:
-            if err is None:
-                self._acked(msg.partition(), msg.offset())
             result.append((err, msg))
             done.set()
 

@@ -173,8 +173,7 @@ class Runtime:
                     await self._claim(p, self._generation)
                     continue
                 self.owned.add(p)
-                for eid in self.views[p].active():
-                    self._maybe_start(eid)
+                self._resume(p)
         elif self.runs:
             self._group_thread = threading.Thread(target=self._group_loop, name="ploy-group",
                                                   daemon=True)
@@ -376,7 +375,12 @@ class Runtime:
             self.epochs[partition] = epoch
             self.owned.add(partition)
         logger.info("worker %s owns partition %d at epoch %d", self.worker_id, partition, epoch)
-        for eid in view.active():
+        self._resume(partition)
+
+    def _resume(self, partition: int) -> None:
+        """Start every unfinished execution of a partition this process now runs
+        (sleeping ones wait for their timers)."""
+        for eid in self.views[partition].active():
             self._maybe_start(eid)
 
     async def _folded(self, partition: int, offset: int, timeout_s: float = 30.0) -> None:
@@ -622,15 +626,11 @@ class Runtime:
     async def _caught_up(self, partition: int, timeout_s: float = 10.0) -> PartitionView | None:
         """The partition's view once it holds every event this process had acknowledged."""
         view = self.views.get(partition)
-        if view is None:
-            return None
-        target = self.log.high_acked.get(partition, -1)
-        if view.next_offset > target or partition in self.stalled:
+        if view is None or partition in self.stalled:
             return view
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters[partition].append((target, future))
+        target = self.log.high_acked.get(partition, -1)
         try:
-            await asyncio.wait_for(future, timeout_s)
+            await self._folded(partition, target, timeout_s)
         except TimeoutError:
             logger.warning("partition %d: view still behind offset %d after %g s",
                            partition, target, timeout_s)
@@ -671,16 +671,14 @@ class Runtime:
         found: list[ExecutionSummary] = []
         skipped = 0
         for _, eid, view in self._newest():
-            record = view.record(eid)
-            if record is None or (workflow and record["workflow"] != workflow) or (
-                    status and record["status"] != status):
+            summary = build_summary(view, eid)  # one read of the record
+            if summary is None or (workflow and summary.workflow != workflow) or (
+                    status and summary.status != status):
                 continue
             if skipped < offset:
                 skipped += 1
                 continue
-            summary = build_summary(view, eid)
-            if summary is not None:
-                found.append(summary)
+            found.append(summary)
             if len(found) >= limit:
                 break
         return found

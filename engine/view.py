@@ -88,7 +88,8 @@ class PartitionView:
             batch.put(keys.NEXT_OFFSET, keys.u64(next_offset))
             self.db.write(batch)
             self.next_offset = next_offset
-            self.claim_epoch = self._claim_epoch()
+            claim = tx.get(keys.CLAIM)  # decoded already by the fold: no second read
+            self.claim_epoch = 0 if claim is None else int(claim["epoch"])
         return applied, failure
 
     # -- queries ---------------------------------------------------------
