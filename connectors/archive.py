@@ -335,15 +335,16 @@ def dev_restore(config: Config, archive_dir: Path | None = None) -> tuple[Config
     Call it after the embedded broker started (``config`` names it) and
     before the engine starts; it blocks (run it in a thread from async code).
 
-    1. Bump the broker generation and forget the sources' offsets: the source
-       topics of a fresh broker begin again at offset 0, and their records
-       must not be taken for the restored executions' ones.
-    2. Restore the archive into the empty events topic.
-    3. Clamp the sinks' positions to the restored log (events after the last
+    1. Restore the archive into the empty events topic.
+    2. Clamp the sinks' positions to the restored log (events after the last
        closed archive file died with the old broker).
-    4. If the restored offsets differ from the archived ones, move the old
+    3. If the restored offsets differ from the archived ones, move the old
        archive aside (``<dir>.replaced-<time>``): the sink then archives the
        restored topic from offset 0 again.
+
+    Sources need nothing here: a source topic on a fresh broker has a new
+    topic id, so a source drops its old offsets and its new records' keys
+    differ from those of the restored executions.
 
     Returns:
         ``config`` plus an archive sink into ``archive_dir`` (default
@@ -352,11 +353,6 @@ def dev_restore(config: Config, archive_dir: Path | None = None) -> tuple[Config
     directory = archive_dir or dev_archive_dir(config)
     state = connectors_dir(config)
     # Step 1.
-    generation = StateFile(state / "generation.json")
-    generation.save({"generation": int(generation.load().get("generation", 0)) + 1})
-    for source_file in state.glob("source-*.json"):
-        source_file.unlink()
-    # Step 2.
     kafka = config.kafka
     assert kafka.bootstrap_servers, "dev_restore runs after the embedded broker started"
     log = EventLog(kafka.bootstrap_servers, kafka.topic_prefix, kafka.partitions,
@@ -365,10 +361,10 @@ def dev_restore(config: Config, archive_dir: Path | None = None) -> tuple[Config
         restored = restore(log, directory)
     finally:
         log.close()
-    # Step 3.
+    # Step 2.
     for name in position_file_names(state):
         _clamp(StateFile(state / name), restored.counts)
-    # Step 4.
+    # Step 3.
     if not restored.offsets_preserved:
         aside = directory.with_name(f"{directory.name}.replaced-{int(time.time())}")
         shutil.move(directory, aside)

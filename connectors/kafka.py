@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from connectors.errors import DeliveryError
@@ -64,6 +64,25 @@ def partitions_of(log: EventLog, topic: str) -> int | None:
     if found is None or found.error is not None or not found.partitions:
         return None
     return len(found.partitions)
+
+
+def topic_id_of(log: EventLog, topic: str) -> str | None:
+    """The id Kafka gave ``topic`` when it was created, or None if the broker has none.
+
+    The id tells two lives of one topic name apart: a topic deleted and created
+    again, or the same name on a fresh broker (``ploy dev``), gets a new id, so
+    its offsets start again at 0 without naming the old records. Ask only for a
+    topic that exists (a describe names the topic, which may create it).
+    """
+    admin = AdminClient(client_config(log.bootstrap_servers, log.extra))
+    try:
+        found = admin.describe_topics(TopicCollection([topic]))[topic].result(
+            log.connect_timeout_s)
+    except KafkaException:
+        return None
+    topic_id = getattr(found, "topic_id", None)
+    text = str(topic_id) if topic_id is not None else ""
+    return text if text.strip("A=") else None  # all zeros: a broker without topic ids
 
 
 def ensure_topic(log: EventLog, topic: str, partitions: int,

@@ -11,15 +11,20 @@ Formats (the record's value becomes the workflow input):
   schema id + the Avro body; the writer schema is ``<schema_dir>/<id>.avsc``.
 
 Exactly one execution per record: the idempotency key is
-``<topic>:<partition>:<offset>``, so a record read again (a restart before
-the offsets were saved, a re-consume from offset 0) names the execution it
-already started and appends nothing. A record that cannot be an input (not
+``<topic>:<partition>:<offset>@<topic id>``, made of the record's coordinates
+only, so a record read again (a restart before the offsets were saved, a
+re-consume from offset 0 after the state directory was lost) names the
+execution it already started and appends nothing. The topic id is the one
+Kafka gave the topic when it was created: a topic created again under the same
+name (or on a fresh ``ploy dev`` broker) starts again at offset 0, and its
+records are new records, not the old ones. A record that cannot be an input (not
 JSON, not a CloudEvent, unknown schema, rejected by the workflow's input
 model, too large) goes to the dead-letter topic with the reason in headers,
 and the source moves on: nothing is dropped silently.
 
 Offsets are this source's own (``assign``, no consumer group), stored in the
-state directory after the batch's triggers and dead letters are acknowledged.
+state directory with the topic id after the batch's triggers and dead letters
+are acknowledged; saved offsets of another topic id are dropped.
 """
 
 from __future__ import annotations
@@ -46,8 +51,9 @@ from connectors.kafka import (
     make_consumer,
     make_producer,
     partitions_of,
+    topic_id_of,
 )
-from connectors.state import StateFile, connectors_dir, generation, int_keys, str_keys
+from connectors.state import StateFile, connectors_dir, int_keys, str_keys
 from engine.config import SourceConfig
 from engine.errors import InvalidInputError, PayloadTooLargeError, SerializationError
 
@@ -149,8 +155,9 @@ class TopicSource:
         self.workflow = engine.config.workflow[source.binding].name
         self.decode = decoder_for(source)
         self.state = StateFile(connectors_dir(engine.config) / f"source-{source.topic}.json")
-        self.generation = generation(engine.config)
-        self.offsets = int_keys(self.state.load().get("offsets"))
+        saved = self.state.load()
+        self.offsets = int_keys(saved.get("offsets"))
+        self.topic_id: str | None = saved.get("topic_id")
         self.log = engine.runtime.log
         self.error: str | None = None
         self.triggered = 0
@@ -164,9 +171,9 @@ class TopicSource:
         self._task: asyncio.Task[None] | None = None
 
     def key(self, partition: int, offset: int) -> str:
-        """The idempotency key of a record (with the broker generation of ``ploy dev``)."""
+        """The idempotency key of a record: where it is, and nothing of this process's state."""
         key = f"{self.source.topic}:{partition}:{offset}"
-        return key if self.generation == 0 else f"{key}@{self.generation}"
+        return key if self.topic_id is None else f"{key}@{self.topic_id}"
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"ploy-{self.name}")
@@ -223,6 +230,13 @@ class TopicSource:
                 self.error = f"topic '{self.source.topic}' does not exist (yet)"
                 logger.warning("%s: %s; waiting for it", self.name, self.error)
             return
+        topic_id = await asyncio.to_thread(topic_id_of, self.log, self.source.topic)
+        if topic_id is not None and topic_id != self.topic_id:
+            if self.topic_id is not None:
+                logger.warning("%s: the topic was created again (id %s, was %s); reading it "
+                               "from the start", self.name, topic_id, self.topic_id)
+                self.offsets, self._partitions = {}, 0
+            self.topic_id = topic_id
         if count > self._partitions:
             new = range(self._partitions, count)
             await asyncio.to_thread(self._assign, new, incremental=self._partitions > 0)
@@ -272,7 +286,8 @@ class TopicSource:
         offsets = dict(self.offsets)
         for msg in records:
             offsets[cast(int, msg.partition())] = cast(int, msg.offset()) + 1
-        await asyncio.to_thread(self.state.save, {"offsets": str_keys(offsets)})
+        await asyncio.to_thread(self.state.save, {"offsets": str_keys(offsets),
+                                                  "topic_id": self.topic_id})
         self.offsets = offsets
         self.triggered += len(inputs) - sum(i in reasons for i in inputs)
         self.dead_lettered += len(reasons)

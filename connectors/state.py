@@ -8,10 +8,9 @@ a crash mid-write leaves the previous version, never half of one.
 
 Layout, under ``<state_dir>/<prefix>.connectors/``:
 
-    source-<topic>.json      a source's next offset per partition
+    source-<topic>.json      a source's topic id and next offset per partition
     topic-<topic>.json       a topic sink's position in ``<prefix>.events``
     webhook-<hash>.json      a webhook sink's position and pending deliveries
-    generation.json          bumped by ``ploy dev`` for each fresh embedded broker
 """
 
 from __future__ import annotations
@@ -73,16 +72,6 @@ def int_keys(mapping: object) -> dict[int, int]:
 
 def str_keys(mapping: dict[int, int]) -> dict[str, int]:
     return {str(k): v for k, v in sorted(mapping.items())}
-
-
-def generation(config: Config) -> int:
-    """How many times ``ploy dev`` started a fresh embedded broker on this state dir.
-
-    Source topics on a fresh broker begin again at offset 0, so a source's
-    idempotency key carries the generation to keep new records apart from
-    the restored executions of the previous broker.
-    """
-    return int(StateFile(connectors_dir(config) / "generation.json").load().get("generation", 0))
 
 
 def position_file_names(directory: Path) -> list[str]:
