@@ -49,6 +49,8 @@ _TYPES: dict[str, str | None] = {
     "WorkflowCompleted": "workflow.completed",
     "WorkflowFailed": "workflow.failed",
     "PartitionClaimed": None,
+    "RecordSkipped": None,
+    "PartitionReleased": None,
 }
 # Body fields that hold JSON text in the log and JSON values in a CloudEvent.
 _JSON_FIELDS = ("input", "output", "data")
