@@ -8,10 +8,16 @@ DuckDB's avro extension). One series per partition of ``<prefix>.events``,
 named by partition and offset range: ``p<partition>-<first>-<last>.avro``. A
 file is written as ``.p<partition>-<first>.avro.tmp`` and renamed when it is
 closed (fsynced first): when it reaches ``roll_bytes``, when it is
-``roll_seconds`` old, and when the engine stops. The closed files are the
-archive's position: after a crash the temporary files are deleted and the
-sink reads on from the offset after the last closed file, so each event is
-in exactly one file. Headers hold ``ploy.topic``, ``ploy.partition``,
+``roll_seconds`` old, and when the engine stops. A file holds contiguous
+offsets (a gap in the log starts a new file), so its first offset and its
+count name its last one.
+
+Durability: what the sink read is written as a whole Avro block and fsynced
+at least every ``ARCHIVE_SYNC_S``, open file or not. After a crash,
+:func:`recover_open_files` closes each temporary file with every whole block
+it holds (a block torn by the crash is dropped, its events are read again),
+and the sink reads on from the offset after the last closed file, so each
+event is in exactly one file. Headers hold ``ploy.topic``, ``ploy.partition``,
 ``ploy.partitions`` and ``ploy.first_offset``.
 
 :func:`restore` appends an archive into an empty topic, each partition's
@@ -19,7 +25,8 @@ events to the same partition in the same order (so every execution stays on
 the partition its id hashes to); a view folded from it is the view of the
 archived log. ``ploy dev`` archives into its state directory and restores on
 start (:func:`dev_restore`), so its in-memory broker no longer loses every
-execution when it stops.
+execution when it stops, nor, beyond the last ``ARCHIVE_SYNC_S``, when it is
+killed.
 """
 
 from __future__ import annotations
@@ -54,6 +61,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ploy.connectors")
 
 FILE_NAME = re.compile(r"^p(\d+)-(\d+)-(\d+)\.avro$")
+OPEN_NAME = re.compile(r"^\.p(\d+)-(\d+)\.avro\.tmp$")
+# The longest an event the sink has read waits before it is on disk (fsynced):
+# the poll wait plus the sync interval, plus the write itself.
+SYNC_INTERVAL_S = 0.2
+POLL_S = 0.2
+ARCHIVE_SYNC_S = 1.0
 CODEC = "deflate"
 DEV_ROLL_SECONDS = 10.0
 DEV_ROLL_BYTES = 16 * 1024 * 1024
@@ -95,6 +108,64 @@ def archive_files(directory: Path) -> dict[int, list[ArchiveFile]]:
 def archived_positions(directory: Path) -> dict[int, int]:
     """The offset after each partition's last closed file: where archiving goes on."""
     return {p: files[-1].last + 1 for p, files in archive_files(directory).items()}
+
+
+def recover_open_files(directory: Path) -> list[ArchiveFile]:
+    """Close the files a crash left open, with every event they hold on disk.
+
+    Each ``.p<partition>-<first>.avro.tmp`` is read block by block up to the
+    first block the crash tore; its events are written to a new file that is
+    fsynced and renamed ``p<partition>-<first>-<last>.avro`` (a file holds
+    contiguous offsets, so the count gives ``last``); then the temporary
+    file is removed. A crash during this leaves the temporary file, and it is
+    done again. Files with no whole block are removed.
+
+    Returns:
+        The files closed.
+    """
+    closed: list[ArchiveFile] = []
+    if not directory.is_dir():
+        return closed
+    for leftover in directory.glob(".p*.avro.recovering"):
+        leftover.unlink()
+    for tmp in sorted(directory.iterdir()):
+        match = OPEN_NAME.match(tmp.name)
+        if match is None:
+            continue
+        partition, first = (int(g) for g in match.groups())
+        schema, metadata, records = _readable_part(tmp)
+        if records:
+            last = first + len(records) - 1
+            final = directory / f"p{partition}-{first}-{last}.avro"
+            part = directory / f".p{partition}-{first}.avro.recovering"
+            with part.open("wb") as fo:
+                fastavro.writer(fo, schema, records, codec=CODEC, metadata=metadata)
+                fo.flush()
+                os.fsync(fo.fileno())
+            os.replace(part, final)
+            closed.append(ArchiveFile(final, partition, first, last))
+            logger.warning("archive %s: closed %s with %d events left open by a crash",
+                           directory, final.name, len(records))
+        tmp.unlink()
+        _fsync_dir(directory)
+    return closed
+
+
+def _readable_part(path: Path) -> tuple[Any, dict[str, str], list[Any]]:
+    """The writer schema, the ``ploy.*`` metadata and the records of the whole blocks."""
+    records: list[Any] = []
+    schema: Any = None
+    metadata: dict[str, str] = {}
+    with path.open("rb") as fo:
+        try:
+            blocks = fastavro.block_reader(fo)
+            schema = blocks.writer_schema
+            metadata = {k: v for k, v in blocks.metadata.items() if k.startswith("ploy.")}
+            for block in blocks:
+                records.extend(list(block))  # a block counts whole or not at all
+        except Exception as exc:  # fastavro raises many types on a torn header or block
+            logger.debug("archive file %s: read up to a torn part (%s)", path, exc)
+    return schema, metadata, records
 
 
 def to_record(event: Event, namespace: str) -> dict[str, Any]:
@@ -139,11 +210,29 @@ class _OpenFile:
     def __init__(self, directory: Path, schema: Any, metadata: dict[str, str],
                  partition: int, first: int):
         self.directory, self.partition, self.first, self.last = directory, partition, first, first
+        self.count = 0
         self.tmp = directory / f".p{partition}-{first}.avro.tmp"
         self.fo: IO[bytes] = self.tmp.open("wb")
         self.writer = Writer(self.fo, schema, codec=CODEC,
                              metadata={**metadata, "ploy.first_offset": str(first)})
         self.opened_at = time.monotonic()
+        self.unsynced = False
+
+    def follows(self, offset: int) -> bool:
+        """Whether ``offset`` goes on this file's contiguous run of offsets."""
+        return self.count == 0 or offset == self.last + 1
+
+    def write(self, record: dict[str, Any], offset: int) -> None:
+        self.writer.write(record)
+        self.last, self.count, self.unsynced = offset, self.count + 1, True
+
+    def sync(self) -> None:
+        """End the open block and fsync: what was written survives a crash from now on."""
+        if self.unsynced:
+            self.writer.flush()
+            self.fo.flush()
+            os.fsync(self.fo.fileno())
+            self.unsynced = False
 
     def size(self) -> int:
         return int(self.fo.tell() + cast(Any, self.writer).io.tell())  # + the open block
@@ -170,9 +259,11 @@ class ArchiveSink(SinkThread):
     1. Poll the events topic (every record, claims and fenced ones too: the
        archive is the log).
     2. Append each event to its partition's open file, opening one at the
-       first record after a roll.
+       first record after a roll or a gap in the offsets.
     3. Close (rename) every file that reached ``roll_bytes`` or ``roll_seconds``.
-    A failure discards the open files and reads again from the closed ones.
+    4. Every ``SYNC_INTERVAL_S``, write and fsync the open files' new events.
+    A failure discards the open files and reads again from the closed ones
+    (at start, :func:`recover_open_files` closes what a crash left open).
     """
 
     def __init__(self, engine: Engine, sink: ArchiveSinkConfig):
@@ -187,11 +278,11 @@ class ArchiveSink(SinkThread):
                          "ploy.partitions": str(self.log.partitions)}
         self.files: dict[int, _OpenFile] = {}
         self.closed = 0
+        self.synced_at = time.monotonic()
 
     def setup(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        for leftover in self.directory.glob(".p*.avro.tmp"):
-            leftover.unlink()  # a crash's unfinished file: its events are read again
+        recover_open_files(self.directory)
         positions = archived_positions(self.directory)
         self._check_topic()
         self.tail = EventTail(self.log, "sink.archive", Position(positions, {}))
@@ -206,15 +297,17 @@ class ArchiveSink(SinkThread):
 
     def step(self) -> None:
         # Step 1.
-        for record in self.tail.poll(0.2):
+        for record in self.tail.poll(POLL_S):
             # Step 2.
             p = record.partition
             file = self.files.get(p)
+            if file is not None and not file.follows(record.offset):
+                self._close(p)
+                file = None
             if file is None:
                 file = self.files[p] = _OpenFile(self.directory, self.schema, {
                     **self.metadata, "ploy.partition": str(p)}, p, record.offset)
-            file.writer.write(to_record(record.event, self.namespace))
-            file.last = record.offset
+            file.write(to_record(record.event, self.namespace), record.offset)
             if file.size() >= self.sink.roll_bytes:
                 self._close(p)
         # Step 3.
@@ -222,6 +315,11 @@ class ArchiveSink(SinkThread):
         for p, file in list(self.files.items()):
             if now - file.opened_at >= self.sink.roll_seconds:
                 self._close(p)
+        # Step 4.
+        if now - self.synced_at >= SYNC_INTERVAL_S:
+            for file in self.files.values():
+                file.sync()
+            self.synced_at = now
 
     def _close(self, partition: int) -> None:
         path = self.files.pop(partition).close()
@@ -335,7 +433,9 @@ def dev_restore(config: Config, archive_dir: Path | None = None) -> tuple[Config
     Call it after the embedded broker started (``config`` names it) and
     before the engine starts; it blocks (run it in a thread from async code).
 
-    1. Restore the archive into the empty events topic.
+    1. Close the archive files a ``ploy dev`` killed left open
+       (:func:`recover_open_files`), then restore the archive into the empty
+       events topic.
     2. Clamp the sinks' positions to the restored log (events after the last
        closed archive file died with the old broker).
     3. If the restored offsets differ from the archived ones, move the old
@@ -353,6 +453,7 @@ def dev_restore(config: Config, archive_dir: Path | None = None) -> tuple[Config
     directory = archive_dir or dev_archive_dir(config)
     state = connectors_dir(config)
     # Step 1.
+    recover_open_files(directory)
     kafka = config.kafka
     assert kafka.bootstrap_servers, "dev_restore runs after the embedded broker started"
     log = EventLog(kafka.bootstrap_servers, kafka.topic_prefix, kafka.partitions,

@@ -12,6 +12,11 @@ How the process is handled, and why:
 - It runs in its own session (process group), so a Ctrl-C in the terminal
   reaches only the parent, which then stops the broker in order instead of
   racing it.
+- It dies with its parent, however the parent ends (a SIGKILL runs no
+  cleanup): on Linux the child asks the kernel for SIGKILL when its parent
+  goes (``prctl(PR_SET_PDEATHSIG)``). The kernel sends it when the *thread*
+  that forked the child ends, so every broker is forked by one thread that
+  lives as long as the process, whichever thread calls :meth:`start`.
 - Its output goes to a log file, never to a pipe: nobody drains a pipe, and a
   full pipe would block the broker.
 - A free loopback port is picked by binding to port 0. Between closing that
@@ -28,16 +33,21 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
@@ -65,6 +75,9 @@ _QUIET: dict[str, str | int | float | bool] = {"log_level": 0}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 _running: set[EmbeddedBroker] = set()
+_PR_SET_PDEATHSIG = 1
+_forker: ThreadPoolExecutor | None = None
+_forker_lock = threading.Lock()
 
 
 def wait_for_kafka(
@@ -257,7 +270,7 @@ class EmbeddedBroker:
         env["NO_COLOR"] = "1"
         self._port = port
         try:
-            self._process = subprocess.Popen(
+            self._process = _popen(
                 [
                     binary,
                     "broker",
@@ -337,6 +350,40 @@ class EmbeddedBroker:
         except OSError as exc:
             return f"(log unreadable: {exc})"
         return _ANSI.sub("", text).strip()
+
+
+def _popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``Popen`` from the process's forking thread, the child set to die with the process."""
+    global _forker
+    with _forker_lock:
+        if _forker is None:
+            # One worker thread that is never shut down: it ends with the process.
+            _forker = ThreadPoolExecutor(1, thread_name_prefix="ploy-broker-forker")
+    preexec = _die_with_parent()
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, preexec_fn=preexec, **kwargs)
+
+    return _forker.submit(spawn).result()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the kernel SIGKILL the child when this process ends.
+
+    Linux only (``prctl``); elsewhere the broker is stopped by :meth:`EmbeddedBroker.stop`
+    and at interpreter exit, not after a SIGKILL of its parent.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the prctl: no signal comes
+            os._exit(1)
+
+    return preexec
 
 
 def _resolve_binary() -> str:
