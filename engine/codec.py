@@ -253,6 +253,8 @@ def _write_string(value: str, out: bytearray) -> None:
         raw = value.encode()
     except AttributeError:
         raise TypeError(f"must be string, not {type(value).__name__}") from None
+    except UnicodeEncodeError:  # a lone surrogate: write its escape, never fail
+        raw = value.encode("utf-8", "backslashreplace")
     n = len(raw)
     if n < 64:
         out.append(n << 1)
@@ -398,6 +400,8 @@ class _Compiler:
                         raw = value.encode()
                     except AttributeError:
                         raise TypeError(f"must be string, not {type(value).__name__}") from None
+                    except UnicodeEncodeError:  # a lone surrogate: its escape, never fail
+                        raw = value.encode("utf-8", "backslashreplace")
                     n = len(raw)
                     if n < 64:
                         out.append(n << 1)
@@ -420,6 +424,8 @@ class _Compiler:
                         raw = value.encode()
                     except AttributeError:
                         raise ValueError(f"{value!r} is not null or a string") from None
+                    except UnicodeEncodeError:  # a lone surrogate: its escape, never fail
+                        raw = value.encode("utf-8", "backslashreplace")
                     n = len(raw)
                     if n < 64:
                         out.append(2)

@@ -9,10 +9,13 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── UnknownWorkflowError      a binding naming a workflow the worker lacks
     ├── InvalidInputError         trigger input fails the workflow's input model
     ├── PayloadTooLargeError      an event would not fit a Kafka record
+    ├── PayloadTooDeepError       JSON nested deeper than readers take
+    ├── InvalidKeyError           an idempotency key that is not valid Unicode
     ├── DurationError (ValueError) "5 parsecs"
     ├── SerializationError        a step result that is not JSON
     ├── CodecError                corrupt bytes / unknown schema fingerprint
     ├── CorruptEventError         CodecError at a topic/partition/offset
+    ├── PartitionStalledError     a trigger to a partition stopped at a corrupt event
     ├── InvalidTransitionError    the fold met an event its state forbids
     ├── BrokerUnavailableError    bootstrap servers not reachable in time
     ├── AppendError               the broker refused or timed out an append
@@ -87,6 +90,22 @@ class PayloadTooLargeError(PloyError, ValueError):
         super().__init__(f"{what} is {size} bytes, over the limit of {limit} bytes")
 
 
+class InvalidKeyError(PloyError, ValueError):
+    """An id or key the engine cannot use as given (an idempotency key that is not Unicode)."""
+
+    def __init__(self, what: str, problem: str):
+        self.what, self.problem = what, problem
+        super().__init__(f"invalid {what}: {problem}")
+
+
+class PayloadTooDeepError(PloyError, ValueError):
+    """A JSON payload nested deeper than the engine's readers accept."""
+
+    def __init__(self, what: str, limit: int):
+        self.what, self.limit = what, limit
+        super().__init__(f"{what} nests arrays and objects more than {limit} levels deep")
+
+
 class DurationError(PloyError, ValueError):
     """A duration that is neither int milliseconds nor like '1h30m'."""
 
@@ -121,6 +140,22 @@ class CorruptEventError(PloyError):
         )
 
 
+class PartitionStalledError(PloyError):
+    """A trigger routed to a partition whose fold is stopped at a corrupt event.
+
+    Accepting it would hide it: nothing folds or runs there until an operator
+    skips the record (``ploy skip``).
+    """
+
+    def __init__(self, topic: str, partition: int, offset: int):
+        self.topic, self.partition, self.offset = topic, partition, offset
+        super().__init__(
+            f"partition {partition} of '{topic}' is stopped at the corrupt event at offset "
+            f"{offset}; nothing is accepted there until an operator runs "
+            f"'ploy skip --partition {partition} --offset {offset} --reason ...'"
+        )
+
+
 class InvalidTransitionError(PloyError):
     """The fold met an event that the execution's state does not allow."""
 
@@ -139,10 +174,14 @@ class BrokerUnavailableError(PloyError):
 
 
 class AppendError(PloyError):
-    """The broker did not acknowledge an append."""
+    """The broker did not acknowledge an append.
 
-    def __init__(self, topic: str, cause: str):
-        self.topic, self.cause = topic, cause
+    ``permanent`` when it refused the record itself (too large, invalid): the
+    same record will be refused again, so retrying it cannot help.
+    """
+
+    def __init__(self, topic: str, cause: str, permanent: bool = False):
+        self.topic, self.cause, self.permanent = topic, cause, permanent
         super().__init__(f"append to '{topic}' failed: {cause}")
 
 

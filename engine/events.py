@@ -1,6 +1,6 @@
 """The event types of the log and their envelope: plain data, no I/O.
 
-Field names and types mirror ``schemas/event.v1.avsc`` one to one; the codec
+Field names and types mirror the newest ``schemas/event.vN.avsc`` one to one; the codec
 turns these into Avro and back. User payloads (inputs, outputs, log data) are
 JSON text, so the Avro contract never changes with a user's models.
 """
@@ -93,6 +93,7 @@ class WorkflowLog:
     level: str
     message: str
     data: str | None = None
+    position: str | None = None  # where in the workflow; None before schema v3
     NAME: ClassVar[str] = "WorkflowLog"
 
 
@@ -142,6 +143,36 @@ class PartitionClaimed:
     NAME: ClassVar[str] = "PartitionClaimed"
 
 
+@dataclass(frozen=True)
+class RecordSkipped:
+    """An operator skips the unreadable record at ``skipped_offset`` (``ploy skip``).
+
+    Its execution id is ``partition-<N>``. The fold, stopped at that offset,
+    looks ahead for this event and steps over the record; the event itself is
+    the audit trail of who skipped what and why.
+    """
+
+    partition: int
+    skipped_offset: int
+    reason: str
+    actor: str
+    NAME: ClassVar[str] = "RecordSkipped"
+
+
+@dataclass(frozen=True)
+class PartitionReleased:
+    """The owner hands a partition off: ``running`` > 0 while its steps finish, 0 once free.
+
+    The envelope's epoch is the releasing claim's; the next owner waits for
+    ``running == 0`` (bounded) before it claims, so no in-flight step is fenced.
+    """
+
+    partition: int
+    worker: str
+    running: int
+    NAME: ClassVar[str] = "PartitionReleased"
+
+
 Body = (
     WorkflowTriggered
     | WorkflowStarted
@@ -156,6 +187,8 @@ Body = (
     | WorkflowCompleted
     | WorkflowFailed
     | PartitionClaimed
+    | RecordSkipped
+    | PartitionReleased
 )
 
 BODY_TYPES: dict[str, type[Body]] = {
@@ -174,8 +207,13 @@ BODY_TYPES: dict[str, type[Body]] = {
         WorkflowCompleted,
         WorkflowFailed,
         PartitionClaimed,
+        RecordSkipped,
+        PartitionReleased,
     )
 }
+
+# Events of a partition, not of an execution (written under ``claim_id``).
+PARTITION_EVENTS = (PartitionClaimed, RecordSkipped, PartitionReleased)
 
 # What clients append (any process may): never fenced by epoch.
 CLIENT_EVENTS = (WorkflowTriggered, CancelRequested)

@@ -22,6 +22,7 @@ replay. A cancel takes effect at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -31,11 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
+from engine import payloads
 from engine.context import Context
 from engine.durations import backoff_ms, parse_duration
 from engine.errors import (
     AppendError,
     NonRetryableError,
+    PayloadTooDeepError,
     PayloadTooLargeError,
     SerializationError,
     StepFailedError,
@@ -79,7 +82,23 @@ class Shutdown(BaseException):  # noqa: N818
 
 class LogUnavailable(BaseException):  # noqa: N818
     """An append failed (the broker is down or refused it): stop this run, so that
-    user code cannot take it for a step's failure; the runtime tries again later."""
+    user code cannot take it for a step's failure; the runtime tries again later.
+
+    ``permanent`` when the broker will refuse the same record every time
+    (too large for it, say): retrying the same end event cannot help.
+    """
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+# The step attempt a ``ctx.log`` call runs inside, if any: (runner, step key, attempt).
+# A context variable, so that it follows a step function into its thread or task
+# and parallel branches each see their own.
+_IN_STEP: contextvars.ContextVar[tuple[ExecutionRunner, str, int] | None] = (
+    contextvars.ContextVar("ploy_in_step", default=None))
+RESERVED = ("#", "[", "]")  # the engine's own key syntax: name#2, name[0]
 
 
 def to_json(value: Any, what: str) -> str:
@@ -96,38 +115,58 @@ def _model_dump(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-ERROR_TEXT_LIMIT = 16_384
+ERROR_TEXT_LIMIT = 16_384  # bytes of UTF-8, for an error message and for a traceback
 
 
 def error_fields(exc: BaseException) -> tuple[str, str, str]:
     """(type name, message, traceback) as recorded in events, each cut to a bounded size
     so that an exception quoting a large payload still fits one record."""
     text = "".join(tb.format_exception(type(exc), exc, exc.__traceback__))
-    return type(exc).__name__, _cut(str(exc)), _cut(text)
+    return _cut(type(exc).__name__), _cut(str(exc)), _cut(text)
 
 
 def _cut(text: str) -> str:
-    if len(text) <= ERROR_TEXT_LIMIT:
-        return text
-    return text[:ERROR_TEXT_LIMIT] + f"... [{len(text) - ERROR_TEXT_LIMIT} more characters]"
+    """At most ERROR_TEXT_LIMIT bytes of UTF-8 (a lone surrogate becomes its escape)."""
+    raw = payloads.utf8(text)
+    if len(raw) <= ERROR_TEXT_LIMIT:
+        return raw.decode() if len(raw) != len(text) else text
+    kept = raw[:ERROR_TEXT_LIMIT].decode(errors="ignore")  # never half a character
+    return kept + f"... [{len(raw) - len(kept.encode())} more bytes]"
+
+
+def check_name(name: str, what: str = "step") -> None:
+    """A user's step name must not reach the engine's keys (``a#2``, ``p[0]``)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a {what} name must be a non-empty string, got {name!r}")
+    if payloads.has_lone_surrogate(name):
+        raise ValueError(f"{what} name {name!r} contains a lone surrogate (not valid Unicode)")
+    if any(c in name for c in RESERVED):
+        raise ValueError(
+            f"{what} name {name!r}: '#', '[' and ']' are reserved for the engine's own "
+            "step keys (a repeated name is keyed 'name#2', parallel branches 'name[0]')")
 
 
 class ExecutionRunner:
     """One execution in memory: its replay state and its live coroutine."""
 
     def __init__(self, runtime: Runtime, record: dict[str, Any], steps: list[dict[str, Any]],
-                 workflow: WorkflowDef):
+                 workflow: WorkflowDef, logged: list[str | None] = ()):  # type: ignore[assignment]
         self.runtime = runtime
         self.id: str = record["id"]
         self.record = record
         self.workflow = workflow
         self.recorded = {s["key"]: s for s in steps if s["kind"] == "step"}
         self.sleeps = {s["key"]: s for s in steps if s["kind"] == "sleep"}
-        self.logs_recorded: int = record["logs"]
+        # Log lines are keyed by where they were logged, so a replay records none twice
+        # and drops none (a completed step's function does not run on replay).
+        self.logged = {p for p in logged if p is not None}
+        self._legacy_logs = sum(1 for p in logged if p is None)  # written before positions
         self.cancel_requested = asyncio.Event()
         self._occurrences: dict[str, int] = {}
         self._sleep_count = 0
-        self._log_count = 0
+        self._boundary = 0  # step, sleep and parallel calls made by the handler so far
+        self._since_boundary = 0  # workflow-level log lines since the last of them
+        self._step_logs: dict[tuple[str, int], int] = {}
         self.cancel_reason: str | None = None
         self.partition = runtime.log.partition_for(self.id)
         # The claim this runner was started under: it writes with it, and it stops
@@ -145,10 +184,13 @@ class ExecutionRunner:
         try:
             await self.runtime.log.append(self._event(body))
         except AppendError as exc:
-            raise LogUnavailable(str(exc)) from exc
+            raise LogUnavailable(str(exc), exc.permanent) from exc
 
     def _append_nowait(self, body: Body) -> None:
-        self.runtime.log.append_nowait(self._event(body))
+        try:
+            self.runtime.log.append_nowait(self._event(body))
+        except AppendError as exc:
+            raise LogUnavailable(str(exc), exc.permanent) from exc
 
     async def _checkpoint(self) -> None:
         """A step boundary: stop here if cancelled, shutting down, or no longer the owner."""
@@ -163,6 +205,9 @@ class ExecutionRunner:
                 raise Shutdown
 
     def _key(self, name: str) -> str:
+        check_name(name)
+        self._boundary += 1
+        self._since_boundary = 0
         n = self._occurrences.get(name, 0) + 1
         self._occurrences[name] = n
         if n == 1:
@@ -174,14 +219,36 @@ class ExecutionRunner:
         return f"{name}#{n}"
 
     def _check_size(self, what: str, text: str | None) -> None:
-        limit = self.runtime.config.max_payload_bytes
-        if text is not None and len(text) > limit:
-            raise PayloadTooLargeError(what, len(text), limit)
+        if text is not None:
+            payloads.check(text, what, self.runtime.config.max_payload_bytes)
 
     # -- the handler ----------------------------------------------------------
 
     async def run(self) -> None:
-        """Run the handler to its end, its next durable sleep, a cancel, or shutdown."""
+        """Run the handler to its end, its next durable sleep, a cancel, or shutdown.
+
+        Every append of the run, the end event's too, goes through one path: when
+        the log is unavailable the run stops and the runtime resumes it later by
+        replay, so no execution is left ``running`` with nothing to resume it.
+        """
+        try:
+            end = await self._handle()
+            if end is None:
+                return
+            try:
+                await self._append(end)
+            except LogUnavailable as exc:
+                if not exc.permanent or not isinstance(end, WorkflowCompleted):
+                    raise
+                # The broker will never take this output: fail the execution, clearly.
+                refused = AppendError(self.runtime.log.topic, f"the output was refused: {exc}")
+                await self._append(WorkflowFailed(*error_fields(refused)))
+        except LogUnavailable as exc:
+            logger.warning("execution %s: %s; it resumes later", self.id, exc)
+            self.runtime.resume_later(self.id)
+
+    async def _handle(self) -> Body | None:
+        """Run the handler; the event that ends the execution, or None if it paused."""
         try:
             if self.record["status"] == "queued":
                 self._append_nowait(WorkflowStarted(self.runtime.worker_id))
@@ -189,20 +256,13 @@ class ExecutionRunner:
                           workflow=self.workflow.name, runner=self)
             result = await self.workflow.handler(ctx)
             await self._checkpoint()
-            output = self._output(result)
+            return WorkflowCompleted(self._output(result))
         except (Suspend, Shutdown):
-            return
-        except LogUnavailable as exc:
-            logger.warning("execution %s: %s; it resumes later", self.id, exc)
-            self.runtime.resume_later(self.id)
-            return
+            return None
         except Cancelled:
-            await self._append(WorkflowCancelled(self.cancel_reason))
-            return
+            return WorkflowCancelled(self.cancel_reason)
         except Exception as exc:
-            await self._append(WorkflowFailed(*error_fields(exc)))
-            return
-        await self._append(WorkflowCompleted(output))
+            return WorkflowFailed(*error_fields(exc))
 
     def _input(self) -> Any:
         data = json.loads(self.record["input"])
@@ -215,7 +275,11 @@ class ExecutionRunner:
             if isinstance(result, BaseModel) and not isinstance(result, model):
                 result = result.model_dump()
             validated = result if isinstance(result, model) else model.model_validate(result)
-            text = validated.model_dump_json()
+            try:
+                text = validated.model_dump_json()
+            except ValueError as exc:  # pydantic refuses text no UTF-8 encoder takes
+                raise SerializationError(f"the output of workflow '{self.workflow.name}'",
+                                         str(exc)) from None
         else:
             text = to_json(result, f"the output of workflow '{self.workflow.name}'")
         self._check_size("workflow output", text)
@@ -248,13 +312,16 @@ class ExecutionRunner:
         while True:
             started_at = self.runtime.clock.now()
             self._append_nowait(StepStarted(key, attempt, input_json))
+            token = _IN_STEP.set((self, key, attempt))
             try:
                 value = await self._call(key, fn, timeout_ms)
                 output = to_json(value, f"the result of step '{key}'")
                 self._check_size(f"the result of step '{key}'", output)
             except Exception as exc:
+                _IN_STEP.reset(token)
                 final = attempt > limit or isinstance(
-                    exc, NonRetryableError | SerializationError | PayloadTooLargeError)
+                    exc, NonRetryableError | SerializationError | PayloadTooLargeError
+                    | PayloadTooDeepError)
                 now = self.runtime.clock.now()
                 retry_at = None if final else now + self._backoff(attempt)
                 await self._append(StepFailed(key, attempt, None, *error_fields(exc),
@@ -265,6 +332,7 @@ class ExecutionRunner:
                 await self._wait_until(retry_at)
                 attempt += 1
                 continue
+            _IN_STEP.reset(token)
             await self._append(StepCompleted(key, attempt, None, output, started_at))
             return json.loads(output)
 
@@ -293,8 +361,7 @@ class ExecutionRunner:
             raise StepTimeoutError(key, timeout_ms) from None
 
     async def _in_thread(self, fn: Callable[[], Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        value = await loop.run_in_executor(self.runtime.pool, fn)
+        value = await self.runtime.threads.call(fn)
         if inspect.isawaitable(value):
             value = await value
         return value
@@ -320,6 +387,8 @@ class ExecutionRunner:
     async def sleep(self, duration: int | str) -> None:
         ms = parse_duration(duration)
         await self._checkpoint()
+        self._boundary += 1
+        self._since_boundary = 0
         self._sleep_count += 1
         key = f"sleep#{self._sleep_count}"
         recorded = self.sleeps.get(key)
@@ -350,12 +419,35 @@ class ExecutionRunner:
     # -- ctx.log --------------------------------------------------------------
 
     def log(self, message: str, data: Any, level: str) -> None:
-        seq = self._log_count
-        self._log_count += 1
-        if seq < self.logs_recorded:
+        position = self._log_position()
+        if position is None:
             return  # recorded before this replay
+        message = str(message)
         data_json = None if data is None else to_json(data, "log data")
+        self._check_size("a log line", message if data_json is None else message + data_json)
         user_log.log(_LEVELS.get(level, logging.INFO), "[%s %s] %s%s", self.workflow.name,
                      self.id, message, f" {data_json}" if data_json else "")
-        self._append_nowait(WorkflowLog(level, message, data_json))
+        self._append_nowait(WorkflowLog(level, message, data_json, position))
+
+    def _log_position(self) -> str | None:
+        """Where this log line is in the workflow, or None if a replay already has it.
+
+        Inside a step attempt: ``<step key>@<attempt>.<n>`` (a completed step does
+        not run on replay, so its lines are never met twice). Elsewhere:
+        ``w<b>.<n>``, the n-th line after the handler's b-th step, sleep or
+        parallel call, which a deterministic handler meets again on replay.
+        """
+        in_step = _IN_STEP.get()
+        if in_step is not None and in_step[0] is self:
+            _, key, attempt = in_step
+            n = self._step_logs.get((key, attempt), 0)
+            self._step_logs[(key, attempt)] = n + 1
+            position = f"{key}@{attempt}.{n}"
+        else:
+            position = f"w{self._boundary}.{self._since_boundary}"
+            self._since_boundary += 1
+            if self._legacy_logs > 0:  # lines recorded before positions: skip by count
+                self._legacy_logs -= 1
+                return None
+        return None if position in self.logged else position
 

@@ -21,6 +21,10 @@ Rules the fold keeps:
    Client events (trigger, cancel) come from any process and are never fenced.
    The log orders claims, so this holds on any Kafka-protocol broker, with no
    reliance on transactions or read_committed.
+6. ``PartitionReleased`` of the current claim marks it ``releasing`` (the
+   owner's steps still finish) and then ``released`` (the next owner may claim
+   without fencing any of them). ``RecordSkipped`` changes nothing here: the
+   view applies it where the skipped record stands (``PartitionView.skip``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from engine.events import (
     CancelRequested,
     Event,
     PartitionClaimed,
+    PartitionReleased,
+    RecordSkipped,
     SleepScheduled,
     StepCompleted,
     StepFailed,
@@ -108,6 +114,11 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
     """
     eid = event.execution_id
     body = event.body
+    if isinstance(body, PartitionReleased):
+        _released(tx, event, body)
+        return False
+    if isinstance(body, RecordSkipped):
+        return False
     if _fenced(tx, event, offset):
         return False
     ex = tx.get(keys.execution(eid))
@@ -143,6 +154,24 @@ def _fenced(tx: Tx, event: Event, offset: int) -> bool:
     claim["fenced"] += 1
     tx.put(keys.CLAIM, claim)
     return True
+
+
+def _released(tx: Tx, event: Event, body: PartitionReleased) -> None:
+    """Rule 6: only the current claim's own owner can release it."""
+    claim = tx.get(keys.CLAIM)
+    if claim is None or event.epoch != claim["epoch"] or body.worker != claim["worker"]:
+        return
+    claim["releasing"] = True
+    claim["released"] = body.running == 0
+    tx.put(keys.CLAIM, claim)
+
+
+def skip_record(offset: int, marker: Event, marker_offset: int) -> Record:
+    """The view's record of an operator's skip of the unreadable record at ``offset``."""
+    body = marker.body
+    assert isinstance(body, RecordSkipped)
+    return {"offset": offset, "reason": body.reason, "actor": body.actor,
+            "marker_offset": marker_offset, "timestamp": marker.timestamp}
 
 
 def new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Record:
@@ -313,6 +342,7 @@ def _log(tx: Tx, ex: Record, event: Event) -> None:
         "level": body.level,
         "message": body.message,
         "data": body.data,
+        "position": body.position,
     })
     ex["logs"] = seq + 1
 

@@ -54,9 +54,16 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine import payloads
 from engine.bindings import workflow_named
 from engine.dashboard import DASHBOARD, Dashboard, redirect
-from engine.errors import InvalidInputError, PayloadTooLargeError, UnknownBindingError
+from engine.errors import (
+    InvalidInputError,
+    InvalidKeyError,
+    PartitionStalledError,
+    PayloadTooLargeError,
+    UnknownBindingError,
+)
 from engine.models import Execution, ExecutionStatus, ExecutionSummary
 
 if TYPE_CHECKING:
@@ -179,8 +186,17 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
 # -- errors and limits ------------------------------------------------------------
 
 
+class _TotalJSON(JSONResponse):
+    """JSON that always encodes: a lone surrogate in a value is written as its escape."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None,
+                          separators=(",", ":"))
+        return payloads.utf8(text)
+
+
 def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(payload, status_code=status, headers=headers)
+    return _TotalJSON(payload, status_code=status, headers=headers)
 
 
 class _Reject(Exception):  # noqa: N818 - a response to send, not an error
@@ -311,8 +327,13 @@ class _UserRoute:
             raise
         except InvalidInputError as exc:
             return _json(422, {"error": str(exc), "details": exc.errors})
+        except InvalidKeyError as exc:
+            return _json(422, {"error": str(exc)})
         except PayloadTooLargeError as exc:
             return _json(413, {"error": str(exc)})
+        except PartitionStalledError as exc:
+            logger.error("%s: %s", self.label, exc)
+            return _json(503, {"error": str(exc)})
         except UnknownBindingError as exc:
             logger.error("%s: %s", self.label, exc)
             return _json(500, {"error": str(exc)})
@@ -368,6 +389,10 @@ async def _read_body(request: Request, model: type[BaseModel] | None) -> Any:
         data = json.loads(raw)
     except ValueError as exc:
         raise _Reject(422, {"error": f"malformed JSON body: {exc}"}) from None
+    surrogate = payloads.lone_surrogate(raw.decode()) if b"\\u" in raw else None
+    if surrogate is not None:
+        raise _Reject(422, {"error": f"invalid request body: a lone surrogate ({surrogate}) "
+                                     "is not valid Unicode"})
     if model is None:
         return data
     try:
@@ -527,8 +552,12 @@ class _Api:
             result = await env[binding].trigger(body.input, idempotency_key=body.idempotency_key)
         except InvalidInputError as exc:
             raise _Reject(422, {"error": str(exc), "details": exc.errors}) from None
+        except InvalidKeyError as exc:
+            raise _Reject(422, {"error": str(exc)}) from None
         except PayloadTooLargeError as exc:
             raise _Reject(413, {"error": str(exc)}) from None
+        except PartitionStalledError as exc:
+            raise _Reject(503, {"error": str(exc)}) from None
         return _json(201, {"execution_id": result["execution_id"]})
 
     async def workflows(self, request: Request) -> Response:
@@ -551,13 +580,15 @@ class _Api:
     async def health(self, request: Request) -> Response:
         runtime = self.engine.runtime
         stalled = {p: str(err) for p, err in sorted(runtime.stalled.items())}
+        claiming = runtime.claiming()  # assigned here, claim not on the log yet
         return _json(200, {
-            "status": "degraded" if stalled else "ok",
+            "status": "degraded" if stalled or claiming else "ok",
             "worker": runtime.worker_id,
             "topic": runtime.log.topic,
             "partitions": {p: {"next_offset": v.next_offset}
                            for p, v in sorted(runtime.views.items())},
             "stalled": stalled,
+            "claiming": claiming,
             "running": len(runtime.runners),
         })
 

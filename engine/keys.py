@@ -13,6 +13,7 @@ import struct
 
 NEXT_OFFSET = b"m:next_offset"  # the partition's next offset to fold (8 bytes BE)
 CLAIM = b"m:claim"  # the partition's current claim: {"epoch", "worker", "offset", "fenced"} (JSON)
+SKIPPED = b"k:"  # k:<offset u64>  -> an operator's skip of an unreadable record (JSON)
 
 EXECUTION = b"e:"  # e:<id>                     -> execution record (JSON)
 STEP = b"s:"  # s:<id>\0<step key>              -> step record with every attempt (JSON)
@@ -67,6 +68,10 @@ def parse_timer(key: bytes) -> tuple[int, str, str]:
     wake_at = read_u64(key[2:10])
     eid, sleep_key = key[10:].split(SEP, 1)
     return wake_at, eid.decode(), sleep_key.decode()
+
+
+def skipped(offset: int) -> bytes:
+    return SKIPPED + u64(offset)
 
 
 def active(eid: str) -> bytes:

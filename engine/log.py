@@ -187,7 +187,9 @@ class EventLog:
                 self._producer.poll(0.1)
                 produce()
         except KafkaException as exc:
-            raise AppendError(self.topic, str(exc.args[0])) from None
+            raise AppendError(self.topic, str(exc.args[0]), _permanent(exc.args[0])) from None
+        except BufferError as exc:
+            raise AppendError(self.topic, f"the producer's queue is full: {exc}") from None
         return partition
 
     def _acked(self, partition: int, offset: int) -> None:
@@ -210,16 +212,17 @@ class EventLog:
         self._produce(event, delivered, partition)
         return await future
 
-    def append_nowait(self, event: Event) -> None:
+    def append_nowait(self, event: Event, partition: int | None = None) -> None:
         """Append without waiting; the partition's order is kept all the same."""
 
         def delivered(err: KafkaError | None, msg: Any) -> None:
             if err is not None:
                 logger.error("append of %s failed: %s", event.type, err)
 
-        self._produce(event, delivered)
+        self._produce(event, delivered, partition)
 
-    def append_sync(self, event: Event, timeout_s: float = 30.0) -> tuple[int, int]:
+    def append_sync(self, event: Event, timeout_s: float = 30.0,
+                    partition: int | None = None) -> tuple[int, int]:
         """Append from synchronous code (CLI, benchmarks) and wait for the ack."""
         done = threading.Event()
         result: list[Any] = []
@@ -228,12 +231,12 @@ class EventLog:
             result.append((err, msg))
             done.set()
 
-        self._produce(event, delivered)
+        self._produce(event, delivered, partition)
         if not done.wait(timeout_s):
             raise AppendError(self.topic, f"no acknowledgement within {timeout_s:g} s")
         err, msg = result[0]
         if err is not None:
-            raise AppendError(self.topic, str(err))
+            raise AppendError(self.topic, str(err), _permanent(err))
         return msg.partition(), msg.offset()
 
     def flush(self, timeout_s: float = 30.0) -> None:
@@ -320,10 +323,19 @@ class EventLog:
             self._producer.close()
 
 
+# Errors that refuse the record itself: sending it again gets the same answer.
+_REFUSALS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
+             KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE}
+
+
+def _permanent(err: Any) -> bool:
+    return isinstance(err, KafkaError) and err.code() in _REFUSALS
+
+
 def _settle(future: asyncio.Future[tuple[int, int]], err: Any, msg: Any, topic: str) -> None:
     if future.done():
         return
     if err is not None:
-        future.set_exception(AppendError(topic, str(err)))
+        future.set_exception(AppendError(topic, str(err), _permanent(err)))
     else:
         future.set_result((msg.partition(), msg.offset()))

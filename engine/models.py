@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from engine.payloads import scrub
+
 
 class ExecutionStatus(StrEnum):
     """The life of an execution; the last three are terminal."""
@@ -164,5 +166,12 @@ class HistoryEntry(BaseModel):
 
 
 def loads(text: str | None) -> Any:
-    """User payloads are JSON text in events and records."""
-    return None if text is None else json.loads(text)
+    """User payloads are JSON text in events and records.
+
+    A lone surrogate that a step returned (its JSON escapes it) comes back as
+    U+FFFD, so that every answer built from it can be encoded as UTF-8.
+    """
+    if text is None:
+        return None
+    value = json.loads(text)
+    return scrub(value) if "\\ud" in text or "\\uD" in text else value

@@ -49,28 +49,32 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import TopicPartition
 from pydantic import BaseModel, ValidationError
 
+from engine import payloads
 from engine.bindings import Env, WorkflowBinding
 from engine.builder import Worker, WorkflowDef
 from engine.clock import Clock
 from engine.config import Config
 from engine.errors import (
+    AppendError,
     CodecError,
     CorruptEventError,
     InvalidInputError,
-    PayloadTooLargeError,
+    PartitionStalledError,
+    PayloadTooDeepError,
+    SerializationError,
     UnknownWorkflowError,
 )
 from engine.events import (
     CancelRequested,
     Event,
     PartitionClaimed,
+    PartitionReleased,
     TimerFired,
     WorkflowCancelled,
     WorkflowFailed,
@@ -81,6 +85,8 @@ from engine.execution import ExecutionRunner, to_json
 from engine.fold import new_execution
 from engine.log import EventLog
 from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
+from engine.skips import apply_or_skip, find_skip
+from engine.threads import StepThreads
 from engine.timers import TimerService
 from engine.view import PartitionView, build_execution, build_summary, history_entries
 
@@ -92,8 +98,12 @@ LEASE_S = 1.0  # a fold loop silent this long (a frozen process) must re-check i
 GROUP_SETTINGS = {
     "session.timeout.ms": 6000,
     "heartbeat.interval.ms": 500,
-    "partition.assignment.strategy": "roundrobin",
+    # Cooperative: a rebalance revokes only the partitions that move; the others
+    # keep running, with no new claim, so none of their steps is fenced and rerun.
+    "partition.assignment.strategy": "cooperative-sticky",
 }
+HANDOFF_S = 60.0  # how long a new owner waits for the old one's steps before it claims
+CLAIM_BACKOFF_S = (0.1, 5.0)  # a failed claim is tried again after 0.1 s, 0.2 s, ... 5 s
 
 
 class Runtime:
@@ -116,7 +126,7 @@ class Runtime:
         self.epochs: dict[int, int] = {}
         self.stalled: dict[int, CorruptEventError] = {}
         self.runners: dict[str, ExecutionRunner] = {}
-        self.pool = ThreadPoolExecutor(max_threads, thread_name_prefix="ploy-step")
+        self.threads = StepThreads(max_threads)
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._resume_after: set[str] = set()
@@ -134,6 +144,7 @@ class Runtime:
         self._group_stop = threading.Event()
         self._ownership = threading.Lock()  # the group thread revokes, the loop claims
         self._group_thread: threading.Thread | None = None
+        self._skips: dict[int, tuple[int, Event, int]] = {}  # stalled partition -> its skip
         self.timers = TimerService(self)
 
     @property
@@ -168,9 +179,7 @@ class Runtime:
         if self.runs and not self.scale_out:
             for p in partitions:
                 if self.views[p].claim_epoch > 0:
-                    self._generation += 1
-                    self._claiming[p] = self._generation
-                    await self._claim(p, self._generation)
+                    self._claim_all([p])  # scaled-out workers ran it: claim it back
                     continue
                 self.owned.add(p)
                 self._resume(p)
@@ -180,6 +189,7 @@ class Runtime:
             self._group_thread.start()
         if self.runs:
             self.timers.start()
+        self._spawn(self._watch_stalled(), "ploy-watch-stalled")
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop starting steps, let running ones finish (up to ``grace_s``), release all."""
@@ -199,7 +209,6 @@ class Runtime:
             await asyncio.to_thread(self._fold_thread.join, 5)
         if self._consumer is not None:
             self._consumer.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
         for view in self.views.values():
             view.close()
         self.views.clear()
@@ -225,13 +234,44 @@ class Runtime:
         view = self.views.get(partition)
         if view is None or partition in self.stalled:
             return []
-        applied, failure = view.apply(records)
+        applied, failure = apply_or_skip(self.log, view, records)
         if failure is not None:
             self.stalled[partition] = failure
             if self._consumer is not None:
-                self._consumer.pause([TopicPartition(self.log.topic, partition)])
+                self._consumer.incremental_unassign([TopicPartition(self.log.topic, partition)])
             logger.error("%s", failure)
         return applied
+
+    async def _watch_stalled(self) -> None:
+        """Look ahead on each stopped partition for an operator's skip marker (``ploy skip``)."""
+        while not self.stopping:
+            for p, failure in list(self.stalled.items()):
+                if p in self._skips:
+                    continue
+                try:
+                    found = await asyncio.to_thread(find_skip, self.log, p, failure.offset)
+                except Exception as exc:  # the broker is away: look again later
+                    logger.debug("partition %d: looking for a skip marker: %s", p, exc)
+                    continue
+                if found is not None:
+                    self._skips[p] = (failure.offset, *found)
+            for _ in range(20):
+                if self.stopping:
+                    return
+                await asyncio.sleep(0.1)
+
+    def _apply_skips(self) -> None:
+        """In the fold thread: step over skipped records and fold on after them."""
+        for p, (offset, marker, at) in list(self._skips.items()):
+            del self._skips[p]
+            failure, view = self.stalled.get(p), self.views.get(p)
+            if failure is None or view is None or failure.offset != offset:
+                continue
+            view.skip(offset, marker, at)
+            del self.stalled[p]
+            logger.warning("partition %d: skipped the record at offset %d (%s); folding on",
+                           p, offset, marker.body)
+            self._consumer.incremental_assign([TopicPartition(self.log.topic, p, offset + 1)])
 
     def _catch_up(self) -> None:
         """Fold every owned partition up to the end of the log."""
@@ -246,6 +286,8 @@ class Runtime:
         assert self._loop is not None
         last = time.monotonic()
         while not self._fold_stop.is_set():
+            if self._skips:
+                self._apply_skips()
             try:
                 batches = self._poll(0.05)
             except Exception:  # a closed consumer at shutdown
@@ -318,7 +360,7 @@ class Runtime:
             consumer.close()
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
-        consumer.assign(partitions)
+        consumer.incremental_assign(partitions)
         consumer.pause(partitions)
         assigned = sorted(tp.partition for tp in partitions)
         logger.info("worker %s assigned partitions %s", self.worker_id, assigned)
@@ -333,6 +375,41 @@ class Runtime:
                 self.owned.discard(p)
                 self._claiming.pop(p, None)
         logger.info("worker %s released partitions %s", self.worker_id, revoked)
+        if revoked and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._release_all, revoked)
+
+    def _release_all(self, partitions: list[int]) -> None:
+        """Hand revoked partitions off: say so on the log at once, and again once
+        this process's runners there have stopped (their steps finished), so the
+        next owner claims without fencing any acknowledged completion."""
+        for p in partitions:
+            epoch = self.epochs.get(p)
+            view = self.views.get(p)
+            if epoch is None or view is None or view.claim_epoch != epoch:
+                continue  # never claimed here, or someone claimed it since
+            running = self._running_on(p, epoch)
+            self._append_release(p, epoch, running)
+            if running:
+                self._spawn(self._release_when_idle(p, epoch), f"ploy-release-{p}")
+
+    def _running_on(self, partition: int, epoch: int) -> int:
+        return sum(1 for r in self.runners.values() if r.partition == partition
+                   and r.epoch == epoch)
+
+    async def _release_when_idle(self, partition: int, epoch: int) -> None:
+        deadline = time.monotonic() + HANDOFF_S
+        while self._running_on(partition, epoch) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if partition not in self.owned and partition not in self._claiming:
+            self._append_release(partition, epoch, 0)
+
+    def _append_release(self, partition: int, epoch: int, running: int) -> None:
+        event = Event(claim_id(partition), "", self.clock.now(),
+                      PartitionReleased(partition, self.worker_id, running), epoch=epoch)
+        try:
+            self.log.append_nowait(event, partition=partition)
+        except Exception as exc:  # the next owner waits out HANDOFF_S at worst
+            logger.warning("partition %d: could not append its release: %s", partition, exc)
 
     def _claim_all(self, partitions: list[int]) -> None:
         for p in partitions:
@@ -341,32 +418,66 @@ class Runtime:
             self._spawn(self._claim(p, self._generation), f"ploy-claim-{p}")
 
     async def _claim(self, partition: int, generation: int) -> None:
-        """Take a partition over (see the module docstring, steps 1-3)."""
+        """Take a partition over (see the module docstring, steps 1-3), trying again
+        with backoff after a failed append or fold until it holds or is revoked."""
+        delay = CLAIM_BACKOFF_S[0]
+        while self._claiming.get(partition) == generation and not self.stopping:
+            try:
+                epoch = await self._take(partition, generation)
+            except (AppendError, TimeoutError) as exc:
+                logger.warning("partition %d: claim failed (%s); trying again in %.1f s",
+                               partition, exc or type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, CLAIM_BACKOFF_S[1])
+                continue
+            if epoch is not None:
+                self._own(partition, generation, epoch)
+            return
+
+    async def _take(self, partition: int, generation: int) -> int | None:
+        """The epoch this process now holds ``partition`` at, or None if it was revoked."""
         view = self.views[partition]
-        # This process's runners from an earlier claim stop at their next step
-        # boundary; a new claim before that would fence their in-flight completions
-        # and so run those steps again. Wait for them, within bounds.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(
-                r.partition == partition for r in self.runners.values()):
+        # The view must hold the log's end before its claim is trusted.
+        await self._folded(partition, await asyncio.to_thread(self._end_of, partition))
+        claim = view.claim()
+        if (claim is not None and claim["worker"] == self.worker_id
+                and claim["epoch"] == self.epochs.get(partition) and not claim.get("releasing")):
+            return int(claim["epoch"])  # still ours (it came back): no new claim, no fencing
+        # A planned handoff: the old owner's steps finish and it releases; a crashed
+        # owner never said it was releasing, so its partition is claimed at once.
+        deadline = time.monotonic() + HANDOFF_S
+        while time.monotonic() < deadline:
+            if self._claiming.get(partition) != generation:
+                return None  # revoked while waiting
+            claim = view.claim() or {}
+            own_runners = any(r.partition == partition for r in self.runners.values())
+            if not own_runners and not (claim.get("releasing") and not claim.get("released")):
+                break
             await asyncio.sleep(0.05)
         epoch = view.claim_epoch + 1
-        for _ in range(10):
+        while True:
             # Step 1.
             event = Event(claim_id(partition), "", self.clock.now(),
                           PartitionClaimed(partition, self.worker_id), epoch=epoch)
             _, offset = await self.log.append(event, partition=partition)
             await self._folded(partition, offset)
             if self._claiming.get(partition) != generation:
-                return  # revoked while claiming
+                return None  # revoked while claiming
             # Step 2.
             claim = view.claim()
             if claim is not None and (claim["epoch"], claim["worker"]) == (epoch, self.worker_id):
-                break
+                return epoch
             epoch = view.claim_epoch + 1
-        else:
-            logger.error("partition %d: could not claim it after 10 tries", partition)
-            return
+
+    def _end_of(self, partition: int) -> int:
+        """The offset of the partition's last record (read to its end), -1 if empty."""
+        last = self.views[partition].next_offset - 1
+        for batches in self.log.read_until_end({partition: last + 1}):
+            for offset, _ in batches.get(partition, []):
+                last = max(last, offset)
+        return last
+
+    def _own(self, partition: int, generation: int, epoch: int) -> None:
         # Step 3.
         with self._ownership:
             if self._claiming.get(partition) != generation:
@@ -390,6 +501,10 @@ class Runtime:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[partition].append((offset, future))
         await asyncio.wait_for(future, timeout_s)
+
+    def claiming(self) -> list[int]:
+        """Partitions the group assigned to this process whose claim has not landed yet."""
+        return sorted(self._claiming)
 
     def may_run(self, partition: int) -> bool:
         """Whether this process may start a step on ``partition`` now."""
@@ -461,7 +576,10 @@ class Runtime:
                 "committed_offset": position,
                 "lag": None if position is None else max(view.next_offset - position, 0),
                 "stalled": str(self.stalled[p]) if p in self.stalled else None,
+                "skipped": view.skipped(),
                 "here": p in self.owned,
+                # Assigned to this process by the group, its claim not (yet) on the log.
+                "claiming": p in self._claiming,
             })
         return report
 
@@ -490,7 +608,8 @@ class Runtime:
         if workflow is None:
             self._fail_unknown(record)
             return
-        self._run(ExecutionRunner(self, record, view.steps(eid), workflow))
+        logged = view.log_positions(eid) if record["logs"] else []
+        self._run(ExecutionRunner(self, record, view.steps(eid), workflow, logged))
 
     async def _start_when_folded(self, eid: str, partition: int, offset: int) -> None:
         await self._folded(partition, offset)
@@ -511,7 +630,7 @@ class Runtime:
         if not task.cancelled() and task.exception() is not None:
             logger.error("%s failed", task.get_name(), exc_info=task.exception())
 
-    def resume_later(self, eid: str, delay_s: float = 5.0) -> None:
+    def resume_later(self, eid: str, delay_s: float = 1.0) -> None:
         """Start ``eid`` again after ``delay_s`` (its run stopped on a failed append)."""
         async def later() -> None:
             deadline = time.monotonic() + delay_s
@@ -585,6 +704,8 @@ class Runtime:
         wf = self._workflow(workflow)
         # Step 1.
         text = self._input_json(wf, input)
+        if idempotency_key is not None:
+            payloads.check_key(idempotency_key)
         # Step 2.
         if idempotency_key is None:
             eid = uuid.uuid4().hex
@@ -594,6 +715,9 @@ class Runtime:
             if await self._record(eid) is not None:
                 return eid
         # Step 4.
+        stalled = self.stalled.get(self.log.partition_for(eid))
+        if stalled is not None:  # accepted, it would vanish: nothing folds there
+            raise PartitionStalledError(self.log.topic, stalled.partition, stalled.offset)
         event = Event(eid, workflow, self.clock.now(), WorkflowTriggered(text, idempotency_key),
                       epoch=self.epoch_of(eid))
         partition, offset = await self.log.append(event)
@@ -609,6 +733,10 @@ class Runtime:
         return eid
 
     def _input_json(self, wf: WorkflowDef, input: Any) -> str:
+        """The input as JSON text, or InvalidInputError / PayloadTooLargeError (nothing appended).
+
+        Besides the model: valid Unicode (no lone surrogate), bounded bytes and depth.
+        """
         if wf.input is not None:
             try:
                 if isinstance(input, BaseModel) and not isinstance(input, wf.input):
@@ -616,11 +744,27 @@ class Runtime:
                 model = input if isinstance(input, wf.input) else wf.input.model_validate(input)
             except ValidationError as exc:
                 raise InvalidInputError(wf.name, json.loads(exc.json(include_url=False))) from None
-            text = model.model_dump_json()
+            try:
+                text = model.model_dump_json()
+            except ValueError:  # pydantic refuses a lone surrogate
+                text = to_json(model, f"the input of workflow '{wf.name}'")
         else:
-            text = to_json(input, f"the input of workflow '{wf.name}'")
-        if len(text) > self.config.max_payload_bytes:
-            raise PayloadTooLargeError("workflow input", len(text), self.config.max_payload_bytes)
+            try:
+                text = to_json(input, f"the input of workflow '{wf.name}'")
+            except SerializationError as exc:
+                raise InvalidInputError(wf.name, [{"type": "json", "loc": [],
+                                                   "msg": str(exc)}]) from None
+        surrogate = payloads.lone_surrogate(text)
+        if surrogate is not None:
+            raise InvalidInputError(wf.name, [{
+                "type": "unicode", "loc": [],
+                "msg": f"text contains a lone surrogate ({surrogate}), which is not valid "
+                       "Unicode and cannot be encoded as UTF-8"}])
+        try:
+            payloads.check(text, "workflow input", self.config.max_payload_bytes)
+        except PayloadTooDeepError as exc:
+            raise InvalidInputError(wf.name, [{"type": "depth", "loc": [],
+                                               "msg": str(exc)}]) from None
         return text
 
     async def _caught_up(self, partition: int, timeout_s: float = 10.0) -> PartitionView | None:

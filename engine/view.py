@@ -92,6 +92,25 @@ class PartitionView:
             self.claim_epoch = 0 if claim is None else int(claim["epoch"])
         return applied, failure
 
+    def skip(self, offset: int, marker: Event, marker_offset: int) -> None:
+        """Step over the unreadable record at ``offset`` (the fold stopped there), as the
+        operator's ``RecordSkipped`` marker at ``marker_offset`` says: the skip and the
+        next offset in one WriteBatch. A rebuild meets the same marker and writes the
+        same bytes (invariant 1)."""
+        if offset != self.next_offset:
+            raise ValueError(f"partition {self.partition} is at offset {self.next_offset}, "
+                             f"not at the skipped record's offset {offset}")
+        batch = WriteBatch(raw_mode=True)
+        record = fold.skip_record(offset, marker, marker_offset)
+        batch.put(keys.skipped(offset), json.dumps(record, sort_keys=True).encode())
+        batch.put(keys.NEXT_OFFSET, keys.u64(offset + 1))
+        self.db.write(batch)
+        self.next_offset = offset + 1
+
+    def skipped(self) -> list[dict[str, Any]]:
+        """Every record an operator skipped on this partition, oldest first."""
+        return [json.loads(v) for _, v in self._scan(keys.SKIPPED)]
+
     # -- queries ---------------------------------------------------------
 
     def claim(self) -> dict[str, Any] | None:
@@ -130,6 +149,10 @@ class PartitionView:
 
     def logs(self, eid: str) -> list[dict[str, Any]]:
         return [json.loads(v) for _, v in self._scan(keys.prefix_of(keys.LOG, eid))]
+
+    def log_positions(self, eid: str) -> list[str | None]:
+        """Where each recorded log line of ``eid`` was logged (None: before schema v3)."""
+        return [json.loads(v).get("position") for _, v in self._scan(keys.prefix_of(keys.LOG, eid))]
 
     def history(self, eid: str) -> Iterator[tuple[int, bytes]]:
         """(offset, raw record) of every event of an execution, in log order."""

@@ -29,6 +29,8 @@ from engine.events import (
     CancelRequested,
     Event,
     PartitionClaimed,
+    PartitionReleased,
+    RecordSkipped,
     SleepScheduled,
     StepCompleted,
     StepFailed,
@@ -54,12 +56,15 @@ EVERY_BODY = [
     TimerFired("sleep#1", 1_700_086_400_000),
     WorkflowLog("info", "hello \u2603", '{"k":[1,2]}'),
     WorkflowLog("warning", "no data"),
+    WorkflowLog("info", "positioned", None, "charge@2.0"),
     CancelRequested("user asked"),
     CancelRequested(),
     WorkflowCancelled(None),
     WorkflowCompleted('{"ok":true}'),
     WorkflowFailed("StepFailedError", "step 'x' failed", "Traceback..."),
     PartitionClaimed(3, "host:42"),
+    RecordSkipped(3, 17, "garbage from a test producer", "ops@host"),
+    PartitionReleased(3, "host:42", 2),
 ]
 
 
@@ -91,7 +96,7 @@ def test_fingerprint_is_crc64_avro_of_the_canonical_form() -> None:
     from fastavro.schema import parse_schema, to_parsing_canonical_form
 
     canonical = to_parsing_canonical_form(
-        parse_schema(json.loads((schema_dir() / "event.v2.avsc").read_text()))
+        parse_schema(json.loads((schema_dir() / "event.v3.avsc").read_text()))
     ).encode()
     empty = 0xC15D213AA4D7A795
     table = []
@@ -134,20 +139,20 @@ def test_v1_events_stay_readable_by_the_current_codec(tmp_path: Path) -> None:
     event = Event("e", "w", 1, StepCompleted("s", 1, None, "{}", 1))
     assert current.decode(v1_writer.encode(event)) == event
     assert current.versions[v1_writer.writer_fingerprint] == 1
-    assert current.versions[current.writer_fingerprint] == 2
+    assert current.versions[current.writer_fingerprint] == 3
 
 
 def test_a_new_version_is_picked_up_from_the_schema_directory(tmp_path: Path) -> None:
-    latest = json.loads((schema_dir() / "event.v2.avsc").read_text())
-    (tmp_path / "event.v2.avsc").write_text(json.dumps(latest))
-    v3 = json.loads(json.dumps(latest))
-    v3["fields"].append({"name": "trace_id", "type": ["null", "string"], "default": None})
-    (tmp_path / "event.v3.avsc").write_text(json.dumps(v3))
+    latest = json.loads((schema_dir() / "event.v3.avsc").read_text())
+    (tmp_path / "event.v3.avsc").write_text(json.dumps(latest))
+    v4 = json.loads(json.dumps(latest))
+    v4["fields"].append({"name": "trace_id", "type": ["null", "string"], "default": None})
+    (tmp_path / "event.v4.avsc").write_text(json.dumps(v4))
     new = Codec(tmp_path)
     event = Event("e", "w", 1, WorkflowTriggered("{}"))
     assert new.decode(default_codec().encode(event)) == event
     assert new.decode(new.encode(event)) == event
-    assert new.versions[new.writer_fingerprint] == 3
+    assert new.versions[new.writer_fingerprint] == 4
 
 
 # -- the compiled writer and readers against fastavro ----------------------------------------
@@ -240,7 +245,7 @@ def _body_field_types(version: int) -> dict[str, list[tuple[str, Any]]]:
     return {r["name"]: [(f["name"], f["type"]) for f in r["fields"]] for r in body["type"]}
 
 
-def random_events(name: str, count: int, seed: int, version: int = 2) -> list[Event]:
+def random_events(name: str, count: int, seed: int, version: int = 3) -> list[Event]:
     """``count`` events of body type ``name`` with random field values (fixed seed)."""
     rng = random.Random(f"{seed}-{name}")
     fields = _body_field_types(version)[name]
@@ -259,7 +264,7 @@ def random_events(name: str, count: int, seed: int, version: int = 2) -> list[Ev
 
 
 def test_the_shipped_schemas_compile() -> None:
-    for version in (1, 2):
+    for version in (1, 2, 3):
         assert compile_writer(_parsed(version)) is not None
         assert compile_reader(_parsed(version)) is not None
     assert default_codec().compiled_writer is not None
@@ -267,7 +272,7 @@ def test_the_shipped_schemas_compile() -> None:
 
 @pytest.mark.parametrize("name", sorted(BODY_TYPES))
 def test_compiled_codec_matches_fastavro_byte_for_byte(name: str) -> None:
-    codec, schema = default_codec(), _parsed(2)
+    codec, schema = default_codec(), _parsed(3)
     for event in random_events(name, 300, seed=1):
         data = codec.encode(event)
         assert data[:HEADER_LEN] == MAGIC + codec.writer_fingerprint
@@ -307,15 +312,15 @@ def test_trailing_bytes_are_a_codec_error() -> None:
 
 
 def _envelope(body: bytes) -> bytes:
-    """A v2 record: event_id "a", execution_id "b", workflow "c", timestamp 0, epoch 0."""
+    """A v3 record: event_id "a", execution_id "b", workflow "c", timestamp 0, epoch 0."""
     return MAGIC + default_codec().writer_fingerprint + b"\x02a\x02b\x02c\x00\x00" + body
 
 
 @pytest.mark.parametrize(
     ("body", "match"),
     [
-        (b"\x1a\x02w", "union index 13 of 13"),  # one past PartitionClaimed
-        (b"\x01\x02w", "union index -1 of 13"),
+        (b"\x1e\x02w", "union index 15 of 15"),  # one past PartitionReleased
+        (b"\x01\x02w", "union index -1 of 15"),
         (b"\xff\xff\xff\xff\x0f", "union index"),
         (b"\x04\x02s\x02\x04", "union index 2 of 2"),  # StepStarted.input
         (b"\x04\x02s\x02\x03", "union index -2 of 2"),
@@ -375,7 +380,6 @@ def test_decode_takes_any_bytes_like() -> None:
         (StepCompleted("s", 1, None, "{}", -(2**63) - 1), OverflowError),
         (StepStarted("s", 1, 5), ValueError),  # type: ignore[arg-type]
         (StepFailed("s", 1, None, "E", "m", "t", 1, True, False), ValueError),  # bool: no long
-        (WorkflowStarted("\ud800"), UnicodeEncodeError),
     ],
 )
 def test_values_outside_the_schema_do_not_encode(body: Any, error: type[Exception]) -> None:
@@ -383,7 +387,23 @@ def test_values_outside_the_schema_do_not_encode(body: Any, error: type[Exceptio
     with pytest.raises(error):
         default_codec().encode(event)
     with pytest.raises(error):
-        fastavro_encode(_parsed(2), event)
+        fastavro_encode(_parsed(3), event)
+
+
+@pytest.mark.parametrize("body", [
+    WorkflowStarted("w-\ud800"),
+    WorkflowFailed("E", "bad \udfff text", "tb \ud800"),
+    WorkflowLog("info", "\ud83d alone", None, "w1.\udc00"),
+])
+def test_a_lone_surrogate_is_written_as_its_escape_never_an_error(body: Any) -> None:
+    """No UTF-8 encoder takes one; one in an error message must not stop a run or a sink."""
+    codec = default_codec()
+    decoded = codec.decode(codec.encode(Event("e", "w", 1, body)))
+    for name, value in vars(decoded.body).items():
+        original = getattr(body, name)
+        if isinstance(original, str):
+            assert value == original.encode("utf-8", "backslashreplace").decode()
+            assert "\\u" in value or original.isascii()
 
 
 @pytest.mark.parametrize("name", sorted(set(BODY_TYPES) & set(_body_field_types(1))))
@@ -400,11 +420,11 @@ def test_v1_bytes_decode_with_the_current_codec(name: str, tmp_path: Path) -> No
 
 
 def _with_v3(tmp_path: Path, change: Any) -> Codec:
-    latest = _raw_schema(2)
-    (tmp_path / "event.v2.avsc").write_text(json.dumps(latest))
-    v3 = json.loads(json.dumps(latest))
-    change(v3)
-    (tmp_path / "event.v3.avsc").write_text(json.dumps(v3))
+    latest = _raw_schema(3)
+    (tmp_path / "event.v3.avsc").write_text(json.dumps(latest))
+    v4 = json.loads(json.dumps(latest))
+    change(v4)
+    (tmp_path / "event.v4.avsc").write_text(json.dumps(v4))
     return Codec(tmp_path)
 
 
@@ -448,7 +468,7 @@ def test_a_version_the_compiler_cannot_handle_falls_back_to_fastavro(
         data = new.encode(event)
         assert data[HEADER_LEN:] == fastavro_encode(new.writer, event)
         assert new.decode(data) == event
-        assert new.decode(default_codec().encode(event)) == event  # v2: compiled
+        assert new.decode(default_codec().encode(event)) == event  # v3: compiled
     with pytest.raises(CodecError, match="trailing byte"):
         new.decode(data + b"\x00")
     with pytest.raises(CodecError, match="undecodable Avro body"):

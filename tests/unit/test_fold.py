@@ -224,5 +224,5 @@ def test_recorded_error_text_is_bounded() -> None:
         kind, message, traceback = error_fields(exc)
     assert kind == "ValueError"
     assert len(message) < ERROR_TEXT_LIMIT + 100
-    assert message.endswith(f"[{ERROR_TEXT_LIMIT * 2} more characters]")
+    assert message.endswith(f"[{ERROR_TEXT_LIMIT * 2} more bytes]")
     assert len(traceback) < ERROR_TEXT_LIMIT + 100
