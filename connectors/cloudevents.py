@@ -13,6 +13,10 @@ The ``id`` is the event id written in the log, so it is the same however
 often the event is published: consumers deduplicate on it. JSON text fields
 of the log (inputs, outputs, log data) are embedded as JSON values.
 
+Encoding is total: JSON may escape a lone surrogate (``"\\ud800"``), which
+decodes to a Python string that UTF-8 cannot hold; :func:`utf8` writes it as
+U+FFFD, so no event of the log can stop a sink.
+
 In (sources): a Kafka record is a CloudEvent in structured mode (content
 type ``application/cloudevents+json``, the event is the value) or binary mode
 (attributes in ``ce_*`` headers, the value is ``data``); see :func:`data_of`.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -54,6 +59,7 @@ _TYPES: dict[str, str | None] = {
 }
 # Body fields that hold JSON text in the log and JSON values in a CloudEvent.
 _JSON_FIELDS = ("input", "output", "data")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class NotACloudEventError(ValueError):
@@ -87,7 +93,12 @@ def to_cloudevent(event: Event, topic_prefix: str, type_name: str) -> dict[str, 
 
 def encode(cloudevent: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON, the body of a record or a webhook request."""
-    return json.dumps(cloudevent, separators=(",", ":"), ensure_ascii=False).encode()
+    return utf8(json.dumps(cloudevent, separators=(",", ":"), ensure_ascii=False))
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8, whatever it holds: a lone surrogate becomes U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", text).encode()
 
 
 def rfc3339(ms: int) -> str:
@@ -101,7 +112,7 @@ def _json_value(text: object) -> Any:
         return text
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # kept as text: a sink publishes every event
         return text
 
 

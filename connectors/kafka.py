@@ -3,6 +3,12 @@
 Every connector produces with the engine's producer settings (idempotent,
 ``acks=all``), so the records of one partition keep their order, and waits for
 the acknowledgement of a batch before it moves its own position on.
+
+A record refused for a reason of its own (too large, invalid) would be refused
+again however often it is produced; a connector that went back to its saved
+position for it would never get past it. So a :class:`Batch` can hand such
+refusals back (``keep_refused``) and the connector sends them to its
+dead-letter topic (:func:`send_dead_letters`) and goes on.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection
@@ -26,6 +33,11 @@ from engine.log import (
 )
 
 Headers = list[tuple[str, bytes]]
+
+# Refusals of one record (its size, its content), not of the broker or the network.
+RECORD_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
+                           KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG})
+H_DROPPED = "ploy.value.dropped"
 
 
 def make_producer(log: EventLog) -> Producer:
@@ -107,21 +119,27 @@ def ensure_topic(log: EventLog, topic: str, partitions: int,
 class Batch:
     """Records produced together; :meth:`wait` returns once every one is acknowledged.
 
+    With ``keep_refused``, a record refused for a reason of its own
+    (``RECORD_ERRORS``) is no error of the batch: its ``tag`` and the reason
+    are in :attr:`refused` for the caller to dead-letter.
+
     The delivery callbacks run inside ``flush``, on the waiting thread.
     """
 
-    def __init__(self, producer: Producer, connector: str):
-        self.producer, self.connector = producer, connector
+    def __init__(self, producer: Producer, connector: str, *, keep_refused: bool = False):
+        self.producer, self.connector, self.keep_refused = producer, connector, keep_refused
         self.pending = 0
         self.errors: list[str] = []
+        self.refused: list[tuple[Any, str]] = []
         self.delivered: list[tuple[int, int]] = []
         self._lock = threading.Lock()
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None = None, *,
-                headers: Headers | None = None, partition: int | None = None) -> None:
+                headers: Headers | None = None, partition: int | None = None,
+                tag: Any = None) -> None:
         """Queue one record; a full local queue is drained first, never dropped."""
         kwargs: dict[str, Any] = {"value": value, "key": key, "headers": headers,
-                                  "on_delivery": self._delivered}
+                                  "on_delivery": lambda err, msg: self._delivered(err, msg, tag)}
         if partition is not None:
             kwargs["partition"] = partition
         while True:
@@ -131,13 +149,18 @@ class Batch:
             except BufferError:
                 self.producer.poll(0.1)
             except KafkaException as exc:
-                raise DeliveryError(self.connector, f"produce to '{topic}': {exc.args[0]}"
-                                    ) from None
+                error = exc.args[0]
+                if self.keep_refused and error.code() in RECORD_ERRORS:
+                    self.refused.append((tag, f"'{topic}' refused the record: {error.str()}"))
+                    return
+                raise DeliveryError(self.connector, f"produce to '{topic}': {error}") from None
         self.pending += 1
 
-    def _delivered(self, err: KafkaError | None, msg: Any) -> None:
+    def _delivered(self, err: KafkaError | None, msg: Any, tag: Any) -> None:
         with self._lock:
-            if err is not None:
+            if err is not None and self.keep_refused and err.code() in RECORD_ERRORS:
+                self.refused.append((tag, f"'{msg.topic()}' refused the record: {err.str()}"))
+            elif err is not None:
                 self.errors.append(f"'{msg.topic()}': {err.str()}")
             else:
                 self.delivered.append((cast(int, msg.partition()), cast(int, msg.offset())))
@@ -157,3 +180,35 @@ class Batch:
         if self.errors:
             raise DeliveryError(self.connector, f"{len(self.errors)} records refused, first "
                                 f"{self.errors[0]}")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A record for a dead-letter topic; its headers say what it was and why it is here."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+
+
+def send_dead_letters(producer: Producer, connector: str, topic: str,
+                      letters: list[DeadLetter]) -> None:
+    """Produce ``letters`` to ``topic`` (which the caller made sure exists) and wait.
+
+    A letter whose value is refused too (too large for the dead-letter topic as
+    well) goes again without its value and with ``ploy.value.dropped`` saying
+    why, so that nothing can hold a connector back.
+
+    Raises:
+        DeliveryError: The broker did not acknowledge (not a refusal of a record).
+    """
+    batch = Batch(producer, connector, keep_refused=True)
+    for letter in letters:
+        batch.produce(topic, letter.value, letter.key, headers=letter.headers, tag=letter)
+    batch.wait()
+    if batch.refused:
+        again = Batch(producer, connector)
+        for letter, reason in batch.refused:
+            again.produce(topic, None, letter.key, headers=[
+                *letter.headers, (H_DROPPED, reason.encode("utf-8", "replace"))])
+        again.wait()

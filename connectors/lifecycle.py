@@ -13,21 +13,37 @@ the log for each execution (one execution's events are on one partition of
 producer under the execution id as key). After a crash the sink starts again
 from its last saved position, so some events may be published twice; their
 CloudEvents ``id`` is the same both times, for consumers to deduplicate.
+
+An event that cannot be published for a reason of its own (Kafka refuses its
+record, e.g. too large) goes to ``<topic>.dlq`` instead, with the reason and
+the event's place in the log in headers (``ploy.error``, ``ploy.event_id``,
+``ploy.source.topic/partition/offset``; its value when the dead-letter topic
+takes it), and the sink goes on. A broker that does not answer is no such
+reason: the sink waits and publishes from its saved position again.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
-from connectors.cloudevents import CONTENT_TYPE, encode, lifecycle_type, to_cloudevent
-from connectors.kafka import Batch, ensure_topic, make_producer
+from connectors.cloudevents import CONTENT_TYPE, encode, lifecycle_type, to_cloudevent, utf8
+from connectors.kafka import (
+    Batch,
+    DeadLetter,
+    ensure_topic,
+    make_producer,
+    send_dead_letters,
+)
 from connectors.sink import SinkThread
 from connectors.state import StateFile, connectors_dir, int_keys, str_keys
-from connectors.tail import EventTail, Position
+from connectors.tail import EventTail, Position, TailRecord
 from engine.config import TopicSink
 
 if TYPE_CHECKING:
     from engine.app import Engine
+
+logger = logging.getLogger("ploy.connectors")
 
 HEADERS = [("content-type", CONTENT_TYPE.encode())]
 
@@ -49,8 +65,10 @@ class LifecycleSink(SinkThread):
        lifecycle type the sink selects, produce its CloudEvent, keyed by
        execution id.
     3. Wait until Kafka acknowledged every one.
-    4. Save the position (next offset and claim epoch per partition).
-    A failure in 2-4 saves nothing: the sink goes back to the saved position
+    4. Dead-letter the events that could not be published for a reason of
+       their own, and wait for those acknowledgements.
+    5. Save the position (next offset and claim epoch per partition).
+    A failure in 2-5 saves nothing: the sink goes back to the saved position
     and publishes from there again.
     """
 
@@ -62,7 +80,10 @@ class LifecycleSink(SinkThread):
         self.prefix = engine.config.kafka.topic_prefix
         self.state = StateFile(connectors_dir(engine.config) / f"topic-{sink.topic}.json")
         self.saved = load_position(self.state)
+        self.dead_letter_topic = f"{sink.topic}.dlq"
         self.published = 0
+        self.dead_lettered = 0
+        self._dlq_ready = False
 
     def setup(self) -> None:
         ensure_topic(self.log, self.sink.topic, self.log.partitions)
@@ -75,20 +96,53 @@ class LifecycleSink(SinkThread):
         if not records:
             return
         # Step 2.
-        batch = Batch(self.producer, self.name)
+        batch = Batch(self.producer, self.name, keep_refused=True)
+        letters: list[DeadLetter] = []
         for record in records:
             event = record.event
             type_name = None if record.fenced else lifecycle_type(event)
             if type_name is None or not self.sink.selects(event.workflow, type_name):
                 continue
-            value = encode(to_cloudevent(event, self.prefix, type_name))
-            batch.produce(self.sink.topic, value, event.execution_id.encode(), headers=HEADERS)
+            try:
+                value = encode(to_cloudevent(event, self.prefix, type_name))
+            except Exception as exc:  # this event's own trouble: encode is total, a last guard
+                letters.append(self._letter(record, None, f"{type(exc).__name__}: {exc}"))
+                continue
+            batch.produce(self.sink.topic, value, event.execution_id.encode(), headers=HEADERS,
+                          tag=(record, value))
         # Step 3.
         batch.wait()
+        letters += [self._letter(record, value, reason)
+                    for (record, value), reason in batch.refused]
         # Step 4.
+        if letters:
+            self._dead_letter(letters)
+        # Step 5.
         self.state.save(position_doc(self.tail.position))
         self.saved = self.tail.position.copy()
-        self.published += batch.pending
+        self.published += batch.pending - len(batch.refused)
+        self.dead_lettered += len(letters)
+
+    def _letter(self, record: TailRecord, value: bytes | None, reason: str) -> DeadLetter:
+        return DeadLetter(record.event.execution_id.encode(), value, [
+            *HEADERS,
+            ("ploy.error", utf8(reason)),
+            ("ploy.event_id", record.event.event_id.encode()),
+            ("ploy.source.topic", self.log.topic.encode()),
+            ("ploy.source.partition", str(record.partition).encode()),
+            ("ploy.source.offset", str(record.offset).encode()),
+        ])
+
+    def _dead_letter(self, letters: list[DeadLetter]) -> None:
+        if not self._dlq_ready:
+            ensure_topic(self.log, self.dead_letter_topic, 1)
+            self._dlq_ready = True
+        send_dead_letters(self.producer, self.name, self.dead_letter_topic, letters)
+        for letter in letters:
+            logger.warning("%s: event %s to %s: %s", self.name,
+                           dict(letter.headers)["ploy.event_id"].decode(),
+                           self.dead_letter_topic,
+                           dict(letter.headers)["ploy.error"].decode())
 
     def recover(self) -> None:
         self.tail.rewind(self.saved)

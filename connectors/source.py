@@ -43,14 +43,15 @@ from typing import TYPE_CHECKING, Any, cast
 from confluent_kafka import KafkaError, TopicPartition
 from fastavro import parse_schema, schemaless_reader
 
-from connectors.cloudevents import NotACloudEventError, data_of, header_map
+from connectors.cloudevents import NotACloudEventError, data_of, header_map, utf8
 from connectors.kafka import (
-    Batch,
+    DeadLetter,
     Headers,
     ensure_topic,
     make_consumer,
     make_producer,
     partitions_of,
+    send_dead_letters,
     topic_id_of,
 )
 from connectors.state import StateFile, connectors_dir, int_keys, str_keys
@@ -297,17 +298,17 @@ class TopicSource:
         if not self._dlq_ready:
             ensure_topic(self.log, topic, 1)
             self._dlq_ready = True
-        batch = Batch(self._producer, self.name)
+        letters = []
         for msg, reason in rejected:
             original = cast(list[tuple[str, bytes | None]], msg.headers() or [])
             headers: Headers = [(k, v or b"") for k, v in original]
             headers += [
-                (H_ERROR, reason.encode()),
+                (H_ERROR, utf8(reason)),  # the reason may quote the input, in any text
                 (H_TOPIC, self.source.topic.encode()),
                 (H_PARTITION, str(msg.partition()).encode()),
                 (H_OFFSET, str(msg.offset()).encode()),
             ]
-            batch.produce(topic, msg.value(), msg.key(), headers=headers)
+            letters.append(DeadLetter(msg.key(), msg.value(), headers))
             logger.warning("%s: partition %s offset %s to %s: %s", self.name, msg.partition(),
                            msg.offset(), topic, reason)
-        batch.wait()
+        send_dead_letters(self._producer, self.name, topic, letters)

@@ -17,7 +17,9 @@ refused connection, a timeout) is a failed attempt, retried after
 ``max_attempts`` the request goes to the dead-letter topic
 (``<prefix>.webhooks.dlq`` unless ``dead_letter_topic`` is set): value = the
 body, key = the execution id, headers ``ploy.error``, ``ploy.webhook.url``,
-``ploy.attempts``.
+``ploy.attempts``. An event that cannot become a request body goes there at
+once (attempts 0), and a body the dead-letter topic refuses (too large) goes
+without its value (``ploy.value.dropped`` says why): no event holds the sink.
 
 Pending deliveries (body, attempts, next attempt time) and the position in
 the log are saved together in the state directory, so a restart during a
@@ -38,8 +40,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from connectors.cloudevents import CONTENT_TYPE, encode, lifecycle_type, to_cloudevent
-from connectors.kafka import Batch, ensure_topic, make_producer
+from connectors.cloudevents import CONTENT_TYPE, encode, lifecycle_type, to_cloudevent, utf8
+from connectors.kafka import DeadLetter, ensure_topic, make_producer, send_dead_letters
 from connectors.lifecycle import load_position, position_doc
 from connectors.sink import SinkThread
 from connectors.state import StateFile, connectors_dir
@@ -176,15 +178,22 @@ class WebhookSink(SinkThread):
             type_name = None if record.fenced else lifecycle_type(event)
             if type_name is None or not self.sink.selects(event.workflow, type_name):
                 continue
-            body = encode(to_cloudevent(event, self.prefix, type_name)).decode()
-            self.pending.setdefault(event.event_id, Delivery(event.event_id, event.execution_id,
-                                                             body))
+            if event.event_id in self.pending:
+                continue
+            try:
+                body = encode(to_cloudevent(event, self.prefix, type_name)).decode()
+            except Exception as exc:  # this event's own trouble: encode is total, a last guard
+                self._dead_letter(Delivery(event.event_id, event.execution_id, "",
+                                           last_error=f"{type(exc).__name__}: {exc}"))
+                self.dead_lettered += 1
+                continue
+            self.pending[event.event_id] = Delivery(event.event_id, event.execution_id, body)
         if self.tail.position != self.saved:
             self._dirty = True
 
     def _post(self, delivery: Delivery) -> str | None:
         """One attempt; the error as text, or None when the receiver took it (2xx)."""
-        body = delivery.body.encode()
+        body = utf8(delivery.body)
         request = urllib.request.Request(self.sink.url, data=body, method="POST", headers={  # noqa: S310 - http(s) only, checked by the config
             "Content-Type": CONTENT_TYPE,
             SIGNATURE_HEADER: sign(self.sink.secret, body, int(time.time())),
@@ -226,15 +235,14 @@ class WebhookSink(SinkThread):
         if not self._dlq_ready:
             ensure_topic(self.log, self.dead_letter_topic, 1)
             self._dlq_ready = True
-        batch = Batch(self.producer, self.name)
-        batch.produce(self.dead_letter_topic, delivery.body.encode(),
-                      delivery.execution_id.encode(), headers=[
-                          ("content-type", CONTENT_TYPE.encode()),
-                          ("ploy.error", (delivery.last_error or "").encode()),
-                          ("ploy.webhook.url", self.sink.url.encode()),
-                          ("ploy.attempts", str(delivery.attempts).encode()),
-                      ])
-        batch.wait()
+        send_dead_letters(self.producer, self.name, self.dead_letter_topic, [DeadLetter(
+            delivery.execution_id.encode(), utf8(delivery.body) if delivery.body else None, [
+                ("content-type", CONTENT_TYPE.encode()),
+                ("ploy.error", utf8(delivery.last_error or "")),
+                ("ploy.event_id", delivery.id.encode()),
+                ("ploy.webhook.url", utf8(self.sink.url)),
+                ("ploy.attempts", str(delivery.attempts).encode()),
+            ])])
         logger.warning("%s: event %s dead-lettered to %s after %d attempts: %s", self.name,
                        delivery.id, self.dead_letter_topic, delivery.attempts,
                        delivery.last_error)
