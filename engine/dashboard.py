@@ -20,8 +20,16 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from engine import payloads
 from engine.bindings import workflow_named
-from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry, StepRecord
+from engine.models import (
+    Execution,
+    ExecutionStatus,
+    ExecutionSummary,
+    HistoryEntry,
+    StepRecord,
+    loads,
+)
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -66,7 +74,7 @@ class Dashboard:
     def render(self, name: str, code: int = 200, **context: Any) -> Response:
         nonce = secrets.token_urlsafe(16)
         html = self.env.get_template(name).render(nonce=nonce, base=DASHBOARD, **context)
-        return HTMLResponse(html, status_code=code, headers={
+        return HTMLResponse(payloads.utf8(html), status_code=code, headers={
             "Content-Security-Policy": (
                 f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline'; "
                 "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
@@ -128,7 +136,7 @@ def _event_row(entry: HistoryEntry) -> dict[str, Any]:
     for key, value in entry.body.items():
         if key in ("input", "output", "data") and isinstance(value, str):
             try:
-                value = json.loads(value)
+                value = loads(value)
             except ValueError:
                 pass
         elif key == "traceback" and isinstance(value, str) and value:

@@ -24,6 +24,7 @@ from rocksdict import Options, Rdict
 
 from engine.errors import CorruptEventError, PloyError, RebuildError, StateLockedError
 from engine.log import EventLog
+from engine.skips import apply_or_skip
 from engine.view import PartitionView
 
 __all__ = ["clear_state", "rebuild"]
@@ -93,8 +94,8 @@ def rebuild(
     Raises:
         StateLockedError: A running worker holds the view; nothing was deleted.
         RebuildError: Records below the low watermark are gone.
-        CorruptEventError: A record does not decode or the fold refuses it;
-            the view is left at that offset.
+        CorruptEventError: A record does not decode or the fold refuses it, and
+            no operator skipped it (``ploy skip``); the view is left at that offset.
     """
     started = time.perf_counter()
     # Step 1.
@@ -134,7 +135,7 @@ def _fold(log: EventLog, state_path: Path, partitions: list[int],
     try:
         for batches in log.read_until_end(dict.fromkeys(views, 0)):
             for p, records in batches.items():
-                applied, failure = views[p].apply(records)
+                applied, failure = apply_or_skip(log, views[p], records)
                 done += len(applied)
                 if failure is not None:
                     raise failure

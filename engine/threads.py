@@ -54,11 +54,13 @@ class StepThreads:
 
             def job() -> None:
                 try:
-                    result = context.run(fn)
+                    outcome: tuple[Any, BaseException | None] = (context.run(fn), None)
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller as is
-                    loop.call_soon_threadsafe(_settle, future, None, exc)
-                else:
-                    loop.call_soon_threadsafe(_settle, future, result, None)
+                    outcome = (None, exc)
+                try:
+                    loop.call_soon_threadsafe(_settle, future, *outcome)
+                except RuntimeError:  # abandoned, and its loop has closed since: drop it
+                    pass
 
             self._submit(job)
             try:

@@ -1,0 +1,448 @@
+"""Edges of the runtime found by an adversarial review, each on the real broker.
+
+Faults are injected through a wrapper around the engine's own log (never a mock
+of the Kafka client): an append that fails once, or always, for one event type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Producer
+from pydantic import BaseModel
+
+from engine import Engine, ploy
+from engine.errors import (
+    AppendError,
+    InvalidInputError,
+    PartitionStalledError,
+    PayloadTooLargeError,
+)
+from engine.events import Event
+from engine.http import create_app
+from engine.log import EventLog
+from engine.rebuild import rebuild
+from engine.skips import skip_record
+from engine.testing import engine_config, running_engine, wait_for_status
+from engine.view import PartitionView
+
+
+class Text(BaseModel):
+    text: str
+
+
+def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:
+    app = ploy()
+
+    @app.workflow("echo", input=Text)
+    async def echo(ctx: Any) -> Any:
+        return await ctx.step.run("echo", lambda: {"text": ctx.input.text})
+
+    @app.workflow("untyped")
+    async def untyped(ctx: Any) -> Any:
+        return ctx.input
+
+    @app.workflow("big_output")
+    async def big_output(ctx: Any) -> Any:
+        return {"text": "é" * 600_000}
+
+    @app.workflow("big_step")
+    async def big_step(ctx: Any) -> Any:
+        return await ctx.step.run("big", lambda: "é" * 600_000, retries=0)
+
+    @app.workflow("surrogates")
+    async def surrogates(ctx: Any) -> Any:
+        value = await ctx.step.run("lone", lambda: {"x": "a\ud800b"})
+        if ctx.input.get("fail"):
+            raise ValueError("bad \udfff text")
+        return value
+
+    @app.workflow("deep_step")
+    async def deep_step(ctx: Any) -> Any:
+        def deep() -> Any:
+            value: Any = 1
+            for _ in range(300):
+                value = [value]
+            return value
+
+        return await ctx.step.run("deep", deep, retries=0)
+
+    @app.workflow("names")
+    async def names(ctx: Any) -> Any:
+        if ctx.input["case"] == "hash":
+            await ctx.step.run("a#2", lambda: "first")
+            await ctx.step.run("a", lambda: "second")
+            return await ctx.step.run("a", lambda: "third")
+        await ctx.step.run("p[0]", lambda: "step")
+        return await ctx.step.parallel("p", [lambda: "branch"])
+
+    @app.workflow("logs")
+    async def logs(ctx: Any) -> Any:
+        ctx.log("1")
+
+        def inside() -> int:
+            ctx.log("2")
+            return 2
+
+        await ctx.step.run("inside", inside)
+        ctx.log("3")
+        await ctx.step.sleep("100ms")  # the runner ends; the timer resumes it by replay
+        ctx.log("4")
+        return "done"
+
+    @app.workflow("hang")
+    async def hang(ctx: Any) -> Any:
+        def stuck() -> None:
+            effects["hang"] += 1
+            release.wait(60)
+
+        try:
+            await ctx.step.run("stuck", stuck, timeout="300ms", retries=0)
+        except Exception:
+            return "timed out"
+        return "returned"
+
+    @app.workflow("quick")
+    async def quick(ctx: Any) -> Any:
+        return await ctx.step.run("q", lambda: effects.update(["quick"]) or "ok")
+
+    return app.build()
+
+
+BINDINGS = {"ECHO": "echo", "UNTYPED": "untyped", "BIG_OUTPUT": "big_output",
+            "BIG_STEP": "big_step", "SURROGATES": "surrogates", "DEEP_STEP": "deep_step",
+            "NAMES": "names", "LOGS": "logs", "HANG": "hang", "QUICK": "quick"}
+
+
+@pytest.fixture
+def effects() -> Counter[str]:
+    return Counter()
+
+
+@pytest.fixture
+def release() -> Any:
+    event = threading.Event()
+    yield event
+    event.set()  # hung step threads end with the test
+
+
+@pytest.fixture
+async def engine(kafka: str, topic_prefix: str, state_dir: Path, effects: Counter[str],
+                 release: threading.Event) -> AsyncIterator[Engine]:
+    config = engine_config(kafka, topic_prefix, state_dir, workflow=BINDINGS,
+                           backoff={"initial_ms": 10})
+    async with running_engine(hardening_worker(effects, release), config) as eng:
+        yield eng
+
+
+@pytest.fixture
+async def client(engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=create_app(engine))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8787") as c:
+        yield c
+
+
+def fail_appends(engine: Engine, event_type: str, *, times: int | None = 1,
+                 permanent: bool = False) -> list[Event]:
+    """Make the engine's log refuse ``times`` appends of ``event_type`` (None: every one)."""
+    log = engine.runtime.log
+    real: Callable[..., Any] = log.append
+    refused: list[Event] = []
+
+    async def append(event: Event, partition: int | None = None) -> tuple[int, int]:
+        if event.type == event_type and (times is None or len(refused) < times):
+            refused.append(event)
+            raise AppendError(log.topic, "injected: the broker refused", permanent)
+        result: tuple[int, int] = await real(event, partition)
+        return result
+
+    log.append = append  # type: ignore[method-assign]
+    return refused
+
+
+# -- 1. a failed final append ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end", ["WorkflowCompleted", "WorkflowFailed"])
+async def test_a_failed_end_append_is_resumed_not_left_running(engine: Engine, end: str) -> None:
+    refused = fail_appends(engine, end)
+    binding = engine.env.SURROGATES
+    eid = (await binding.trigger({"fail": end == "WorkflowFailed"}))["execution_id"]
+    done = await wait_for_status(engine, eid, timeout_s=15)
+    assert len(refused) == 1
+    assert done.status.value == ("completed" if end == "WorkflowCompleted" else "failed")
+
+
+async def test_an_output_the_broker_always_refuses_fails_the_execution_clearly(
+        engine: Engine) -> None:
+    fail_appends(engine, "WorkflowCompleted", times=None, permanent=True)
+    eid = (await engine.env.ECHO.trigger({"text": "hi"}))["execution_id"]
+    done = await wait_for_status(engine, eid, timeout_s=15)
+    assert done.status.value == "failed"
+    assert done.error is not None and "the output was refused" in done.error.message
+
+
+# -- 2. sizes in bytes -------------------------------------------------------------------
+
+
+async def test_sizes_are_checked_in_encoded_bytes(engine: Engine,
+                                                  client: httpx.AsyncClient) -> None:
+    wide = "é" * 450_001  # 450,001 characters, 900,002 bytes: over the 900,000 limit
+    response = await client.post("/__ploy/api/trigger/ECHO", json={"input": {"text": wide}})
+    assert response.status_code == 413, response.text
+    assert "workflow input is 900013 bytes" in response.json()["error"]
+    with pytest.raises(PayloadTooLargeError, match="1200011 bytes"):
+        await engine.env.ECHO.trigger({"text": "é" * 600_000})
+    assert await engine.runtime.list_executions() == []  # nothing appended
+
+    eid = (await engine.env.BIG_OUTPUT.trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid)
+    assert done.status.value == "failed" and done.error is not None
+    assert "workflow output is" in done.error.message and "over the limit" in done.error.message
+
+    eid = (await engine.env.BIG_STEP.trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid)
+    assert done.status.value == "failed"
+    assert "bytes, over the limit" in done.steps[0].attempts[0].error.message  # type: ignore[union-attr]
+
+    response = await client.post("/__ploy/api/trigger/ECHO",
+                                 json={"input": {"text": "x"}, "idempotency_key": "k" * 2000})
+    assert response.status_code == 413 and "idempotency key" in response.json()["error"]
+
+
+# -- 3. text that no UTF-8 encoder takes ---------------------------------------------------
+
+
+async def test_a_lone_surrogate_input_is_a_422_and_appends_nothing(
+        engine: Engine, client: httpx.AsyncClient) -> None:
+    body = '{"input": {"text": "a\\ud800b"}}'
+    for binding in ("ECHO", "UNTYPED"):
+        response = await client.post(f"/__ploy/api/trigger/{binding}", content=body,
+                                     headers={"content-type": "application/json"})
+        assert response.status_code == 422, response.text
+        assert "lone surrogate" in response.text
+    with pytest.raises(InvalidInputError, match="lone surrogate"):
+        await engine.env.UNTYPED.trigger({"text": "a\ud800b"})
+    with pytest.raises(InvalidInputError, match="lone surrogate"):
+        await engine.env.ECHO.trigger({"text": "a\ud800b"})
+    response = await client.post("/__ploy/api/trigger/ECHO", content=(
+        '{"input": {"text": "x"}, "idempotency_key": "\\udc00"}'),
+        headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert await engine.runtime.list_executions() == []
+
+
+@pytest.mark.parametrize("fail", [False, True])
+async def test_a_lone_surrogate_from_user_code_ends_the_run_and_reads_back(
+        engine: Engine, client: httpx.AsyncClient, fail: bool) -> None:
+    eid = (await engine.env.SURROGATES.trigger({"fail": fail}))["execution_id"]
+    done = await wait_for_status(engine, eid)
+    assert done.status.value == ("failed" if fail else "completed")
+    assert done.steps[0].output == {"x": "a\ufffdb"}
+    if fail:
+        assert done.error is not None and done.error.message == "bad \\udfff text"
+    for path in (f"/__ploy/api/executions/{eid}", f"/__ploy/api/executions/{eid}/history",
+                 f"/__ploy/executions/{eid}"):
+        response = await client.get(path)
+        assert response.status_code == 200, (path, response.text)
+
+
+# -- 4. claims that fail are tried again -------------------------------------------------
+
+
+async def test_a_failed_partition_claim_is_retried_and_reported_until_it_lands(
+        kafka: str, topic_prefix: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = ploy()
+
+    @app.workflow("one")
+    async def one(ctx: Any) -> Any:
+        return await ctx.step.run("s", lambda: 1)
+
+    config = engine_config(kafka, topic_prefix, state_dir, workflow={"ONE": "one"})
+    engine = Engine(app.build(), config, scale_out=True)
+    blocked = threading.Event()
+    blocked.set()
+    refused: list[int] = []
+    real = EventLog.append
+
+    async def append(log: EventLog, event: Event, partition: int | None = None
+                     ) -> tuple[int, int]:
+        if event.type == "PartitionClaimed" and blocked.is_set():
+            refused.append(event.body.partition)  # type: ignore[union-attr]
+            raise AppendError(log.topic, "injected: claim refused")
+        result: tuple[int, int] = await real(log, event, partition)
+        return result
+
+    monkeypatch.setattr(EventLog, "append", append)
+    await engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(set(refused)) < config.kafka.partitions:
+            assert time.monotonic() < deadline, refused
+            await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(engine)),
+                                     base_url="http://127.0.0.1:8787") as client:
+            health = (await client.get("/__ploy/api/health")).json()
+            assert health["status"] == "degraded"
+            assert health["claiming"] == list(range(config.kafka.partitions))
+            eid = (await engine.env.ONE.trigger({}))["execution_id"]
+            blocked.clear()  # the broker takes claims again
+            done = await wait_for_status(engine, eid, timeout_s=30)
+            assert done.status.value == "completed"
+            health = (await client.get("/__ploy/api/health")).json()
+            assert health["claiming"] == [] and health["status"] == "ok"
+        assert set(refused) == set(range(config.kafka.partitions))
+    finally:
+        await engine.stop()
+
+
+# -- 5. a corrupt record: a 503 for new triggers, and an audited way past it -------------
+
+
+async def test_a_corrupt_record_stops_triggers_until_an_operator_skips_it(
+        kafka: str, topic_prefix: str, state_dir: Path, tmp_path: Path, effects: Counter[str],
+        release: threading.Event) -> None:
+    config = engine_config(kafka, topic_prefix, state_dir, workflow=BINDINGS)
+    worker = hardening_worker(effects, release)
+    async with running_engine(worker, config) as engine:
+        log = engine.runtime.log
+        eid = (await engine.env.QUICK.trigger({}))["execution_id"]
+        partition = log.partition_for(eid)
+        await wait_for_status(engine, eid)
+        producer = Producer({"bootstrap.servers": kafka})
+        corrupt_at: list[int] = []
+        producer.produce(log.topic, value=b"not an event", key=eid.encode(), partition=partition,
+                         on_delivery=lambda err, msg: corrupt_at.append(msg.offset()))
+        producer.flush(10)
+        deadline = time.monotonic() + 10
+        while partition not in engine.runtime.stalled:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        # A trigger routed there fails clearly instead of being accepted and lost.
+        stuck = [f"k{i}" for i in range(40) if
+                 log.partition_for(_id_for(engine, "quick", f"k{i}")) == partition][:2]
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(engine)),
+                                     base_url="http://127.0.0.1:8787") as client:
+            response = await client.post("/__ploy/api/trigger/QUICK",
+                                         json={"input": {}, "idempotency_key": stuck[0]})
+            assert response.status_code == 503, response.text
+            assert f"ploy skip --partition {partition} --offset {corrupt_at[0]}" in (
+                response.json()["error"])
+        with pytest.raises(PartitionStalledError):
+            await engine.env.QUICK.trigger({}, idempotency_key=stuck[0])
+        # The operator skips it, with a reason; the partition folds on and runs again.
+        with pytest.raises(ValueError, match="reason"):
+            skip_record(log, partition, corrupt_at[0], " ")
+        skip_record(log, partition, corrupt_at[0], "a test producer wrote garbage", "ops@test")
+        deadline = time.monotonic() + 15
+        while partition in engine.runtime.stalled:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        after = (await engine.env.QUICK.trigger({}, idempotency_key=stuck[1]))["execution_id"]
+        assert (await wait_for_status(engine, after)).status.value == "completed"
+        report = {r["partition"]: r for r in await engine.runtime.partitions_report()}
+        skipped = report[partition]["skipped"]
+        assert [(s["offset"], s["actor"], s["reason"]) for s in skipped] == [
+            (corrupt_at[0], "ops@test", "a test producer wrote garbage")]
+        views = engine.runtime.views
+        before = {p: list(views[p].dump()) for p in views}
+    # A rebuild from offset 0 takes the same skip and writes the same bytes.
+    rebuilt = tmp_path / "rebuilt"
+    log = EventLog(kafka, topic_prefix)
+    try:
+        rebuild(log, rebuilt, workers=1)
+    finally:
+        log.close()
+    for p, dump in before.items():
+        view = PartitionView(rebuilt / f"p{p}", log.topic, p)
+        try:
+            assert list(view.dump()) == dump
+        finally:
+            view.close()
+
+
+def _id_for(engine: Engine, workflow: str, key: str) -> str:
+    import uuid
+
+    from engine.runtime import ID_NAMESPACE
+
+    return uuid.uuid5(ID_NAMESPACE, f"{workflow}\x00{key}").hex
+
+
+# -- 6. user step names cannot reach the engine's keys -----------------------------------
+
+
+@pytest.mark.parametrize("case", ["hash", "bracket"])
+async def test_step_names_with_the_engines_key_syntax_are_refused(engine: Engine,
+                                                                  case: str) -> None:
+    eid = (await engine.env.NAMES.trigger({"case": case}))["execution_id"]
+    done = await wait_for_status(engine, eid)
+    assert done.status.value == "failed"
+    assert done.error is not None and "reserved for the engine" in done.error.message
+    assert done.steps == []  # nothing ran under a key it could share
+
+
+# -- 8. log lines inside a step survive a replay -----------------------------------------
+
+
+async def test_log_lines_are_kept_in_order_across_a_replay(engine: Engine) -> None:
+    eid = (await engine.env.LOGS.trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid)
+    assert done.status.value == "completed"
+    assert [entry.message for entry in done.logs] == ["1", "2", "3", "4"]
+
+
+# -- 10. hung sync steps do not take everyone's threads ----------------------------------
+
+
+async def test_hung_sync_steps_starve_nobody_and_stop_does_not_wait_for_them(
+        kafka: str, topic_prefix: str, state_dir: Path, effects: Counter[str],
+        release: threading.Event) -> None:
+    config = engine_config(kafka, topic_prefix, state_dir, workflow=BINDINGS)
+    engine = Engine(hardening_worker(effects, release), config)
+    await engine.start()
+    try:
+        hung = [(await engine.env.HANG.trigger({}))["execution_id"] for _ in range(40)]
+        for eid in hung:
+            assert (await wait_for_status(engine, eid)).output == "timed out"
+        assert effects["hang"] == 40  # all 40 started, though 32 threads were "the pool"
+        started = time.monotonic()
+        eid = (await engine.env.QUICK.trigger({}))["execution_id"]
+        assert (await wait_for_status(engine, eid, timeout_s=10)).status.value == "completed"
+        assert time.monotonic() - started < 5
+    finally:
+        started = time.monotonic()
+        await engine.stop()
+        assert time.monotonic() - started < 5  # the 40 abandoned threads hold nothing
+
+
+# -- 13. deep JSON -------------------------------------------------------------------------
+
+
+async def test_deeply_nested_payloads_are_refused_where_they_enter(
+        engine: Engine, client: httpx.AsyncClient) -> None:
+    deep: Any = 1
+    for _ in range(300):
+        deep = [deep]
+    response = await client.post("/__ploy/api/trigger/UNTYPED", json={"input": deep})
+    assert response.status_code == 422 and "levels deep" in response.text
+    assert await engine.runtime.list_executions() == []
+    eid = (await engine.env.DEEP_STEP.trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid)
+    assert done.status.value == "failed"
+    assert "levels deep" in done.steps[0].attempts[0].error.message  # type: ignore[union-attr]
+    assert (await client.get(f"/__ploy/api/executions/{eid}")).status_code == 200
+    shallow: Any = 1
+    for _ in range(90):
+        shallow = [shallow]
+    eid = (await engine.env.UNTYPED.trigger(shallow))["execution_id"]
+    assert (await wait_for_status(engine, eid)).status.value == "completed"
+    assert (await client.get(f"/__ploy/api/executions/{eid}")).status_code == 200
