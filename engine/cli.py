@@ -12,9 +12,20 @@
 
 A mistake the user can fix (no ploy.yaml, bad JSON, an unknown id, a server
 or Kafka that does not answer within the bounded wait) prints one line,
-``ploy: error: ...``, on stderr and exits 2. The client commands talk to a
-running server's engine API through ``engine.client``; ``ploy types`` renders
-its module with ``engine.typegen``.
+``ploy: error: ...``, on stderr and exits 2.
+
+Executions carry untrusted text (inputs, outputs, errors, log lines, cancel
+reasons) and a terminal obeys control sequences in what it prints (clear the
+screen, set the title, move the cursor to fake a line). So every
+human-readable line goes through :func:`terminal_safe`, which writes control
+characters (C0, DEL, C1), bidirectional overrides and lone surrogates as
+visible escapes; the newlines of the CLI's own layout stay. ``--json`` output
+is JSON with the same characters as ``\\uXXXX`` escapes, so it stays valid JSON
+and is as safe in a terminal. A reader that closes the pipe early
+(``ploy status ID | head``) ends the command quietly, as for any Unix tool.
+
+The client commands talk to a running server's engine API through
+``engine.client``; ``ploy types`` renders its module with ``engine.typegen``.
 """
 
 from __future__ import annotations
@@ -25,12 +36,13 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -51,6 +63,17 @@ __all__ = ["main"]
 
 DEFAULT_URL = "http://127.0.0.1:8787"
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a tool killed by SIGPIPE
+# What a terminal may act on or that cannot be written as UTF-8: C0 but for the
+# space, DEL and C1 controls; bidirectional embeddings, overrides and isolates
+# (they reorder what is shown); lone surrogates.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+                     "\ud800-\udfff]")
+# What json.dumps(ensure_ascii=False) leaves raw (it escapes C0 in strings, and its
+# indentation newlines are JSON's own syntax).
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+                             "\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104 - names, not a bind
 
 
@@ -157,16 +180,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``ploy``; returns the exit status (0 ok, 2 a user error, 130 Ctrl-C)."""
+    """Run ``ploy``; returns the exit status (0 ok, 2 a user error, 130 Ctrl-C,
+    141 when the reader of stdout went away)."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)  # type: ignore[no-any-return]
+        code: int = args.run(args)
+        sys.stdout.flush()  # here, where a closed pipe is handled, not at exit
+        return code
     except PloyError as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        print(f"ploy: error: {lines[0].rstrip(':')}", file=sys.stderr)
+        print(f"ploy: error: {terminal_safe(lines[0].rstrip(':'))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader is gone: write nothing more, and keep the interpreter's
+        # final flush of stdout from failing again (the recipe of the docs of
+        # the signal module).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with what a terminal would act on written as visible escapes.
+
+    ``\\n``, ``\\r`` and ``\\t`` by name, other controls as ``\\xNN``, and
+    bidirectional controls and lone surrogates as ``\\uXXXX``. Idempotent: an
+    escape is plain text.
+    """
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+
+def _json(value: Any, **options: Any) -> str:
+    """JSON text that is safe to print: the unsafe characters as ``\\uXXXX`` escapes.
+
+    They can only be inside strings (JSON's own syntax is ASCII), where the
+    escape is the same character to any JSON reader.
+    """
+    text = json.dumps(value, ensure_ascii=False, **options)
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _print_lines(lines: Iterable[str]) -> None:
+    print("\n".join(terminal_safe(line) for line in lines))
 
 
 # -- dev and worker ---------------------------------------------------------------
@@ -384,7 +447,7 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
         raise CommandError(f"invalid input: {error_message(payload)}")
     if status >= 400:
         raise CommandError(f"trigger failed ({status}): {error_message(payload)}")
-    print(payload["execution_id"])
+    print(terminal_safe(str(payload["execution_id"])))
     return 0
 
 
@@ -397,9 +460,9 @@ def _get_execution(client: ApiClient, eid: str) -> dict[str, Any]:
 def _cmd_status(args: argparse.Namespace) -> int:
     execution = _get_execution(_client(args), args.id)
     if args.json:
-        print(json.dumps(execution, indent=2, ensure_ascii=False))
+        print(_json(execution, indent=2))
     else:
-        print("\n".join(format_execution(execution)))
+        _print_lines(format_execution(execution))
     return 0
 
 
@@ -408,7 +471,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
                                 ("limit", args.limit)) if v is not None}
     payload = _client(args).expect("GET", "/executions?" + urllib.parse.urlencode(query))
     if args.json:
-        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        print(_json(payload, indent=2))
         return 0
     rows = [[e.get("execution_id", ""), e.get("workflow", ""), e.get("status", ""),
              _iso(e.get("created_at")), _duration(e.get("duration_ms"))]
@@ -416,7 +479,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print("no executions")
         return 0
-    print("\n".join(_table(["EXECUTION", "WORKFLOW", "STATUS", "CREATED", "DURATION"], rows)))
+    _print_lines(_table(["EXECUTION", "WORKFLOW", "STATUS", "CREATED", "DURATION"], rows))
     return 0
 
 
@@ -425,12 +488,11 @@ def _cmd_history(args: argparse.Namespace) -> int:
     payload = client.expect("GET", f"/executions/{quote(args.id)}/history",
                             not_found=f"no execution '{args.id}' at {client.url}")
     if args.json:
-        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        print(_json(payload, indent=2))
         return 0
-    for event in payload.get("events", []):
-        body = json.dumps(_decoded(event.get("body") or {}), ensure_ascii=False)
-        print(f"p{event['partition']}@{event['offset']}  {_iso(event['timestamp'])}  "
-              f"{event['type']:<18} {body}")
+    _print_lines(f"p{event['partition']}@{event['offset']}  {_iso(event['timestamp'])}  "
+                 f"{event['type']:<18} {_json(_decoded(event.get('body') or {}))}"
+                 for event in payload.get("events", []))
     return 0
 
 
@@ -450,25 +512,25 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     payload = client.expect("POST", f"/executions/{quote(args.id)}/cancel", {},
                             not_found=not_found)
     if payload.get("cancelled"):
-        print(f"cancelled {args.id}")
+        print(terminal_safe(f"cancelled {args.id}"))
         return 0
     execution = _get_execution(client, args.id)  # an unknown id is an error, a finished one not
-    print(f"{args.id} already finished ({execution.get('status')})")
+    print(terminal_safe(f"{args.id} already finished ({execution.get('status')})"))
     return 0
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
     payload = _client(args).expect("GET", "/workers")
     if args.json:
-        print(json.dumps(payload, indent=2))
+        print(_json(payload, indent=2))
         return 0
-    print(f"group {payload['group']} on {payload['topic']}")
+    print(terminal_safe(f"group {payload['group']} on {payload['topic']}"))
     rows = [("PARTITION", "WORKER", "EPOCH", "END", "COMMITTED", "LAG", "FENCED")]
     for p in payload["partitions"]:
         lag = "-" if p["lag"] is None else str(p["lag"])
         committed = "-" if p["committed_offset"] is None else str(p["committed_offset"])
         state = " STALLED" if p["stalled"] else ""
-        rows.append((str(p["partition"]), (p["worker"] or "(unclaimed)") + state,
+        rows.append((str(p["partition"]), terminal_safe(p["worker"] or "(unclaimed)") + state,
                      str(p["epoch"]), str(p["end_offset"]), committed, lag,
                      str(p["fenced_events"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -491,7 +553,7 @@ def _duration(ms: int | None) -> str:
 
 
 def _compact(value: Any, limit: int = 200) -> str:
-    text = json.dumps(value, ensure_ascii=False)
+    text = _json(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -500,13 +562,17 @@ def _error(error: dict[str, Any] | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> Iterator[str]:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        yield "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+    cells = [[terminal_safe(str(cell)) for cell in row] for row in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for row in cells:
+        yield "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
 
 
 def format_execution(ex: dict[str, Any]) -> list[str]:
-    """A readable summary of an Execution's JSON: status, each step and attempt, error."""
+    """A readable summary of an Execution's JSON: status, each step and attempt, error.
+
+    Each line is :func:`terminal_safe`: user text cannot break the layout.
+    """
     lines = [
         f"execution  {ex['execution_id']}",
         f"workflow   {ex['workflow']}",
@@ -542,7 +608,7 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
         data = "" if entry.get("data") is None else "  " + _compact(entry["data"])
         lines.append(f"log        {_iso(entry.get('timestamp'))} {entry.get('level')} "
                      f"{entry.get('message')}{data}")
-    return lines
+    return [terminal_safe(line) for line in lines]
 
 
 # -- rebuild and types ------------------------------------------------------------
