@@ -39,7 +39,7 @@ class Text(BaseModel):
     text: str
 
 
-def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:
+def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:  # noqa: C901
     app = ploy()
 
     @app.workflow("echo", input=Text)
@@ -446,3 +446,50 @@ async def test_deeply_nested_payloads_are_refused_where_they_enter(
     eid = (await engine.env.UNTYPED.trigger(shallow))["execution_id"]
     assert (await wait_for_status(engine, eid)).status.value == "completed"
     assert (await client.get(f"/__ploy/api/executions/{eid}")).status_code == 200
+
+
+# -- 7. a rebalance neither re-claims kept partitions nor fences moved ones' steps -------
+
+
+async def test_a_worker_joining_reruns_no_step_kept_or_moved(
+        kafka: str, topic_prefix: str, tmp_path: Path) -> None:
+    runs: Counter[str] = Counter()
+    app = ploy()
+
+    @app.workflow("long")
+    async def long(ctx: Any) -> Any:
+        async def work() -> str:
+            runs[ctx.execution_id] += 1
+            await asyncio.sleep(5)
+            return "done"
+
+        await ctx.step.run("work", work)
+        return await ctx.step.run("after", lambda: "after")
+
+    worker = app.build()
+    configs = [engine_config(kafka, topic_prefix, tmp_path / name, workflow={"LONG": "long"})
+               for name in ("a", "b")]
+    async with running_engine(worker, configs[0], scale_out=True) as a:
+        deadline = time.monotonic() + 30
+        while len(a.runtime.owned) < 6:
+            assert time.monotonic() < deadline, a.runtime.owned
+            await asyncio.sleep(0.05)
+        before = dict(a.runtime.epochs)
+        ids = [(await a.env.LONG.trigger({}))["execution_id"] for _ in range(18)]
+        while sum(runs.values()) < len(ids):  # every step is in flight
+            await asyncio.sleep(0.05)
+        async with running_engine(worker, configs[1], scale_out=True) as b:
+            done = [await wait_for_status(b, eid, timeout_s=60) for eid in ids]
+            moved = b.runtime.owned
+            kept = a.runtime.owned
+            assert moved and kept and not moved & kept, (moved, kept)
+            assert {p: a.runtime.epochs[p] for p in kept} == {p: before[p] for p in kept}
+            for p in kept:
+                claim = a.runtime.views[p].claim()
+                assert claim is not None and claim["fenced"] == 0
+            for p in moved:  # taken over after the old owner released it: nothing fenced
+                claim = b.runtime.views[p].claim()
+                assert claim is not None and claim["worker"] == b.runtime.worker_id
+                assert claim["fenced"] == 0, claim
+    assert {d.status.value for d in done} == {"completed"}
+    assert runs == Counter({eid: 1 for eid in ids})  # no step ran twice, kept or moved
