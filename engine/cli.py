@@ -7,6 +7,7 @@
     ploy list                recent executions
     ploy history ID          every event of an execution (the audit trail)
     ploy cancel ID           stop an execution
+    ploy skip --partition P --offset O --reason R   step over a corrupt record (audited)
     ploy rebuild [DIR]       drop the view and refold it from the topic
     ploy types [DIR]         write ploy_env.py, which types ``ctx.env``'s bindings
 
@@ -164,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("workers", _cmd_workers, "each partition's worker (its claim on the log), "
                 "epoch and lag")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
+    _add_client(p)
+
+    p = command("skip", _cmd_skip, "step over the corrupt record a partition is stopped at "
+                "(appends an audited RecordSkipped marker)")
+    p.add_argument("--partition", type=int, required=True, metavar="P")
+    p.add_argument("--offset", type=int, required=True, metavar="O",
+                   help="the offset the partition is stopped at (ploy workers shows it)")
+    p.add_argument("--reason", required=True, help="why (kept on the log for the audit)")
     _add_client(p)
 
     p = command("rebuild", _cmd_rebuild, "delete the view and refold it from the topic "
@@ -516,6 +525,16 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
         return 0
     execution = _get_execution(client, args.id)  # an unknown id is an error, a finished one not
     print(terminal_safe(f"{args.id} already finished ({execution.get('status')})"))
+    return 0
+
+
+def _cmd_skip(args: argparse.Namespace) -> int:
+    from engine.skips import operator
+
+    payload = _client(args).expect("POST", f"/partitions/{args.partition}/skip", {
+        "offset": args.offset, "reason": args.reason, "actor": operator()})
+    print(terminal_safe(f"skipped partition {payload['partition']} offset {payload['offset']} "
+                        f"(marker at offset {payload['marker_offset']}, by {payload['actor']})"))
     return 0
 
 

@@ -16,6 +16,7 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── CodecError                corrupt bytes / unknown schema fingerprint
     ├── CorruptEventError         CodecError at a topic/partition/offset
     ├── PartitionStalledError     a trigger to a partition stopped at a corrupt event
+    ├── NotStalledError           a skip of a record the partition is not stopped at
     ├── InvalidTransitionError    the fold met an event its state forbids
     ├── BrokerUnavailableError    bootstrap servers not reachable in time
     ├── AppendError               the broker refused or timed out an append
@@ -154,6 +155,16 @@ class PartitionStalledError(PloyError):
             f"{offset}; nothing is accepted there until an operator runs "
             f"'ploy skip --partition {partition} --offset {offset} --reason ...'"
         )
+
+
+class NotStalledError(PloyError):
+    """``ploy skip`` named a record that its partition is not stopped at."""
+
+    def __init__(self, partition: int, offset: int, stalled_at: int | None):
+        self.partition, self.offset, self.stalled_at = partition, offset, stalled_at
+        where = ("is not stopped" if stalled_at is None
+                 else f"is stopped at offset {stalled_at}, not {offset}")
+        super().__init__(f"partition {partition} {where}: there is nothing to skip there")
 
 
 class InvalidTransitionError(PloyError):

@@ -60,6 +60,7 @@ from engine.dashboard import DASHBOARD, Dashboard, redirect
 from engine.errors import (
     InvalidInputError,
     InvalidKeyError,
+    NotStalledError,
     PartitionStalledError,
     PayloadTooLargeError,
     UnknownBindingError,
@@ -156,13 +157,14 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
     """
     http = engine.config.http
     admin = _Admin(http.host if host is None else host, http.admin_token)
-    api = _Api(engine)
+    api = _Api(engine, http.admin_token)
     pages = Dashboard(engine)
     routes: list[BaseRoute] = [
         admin.route(f"{API}/executions", api.executions),
         admin.route(f"{API}/executions/{{id}}", api.execution),
         admin.route(f"{API}/executions/{{id}}/history", api.history),
         admin.route(f"{API}/executions/{{id}}/cancel", api.cancel, write=True),
+        admin.route(f"{API}/partitions/{{partition:int}}/skip", api.skip, write=True),
         admin.route(f"{API}/trigger/{{binding}}", api.trigger, write=True),
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
@@ -502,11 +504,19 @@ class _CancelBody(BaseModel):
     reason: str | None = None
 
 
+class _SkipBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    offset: int
+    reason: str
+    actor: str | None = None  # who, as the client says: kept only without an admin token
+
+
 class _Api:
     """``/__ploy/api``: JSON over the runtime's queries and commands."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, token: str | None = None):
         self.engine = engine
+        self.token = token
 
     async def executions(self, request: Request) -> Response:
         q = request.query_params
@@ -533,6 +543,28 @@ class _Api:
         events = await self.engine.runtime.history(execution.execution_id) or []
         return _json(200, {"execution_id": execution.execution_id,
                            "events": [e.model_dump(mode="json") for e in events]})
+
+    async def skip(self, request: Request) -> Response:
+        """Skip the corrupt record a partition is stopped at (``ploy skip``), with who and why.
+
+        The actor is ``admin-token`` when a token guards the API (a client cannot
+        name itself then); on an open loopback API it is what the client says.
+        """
+        partition = request.path_params["partition"]
+        body = await _read_body(request, _SkipBody)
+        assert isinstance(body, _SkipBody)
+        if self.token is not None:
+            actor = "admin-token"
+        else:
+            actor = f"local:{body.actor or 'unknown'}"
+        try:
+            at = await self.engine.runtime.skip(partition, body.offset, body.reason, actor)
+        except NotStalledError as exc:
+            raise _Reject(409, {"error": str(exc), "stalled_at": exc.stalled_at}) from None
+        except ValueError as exc:
+            raise _Reject(422, {"error": str(exc)}) from None
+        return _json(201, {"partition": partition, "offset": body.offset,
+                           "marker_offset": at, "actor": actor})
 
     async def cancel(self, request: Request) -> Response:
         execution = await self._get(request)

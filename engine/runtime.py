@@ -65,6 +65,7 @@ from engine.errors import (
     CodecError,
     CorruptEventError,
     InvalidInputError,
+    NotStalledError,
     PartitionStalledError,
     PayloadTooDeepError,
     SerializationError,
@@ -75,6 +76,7 @@ from engine.events import (
     Event,
     PartitionClaimed,
     PartitionReleased,
+    RecordSkipped,
     TimerFired,
     WorkflowCancelled,
     WorkflowFailed,
@@ -806,6 +808,20 @@ class Runtime:
         after = await self._record(execution_id)
         return after is not None and after["status"] == ExecutionStatus.CANCELLED.value and (
             after["ended_at"] is not None and after["cancel_reason"] == reason)
+
+    async def skip(self, partition: int, offset: int, reason: str, actor: str) -> int:
+        """Append the marker that skips the corrupt record ``partition`` is stopped at
+        (see ``engine.skips``); the marker's offset. Only the record the fold stopped
+        at can be skipped: a good record is never dropped by a typo."""
+        failure = self.stalled.get(partition)
+        if failure is None or failure.offset != offset:
+            raise NotStalledError(partition, offset, None if failure is None else failure.offset)
+        if not reason.strip():
+            raise ValueError("a skip needs a reason (it is kept on the log for the audit)")
+        event = Event(claim_id(partition), "", self.clock.now(),
+                      RecordSkipped(partition, offset, reason, actor))
+        _, at = await self.log.append(event, partition=partition)
+        return at
 
     async def list_executions(self, *, workflow: str | None = None, status: str | None = None,
                               limit: int = 50, offset: int = 0) -> list[ExecutionSummary]:

@@ -3,8 +3,10 @@
 A record the fold cannot read stops its partition (invariant 6: never skipped
 silently). ``ploy skip --partition P --offset O --reason ...`` is the way on:
 
-1. It appends ``RecordSkipped(P, O, reason, actor)`` to partition P, after the
-   corrupt record: the log itself records who skipped what and why.
+1. It asks a running engine (``POST /__ploy/api/partitions/P/skip``, which
+   refuses any offset but the one P is stopped at) to append
+   ``RecordSkipped(P, O, reason, actor)`` to partition P, after the corrupt
+   record: the log itself records who skipped what and why.
 2. A fold stopped at O (a worker's, or ``ploy rebuild``'s) looks ahead in the
    partition for that marker (:func:`find_skip`); finding it, the view steps over
    O (``PartitionView.skip``: the skip and the next offset in one WriteBatch) and
@@ -18,14 +20,13 @@ from __future__ import annotations
 
 import getpass
 import socket
-import time
 
 from engine.errors import CodecError, CorruptEventError
-from engine.events import Event, RecordSkipped, claim_id
+from engine.events import Event, RecordSkipped
 from engine.log import EventLog
 from engine.view import PartitionView
 
-__all__ = ["apply_or_skip", "find_skip", "operator", "skip_record"]
+__all__ = ["apply_or_skip", "find_skip", "operator"]
 
 
 def operator() -> str:
@@ -35,21 +36,6 @@ def operator() -> str:
     except Exception:  # no user name in this environment (a container without passwd)
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
-
-
-def skip_record(log: EventLog, partition: int, offset: int, reason: str,
-                actor: str | None = None) -> int:
-    """Append the marker that skips the record at ``partition``/``offset``; its offset."""
-    if not reason.strip():
-        raise ValueError("a skip needs a reason (it is kept on the log for the audit)")
-    if not 0 <= partition < log.partitions:
-        raise ValueError(f"partition {partition} is not in 0..{log.partitions - 1}")
-    if offset < 0:
-        raise ValueError(f"offset {offset} is negative")
-    event = Event(claim_id(partition), "", _now_ms(),
-                  RecordSkipped(partition, offset, reason, actor or operator()))
-    _, at = log.append_sync(event, partition=partition)
-    return at
 
 
 def find_skip(log: EventLog, partition: int, offset: int) -> tuple[Event, int] | None:
@@ -83,7 +69,3 @@ def apply_or_skip(log: EventLog, view: PartitionView,
         more, failure = view.apply(records)
         applied += more
     return applied, failure
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -7,15 +7,18 @@ of the Kafka client): an append that fails once, or always, for one event type.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from confluent_kafka import Producer
 from pydantic import BaseModel
 
@@ -30,7 +33,7 @@ from engine.events import Event
 from engine.http import create_app
 from engine.log import EventLog
 from engine.rebuild import rebuild
-from engine.skips import skip_record
+from engine.skips import operator
 from engine.testing import engine_config, running_engine, wait_for_status
 from engine.view import PartitionView
 
@@ -329,6 +332,8 @@ async def test_a_corrupt_record_stops_triggers_until_an_operator_skips_it(
         # A trigger routed there fails clearly instead of being accepted and lost.
         stuck = [f"k{i}" for i in range(40) if
                  log.partition_for(_id_for(engine, "quick", f"k{i}")) == partition][:2]
+        with pytest.raises(PartitionStalledError):
+            await engine.env.QUICK.trigger({}, idempotency_key=stuck[0])
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(engine)),
                                      base_url="http://127.0.0.1:8787") as client:
             response = await client.post("/__ploy/api/trigger/QUICK",
@@ -336,12 +341,22 @@ async def test_a_corrupt_record_stops_triggers_until_an_operator_skips_it(
             assert response.status_code == 503, response.text
             assert f"ploy skip --partition {partition} --offset {corrupt_at[0]}" in (
                 response.json()["error"])
-        with pytest.raises(PartitionStalledError):
-            await engine.env.QUICK.trigger({}, idempotency_key=stuck[0])
-        # The operator skips it, with a reason; the partition folds on and runs again.
-        with pytest.raises(ValueError, match="reason"):
-            skip_record(log, partition, corrupt_at[0], " ")
-        skip_record(log, partition, corrupt_at[0], "a test producer wrote garbage", "ops@test")
+            # The operator skips it, with a reason; the partition folds on and runs again.
+            # Only the record the partition is stopped at can be skipped, with a reason.
+            url = f"/__ploy/api/partitions/{partition}/skip"
+            response = await client.post(url, json={"offset": corrupt_at[0] - 1, "reason": "x"})
+            assert response.status_code == 409 and response.json()["stalled_at"] == corrupt_at[0]
+            response = await client.post(url, json={"offset": corrupt_at[0], "reason": " "})
+            assert response.status_code == 422 and "reason" in response.text
+            async with serving(create_app(engine)) as base:
+                cli = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "engine.cli", "skip", "--url", base,
+                    "--partition", str(partition), "--offset", str(corrupt_at[0]),
+                    "--reason", "a test producer wrote garbage",
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                out, err = await asyncio.wait_for(cli.communicate(), 30)
+            assert cli.returncode == 0, err
+            assert f"skipped partition {partition} offset {corrupt_at[0]}" in out.decode()
         deadline = time.monotonic() + 15
         while partition in engine.runtime.stalled:
             assert time.monotonic() < deadline
@@ -351,7 +366,7 @@ async def test_a_corrupt_record_stops_triggers_until_an_operator_skips_it(
         report = {r["partition"]: r for r in await engine.runtime.partitions_report()}
         skipped = report[partition]["skipped"]
         assert [(s["offset"], s["actor"], s["reason"]) for s in skipped] == [
-            (corrupt_at[0], "ops@test", "a test producer wrote garbage")]
+            (corrupt_at[0], f"local:{operator()}", "a test producer wrote garbage")]
         views = engine.runtime.views
         before = {p: list(views[p].dump()) for p in views}
     # A rebuild from offset 0 takes the same skip and writes the same bytes.
@@ -367,6 +382,22 @@ async def test_a_corrupt_record_stops_triggers_until_an_operator_skips_it(
             assert list(view.dump()) == dump
         finally:
             view.close()
+
+
+@asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """A real uvicorn server on a free loopback port; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           lifespan="off", ws="none"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
 
 
 def _id_for(engine: Engine, workflow: str, key: str) -> str:
