@@ -548,7 +548,9 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     for p in payload["partitions"]:
         lag = "-" if p["lag"] is None else str(p["lag"])
         committed = "-" if p["committed_offset"] is None else str(p["committed_offset"])
-        state = " STALLED" if p["stalled"] else ""
+        state = " STALLED" if p["stalled"] else " CLAIMING" if p.get("claiming") else ""
+        if p.get("skipped"):
+            state += f" ({len(p['skipped'])} skipped)"
         rows.append((str(p["partition"]), terminal_safe(p["worker"] or "(unclaimed)") + state,
                      str(p["epoch"]), str(p["end_offset"]), committed, lag,
                      str(p["fenced_events"])))
