@@ -48,7 +48,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +147,7 @@ class Runtime:
         self._ownership = threading.Lock()  # the group thread revokes, the loop claims
         self._group_thread: threading.Thread | None = None
         self._skips: dict[int, tuple[int, Event, int]] = {}  # stalled partition -> its skip
+        self._ownership_listeners: list[Callable[[frozenset[int]], None]] = []
         self.timers = TimerService(self)
 
     @property
@@ -185,6 +186,7 @@ class Runtime:
                     continue
                 self.owned.add(p)
                 self._resume(p)
+            self._ownership_changed()
         elif self.runs:
             self._group_thread = threading.Thread(target=self._group_loop, name="ploy-group",
                                                   daemon=True)
@@ -379,6 +381,7 @@ class Runtime:
         logger.info("worker %s released partitions %s", self.worker_id, revoked)
         if revoked and self._loop is not None:
             self._loop.call_soon_threadsafe(self._release_all, revoked)
+            self._loop.call_soon_threadsafe(self._ownership_changed)
 
     def _release_all(self, partitions: list[int]) -> None:
         """Hand revoked partitions off: say so on the log at once, and again once
@@ -489,6 +492,21 @@ class Runtime:
             self.owned.add(partition)
         logger.info("worker %s owns partition %d at epoch %d", self.worker_id, partition, epoch)
         self._resume(partition)
+        self._ownership_changed()
+
+    def on_ownership(self, listener: Callable[[frozenset[int]], None]) -> None:
+        """Call ``listener(owned partitions)`` on the event loop now and after each change
+        (a claim landed, a revocation, a partition lost to a newer claim)."""
+        self._ownership_listeners.append(listener)
+        listener(frozenset(self.owned))
+
+    def _ownership_changed(self) -> None:
+        owned = frozenset(self.owned)
+        for listener in list(self._ownership_listeners):
+            try:
+                listener(owned)
+            except Exception:
+                logger.exception("an ownership listener failed")
 
     def _resume(self, partition: int) -> None:
         """Start every unfinished execution of a partition this process now runs
@@ -534,6 +552,8 @@ class Runtime:
             for p in lost:
                 self.owned.discard(p)
                 logger.warning("worker %s lost partition %d to a newer claim", self.worker_id, p)
+            if lost:
+                self._ownership_changed()
             self._lease_ok = True
             self._last_poll = max(self._last_poll, time.monotonic())
 
