@@ -25,6 +25,13 @@ Rules the fold keeps:
    owner's steps still finish) and then ``released`` (the next owner may claim
    without fencing any of them). ``RecordSkipped`` changes nothing here: the
    view applies it where the skipped record stands (``PartitionView.skip``).
+7. Listing indexes. Every execution has a key in the index of all executions
+   and of its workflow (written once), and in the index of its status and of
+   its (workflow, status) (moved when the status changes: the old key deleted,
+   the new one put, in the same batch). The move is computed once per batch
+   from the status before the batch and the status after it, so an execution
+   that passes through several statuses inside one batch leaves no deleted
+   keys behind in the indexes of the statuses it only passed through.
 """
 
 from __future__ import annotations
@@ -75,6 +82,11 @@ class Tx:
     def __init__(self, read: Callable[[bytes], bytes | None]):
         self._read = read
         self._pending: dict[bytes, Any] = {}
+        self._began: dict[str, str | None] = {}  # execution id -> status before the batch
+
+    def touch(self, eid: str, status: str | None) -> None:
+        """Note the status ``eid`` had before this batch (None: it did not exist)."""
+        self._began.setdefault(eid, status)
 
     def get(self, key: bytes) -> Record | None:
         """The JSON record at ``key``, with this batch's writes applied."""
@@ -96,8 +108,10 @@ class Tx:
 
     def delete(self, key: bytes) -> None:
         self._pending[key] = _DELETED
+
     def encoded(self) -> Iterator[tuple[bytes, bytes | None]]:
-        """Every write as bytes (``None`` deletes), deterministic JSON."""
+        """Every write as bytes (``None`` deletes), deterministic JSON, listing indexes included."""
+        self._index()
         for key, value in self._pending.items():
             if value is _DELETED:
                 yield key, None
@@ -105,6 +119,24 @@ class Tx:
                 yield key, value
             else:
                 yield key, json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+    def _index(self) -> None:
+        """Rule 7: move each touched execution's listing keys from its status before the
+        batch to its status now."""
+        for eid, before in self._began.items():
+            ex = self.get(keys.execution(eid))
+            if ex is None or ex["status"] == before:
+                continue
+            workflow, created = ex["workflow"], ex["created_at"]
+            if before is None:
+                for key in keys.listing_keys(workflow, None, created, eid):
+                    self.put_raw(key, b"")
+            else:
+                for key in keys.listing_keys(workflow, before, created, eid):
+                    self.delete(key)
+            for key in keys.listing_keys(workflow, ex["status"], created, eid):
+                self.put_raw(key, b"")
+        self._began.clear()
 
 
 def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool:
@@ -122,6 +154,7 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
     if _fenced(tx, event, offset):
         return False
     ex = tx.get(keys.execution(eid))
+    tx.touch(eid, None if ex is None else ex["status"])
     if isinstance(body, WorkflowTriggered):
         if ex is None:
             ex = new_execution(event, body, partition)

@@ -4,7 +4,16 @@ Each partition has its own RocksDB directory (``<state_dir>/<prefix>/p<N>``)
 so a partition's state moves with the partition. Inside it, keys are a
 one-letter keyspace and fixed parts; integers are fixed-width big-endian so
 that byte order is numeric order (timers sort by wake time, history by offset).
-Execution ids never contain NUL, which separates an id from what follows.
+Execution ids, workflow names and statuses never contain NUL, which separates
+them from what follows.
+
+Listing indexes (``n:``, ``x:``, ``w:``, ``y:``) store the creation time
+inverted (``2**64 - 1 - created_at``), so that a forward scan yields the newest
+first. Forward, because a forward scan can be stopped at the index's end by
+an iterator upper bound; rocksdict (0.3.29) has no working lower bound
+(``ReadOptions.set_iterate_lower_bound`` sets the upper one), so a backward
+scan that runs out of matches walks on into whatever keyspace precedes it,
+deleted keys included.
 """
 
 from __future__ import annotations
@@ -22,7 +31,13 @@ LOG = b"l:"  # l:<id>\0<seq u32>                -> log entry (JSON)
 HISTORY = b"h:"  # h:<id>\0<offset u64>         -> the raw record as it is on the log
 TIMER = b"t:"  # t:<wake_at u64><id>\0<sleep>   -> b"" (due timers, ordered by time)
 ACTIVE = b"a:"  # a:<id>                        -> b"" while the execution is not finished
-CREATED = b"c:"  # c:<created u64><id>          -> b"" (listing, newest first)
+CREATED = b"c:"  # c:<created u64><id>          -> b"" (every execution, oldest first)
+LISTED = b"n:"  # n:<~created u64><id>          -> b"" (every execution, newest first)
+BY_STATUS = b"x:"  # x:<status>\0<~created u64><id>            -> b"" (the fold keeps it exact)
+BY_WORKFLOW = b"w:"  # w:<workflow>\0<~created u64><id>        -> b""
+BY_WORKFLOW_STATUS = b"y:"  # y:<workflow>\0<status>\0<~created u64><id> -> b""
+INDEXES = b"m:indexes"  # the listing indexes' version: present once they cover every execution
+INDEXES_VERSION = b"1"
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -80,6 +95,52 @@ def active(eid: str) -> bytes:
 
 def created(created_at: int, eid: str) -> bytes:
     return CREATED + u64(created_at) + eid.encode()
+
+
+_NEWEST_FIRST = (1 << 64) - 1
+
+
+def newest_first(created_at: int) -> bytes:
+    """The inverted, fixed-width creation time of the listing indexes: newer sorts first."""
+    return u64(_NEWEST_FIRST - created_at)
+
+
+def listing_prefix(status: str | None = None, workflow: str | None = None) -> bytes:
+    """The prefix of the listing index that answers ``status`` and ``workflow`` (each optional)."""
+    if workflow is None:
+        return LISTED if status is None else BY_STATUS + status.encode() + SEP
+    if status is None:
+        return BY_WORKFLOW + workflow.encode() + SEP
+    return BY_WORKFLOW_STATUS + workflow.encode() + SEP + status.encode() + SEP
+
+
+def listing(prefix: bytes, created_at: int, eid: str) -> bytes:
+    """The key of ``eid`` in the listing index that starts with ``prefix``."""
+    return prefix + newest_first(created_at) + eid.encode()
+
+
+def parse_listing(prefix: bytes, key: bytes) -> tuple[int, str]:
+    """(created_at, execution id) of a key of the listing index ``prefix``."""
+    at = len(prefix)
+    return _NEWEST_FIRST - read_u64(key[at:at + 8]), key[at + 8:].decode()
+
+
+def listing_keys(workflow: str, status: str | None, created_at: int, eid: str) -> list[bytes]:
+    """An execution's keys in the listing indexes: with ``status`` None, the two that never
+    change (all, by workflow); else the two that move with its status (by status, by both)."""
+    if status is None:
+        pairs: tuple[tuple[str | None, str | None], ...] = ((None, None), (None, workflow))
+    else:
+        pairs = ((status, None), (status, workflow))
+    return [listing(listing_prefix(s, w), created_at, eid) for s, w in pairs]
+
+
+def end_of(prefix: bytes) -> bytes:
+    """The first key after every key that starts with ``prefix`` (an iterator upper bound)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        raise ValueError("a prefix of 0xff bytes only has no end")
+    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 def prefix_of(space: bytes, eid: str) -> bytes:

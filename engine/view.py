@@ -5,6 +5,13 @@ crash at any point leaves the view exactly at some offset: on restart the
 worker reads that offset, seeks there and folds on, never applying an event
 twice nor losing one. The offset never moves backwards: records below it are
 already in the view and are skipped.
+
+Queries read only the keys they answer from: each scan is bounded above by an
+iterator upper bound at its keyspace's end (RocksDB otherwise walks on over
+the deleted keys that follow), and the listing indexes are kept in newest-first
+order so that a page is a forward scan from the cursor (see ``engine.keys``).
+The queries are blocking RocksDB reads: call them off the event loop
+(``asyncio.to_thread``) when they may be long.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from engine import fold, keys
 from engine.codec import Codec, default_codec
 from engine.errors import CodecError, CorruptEventError, InvalidTransitionError
 from engine.events import Event
+from engine.listing import DEFAULT_LIMIT, Cursor, Page
 from engine.models import (
     Attempt,
     ErrorInfo,
@@ -51,6 +59,25 @@ class PartitionView:
         raw = self.db.get(keys.NEXT_OFFSET)
         self.next_offset = 0 if raw is None else keys.read_u64(raw)
         self.claim_epoch = self._claim_epoch()
+        if self.db.get(keys.INDEXES) != keys.INDEXES_VERSION:
+            self._build_indexes()
+
+    def _build_indexes(self) -> None:
+        """Give a view folded before the listing indexes existed its indexes (once).
+
+        The indexes are a function of the execution records alone (the fold's
+        rule 7), so this writes the bytes a refold from offset 0 would write.
+        An empty view only gets the version marker, which every view carries.
+        """
+        batch = WriteBatch(raw_mode=True)
+        for key, value in self._scan(keys.EXECUTION):
+            ex = json.loads(value)
+            eid = key[len(keys.EXECUTION):].decode()
+            for status in (None, ex["status"]):
+                for index in keys.listing_keys(ex["workflow"], status, ex["created_at"], eid):
+                    batch.put(index, b"")
+        batch.put(keys.INDEXES, keys.INDEXES_VERSION)
+        self.db.write(batch)
 
     def apply(
         self, records: Iterable[tuple[int, bytes]]
@@ -132,13 +159,15 @@ class PartitionView:
         return cast(Iterator[tuple[bytes, bytes]],
                     iter(self.db.items(from_key=from_key, backwards=backwards)))
 
-    def _scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """Every key with ``prefix``. The upper bound stops RocksDB at the prefix's
-        end: without it, the seek past the last match walks every deleted key that
-        follows (10,000 fired timers: 1.7 ms per ``steps()`` of a waking sleeper)."""
+    def _scan(self, prefix: bytes, from_key: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Every key with ``prefix`` (from ``from_key`` on, if given). The upper bound
+        stops RocksDB at the prefix's end: without it, the seek past the last match
+        walks every deleted key that follows (10,000 fired timers: 1.7 ms per
+        ``steps()`` of a waking sleeper). Never set a lower bound: rocksdict's
+        ``set_iterate_lower_bound`` replaces the upper bound."""
         bound = ReadOptions()
-        bound.set_iterate_upper_bound(prefix[:-1] + bytes([prefix[-1] + 1]))
-        items = self.db.items(from_key=prefix, read_opt=bound)
+        bound.set_iterate_upper_bound(keys.end_of(prefix))
+        items = self.db.items(from_key=from_key or prefix, read_opt=bound)
         yield from cast(Iterator[tuple[bytes, bytes]], iter(items))
 
     def steps(self, eid: str) -> list[dict[str, Any]]:
@@ -172,6 +201,56 @@ class PartitionView:
                 break
             due.append((wake_at, eid, sleep))
         return due
+
+    def timers(self, after: tuple[int, str, str] | None = None,
+               limit: int = 10_000) -> list[tuple[int, str, str]]:
+        """(wake_at, execution id, sleep key) of pending timers, earliest first: the
+        ``limit`` first after ``after`` (exclusive), or from the start. A bounded scan
+        that seeks past every timer at or before ``after``, fired ones included."""
+        start = None if after is None else keys.timer(*after) + keys.SEP
+        found: list[tuple[int, str, str]] = []
+        for key, _ in self._scan(keys.TIMER, start):
+            if len(found) >= limit:
+                break
+            found.append(keys.parse_timer(key))
+        return found
+
+    def has_timer(self, wake_at: int, eid: str, sleep_key: str) -> bool:
+        """Whether this timer is still pending (one point read)."""
+        return self.db.get(keys.timer(wake_at, eid, sleep_key)) is not None
+
+    def page(self, status: str | None = None, workflow: str | None = None,
+             before: Cursor | None = None, limit: int = DEFAULT_LIMIT) -> Page:
+        """Executions of this partition newest first, filtered by status and workflow,
+        from just after ``before``: at most ``limit``, and the cursor of the next page.
+
+        Reads one listing index from the cursor on (a seek, then a forward scan
+        bounded at the index's end) and one execution record per execution
+        returned. A status filter reads the index of that status only: a
+        terminal status's index never holds a deleted key; the index of a
+        transient one (queued, running, sleeping) holds the deleted keys of
+        executions that left it, until RocksDB compacts them away.
+        """
+        if limit < 1:
+            raise ValueError(f"a page holds at least one execution (limit={limit})")
+        if status is not None:
+            status = ExecutionStatus(status).value  # a clear error for a status that is none
+        prefix = keys.listing_prefix(status, workflow)
+        start = None if before is None else (
+            keys.listing(prefix, before.created_at, before.execution_id) + keys.SEP)
+        found: list[ExecutionSummary] = []
+        more = False
+        for key, _ in self._scan(prefix, start):
+            if len(found) >= limit:
+                more = True
+                break
+            _, eid = keys.parse_listing(prefix, key)
+            summary = build_summary(self, eid)
+            # The fold may have moved it since the index was read: list it where it is now.
+            if summary is None or (status is not None and summary.status != status):
+                continue
+            found.append(summary)
+        return Page(found, Cursor.of(found[-1]) if more else None)
 
     def newest(self) -> Iterator[tuple[int, str]]:
         """(created_at, id) of every execution, newest first."""

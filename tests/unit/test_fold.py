@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -26,6 +27,7 @@ from engine.events import (
     WorkflowStarted,
     WorkflowTriggered,
 )
+from engine.models import ExecutionStatus
 
 
 class Store:
@@ -226,3 +228,156 @@ def test_recorded_error_text_is_bounded() -> None:
     assert len(message) < ERROR_TEXT_LIMIT + 100
     assert message.endswith(f"[{ERROR_TEXT_LIMIT * 2} more bytes]")
     assert len(traceback) < ERROR_TEXT_LIMIT + 100
+
+
+# -- the listing indexes (rule 7) -------------------------------------------------------
+
+
+def listed(s: Store, eid: str = "e1") -> set[tuple[str | None, str | None]]:
+    """Every (status, workflow) index that lists ``eid``, as (status filter, workflow filter)."""
+    ex = json.loads(s.data[keys.execution(eid)])
+    found = set()
+    for st in (None, *(x.value for x in ExecutionStatus)):
+        for wf in (None, "wf", "other"):
+            if keys.listing(keys.listing_prefix(st, wf), ex["created_at"], eid) in s.data:
+                found.add((st, wf))
+    return found
+
+
+def expected_index(status: str) -> set[tuple[str | None, str | None]]:
+    return {(None, None), (None, "wf"), (status, None), (status, "wf")}
+
+
+def index_writes(tx: fold.Tx) -> dict[bytes, bytes | None]:
+    return {k: v for k, v in tx.encoded()
+            if k[:2] in (keys.LISTED, keys.BY_STATUS, keys.BY_WORKFLOW, keys.BY_WORKFLOW_STATUS)}
+
+
+TRANSITIONS: list[tuple[str, list[Body], str]] = [
+    ("queued", [], "queued"),
+    ("queued", [WorkflowStarted("w")], "running"),
+    ("queued", [StepStarted("a", 1)], "running"),
+    ("queued", [CancelRequested("stop")], "cancelled"),
+    ("queued", [WorkflowCompleted("1")], "completed"),
+    ("running", [SleepScheduled("sleep#1", 5, 2000)], "sleeping"),
+    ("running", [WorkflowFailed("E", "m", "")], "failed"),
+    ("running", [WorkflowCancelled("stop")], "cancelled"),
+    ("sleeping", [TimerFired("sleep#1", 2000)], "running"),
+    ("sleeping", [CancelRequested("stop")], "cancelled"),
+    ("sleeping", [WorkflowCompleted("1")], "completed"),
+    ("completed", [StepCompleted("a", 1, None, "1", 1000)], "completed"),
+    ("cancelled", [WorkflowCompleted("1"), WorkflowFailed("E", "m", "")], "cancelled"),
+]
+REACH: dict[str, list[Body]] = {
+    "queued": [WorkflowTriggered("{}")],
+    "running": [WorkflowTriggered("{}"), WorkflowStarted("w")],
+    "sleeping": [WorkflowTriggered("{}"), WorkflowStarted("w"),
+                 SleepScheduled("sleep#1", 5, 2000)],
+    "completed": [WorkflowTriggered("{}"), WorkflowCompleted("1")],
+    "cancelled": [WorkflowTriggered("{}"), CancelRequested("stop")],
+}
+
+
+@pytest.mark.parametrize(("before", "events", "after"), TRANSITIONS,
+                         ids=[f"{b}-{'+'.join(type(e).__name__ for e in ev) or 'none'}-{a}"
+                              for b, ev, a in TRANSITIONS])
+def test_every_status_transition_moves_the_status_index_keys(
+        before: str, events: list[Body], after: str) -> None:
+    s = Store()
+    s.apply(*REACH[before])
+    assert listed(s) == expected_index(before)
+    s.apply(*events, ts=5000)
+    assert s.execution()["status"] == after
+    assert listed(s) == expected_index(after)
+
+
+def test_a_batch_moves_the_index_once_from_the_status_before_it() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered("{}"))
+    tx = fold.Tx(s.data.get)
+    for i, body in enumerate([WorkflowStarted("w"), SleepScheduled("sleep#1", 5, 2000),
+                              TimerFired("sleep#1", 2000), WorkflowCompleted("1")]):
+        event = Event("e1", "wf", 2000 + i, body)
+        fold.apply(tx, event, 3, 10 + i, default_codec().encode(event))
+    writes = index_writes(tx)
+    # Only the queued keys are deleted: no tombstone for running or sleeping.
+    assert {k for k, v in writes.items() if v is None} == {
+        keys.listing(keys.listing_prefix("queued", wf), 1000, "e1") for wf in (None, "wf")}
+    assert {k for k, v in writes.items() if v is not None} == {
+        keys.listing(keys.listing_prefix("completed", wf), 1000, "e1") for wf in (None, "wf")}
+
+
+def test_a_second_trigger_and_a_late_event_write_no_index_key() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered("{}", "k"), WorkflowCompleted("1"))
+    for body in (WorkflowTriggered('{"again":1}', "k"), StepCompleted("a", 1, None, "1", 1),
+                 CancelRequested("late")):
+        tx = fold.Tx(s.data.get)
+        event = Event("e1", "wf", 9000, body)
+        fold.apply(tx, event, 3, s.offset, default_codec().encode(event))
+        s.offset += 1
+        assert index_writes(tx) == {}
+        s.commit(tx)
+    assert listed(s) == expected_index("completed")
+
+
+def test_fenced_events_leave_the_indexes_as_they_are() -> None:
+    s = Store()
+    s.apply(WorkflowTriggered("{}"), WorkflowStarted("w"))
+    claim(s, 2, "b")
+    tx = fold.Tx(s.data.get)
+    for body in (WorkflowCompleted("1"), SleepScheduled("sleep#1", 5, 2000)):
+        event = Event("e1", "wf", 9000, body, epoch=1)
+        assert fold.apply(tx, event, 3, s.offset, default_codec().encode(event)) is False
+        s.offset += 1
+    assert index_writes(tx) == {}
+    s.commit(tx)
+    assert listed(s) == expected_index("running")
+
+
+def test_index_keys_list_newest_first_and_parse_back() -> None:
+    prefix = keys.listing_prefix("failed", "wf")
+    newer, older = keys.listing(prefix, 2000, "a"), keys.listing(prefix, 1000, "b")
+    assert newer < older < keys.end_of(prefix)
+    assert keys.listing(prefix, 2000, "a") < keys.listing(prefix, 2000, "b")
+    assert keys.parse_listing(prefix, older) == (1000, "b")
+    # One filter's prefix is never the start of another's.
+    assert not keys.listing_prefix("queued", "wf").startswith(keys.listing_prefix(None, "wf"))
+    assert not keys.listing_prefix(None, "wf").startswith(keys.listing_prefix(None, "w"))
+
+
+def test_random_histories_keep_the_indexes_exact_in_any_batching() -> None:
+    """Whatever the events and however they are batched, the indexes hold exactly the
+    keys the execution records imply (what a view rebuilt from the records would have)."""
+    rng = random.Random(7)
+    choices: list[Body] = [
+        WorkflowStarted("w"), StepStarted("a", 1), StepCompleted("a", 1, None, "1", 1),
+        SleepScheduled("sleep#1", 5, 2000), TimerFired("sleep#1", 2000),
+        SleepScheduled("sleep#2", 5, 3000), TimerFired("sleep#2", 3000),
+        CancelRequested("c"), WorkflowCancelled("c"), WorkflowCompleted("1"),
+        WorkflowFailed("E", "m", ""), WorkflowLog("info", "x"),
+    ]
+    for _ in range(40):
+        events = []
+        for n in range(6):
+            events.append((f"e{n}", WorkflowTriggered("{}")))
+        events += [(f"e{rng.randrange(6)}", rng.choice(choices)) for _ in range(30)]
+        one, split = Store(), Store()
+        for eid, body in events:
+            one.apply(body, eid=eid, ts=1000 + int(eid[1:]))
+        i = 0
+        while i < len(events):
+            n = rng.randint(1, 8)
+            tx = fold.Tx(split.data.get)
+            for eid, body in events[i:i + n]:
+                event = Event(eid, "wf", 1000 + int(eid[1:]), body, event_id=f"ev{split.offset}")
+                fold.apply(tx, event, 3, split.offset, default_codec().encode(event))
+                split.offset += 1
+            split.commit(tx)
+            i += n
+        assert one.data == split.data
+        for n in range(6):
+            assert listed(one, f"e{n}") == expected_index(one.execution(f"e{n}")["status"])
+        index_keys = [k for k in one.data if k[:2] in (keys.LISTED, keys.BY_STATUS,
+                                                       keys.BY_WORKFLOW, keys.BY_WORKFLOW_STATUS)]
+        assert len(index_keys) == 6 * 4
