@@ -9,10 +9,15 @@ Configured in ploy.yaml and run inside the engine's process:
       - {kind: webhook, url: https://..., secret: ...}  # connectors.webhooks
       - {kind: archive, dir: archive}                   # connectors.archive
 
-Each connector keeps its own position (in ``<state_dir>/<prefix>.connectors``
-or, for the archive, in its file names), so it resumes after a restart and
-repeats, never skips: sources are exactly-once per record through their
-idempotency keys, sinks at-least-once with stable CloudEvents ids.
+Sources keep their positions in ``<state_dir>/<prefix>.connectors`` and are
+exactly-once per record through their idempotency keys, however many
+workers read a topic. Sinks follow the engine's ownership of partitions
+(:mod:`connectors.sink`): each partition of ``<prefix>.events`` is published
+by the process that owns it, from a position kept in Kafka
+(:mod:`connectors.positions`), so a worker that takes a partition over goes
+on where the last one stopped. The topic sink publishes each event exactly
+once by CloudEvents id, webhooks deliver each once except a request in
+flight when a worker dies, the archive writes each event into one file.
 
 Lifecycle with the engine (``Engine.start`` / ``Engine.stop``):
 
@@ -89,6 +94,15 @@ def check_connectors(config: Config, workflow_names: Iterable[str]) -> None:
                                   f"(defines: {defined})", config.line_of(key))
 
 
+def follow_ownership(engine: Engine, sink: SinkThread) -> None:
+    """Have ``sink`` publish the partitions this process owns, as ownership changes."""
+    runtime = engine.runtime
+    if hasattr(runtime, "on_ownership"):
+        runtime.on_ownership(sink.on_ownership)
+    else:  # an engine that does not share partitions owns every one
+        sink.on_ownership(frozenset(range(runtime.log.partitions)))
+
+
 async def start_connectors(engine: Engine) -> Connectors:
     """Start every source and sink of ``engine.config`` on the running engine.
 
@@ -115,6 +129,7 @@ async def start_connectors(engine: Engine) -> Connectors:
                 thread = ArchiveSink(engine, sink)
             else:
                 thread = WebhookSink(engine, sink)
+            follow_ownership(engine, thread)
             await thread.start()
             started.sinks.append(thread)
     except BaseException:

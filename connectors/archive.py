@@ -110,7 +110,7 @@ def archived_positions(directory: Path) -> dict[int, int]:
     return {p: files[-1].last + 1 for p, files in archive_files(directory).items()}
 
 
-def recover_open_files(directory: Path) -> list[ArchiveFile]:
+def recover_open_files(directory: Path, partition: int | None = None) -> list[ArchiveFile]:
     """Close the files a crash left open, with every event they hold on disk.
 
     Each ``.p<partition>-<first>.avro.tmp`` is read block by block up to the
@@ -118,7 +118,8 @@ def recover_open_files(directory: Path) -> list[ArchiveFile]:
     fsynced and renamed ``p<partition>-<first>-<last>.avro`` (a file holds
     contiguous offsets, so the count gives ``last``); then the temporary
     file is removed. A crash during this leaves the temporary file, and it is
-    done again. Files with no whole block are removed.
+    done again. Files with no whole block are removed. With ``partition``,
+    only that partition's files.
 
     Returns:
         The files closed.
@@ -126,24 +127,25 @@ def recover_open_files(directory: Path) -> list[ArchiveFile]:
     closed: list[ArchiveFile] = []
     if not directory.is_dir():
         return closed
-    for leftover in directory.glob(".p*.avro.recovering"):
+    only = "*" if partition is None else str(partition)
+    for leftover in directory.glob(f".p{only}-*.avro.recovering"):
         leftover.unlink()
     for tmp in sorted(directory.iterdir()):
         match = OPEN_NAME.match(tmp.name)
-        if match is None:
+        if match is None or (partition is not None and int(match.group(1)) != partition):
             continue
-        partition, first = (int(g) for g in match.groups())
+        partition_of, first = (int(g) for g in match.groups())
         schema, metadata, records = _readable_part(tmp)
         if records:
             last = first + len(records) - 1
-            final = directory / f"p{partition}-{first}-{last}.avro"
-            part = directory / f".p{partition}-{first}.avro.recovering"
+            final = directory / f"p{partition_of}-{first}-{last}.avro"
+            part = directory / f".p{partition_of}-{first}.avro.recovering"
             with part.open("wb") as fo:
                 fastavro.writer(fo, schema, records, codec=CODEC, metadata=metadata)
                 fo.flush()
                 os.fsync(fo.fileno())
             os.replace(part, final)
-            closed.append(ArchiveFile(final, partition, first, last))
+            closed.append(ArchiveFile(final, partition_of, first, last))
             logger.warning("archive %s: closed %s with %d events left open by a crash",
                            directory, final.name, len(records))
         tmp.unlink()
@@ -254,7 +256,15 @@ class _OpenFile:
 
 
 class ArchiveSink(SinkThread):
-    """One ``kind: archive`` sink. Each step:
+    """One ``kind: archive`` sink, archiving the partitions this process owns.
+
+    In ``ploy dev`` that is every partition. In a cluster each partition is
+    archived by its owner: point ``dir`` at storage every worker shares, and
+    the worker that takes a partition over closes what a killed owner left
+    open (:func:`recover_open_files`) and goes on after the last closed file.
+    Starting a partition: close its files a crash left open, follow it from
+    the offset after its last closed file. Stopping one: close its open file.
+    Each step:
 
     1. Poll the events topic (every record, claims and fenced ones too: the
        archive is the log).
@@ -282,10 +292,18 @@ class ArchiveSink(SinkThread):
 
     def setup(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        recover_open_files(self.directory)
-        positions = archived_positions(self.directory)
         self._check_topic()
-        self.tail = EventTail(self.log, "sink.archive", Position(positions, {}))
+        self.tail = EventTail(self.log, "sink.archive")
+
+    def start_partition(self, partition: int) -> None:
+        recover_open_files(self.directory, partition)
+        position = archived_positions(self.directory).get(partition, 0)
+        self.tail.add(partition, position, 0)  # every record goes in: no fencing here
+
+    def stop_partition(self, partition: int) -> None:
+        if partition in self.files:
+            self._close(partition)
+        self.tail.remove(partition)
 
     def _check_topic(self) -> None:
         for files in archive_files(self.directory).values():
@@ -330,7 +348,8 @@ class ArchiveSink(SinkThread):
         for file in self.files.values():
             file.discard()
         self.files.clear()
-        self.tail.rewind(Position(archived_positions(self.directory), {}))
+        archived = archived_positions(self.directory)
+        self.tail.rewind(Position({p: archived.get(p, 0) for p in self.tail.partitions}, {}))
 
     def finish(self) -> None:
         for p in list(self.files):

@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from connectors.errors import DeliveryError
@@ -132,6 +139,7 @@ class Batch:
         self.errors: list[str] = []
         self.refused: list[tuple[Any, str]] = []
         self.delivered: list[tuple[int, int]] = []
+        self.acked: list[tuple[Any, int, int]] = []  # (tag, partition, offset)
         self._lock = threading.Lock()
 
     def produce(self, topic: str, value: bytes | None, key: bytes | None = None, *,
@@ -163,7 +171,9 @@ class Batch:
             elif err is not None:
                 self.errors.append(f"'{msg.topic()}': {err.str()}")
             else:
-                self.delivered.append((cast(int, msg.partition()), cast(int, msg.offset())))
+                where = (cast(int, msg.partition()), cast(int, msg.offset()))
+                self.delivered.append(where)
+                self.acked.append((tag, *where))
 
     def wait(self, timeout_s: float = 30.0) -> None:
         """Block until every record is acknowledged.
@@ -182,6 +192,38 @@ class Batch:
                                 f"{self.errors[0]}")
 
 
+def read_to_end(log: EventLog, topic: str, partition: int, offset: int, *,
+                timeout_s: float = 30.0) -> Iterator[tuple[int, dict[str, bytes], bytes | None]]:
+    """``(offset, headers, value)`` of ``topic``'s ``partition`` from ``offset`` to its end.
+
+    The end is where the broker's fetch says the partition ends (partition
+    EOF), not a ListOffsets answer taken before: the embedded broker answers
+    ListOffsets late for batched writes.
+
+    Raises:
+        DeliveryError: The end was not reached within ``timeout_s``.
+    """
+    consumer = make_consumer(log, f"{topic}.reader", **{"enable.partition.eof": True})
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            for msg in consumer.consume(1000, 0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001
+                        return
+                    continue
+                headers = {k: v or b"" for k, v in cast(list[tuple[str, bytes | None]],
+                                                        msg.headers() or [])}
+                yield cast(int, msg.offset()), headers, msg.value()
+            if time.monotonic() > deadline:
+                raise DeliveryError(f"reader of {topic}", f"partition {partition} did not reach "
+                                    f"its end in {timeout_s:g} s")
+    finally:
+        consumer.close()
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """A record for a dead-letter topic; its headers say what it was and why it is here."""
@@ -192,23 +234,31 @@ class DeadLetter:
 
 
 def send_dead_letters(producer: Producer, connector: str, topic: str,
-                      letters: list[DeadLetter]) -> None:
+                      letters: list[DeadLetter], *, partition: int | None = None) -> int:
     """Produce ``letters`` to ``topic`` (which the caller made sure exists) and wait.
 
     A letter whose value is refused too (too large for the dead-letter topic as
     well) goes again without its value and with ``ploy.value.dropped`` saying
     why, so that nothing can hold a connector back.
 
+    Returns:
+        The highest offset acknowledged (-1 if none).
+
     Raises:
         DeliveryError: The broker did not acknowledge (not a refusal of a record).
     """
     batch = Batch(producer, connector, keep_refused=True)
     for letter in letters:
-        batch.produce(topic, letter.value, letter.key, headers=letter.headers, tag=letter)
+        batch.produce(topic, letter.value, letter.key, headers=letter.headers, tag=letter,
+                      partition=partition)
     batch.wait()
+    acked = [offset for _, offset in batch.delivered]
     if batch.refused:
         again = Batch(producer, connector)
         for letter, reason in batch.refused:
             again.produce(topic, None, letter.key, headers=[
-                *letter.headers, (H_DROPPED, reason.encode("utf-8", "replace"))])
+                *letter.headers, (H_DROPPED, reason.encode("utf-8", "replace"))],
+                partition=partition)
         again.wait()
+        acked += [offset for _, offset in again.delivered]
+    return max(acked, default=-1)

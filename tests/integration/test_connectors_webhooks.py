@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from connectors.state import StateFile, connectors_dir
 from connectors.testing import read_topic, running_connectors
 from connectors.webhooks import ATTEMPT_HEADER, SIGNATURE_HEADER, WebhookSink, verify_signature
 from engine import ploy
@@ -191,13 +190,16 @@ async def test_a_restart_during_the_backoff_keeps_the_schedule_and_delivers(
         "url": receiver.url + "/later", "backoff": {"initial_ms": 1500, "max_ms": 5000}})
     hello = worker()
     async with running_engine(hello, config) as engine:
-        async with running_connectors(engine):
+        async with running_connectors(engine) as connectors:
             await engine.env.HELLO.trigger({"name": "dee"})
             await until(lambda: len(receiver.on("/later")) == 1)
-            await asyncio.sleep(0.1)  # the failure is settled and saved
-    (saved,) = [StateFile(f).load() for f in connectors_dir(config).glob("webhook-*.json")]
-    (pending,) = saved["pending"]
-    assert pending["attempts"] == 1 and pending["last_error"].startswith("HTTP 500")
+            await asyncio.sleep(0.1)  # the failure is settled and recorded
+            (sink,) = connectors.sinks
+            assert isinstance(sink, WebhookSink)
+    (record,) = read_topic(kafka, sink.journal_topic)  # what the next process goes on from
+    pending = json.loads(record.value or b"")
+    assert pending["state"] == "failed"
+    assert pending["attempts"] == 1 and pending["error"].startswith("HTTP 500")
     first = receiver.on("/later")[0].at
     assert pending["next_at"] / 1000 >= first + 1.4
 
