@@ -9,8 +9,12 @@ a crash mid-write leaves the previous version, never half of one.
 Layout, under ``<state_dir>/<prefix>.connectors/``:
 
     source-<topic>.json      a source's topic id and next offset per partition
-    topic-<topic>.json       a topic sink's position in ``<prefix>.events``
-    webhook-<hash>.json      a webhook sink's position and pending deliveries
+    topic-<topic>.json       a single worker's copy of a topic sink's positions
+    webhook-<hash>.json      a single worker's copy of a webhook sink's positions
+
+Sinks keep their positions in Kafka (:mod:`connectors.positions`); the two
+copies exist for ``ploy dev``, whose in-memory broker forgets committed
+offsets when it stops.
 """
 
 from __future__ import annotations
