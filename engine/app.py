@@ -8,8 +8,11 @@ the bindings of ploy.yaml, exactly as ``ctx.env`` inside a workflow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -32,12 +35,13 @@ class Engine:
     """Starts and stops everything a worker process runs."""
 
     def __init__(self, worker: Worker, config: Config, *, clock: Clock | None = None,
-                 scale_out: bool = False, runs: bool = True):
+                 scale_out: bool = False, runs: bool = True, replica: bool = False):
         """Run every partition (``ploy dev``, tests); or with ``scale_out`` join the
         consumer group and run the partitions it assigns (``ploy worker``); or with
-        ``runs=False`` run nothing and only answer queries, for every partition."""
+        ``runs=False`` run nothing and only answer queries, by asking each partition's
+        owner, or from this process's own fold of every partition with ``replica``."""
         self.worker, self.config, self.clock = worker, config, clock
-        self.scale_out, self.runs = scale_out, runs
+        self.scale_out, self.runs, self.replica = scale_out, runs, replica
         self._log: EventLog | None = None
         self._runtime: Runtime | None = None
         self.connectors: Connectors | None = None
@@ -74,7 +78,7 @@ class Engine:
             replication_factor=kafka.replication_factor,
         )
         self._runtime = Runtime(self.worker, config, self._log, clock=self.clock,
-                                scale_out=self.scale_out, runs=self.runs)
+                                scale_out=self.scale_out, runs=self.runs, replica=self.replica)
         try:
             await self._runtime.start()
             self.connectors = await start_connectors(self)
@@ -110,6 +114,39 @@ def load_app(directory: str | Path | None = None, **overrides: object) -> tuple[
     worker = load_worker(config.root / config.main)
     check_bindings(config, worker.workflows)
     return worker, config
+
+
+@asynccontextmanager
+async def serving_api(engine: Engine, host: str = "127.0.0.1", port: int = 0
+                      ) -> AsyncIterator[str]:
+    """Serve ``engine``'s app (routes, engine API, dashboard) with uvicorn on ``host``:``port``
+    (0: a free port) and advertise it, so other processes send their queries about
+    this worker's partitions here. Yields the base URL."""
+    import uvicorn
+
+    from engine.http import create_app
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the process's signals stay its own
+
+    server = Server(uvicorn.Config(create_app(engine, host=host), host=host, port=port,
+                                   log_level="warning", lifespan="off", ws="none"))
+    task = asyncio.create_task(server.serve(), name="ploy-api")
+    while not server.started:
+        if task.done():
+            await task
+            raise RuntimeError(f"the engine API on {host}:{port} did not start")
+        await asyncio.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound[1]}"  # noqa: S104
+    engine.runtime.advertise(url)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        await asyncio.wait({task}, timeout=10)
 
 
 async def serve_until_signalled(engine: Engine) -> None:

@@ -95,8 +95,8 @@ from engine.events import (
 )
 from engine.listing import Cursor, list_page
 from engine.log import EventLog
+from engine.ownership import GROUP_SETTINGS
 from engine.rebuild import rebuild as rebuild_view
-from engine.runtime import GROUP_SETTINGS
 from engine.testing import engine_config, unique_prefix
 from engine.timers import TimerSchedule
 from engine.view import PartitionView

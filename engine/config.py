@@ -235,6 +235,9 @@ class Config(BaseModel):
     http: HttpConfig = Field(default_factory=HttpConfig)
     state_dir: Path = Path(".ploy")
     max_payload_bytes: int = Field(default=900_000, ge=1)
+    # A standby folds every partition, not only those it owns: a failover then
+    # starts from a warm view, and it answers any query without asking the owner.
+    standby: bool = False
     sources: list[SourceConfig] = Field(default_factory=list)
     sinks: list[Sink] = Field(default_factory=list)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)

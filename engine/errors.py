@@ -17,6 +17,8 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── CorruptEventError         CodecError at a topic/partition/offset
     ├── PartitionStalledError     a trigger to a partition stopped at a corrupt event
     ├── NotStalledError           a skip of a record the partition is not stopped at
+    ├── NotFoldedHereError        a query routed to a process that does not fold its partition
+    ├── OwnerUnavailableError     no owner of a partition answers a query
     ├── InvalidTransitionError    the fold met an event its state forbids
     ├── BrokerUnavailableError    bootstrap servers not reachable in time
     ├── AppendError               the broker refused or timed out an append
@@ -165,6 +167,22 @@ class NotStalledError(PloyError):
         where = ("is not stopped" if stalled_at is None
                  else f"is stopped at offset {stalled_at}, not {offset}")
         super().__init__(f"partition {partition} {where}: there is nothing to skip there")
+
+
+class NotFoldedHereError(PloyError):
+    """A query asked this process only (``local``) about a partition it does not fold."""
+
+    def __init__(self, partition: int):
+        self.partition = partition
+        super().__init__(f"partition {partition} is not folded by this process")
+
+
+class OwnerUnavailableError(PloyError):
+    """No process that folds the partition answered (a move in progress, or no worker)."""
+
+    def __init__(self, partition: int, cause: str):
+        self.partition, self.cause = partition, cause
+        super().__init__(f"no owner of partition {partition} answers: {cause}")
 
 
 class InvalidTransitionError(PloyError):

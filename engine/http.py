@@ -60,7 +60,9 @@ from engine.dashboard import DASHBOARD, Dashboard, redirect
 from engine.errors import (
     InvalidInputError,
     InvalidKeyError,
+    NotFoldedHereError,
     NotStalledError,
+    OwnerUnavailableError,
     PartitionStalledError,
     PayloadTooLargeError,
     UnknownBindingError,
@@ -432,6 +434,10 @@ class _Admin:
                 return reject.response
             except (HTTPException, _BodyTooLarge):
                 raise
+            except NotFoldedHereError as exc:  # a routed query reached a former owner
+                return _json(409, {"error": str(exc), "partition": exc.partition})
+            except OwnerUnavailableError as exc:
+                return _json(503, {"error": str(exc), "partition": exc.partition})
             except Exception:
                 logger.exception("%s %s failed", request.method, request.url.path)
                 return _json(500, {"error": "internal error"})
@@ -528,8 +534,10 @@ class _Api:
         workflow = q.get("workflow") or None
         if workflow is not None:
             workflow = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
+        partitions = _partitions_param(q.get("partitions"), self.engine.runtime.log.partitions)
         found = await self.engine.runtime.list_executions(
-            workflow=workflow, status=status, limit=limit + 1, offset=offset)
+            workflow=workflow, status=status, limit=limit + 1, offset=offset,
+            partitions=partitions, local=bool(q.get("local")))
         executions = [ExecutionSummary.of(e).model_dump(mode="json") for e in found[:limit]]
         return _json(200, {"executions": executions, "limit": limit, "offset": offset,
                            "has_more": len(found) > limit})
@@ -540,7 +548,8 @@ class _Api:
 
     async def history(self, request: Request) -> Response:
         execution = await self._get(request)
-        events = await self.engine.runtime.history(execution.execution_id) or []
+        events = await self.engine.runtime.history(execution.execution_id,
+                                                   **_routed(request)) or []
         return _json(200, {"execution_id": execution.execution_id,
                            "events": [e.model_dump(mode="json") for e in events]})
 
@@ -620,6 +629,7 @@ class _Api:
             "partitions": {p: {"next_offset": v.next_offset}
                            for p, v in sorted(runtime.views.items())},
             "stalled": stalled,
+            "stalled_offsets": {p: err.offset for p, err in sorted(runtime.stalled.items())},
             "claiming": claiming,
             "running": len(runtime.runners),
         })
@@ -635,10 +645,32 @@ class _Api:
 
     async def _get(self, request: Request) -> Execution:
         eid = request.path_params["id"]
-        execution = await self.engine.runtime.get_execution(eid)
+        execution = await self.engine.runtime.get_execution(eid, **_routed(request))
         if execution is None:
             raise _Reject(404, {"error": f"unknown execution '{eid}'"})
         return execution
+
+
+def _routed(request: Request) -> dict[str, Any]:
+    """``local`` and ``min_offset`` of a query another process routed here (its owner)."""
+    q = request.query_params
+    min_offset = q.get("min_offset")
+    return {"local": bool(q.get("local")),
+            "min_offset": None if not min_offset else _int_param(min_offset, "min_offset",
+                                                                 -1, -1, None)}
+
+
+def _partitions_param(raw: str | None, count: int) -> list[int] | None:
+    if not raw:
+        return None
+    try:
+        found = sorted({int(p) for p in raw.split(",")})
+    except ValueError:
+        raise _Reject(422, {"error": f"partitions must be numbers separated by commas, "
+                                     f"got {raw!r}"}) from None
+    if not all(0 <= p < count for p in found):
+        raise _Reject(422, {"error": f"partitions must be in 0..{count - 1}"})
+    return found
 
 
 def _int_param(raw: str | None, name: str, default: int, low: int, high: int | None) -> int:

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from engine.app import Engine
+from engine.app import Engine, serving_api
 from engine.broker import EmbeddedBroker, wait_for_kafka
 from engine.builder import Worker
 from engine.clock import Clock, ManualClock
@@ -100,11 +100,16 @@ def engine_config(
 async def running_engine(
     worker: Worker, config: Config, *, clock: Clock | None = None, scale_out: bool = False
 ) -> AsyncIterator[Engine]:
-    """An Engine started on ``config`` and stopped on exit."""
+    """An Engine started on ``config`` and stopped on exit; scaled out, it also serves its
+    engine API on a free loopback port, where the other workers send their queries."""
     engine = Engine(worker, config, clock=clock, scale_out=scale_out)
     await engine.start()
     try:
-        yield engine
+        if scale_out:  # others ask a scaled-out worker about its partitions: serve the API
+            async with serving_api(engine):
+                yield engine
+        else:
+            yield engine
     finally:
         await engine.stop()
 

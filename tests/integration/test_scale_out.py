@@ -69,8 +69,12 @@ async def test_two_workers_share_partitions_and_any_process_answers(
     assert {d.output for d in done} == {3}
     assert {owned_by[d.partition] for d in done} == {"a", "b"}  # both ran executions
     assert [r["worker"] for r in report] == [ids_of[owned_by[p]] for p in range(6)]
-    assert all(r["lag"] == 0 for r in report), report  # every owner has folded to the end
     assert [r["here"] for r in report] == [owned_by[p] == "b" for p in range(6)]
+    # b folds only what it owns (each partition's state lives on its owner); what it
+    # folds is at the end, and it reports the others' owners from their cards.
+    assert [r["folded_here"] for r in report] == [r["here"] for r in report]
+    assert all(r["lag"] == 0 for r in report if r["here"]), report
+    assert all(r["end_offset"] is None for r in report if not r["here"]), report
     assert api["group"] == f"{topic_prefix}.workers"
     assert [r["worker"] for r in api["partitions"]] == [r["worker"] for r in report]
 
@@ -190,7 +194,7 @@ def test_three_workers_sigkill_one_every_execution_completes_acked_steps_once(
 
         async def read_all() -> list[Any]:
             worker, config = load_app(app, env={**env, "PLOY_STATE_DIR": str(tmp_path / "q")})
-            async with Engine(worker, config, runs=False) as reader:  # queries only
+            async with Engine(worker, config, runs=False, replica=True) as reader:  # queries only
                 return [await wait_for_status(reader, eid, timeout_s=120) for eid in ids]
 
         done = asyncio.run(read_all())
@@ -245,7 +249,7 @@ def test_a_frozen_worker_is_fenced_and_starts_no_step_after_it_resumes(
 
         async def read() -> Any:
             worker, config = load_app(app, env={**env, "PLOY_STATE_DIR": str(tmp_path / "q")})
-            async with Engine(worker, config, runs=False) as reader:
+            async with Engine(worker, config, runs=False, replica=True) as reader:
                 result = await wait_for_status(reader, eid, timeout_s=60)
                 history = await reader.runtime.history(eid) or []
                 return result, [(h.offset, h.type, h.epoch, h.body.get("attempt"))
@@ -316,7 +320,7 @@ def test_a_worker_joining_under_load_takes_partitions_and_nothing_stalls(
 
         async def read() -> list[Any]:
             worker, config = load_app(app, env={**env, "PLOY_STATE_DIR": str(tmp_path / "q")})
-            async with Engine(worker, config, runs=False) as reader:
+            async with Engine(worker, config, runs=False, replica=True) as reader:
                 done = [await wait_for_status(reader, eid, timeout_s=90) for eid in ids]
                 return [(d, await reader.runtime.history(d.execution_id)) for d in done]
 
