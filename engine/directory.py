@@ -31,7 +31,7 @@ from engine.log import EventLog, client_config
 
 logger = logging.getLogger("ploy.runtime")
 
-RETRY_S = 5.0  # how long a query keeps looking for a partition's owner
+RETRY_S = 10.0  # how long a query keeps looking for a partition's owner (a move)
 
 
 class Directory:

@@ -599,7 +599,12 @@ class _Api:
             raise _Reject(413, {"error": str(exc)}) from None
         except PartitionStalledError as exc:
             raise _Reject(503, {"error": str(exc)}) from None
-        return _json(201, {"execution_id": result["execution_id"]})
+        eid = result["execution_id"]
+        partition = self.engine.runtime.log.partition_for(eid)
+        # Read-your-writes from anywhere: GET .../executions/{id}?min_offset=<offset>
+        # answers once the view holds this trigger.
+        return _json(201, {"execution_id": eid, "partition": partition,
+                           "offset": self.engine.runtime.log.high_acked.get(partition)})
 
     async def workflows(self, request: Request) -> Response:
         config = self.engine.config

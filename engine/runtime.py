@@ -467,12 +467,16 @@ class Runtime:
         this process had acknowledged there); None if this process does not fold it."""
         return await self.partitions.caught_up(partition, min_offset)
 
-    async def _ask(self, partition: int, path: str, **params: Any) -> tuple[int, Any]:
-        """GET ``path`` from the owner of ``partition``, reading this process's writes."""
+    async def _ask(self, partition: int, path: str, min_offset: int | None = None,
+                   **params: Any) -> tuple[int, Any]:
+        """GET ``path`` from the owner of ``partition``, once it holds ``min_offset`` and
+        every write this process had acknowledged there (read-your-writes)."""
         if self.directory is None:
             raise OwnerUnavailableError(partition, "this process folds it but is not caught up")
-        params.setdefault("min_offset", self.log.high_acked.get(partition))
-        return await self.directory.ask(partition, path, {"local": 1, **params})
+        mine = self.log.high_acked.get(partition)
+        wanted = max((o for o in (min_offset, mine) if o is not None), default=None)
+        return await self.directory.ask(partition, path,
+                                        {"local": 1, "min_offset": wanted, **params})
 
     async def _record(self, eid: str) -> dict[str, Any] | None:
         """The execution record (status, workflow, ...), here or at its owner."""
@@ -498,7 +502,7 @@ class Runtime:
             return await asyncio.to_thread(build_execution, view, execution_id)
         if local:
             raise NotFoldedHereError(partition)
-        status, payload = await self._ask(partition, f"/executions/{execution_id}")
+        status, payload = await self._ask(partition, f"/executions/{execution_id}", min_offset)
         if status == 404:
             return None
         if status != 200:
@@ -516,7 +520,8 @@ class Runtime:
             return await asyncio.to_thread(history_entries, view, execution_id)
         if local:
             raise NotFoldedHereError(partition)
-        status, payload = await self._ask(partition, f"/executions/{execution_id}/history")
+        status, payload = await self._ask(partition, f"/executions/{execution_id}/history",
+                                          min_offset)
         if status == 404:
             return None
         if status != 200:
@@ -574,7 +579,7 @@ class Runtime:
         for owned in by_owner.values():
             status_code, payload = await self._ask(
                 owned[0], "/executions", partitions=",".join(map(str, owned)),
-                workflow=workflow, status=status, limit=offset + limit, min_offset=None)
+                workflow=workflow, status=status, limit=offset + limit)
             if status_code != 200:
                 raise OwnerUnavailableError(owned[0], f"answered {status_code}: {payload}")
             pages.append([ExecutionSummary.model_validate(e) for e in payload["executions"]])

@@ -21,6 +21,7 @@ from engine.broker import EmbeddedBroker, wait_for_kafka
 from engine.builder import Worker
 from engine.clock import Clock, ManualClock
 from engine.config import Config, load_config
+from engine.errors import OwnerUnavailableError
 from engine.models import Execution
 
 __all__ = [
@@ -117,11 +118,15 @@ async def running_engine(
 async def wait_for_status(
     engine: Engine, execution_id: str, *statuses: str, timeout_s: float = 20.0
 ) -> Execution:
-    """Poll ``get_execution`` until the execution reaches one of ``statuses``."""
+    """Poll ``get_execution`` until the execution reaches one of ``statuses`` (a partition
+    whose owner is changing, so that no process answers for it, counts as not yet)."""
     wanted = set(statuses) or {"completed", "failed", "cancelled"}
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
-        execution = await engine.runtime.get_execution(execution_id)
+        try:
+            execution = await engine.runtime.get_execution(execution_id)
+        except OwnerUnavailableError:  # its partition is moving (a worker died): ask again
+            execution = None
         if execution is not None and execution.status.value in wanted:
             return execution
         if asyncio.get_running_loop().time() > deadline:
