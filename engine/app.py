@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -21,7 +23,7 @@ from engine.bindings import Env
 from engine.builder import Worker, load_worker
 from engine.clock import Clock
 from engine.config import Config, check_bindings, load_config
-from engine.errors import ConfigError
+from engine.errors import ConfigError, PloyError, StateLockedError
 from engine.log import EventLog
 from engine.runtime import Runtime
 
@@ -29,6 +31,62 @@ if TYPE_CHECKING:
     from connectors import Connectors
 
 logger = logging.getLogger("ploy")
+
+SLOTS_DIR = "workers"  # <state_dir>/workers/<n>/: the state of the n-th worker on this host
+SLOT_LOCK = "slot.lock"
+
+
+class StateSlot:
+    """A scaled-out worker's own state directory, ``<state_dir>/workers/<n>``.
+
+    Why a slot per worker rather than one view per directory: the view is a
+    cache of the log that each worker keeps for the partitions it owns, and one
+    RocksDB can be open in one process only. So several ``ploy worker`` processes
+    started in one directory (one per core, the usual way to use a host) each
+    take the first free slot, and a restarted worker finds a slot whose state is
+    warm, often its own. A slot is held with ``flock`` on its lock file, which
+    the kernel releases however the process ends (a SIGKILL included), so a
+    slot is never left locked by a dead worker.
+    """
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def take(cls, state_dir: Path) -> StateSlot:
+        """Lock and return the first free slot under ``state_dir``."""
+        slots = state_dir / SLOTS_DIR
+        n = 0
+        while True:
+            path = slots / str(n)
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path / SLOT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                n += 1
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a curious operator
+            return cls(path, fd)
+
+    def release(self) -> None:
+        """Unlock the slot (closing the file releases the flock). Idempotent."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _state_locked(exc: BaseException, state_dir: Path) -> StateLockedError | None:
+    """RocksDB's lock error (a bare Exception naming the db's ``LOCK`` file) as one clear
+    error."""
+    if isinstance(exc, PloyError) or "/LOCK" not in str(exc):
+        return None
+    return StateLockedError(state_dir, str(exc))
 
 
 class Engine:
@@ -44,6 +102,8 @@ class Engine:
         self.scale_out, self.runs, self.replica = scale_out, runs, replica
         self._log: EventLog | None = None
         self._runtime: Runtime | None = None
+        self._slot: StateSlot | None = None
+        self._stopped = False
         self.connectors: Connectors | None = None
 
     @property
@@ -58,8 +118,13 @@ class Engine:
         return self.runtime.env
 
     async def start(self) -> None:
-        """Check bindings and connectors, connect to Kafka (bounded wait), catch up, resume,
-        then start the connectors of ploy.yaml."""
+        """Check bindings and connectors, take a state slot (``scale_out``), connect to
+        Kafka (bounded wait), catch up, resume, then start the connectors of ploy.yaml.
+
+        A start that fails has released what it took (producer, threads, RocksDB
+        locks, the slot) when the error reaches the caller, and that error is the
+        only one: a later :meth:`stop` does nothing more.
+        """
         # Imported here: the connectors package imports the engine.
         from connectors import check_connectors, start_connectors
 
@@ -71,33 +136,63 @@ class Engine:
                               "ploy worker needs KAFKA_BOOTSTRAP_SERVERS)")
         check_bindings(config, self.worker.workflows)
         check_connectors(config, self.worker.workflows)
-        kafka = config.kafka
-        self._log = await asyncio.to_thread(
-            EventLog, servers, kafka.topic_prefix, kafka.partitions, extra=kafka.config,
-            connect_timeout_s=kafka.connect_timeout_s,
-            replication_factor=kafka.replication_factor,
-        )
-        self._runtime = Runtime(self.worker, config, self._log, clock=self.clock,
-                                scale_out=self.scale_out, runs=self.runs, replica=self.replica)
+        self._stopped = False
         try:
+            if self.scale_out:  # each worker its own view, even with others in this directory
+                self._slot = await asyncio.to_thread(StateSlot.take, config.state_dir)
+                self.config = config = config.model_copy(update={"state_dir": self._slot.path})
+            kafka = config.kafka
+            self._log = await asyncio.to_thread(
+                EventLog, servers, kafka.topic_prefix, kafka.partitions, extra=kafka.config,
+                connect_timeout_s=kafka.connect_timeout_s,
+                replication_factor=kafka.replication_factor,
+            )
+            self._runtime = Runtime(self.worker, config, self._log, clock=self.clock,
+                                    scale_out=self.scale_out, runs=self.runs,
+                                    replica=self.replica)
             await self._runtime.start()
             self.connectors = await start_connectors(self)
-        except BaseException:
-            await self.stop()  # release the producer, the threads and the RocksDB locks
+        except BaseException as exc:
+            await self._stop_after_failed_start()
+            locked = _state_locked(exc, config.state_dir)
+            if locked is not None:
+                raise locked from None
             raise
+
+    async def _stop_after_failed_start(self) -> None:
+        """Release what a failed start took; what fails here is logged, never raised,
+        so the caller sees the error that stopped the start and no second one."""
+        try:
+            await self.stop()
+        except Exception:
+            logger.debug("stopping after a failed start", exc_info=True)
+        finally:
+            self._stopped = True
 
     async def stop(self) -> None:
         """Graceful: sources stop triggering, running steps finish and nothing more
-        starts, sinks drain the last events, the producer flushes."""
-        if self.connectors is not None:
-            await self.connectors.stop_sources()
-        if self._runtime is not None:
-            await self._runtime.stop()
-        if self.connectors is not None:
-            await self.connectors.stop()
-            self.connectors = None
-        if self._log is not None:
-            await asyncio.to_thread(self._log.close)
+        starts, sinks drain the last events, the producer flushes. Idempotent: each
+        part is stopped once, even when a part before it fails."""
+        if self._stopped:
+            return
+        self._stopped = True
+        connectors, self.connectors = self.connectors, None
+        log, self._log = self._log, None
+        slot, self._slot = self._slot, None
+        try:
+            if connectors is not None:
+                await connectors.stop_sources()
+            if self._runtime is not None:
+                await self._runtime.stop()
+            if connectors is not None:
+                await connectors.stop()
+        finally:
+            try:
+                if log is not None:
+                    await asyncio.to_thread(log.close)
+            finally:
+                if slot is not None:
+                    slot.release()
 
     async def __aenter__(self) -> Engine:
         await self.start()

@@ -394,7 +394,7 @@ class _Run:
             if sock is not None:
                 address = sock.getsockname()[:2]
                 await self.serve_http(engine, sock, config.http.host)
-            self.banner(worker, config, address)
+            self.banner(worker, engine.config, address)  # a worker: its own state slot
             # Step 6.
             await self.stop.wait()
             print(f"ploy {self.mode}: stopping (running steps finish)", flush=True)
