@@ -27,6 +27,17 @@ How the process is handled, and why:
   the tail of its log.
 - librdkafka prints every refused connection to stderr (``%3|...|FAIL|...``);
   the clients made here are configured quiet (``log_level`` 0).
+
+What its consumer groups get wrong, and how the engine works around it
+(:func:`group_leave_strands_group`): in Tansu 0.6 a member that leaves
+(LeaveGroup) while its group is rebalancing stays the group's leader after it
+is gone. Members that join later are told to wait for that leader's
+assignment, which never comes; the group is stuck until a race inside the
+coordinator happens to reload it (seconds to minutes). A rolling restart
+(every worker stopped with SIGTERM, then started) hits it most of the time: the
+first leave starts a rebalance and the next leaves land in it. A member that
+goes away without a LeaveGroup is dropped after ``session.timeout.ms``, and
+that path does clear its leadership.
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ from confluent_kafka.admin import AdminClient
 
 from engine.errors import BrokerUnavailableError
 
-__all__ = ["EmbeddedBroker", "wait_for_kafka"]
+__all__ = ["EmbeddedBroker", "group_leave_strands_group", "wait_for_kafka"]
 
 _HOST = "127.0.0.1"
 _STOP_GRACE_S = 5.0
@@ -72,6 +83,9 @@ _TANSU_ENV = (
 )
 # librdkafka logs refused connections at level 3 straight to stderr; 0 keeps it quiet.
 _QUIET: dict[str, str | int | float | bool] = {"log_level": 0}
+# The cluster id Tansu reports unless told another (`--cluster-id`, which the embedded
+# broker does not set).
+TANSU_CLUSTER_ID = "tansu_cluster"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 _running: set[EmbeddedBroker] = set()
@@ -114,6 +128,21 @@ def wait_for_kafka(
         except KafkaException as exc:
             last_error = _describe(exc)
     raise BrokerUnavailableError(bootstrap_servers, timeout_s, last_error)
+
+
+def group_leave_strands_group(cluster_id: str | None) -> bool:
+    """Whether a member should leave a consumer group without a LeaveGroup request.
+
+    True on Tansu (the embedded broker), whose coordinator keeps a member that
+    left during a rebalance as the group's leader, so the members that join
+    next get no assignment (see the module doc). Such a member should go away
+    as a crashed one does and let ``session.timeout.ms`` drop it. False on
+    Apache Kafka, where a LeaveGroup hands the partitions on at once.
+
+    Args:
+        cluster_id: The id in the cluster's metadata (``list_topics().cluster_id``).
+    """
+    return cluster_id == TANSU_CLUSTER_ID
 
 
 def _describe(exc: KafkaException) -> str:
