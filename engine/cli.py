@@ -297,6 +297,16 @@ def _uvicorn_server(engine: Engine, host: str) -> Any:
     return Server(config)
 
 
+def _advertised(config: Config, port: int) -> str:
+    """The engine API address other workers use to reach this one."""
+    if config.http.advertised_url:
+        return config.http.advertised_url
+    host = config.http.host
+    if host in _WILDCARD_HOSTS:
+        host = socket.gethostname()
+    return f"http://{_url_host(host)}:{port}"
+
+
 class _Run:
     """What ``ploy dev`` / ``ploy worker`` started, stopped in reverse order."""
 
@@ -372,9 +382,10 @@ class _Run:
             raise CommandError("ploy worker needs Kafka: set kafka.bootstrap_servers in "
                                "ploy.yaml or KAFKA_BOOTSTRAP_SERVERS (ploy dev starts an "
                                "embedded broker)")
-        # Step 2.
-        serve = self.mode == "dev" or self.args.port is not None
-        sock = _listen(config.http.host, config.http.port) if serve else None
+        # Step 2. A worker always serves: the others ask it about its partitions. Without
+        # --port it takes a free port, so several workers share a host.
+        port = config.http.port if self.mode == "dev" or self.args.port is not None else 0
+        sock = _listen(config.http.host, port)
         async with self.stack:
             if sock is not None:
                 self.stack.callback(sock.close)
@@ -390,10 +401,10 @@ class _Run:
             self.stack.push_async_callback(engine.stop)
             await engine.start()
             # Step 5.
-            address = None
-            if sock is not None:
-                address = sock.getsockname()[:2]
-                await self.serve_http(engine, sock, config.http.host)
+            address = sock.getsockname()[:2]
+            await self.serve_http(engine, sock, config.http.host)
+            if self.mode == "worker":
+                engine.runtime.advertise(_advertised(config, address[1]))
             self.banner(worker, engine.config, address)  # a worker: its own state slot
             # Step 6.
             await self.stop.wait()

@@ -92,6 +92,9 @@ class HttpConfig(BaseModel):
     port: int = Field(default=8787, ge=0, le=65535)
     max_body_bytes: int = Field(default=1_048_576, ge=1)
     admin_token: str | None = Field(default=None, repr=False)
+    # Where other workers reach this one's engine API (scale-out queries); default:
+    # http://<host>:<port>, with this machine's hostname for a wildcard host.
+    advertised_url: str | None = None
 
 
 # -- connectors (the ``connectors`` package runs them) ------------------------------
@@ -327,6 +330,7 @@ ENV_VARS: dict[str, tuple[str, bool]] = {
     "PLOY_HOST": ("http.host", False),
     "PLOY_PORT": ("http.port", True),
     "PLOY_ADMIN_TOKEN": ("http.admin_token", False),
+    "PLOY_ADVERTISED_URL": ("http.advertised_url", False),
     "PLOY_RETRIES": ("retries", True),
     "PLOY_MAIN": ("main", False),
 }

@@ -67,6 +67,7 @@ from engine.errors import (
     PayloadTooLargeError,
     UnknownBindingError,
 )
+from engine.listing import Cursor
 from engine.models import Execution, ExecutionStatus, ExecutionSummary
 
 if TYPE_CHECKING:
@@ -535,12 +536,21 @@ class _Api:
         if workflow is not None:
             workflow = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
         partitions = _partitions_param(q.get("partitions"), self.engine.runtime.log.partitions)
-        found = await self.engine.runtime.list_executions(
-            workflow=workflow, status=status, limit=limit + 1, offset=offset,
+        try:
+            before = Cursor.parse(q["before"]) if q.get("before") else None
+        except ValueError as exc:
+            raise _Reject(422, {"error": f"before: {exc}"}) from None
+        page = await self.engine.runtime.list_page(
+            workflow=workflow, status=status, before=before, limit=limit + 1, offset=offset,
             partitions=partitions, local=bool(q.get("local")))
+        found = page.executions
         executions = [ExecutionSummary.of(e).model_dump(mode="json") for e in found[:limit]]
+        more = len(found) > limit
+        # ``next``: pass it as ``before`` for the page after this one (a cursor: stable
+        # while new executions arrive, unlike ``offset``).
         return _json(200, {"executions": executions, "limit": limit, "offset": offset,
-                           "has_more": len(found) > limit})
+                           "has_more": more,
+                           "next": str(Cursor.of(found[limit - 1])) if more else None})
 
     async def execution(self, request: Request) -> Response:
         execution = await self._get(request)

@@ -35,6 +35,7 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from engine.broker import group_leave_strands_group
 from engine.clock import Clock
 from engine.errors import AppendError, CodecError
 from engine.events import Event, PartitionClaimed, PartitionReleased, claim_id
@@ -149,6 +150,7 @@ class Ownership:
         lets ``ploy workers`` report each partition's lag.
         """
         consumer = self.log.consumer(self.group_id, **GROUP_SETTINGS)
+        leave = self._leaves_with_request(consumer)
         consumer.subscribe([self.log.topic], on_assign=self._on_assign,
                            on_revoke=self._on_revoke, on_lost=self._on_revoke)
         last_commit = 0.0
@@ -165,7 +167,23 @@ class Ownership:
                     except Exception as exc:  # a rebalance in progress; next time
                         logger.debug("commit: %s", exc)
         finally:
-            consumer.close()
+            if leave:
+                consumer.close()  # LeaveGroup: the others take over at once
+            else:
+                # Hand off as close() would (it calls on_revoke), then drop the consumer
+                # unclosed: librdkafka destroys it without a LeaveGroup, and the group
+                # drops this member after session.timeout.ms (see engine.broker).
+                self._on_revoke(consumer, consumer.assignment())
+                del consumer
+
+    def _leaves_with_request(self, consumer: Any) -> bool:
+        """False on a broker that strands a group when a member leaves it mid-rebalance."""
+        try:
+            cluster_id = consumer.list_topics(timeout=self.log.connect_timeout_s).cluster_id
+        except Exception as exc:  # the broker is away: the group loop will say so
+            logger.debug("cluster id: %s", exc)
+            return True
+        return not group_leave_strands_group(cluster_id)
 
     def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         consumer.incremental_assign(partitions)

@@ -20,14 +20,13 @@ partition, and asks no one.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import json
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +61,14 @@ from engine.events import (
 )
 from engine.execution import ExecutionRunner, to_json
 from engine.fold import new_execution
+from engine.listing import Cursor, Page, list_page, merge
 from engine.log import EventLog
 from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
 from engine.ownership import Ownership
 from engine.partitions import Applied, Partitions
 from engine.threads import StepThreads
-from engine.timers import TimerService
-from engine.view import PartitionView, build_execution, build_summary, history_entries
+from engine.timers import TimerSchedule
+from engine.view import PartitionView, build_execution, history_entries
 
 logger = logging.getLogger("ploy.runtime")
 
@@ -101,7 +101,8 @@ class Runtime:
             clock=self.clock, spawn=self._spawn, running_on=self._running_on,
             resume=self._resume, standby=self.replica)
         self.directory: Directory | None = None
-        self.timers = TimerService(self)
+        self.timers = TimerSchedule(self.clock, self._append_fired, self.may_run)
+        self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
         self._tasks: set[asyncio.Task[None]] = set()
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
@@ -170,6 +171,7 @@ class Runtime:
             self.directory = Directory(self.log, self.worker_id, self.config.http.admin_token)
             await asyncio.to_thread(self.directory.start)
         # Step 3.
+        self.ownership.on_change(self._schedule_timers)
         if single:
             self.ownership.start_single()
         elif self.runs:
@@ -178,6 +180,19 @@ class Runtime:
         if self.runs:
             self.timers.start()
         self._spawn(self.partitions.watch_stalled(lambda: self.stopping), "ploy-watch-stalled")
+
+    def _schedule_timers(self, owned: frozenset[int]) -> None:
+        """The timer schedule follows ownership: load what is new, drop what left."""
+        for p in sorted(owned - self._timed):
+            self.timers.load(p, self.views[p])
+        for p in sorted(self._timed - owned):
+            self.timers.drop(p)
+        self._timed = owned
+
+    async def _append_fired(self, eid: str, workflow: str, sleep_key: str, wake_at: int,
+                            partition: int) -> None:
+        await self.log.append(Event(eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
+                                    epoch=self.ownership.epoch_of(partition)))
 
     def advertise(self, url: str) -> None:
         """The address of this process's engine API, where others send their queries."""
@@ -220,6 +235,7 @@ class Runtime:
 
     def _on_applied(self, partition: int, applied: Applied) -> None:
         """On the event loop: start what the fold made runnable, pass cancels on."""
+        self.timers.on_folded(partition, applied)
         for _, event in applied:
             body = event.body
             if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
@@ -562,52 +578,39 @@ class Runtime:
                               limit: int = 50, offset: int = 0,
                               partitions: Iterable[int] | None = None,
                               local: bool = False) -> list[ExecutionSummary]:
-        """Executions newest first, filtered by workflow and status, across partitions:
-        those folded here are read here (off the event loop), the others are asked of
-        their owners (one request per owner) and the answers merged."""
+        """Executions newest first, filtered by workflow and status (see :meth:`list_page`)."""
+        page = await self.list_page(workflow=workflow, status=status, limit=limit,
+                                    offset=offset, partitions=partitions, local=local)
+        return page.executions
+
+    async def list_page(self, *, workflow: str | None = None, status: str | None = None,
+                        before: Cursor | None = None, limit: int = 50, offset: int = 0,
+                        partitions: Iterable[int] | None = None, local: bool = False) -> Page:
+        """A page of executions newest first, across partitions, from just after ``before``.
+
+        The partitions folded here are read from their listing indexes, off the
+        event loop; the others are asked of their owners (one request per owner,
+        each returning its own page from the same cursor) and the pages merged.
+        """
         wanted = set(range(self.log.partitions) if partitions is None else partitions)
         here = sorted(p for p in wanted if self.partitions.folds(p))
         elsewhere = sorted(wanted - set(here))
         if elsewhere and local:
             raise NotFoldedHereError(elsewhere[0])
         views = [v for p in here if (v := await self._local_view(p, None)) is not None]
-        pages = [await asyncio.to_thread(_list_views, views, workflow, status, offset + limit)]
+        pages = [await asyncio.to_thread(list_page, views, status=status, workflow=workflow,
+                                         before=before, limit=offset + limit)]
         by_owner: dict[str, list[int]] = {}
         for p in elsewhere:
             card = self.directory.owner(p) if self.directory is not None else None
             by_owner.setdefault(card["worker"] if card else f"?{p}", []).append(p)
         for owned in by_owner.values():
-            status_code, payload = await self._ask(
+            code, payload = await self._ask(
                 owned[0], "/executions", partitions=",".join(map(str, owned)),
-                workflow=workflow, status=status, limit=offset + limit)
-            if status_code != 200:
-                raise OwnerUnavailableError(owned[0], f"answered {status_code}: {payload}")
-            pages.append([ExecutionSummary.model_validate(e) for e in payload["executions"]])
-        merged = heapq.merge(*pages, key=lambda s: (-s.created_at, _desc(s.execution_id)))
-        return list(merged)[offset:offset + limit]
-
-
-def _desc(text: str) -> tuple[int, ...]:
-    """A key that orders strings descending inside an ascending merge."""
-    return tuple(-b for b in text.encode())
-
-
-def _list_views(views: list[PartitionView], workflow: str | None, status: str | None,
-                limit: int) -> list[ExecutionSummary]:
-    """The first ``limit`` matching summaries across ``views``, newest first (blocking)."""
-    found: list[ExecutionSummary] = []
-    streams = [_newest_of(view) for view in views]
-    for _, eid, view in heapq.merge(*streams, key=lambda t: (t[0], _desc(t[1]))):
-        summary = build_summary(view, eid)  # one read of the record
-        if summary is None or (workflow and summary.workflow != workflow) or (
-                status and summary.status != status):
-            continue
-        found.append(summary)
-        if len(found) >= limit:
-            break
-    return found
-
-
-def _newest_of(view: PartitionView) -> Iterator[tuple[int, str, PartitionView]]:
-    for created, eid in view.newest():
-        yield -created, eid, view
+                workflow=workflow, status=status, limit=offset + limit,
+                before=None if before is None else str(before))
+            if code != 200:
+                raise OwnerUnavailableError(owned[0], f"answered {code}: {payload}")
+            pages.append(Page.from_json(payload))
+        merged = merge(pages, offset + limit)
+        return Page(merged.executions[offset:], merged.next)
