@@ -50,7 +50,7 @@ from typing import Any, NoReturn
 
 from connectors import dev_archive_dir, dev_restore
 from connectors.cli import add_commands as add_connector_commands
-from engine.app import Engine, load_app
+from engine.app import SLOTS_DIR, Engine, load_app
 from engine.builder import Worker
 from engine.client import ApiClient, error_message, quote
 from engine.config import Config, load_config
@@ -681,6 +681,10 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
                    extra=kafka.config, connect_timeout_s=kafka.connect_timeout_s,
                    replication_factor=kafka.replication_factor)
     try:
+        # The workers' own views (one state slot each) are caches of what they own: drop
+        # them too (refused while a worker holds one), they refold when claimed.
+        for slot in sorted((config.state_dir / SLOTS_DIR).glob(f"*/{log.topic}")):
+            clear_state(slot)
         events, seconds = rebuild(log, config.state_dir / log.topic, _progress_bar())
     finally:
         log.close()
