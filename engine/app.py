@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.bindings import Env
 from engine.builder import Worker, load_worker
@@ -29,6 +29,8 @@ from engine.runtime import Runtime
 
 if TYPE_CHECKING:
     from connectors import Connectors
+    from engine.listing import Page
+    from engine.models import Execution, ExecutionSummary, HistoryEntry
 
 logger = logging.getLogger("ploy")
 
@@ -193,6 +195,64 @@ class Engine:
             finally:
                 if slot is not None:
                     slot.release()
+
+    # -- the facade: what the HTTP layer, the dashboard and embedding code call ----------
+
+    async def trigger(self, workflow: str, input: Any, *,
+                      idempotency_key: str | None = None) -> str:
+        """Start an execution of ``workflow`` (its name); its id. See ``Runtime.trigger``."""
+        return await self.runtime.trigger(workflow, input, idempotency_key=idempotency_key)
+
+    async def get_execution(self, execution_id: str, *, local: bool = False,
+                            min_offset: int | None = None) -> Execution | None:
+        """The execution, from this process's view or its partition's owner; None if unknown."""
+        return await self.runtime.get_execution(execution_id, local=local,
+                                                min_offset=min_offset)
+
+    async def history(self, execution_id: str, *, local: bool = False,
+                      min_offset: int | None = None) -> list[HistoryEntry] | None:
+        """Every event of the execution with its partition and offset (the audit trail)."""
+        return await self.runtime.history(execution_id, local=local, min_offset=min_offset)
+
+    async def cancel(self, execution_id: str, reason: str | None = None) -> bool:
+        """Stop the execution; False if it had already finished."""
+        return await self.runtime.cancel(execution_id, reason)
+
+    async def list_page(self, **filters: Any) -> Page:
+        """A page of executions newest first (``workflow``, ``status``, ``before``,
+        ``limit``, ``offset``, ``partitions``, ``local``)."""
+        return await self.runtime.list_page(**filters)
+
+    async def list_executions(self, **filters: Any) -> list[ExecutionSummary]:
+        """The executions of :meth:`list_page`, without its cursor."""
+        return (await self.runtime.list_page(**filters)).executions
+
+    async def skip(self, partition: int, offset: int, reason: str, actor: str) -> int:
+        """Step over the corrupt record ``partition`` is stopped at (``ploy skip``)."""
+        return await self.runtime.skip(partition, offset, reason, actor)
+
+    def health(self) -> dict[str, Any]:
+        """This process: its partitions, what is stopped or still being claimed, runners."""
+        runtime = self.runtime
+        stalled = runtime.stalled
+        claiming = runtime.claiming()  # assigned here, claim not on the log yet
+        return {
+            "status": "degraded" if stalled or claiming else "ok",
+            "worker": runtime.worker_id,
+            "topic": runtime.log.topic,
+            "partitions": {p: {"next_offset": v.next_offset,
+                               "folded_here": runtime.partitions.folds(p)}
+                           for p, v in sorted(runtime.views.items())},
+            "stalled": {p: str(err) for p, err in sorted(stalled.items())},
+            "stalled_offsets": {p: err.offset for p, err in sorted(stalled.items())},
+            "claiming": claiming,
+            "running": len(runtime.runners),
+        }
+
+    async def workers(self) -> dict[str, Any]:
+        """Who runs each partition (its claim on the log) and how far behind it is."""
+        return {"group": self.config.kafka.group_id, "topic": self.runtime.log.topic,
+                "partitions": await self.runtime.partitions_report()}
 
     async def __aenter__(self) -> Engine:
         await self.start()

@@ -91,11 +91,10 @@ class Dashboard:
         status = status if status in _STATUSES else ""
         offset_text = q.get("offset") or ""
         offset = int(offset_text) if offset_text.isdecimal() else 0
-        runtime = self.engine.runtime
         named = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
-        found = await runtime.list_executions(workflow=named or None, status=status or None,
-                                              limit=PAGE_SIZE + 1, offset=offset)
-        now = runtime.clock.now()
+        found = await self.engine.list_executions(workflow=named or None, status=status or None,
+                                                  limit=PAGE_SIZE + 1, offset=offset)
+        now = self.engine.runtime.clock.now()
         rows = [{**summary.model_dump(mode="json"), "elapsed_ms": _elapsed(summary, now)}
                 for summary in map(ExecutionSummary.of, found[:PAGE_SIZE])]
         return self.render(
@@ -106,14 +105,13 @@ class Dashboard:
 
     async def detail(self, request: Request) -> Response:
         eid = request.path_params["id"]
-        runtime = self.engine.runtime
-        execution = await runtime.get_execution(eid)
+        execution = await self.engine.get_execution(eid)
         if execution is None:
             return self.render("message.html", code=404, title="Not found",
                                message=f"No execution with id {eid}.",
                                live={"live": False, "refresh_ms": REFRESH_MS})
-        history = await runtime.history(eid) or []
-        now = runtime.clock.now()
+        history = await self.engine.history(eid) or []
+        now = self.engine.runtime.clock.now()
         return self.render(
             "execution.html", ex=execution, elapsed_ms=_elapsed(execution, now),
             timeline=timeline(execution, now), events=[_event_row(e) for e in history],

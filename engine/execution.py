@@ -28,6 +28,7 @@ import json
 import logging
 import traceback as tb
 from collections.abc import Callable, Sequence
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -66,6 +67,14 @@ logger = logging.getLogger("ploy.runtime")
 user_log = logging.getLogger("ploy.workflow")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+
+class Outcome(Enum):
+    """How a run ended, for the runtime to act on."""
+
+    ENDED = "ended"  # its end event is on the log
+    PAUSED = "paused"  # a durable sleep, a shutdown, a lost partition: resumed by replay
+    RETRY_LATER = "retry_later"  # an append failed: run it again by replay, later
 
 
 class Suspend(BaseException):  # noqa: N818 - a signal, not an error
@@ -224,17 +233,18 @@ class ExecutionRunner:
 
     # -- the handler ----------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self) -> Outcome:
         """Run the handler to its end, its next durable sleep, a cancel, or shutdown.
 
         Every append of the run, the end event's too, goes through one path: when
-        the log is unavailable the run stops and the runtime resumes it later by
-        replay, so no execution is left ``running`` with nothing to resume it.
+        the log is unavailable the run stops and says ``RETRY_LATER``; the runtime
+        then resumes it by replay, so no execution is left ``running`` with nothing
+        to resume it.
         """
         try:
             end = await self._handle()
             if end is None:
-                return
+                return Outcome.PAUSED
             try:
                 await self._append(end)
             except LogUnavailable as exc:
@@ -245,7 +255,8 @@ class ExecutionRunner:
                 await self._append(WorkflowFailed(*error_fields(refused)))
         except LogUnavailable as exc:
             logger.warning("execution %s: %s; it resumes later", self.id, exc)
-            self.runtime.resume_later(self.id)
+            return Outcome.RETRY_LATER
+        return Outcome.ENDED
 
     async def _handle(self) -> Body | None:
         """Run the handler; the event that ends the execution, or None if it paused."""

@@ -540,7 +540,7 @@ class _Api:
             before = Cursor.parse(q["before"]) if q.get("before") else None
         except ValueError as exc:
             raise _Reject(422, {"error": f"before: {exc}"}) from None
-        page = await self.engine.runtime.list_page(
+        page = await self.engine.list_page(
             workflow=workflow, status=status, before=before, limit=limit + 1, offset=offset,
             partitions=partitions, local=bool(q.get("local")))
         found = page.executions
@@ -558,7 +558,7 @@ class _Api:
 
     async def history(self, request: Request) -> Response:
         execution = await self._get(request)
-        events = await self.engine.runtime.history(execution.execution_id,
+        events = await self.engine.history(execution.execution_id,
                                                    **_routed(request)) or []
         return _json(200, {"execution_id": execution.execution_id,
                            "events": [e.model_dump(mode="json") for e in events]})
@@ -577,7 +577,7 @@ class _Api:
         else:
             actor = f"local:{body.actor or 'unknown'}"
         try:
-            at = await self.engine.runtime.skip(partition, body.offset, body.reason, actor)
+            at = await self.engine.skip(partition, body.offset, body.reason, actor)
         except NotStalledError as exc:
             raise _Reject(409, {"error": str(exc), "stalled_at": exc.stalled_at}) from None
         except ValueError as exc:
@@ -589,7 +589,7 @@ class _Api:
         execution = await self._get(request)
         body = await _read_body(request, _CancelBody) if (await request.body()).strip() else None
         reason = body.reason if isinstance(body, _CancelBody) else None
-        cancelled = await self.engine.runtime.cancel(execution.execution_id, reason)
+        cancelled = await self.engine.cancel(execution.execution_id, reason)
         return _json(200, {"cancelled": cancelled})
 
     async def trigger(self, request: Request) -> Response:
@@ -634,33 +634,15 @@ class _Api:
         return _json(200, {"bindings": bindings, "workflows": workflows})
 
     async def health(self, request: Request) -> Response:
-        runtime = self.engine.runtime
-        stalled = {p: str(err) for p, err in sorted(runtime.stalled.items())}
-        claiming = runtime.claiming()  # assigned here, claim not on the log yet
-        return _json(200, {
-            "status": "degraded" if stalled or claiming else "ok",
-            "worker": runtime.worker_id,
-            "topic": runtime.log.topic,
-            "partitions": {p: {"next_offset": v.next_offset}
-                           for p, v in sorted(runtime.views.items())},
-            "stalled": stalled,
-            "stalled_offsets": {p: err.offset for p, err in sorted(runtime.stalled.items())},
-            "claiming": claiming,
-            "running": len(runtime.runners),
-        })
+        return _json(200, self.engine.health())
 
     async def workers(self, request: Request) -> Response:
         """Who runs each partition (its claim on the log) and how far behind it is."""
-        runtime = self.engine.runtime
-        return _json(200, {
-            "group": self.engine.config.kafka.group_id,
-            "topic": runtime.log.topic,
-            "partitions": await runtime.partitions_report(),
-        })
+        return _json(200, await self.engine.workers())
 
     async def _get(self, request: Request) -> Execution:
         eid = request.path_params["id"]
-        execution = await self.engine.runtime.get_execution(eid, **_routed(request))
+        execution = await self.engine.get_execution(eid, **_routed(request))
         if execution is None:
             raise _Reject(404, {"error": f"unknown execution '{eid}'"})
         return execution

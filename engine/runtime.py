@@ -59,7 +59,7 @@ from engine.events import (
     WorkflowTriggered,
     claim_id,
 )
-from engine.execution import ExecutionRunner, to_json
+from engine.execution import ExecutionRunner, Outcome, to_json
 from engine.fold import new_execution
 from engine.listing import Cursor, Page, list_page, merge
 from engine.log import EventLog
@@ -357,7 +357,8 @@ class Runtime:
 
     async def _drive(self, runner: ExecutionRunner) -> None:
         try:
-            await runner.run()
+            if await runner.run() is Outcome.RETRY_LATER:
+                self.resume_later(runner.id)
         except Exception:
             logger.exception("execution %s: the runtime failed to record its end", runner.id)
         finally:
