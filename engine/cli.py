@@ -1,7 +1,8 @@
 """The ``ploy`` command.
 
     ploy dev [DIR]           engine + HTTP; an embedded broker unless Kafka is configured
-    ploy worker [DIR]        engine on the configured Kafka (HTTP too with --port)
+    ploy worker [DIR]        engine on the configured Kafka, in the group, serving its API
+    ploy serve [DIR]         routes, dashboard and API only: queries go to the owners
     ploy trigger BINDING     start an execution through a running server's engine API
     ploy status ID           one execution: status, steps, attempts, error
     ploy list                recent executions
@@ -124,10 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
     p = command("worker", _cmd_worker, "run the engine on the configured Kafka until "
-                "SIGTERM; serve HTTP too when --port is given")
+                "SIGTERM, with the other workers of the group; it serves its routes and API "
+                "(on --port, else a free port), where the others ask about its partitions")
     _add_app_dir(p)
     p.add_argument("--host", help="HTTP listen address (default: http.host of ploy.yaml)")
     p.add_argument("--port", type=int, help="serve the routes, dashboard and API on this port")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+    p = command("serve", _cmd_serve, "serve the routes, dashboard and API of a scaled-out app "
+                "without running workflows: each query goes to its partition's owner (or, "
+                "with --replica, to this process's own fold of every partition)")
+    _add_app_dir(p)
+    p.add_argument("--host", help="HTTP listen address (default: http.host of ploy.yaml)")
+    p.add_argument("--port", type=int, help="HTTP port (default: http.port of ploy.yaml)")
+    p.add_argument("--replica", action="store_true",
+                   help="fold every partition here (a read replica) instead of asking owners")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
     p = command("trigger", _cmd_trigger, "start an execution through a binding of ploy.yaml; "
@@ -378,13 +390,13 @@ class _Run:
             loop.add_signal_handler(sig, self.stop.set)
         # Step 1. Everything that can be wrong in the app fails here, before any start.
         worker, config = load_app(self.directory, host=self.args.host, port=self.args.port)
-        if self.mode == "worker" and not config.kafka.bootstrap_servers:
-            raise CommandError("ploy worker needs Kafka: set kafka.bootstrap_servers in "
+        if self.mode != "dev" and not config.kafka.bootstrap_servers:
+            raise CommandError(f"ploy {self.mode} needs Kafka: set kafka.bootstrap_servers in "
                                "ploy.yaml or KAFKA_BOOTSTRAP_SERVERS (ploy dev starts an "
                                "embedded broker)")
         # Step 2. A worker always serves: the others ask it about its partitions. Without
         # --port it takes a free port, so several workers share a host.
-        port = config.http.port if self.mode == "dev" or self.args.port is not None else 0
+        port = config.http.port if self.mode != "worker" or self.args.port is not None else 0
         sock = _listen(config.http.host, port)
         async with self.stack:
             if sock is not None:
@@ -397,7 +409,10 @@ class _Run:
                     self.notes.append(f"restored {restored} events from the archive at "
                                       f"{dev_archive_dir(config)}")
             # Step 4.
-            engine = Engine(worker, config, scale_out=self.mode == "worker")
+            if self.mode == "serve":
+                engine = Engine(worker, config, runs=False, replica=self.args.replica)
+            else:
+                engine = Engine(worker, config, scale_out=self.mode == "worker")
             self.stack.push_async_callback(engine.stop)
             await engine.start()
             # Step 5.
@@ -417,6 +432,12 @@ def _cmd_dev(args: argparse.Namespace) -> int:
     directory = _app_dir(args.dir)
     _configure_logging(args.log_level)
     return asyncio.run(_Run("dev", directory, args).run())
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    directory = _app_dir(args.dir)
+    _configure_logging(args.log_level)
+    return asyncio.run(_Run("serve", directory, args).run())
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:

@@ -541,16 +541,14 @@ class _Api:
         except ValueError as exc:
             raise _Reject(422, {"error": f"before: {exc}"}) from None
         page = await self.engine.list_page(
-            workflow=workflow, status=status, before=before, limit=limit + 1, offset=offset,
+            workflow=workflow, status=status, before=before, limit=limit, offset=offset,
             partitions=partitions, local=bool(q.get("local")))
-        found = page.executions
-        executions = [ExecutionSummary.of(e).model_dump(mode="json") for e in found[:limit]]
-        more = len(found) > limit
+        executions = [ExecutionSummary.of(e).model_dump(mode="json") for e in page.executions]
         # ``next``: pass it as ``before`` for the page after this one (a cursor: stable
-        # while new executions arrive, unlike ``offset``).
+        # while new executions arrive, unlike ``offset``). None: nothing older.
         return _json(200, {"executions": executions, "limit": limit, "offset": offset,
-                           "has_more": more,
-                           "next": str(Cursor.of(found[limit - 1])) if more else None})
+                           "has_more": page.next is not None,
+                           "next": None if page.next is None else str(page.next)})
 
     async def execution(self, request: Request) -> Response:
         execution = await self._get(request)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +40,30 @@ async def _cards(reader: Engine, count: int, timeout_s: float = 60) -> dict[str,
             return {w: c["url"] for w, c in cards.items()}
         assert time.monotonic() < deadline, cards
         await asyncio.sleep(0.2)
+
+
+SERVES: list[subprocess.Popen[bytes]] = []
+
+
+async def _ploy_serve(app: Path, env: dict[str, str], tmp_path: Path) -> str:
+    """Start `ploy serve` on a free port; its base URL once it answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    SERVES.append(subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", str(app), "--port", str(port)],
+        env={**env, "PLOY_STATE_DIR": str(tmp_path / "serve")}))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(timeout=5) as http:
+        while True:
+            try:
+                if (await http.get(f"{url}/__ploy/api/health")).status_code == 200:
+                    return url
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "ploy serve did not answer"
+            await asyncio.sleep(0.2)
 
 
 def test_three_workers_any_process_answers_right_after_trigger_and_survives_a_kill(
@@ -67,6 +94,29 @@ def test_three_workers_any_process_answers_right_after_trigger_and_survives_a_ki
                         params={"min_offset": body["offset"]})
                     assert seen.status_code == 200, seen.text
                     assert seen.json()["workflow"] == "work"
+                # `ploy serve`: routes, API and dashboard that fold nothing, asking the owners.
+                serve = await _ploy_serve(app, env, tmp_path)
+                try:
+                    for eid in ids[:12]:
+                        seen = await http.get(f"{serve}/__ploy/api/executions/{eid}")
+                        assert seen.status_code == 200, seen.text
+                    listed = await http.get(f"{serve}/__ploy/api/executions",
+                                            params={"workflow": "work", "limit": 100})
+                    assert listed.status_code == 200, listed.text
+                    page = listed.json()
+                    assert len(page["executions"]) == 100 and page["next"]
+                    rest = await http.get(f"{serve}/__ploy/api/executions",
+                                          params={"limit": 500, "before": page["next"]})
+                    assert rest.status_code == 200, rest.text
+                    listed_ids = [e["execution_id"] for e in page["executions"]] + [
+                        e["execution_id"] for e in rest.json()["executions"]]
+                    assert sorted(listed_ids) == sorted(ids)  # every partition, once each
+                    dashboard = await http.get(f"{serve}/__ploy/executions/{ids[0]}")
+                    assert dashboard.status_code == 200
+                finally:
+                    serve_proc = SERVES.pop()
+                    serve_proc.send_signal(signal.SIGTERM)
+                    serve_proc.wait(30)
             workers["w2"].send_signal(signal.SIGKILL)
             workers["w2"].wait()
             done = [await wait_for_status(reader, eid, timeout_s=120) for eid in ids]
