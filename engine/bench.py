@@ -20,8 +20,14 @@ throughput  3-step executions all triggered at once: executions/s, steps/s, CPU
 rebuild     refold a log of many executions from offset 0 into an empty view
 sleepers    executions durably asleep until one wake time: RSS, and wake to all done
 long        a 500-step execution: per-step time near step 10 vs near step 500
-scale       throughput's executions run by 1, then 2 worker processes (scaled out)
+scale       throughput's executions run by 1, 2 and 4 worker processes (scaled out): CPU
+            per execution of every process as ratios to 1 worker, exec/s, the modelled
+            cluster ceiling (exec/s per added worker)
 failover    2 worker processes; SIGKILL one: time until its executions step again
+churn       3 worker slots, one worker SIGKILLed and restarted every 1-2 s for a minute:
+            executions and steps completed during the churn, and how long after it all are
+rolling     3 workers SIGTERMed together and started again: time until every partition
+            is claimed again
 flat        due timers and listing pages on a view of 10,000, then 1,000,000 finished
             executions (folded straight into one partition's view, no broker): the
             cost ratio, and the event loop's lag while pages are listed off the loop
@@ -39,16 +45,19 @@ the broker's. The ``rebuild`` log is loaded with a lingering producer (see
 figures of a busy host are pessimistic. ``--check`` exits 1 when a target is
 missed; a scenario that fails always does.
 
-``scale`` and ``failover`` run the workers as other processes: the bench writes
-a small app (ploy.yaml + worker.py) and starts each worker as ``python -m
-engine.bench --child-worker DIR`` (``Engine(..., scale_out=True)`` in the
-consumer group of the scenario's own topic prefix and group id, a state
-directory each). This process triggers and reads through a query-only engine
-(``runs=False``), which folds every partition as any ``ploy`` process does: a
-worker's claims on the log say who runs what, and the figures are what
-``get_execution`` answers. Every worker folds every partition too, so on a host
-of few cores, shared with the broker, more workers mean more folding per event.
-A worker leaves when the bench stops it, or by itself once the bench is gone.
+``scale``, ``failover``, ``churn`` and ``rolling`` run the workers as other
+processes: the bench writes a small app (ploy.yaml + worker.py) and starts each
+worker as ``python -m engine.bench --child-worker DIR`` (``Engine(...,
+scale_out=True)`` in the consumer group of the scenario's own topic prefix and
+group id, a state directory each, serving its engine API and advertising it as
+``ploy worker`` does). Each worker folds only the partitions it owns. This
+process triggers through a query-only engine (``runs=False``): in ``scale`` a
+routing one, which folds nothing and asks each partition's owner, so no process
+folds everything and the CPU summed over the processes is the cluster's; in the
+others a read replica (``replica=True``), an observer that folds the log itself
+so that its figures (claims, completion times) do not depend on the workers it
+kills. A worker leaves when the bench stops it, or by itself once the bench is
+gone.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -76,7 +86,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.app import Engine, load_app
+from engine.app import Engine, load_app, serving_api
 from engine.broker import EmbeddedBroker, wait_for_kafka
 from engine.builder import Worker, ploy
 from engine.clock import Clock, ManualClock
@@ -95,6 +105,7 @@ from engine.events import (
 )
 from engine.listing import Cursor, list_page
 from engine.log import EventLog
+from engine.models import ExecutionSummary
 from engine.ownership import GROUP_SETTINGS
 from engine.rebuild import rebuild as rebuild_view
 from engine.testing import engine_config, unique_prefix
@@ -104,7 +115,7 @@ from engine.view import PartitionView
 __all__ = ["FULL", "QUICK", "SCENARIOS", "Figure", "Sizes", "Target", "main", "parse_line"]
 
 SCENARIOS = ("floor", "log", "step", "sequential", "throughput", "rebuild", "sleepers", "long",
-             "scale", "failover", "flat")
+             "scale", "failover", "churn", "rolling", "flat")
 NEEDS_FLOOR = ("log", "step")
 # Measures this process's memory: run in a fresh process when other scenarios run too.
 ISOLATED = ("sleepers",)
@@ -135,6 +146,13 @@ class Sizes:
     failover_steps: int
     failover_step_ms: int
     flat: tuple[int, int] = (10_000, 1_000_000)  # finished executions: the small and big view
+    scale_workers: tuple[int, ...] = (1, 2, 4)
+    churn_executions: int = 300
+    churn_steps: int = 10  # async steps of churn_step_ms each
+    churn_step_ms: int = 500
+    churn_s: float = 60.0
+    rolling_rounds: int = 3
+    rolling_timeout_s: float = 240.0  # how long restarted workers may take to claim it all
 
 
 FULL = Sizes(floor_samples=500, log_events=50_000, log_executions=200, step_executions=50,
@@ -144,7 +162,8 @@ FULL = Sizes(floor_samples=500, log_events=50_000, log_executions=200, step_exec
 QUICK = Sizes(floor_samples=50, log_events=5_000, log_executions=20, step_executions=5,
               sequential=20, throughput=200, rebuild_events=20_000, sleepers=1_000,
               long_steps=50, repeats=1, scale=300, failover_executions=40,
-              failover_steps=20, failover_step_ms=50, flat=(2_000, 50_000))
+              failover_steps=20, failover_step_ms=50, flat=(2_000, 50_000),
+              churn_executions=100, churn_s=15.0, rolling_rounds=1, rolling_timeout_s=60.0)
 
 
 @dataclass(frozen=True)
@@ -719,7 +738,9 @@ async def long(bench: Bench) -> None:
 # -- scaled out: worker processes ----------------------------------------------------------
 
 CHILD_WORKER = textwrap.dedent('''
-    """The bench's workflows, run by worker processes (engine.bench, scale and failover)."""
+    """The bench's workflows, run by worker processes (engine.bench: scale, failover, churn,
+    rolling)."""
+    import asyncio
     import time
 
     from engine import ploy
@@ -750,26 +771,44 @@ CHILD_WORKER = textwrap.dedent('''
         return ctx.input["steps"]
 
 
+    @app.workflow("paced")
+    async def paced(ctx):
+        pause = ctx.input["step_ms"] / 1000
+
+        async def wait():
+            await asyncio.sleep(pause)  # an async step: it holds no thread
+
+        for i in range(ctx.input["steps"]):
+            await ctx.step.run(f"s{i}", wait)
+        return ctx.input["steps"]
+
+
     worker = app.build()
 ''').lstrip()
-CHILD_CONFIG = "kind: worker\nworkflow:\n  STEPS: steps\n  BUSY: busy\n"
+CHILD_CONFIG = "kind: worker\nworkflow:\n  STEPS: steps\n  BUSY: busy\n  PACED: paced\n"
 CLAIMS_TIMEOUT_S = 90.0  # workers start, join the group and claim every partition
 CLAIMS_STABLE_S = 1.0  # ... and no claim moves for this long
 CHILD_STOP_S = 20.0  # SIGTERM, then SIGKILL after this long (a worker's stop grace is 10 s)
 POLL_S = 0.02
+DRAIN_POLL_S = 0.25  # scale: how often the owners are asked whether anything still runs
+IDLE_S = 3.0  # scale: the idle cluster's CPU is sampled this long before each size
+CHURN_SETTLE_S = 180.0  # churn: how long after the churn every execution may take to end
 TERMINAL = ("completed", "failed", "cancelled")
 
 
 async def child_worker(directory: Path) -> None:
-    """``--child-worker DIR``: run the app in DIR scaled out until SIGTERM/SIGINT, or until
-    the process that started it is gone (a killed bench leaves no worker behind)."""
+    """``--child-worker DIR``: run the app in DIR scaled out, serving its engine API on a
+    free loopback port and advertising it (as ``ploy worker`` does), until SIGTERM/SIGINT
+    or until the process that started it is gone (a killed bench leaves no worker).
+    ``PLOY_LOG=INFO`` in the environment logs its ownership changes to its log file."""
+    logging.getLogger("ploy").setLevel(os.environ.get("PLOY_LOG", "WARNING").upper())
     worker, config = load_app(directory)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     parent = os.getppid()
-    async with Engine(worker, config, scale_out=True):
+    async with Engine(worker, config, scale_out=True) as engine, serving_api(engine):
         while not stop.is_set() and os.getppid() == parent:
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
@@ -785,7 +824,10 @@ def _pid_of(worker_id: str | None) -> int | None:
 
 @dataclass
 class Cluster:
-    """Worker processes of one app on one topic, and this process's query-only engine."""
+    """Worker processes of one app on one topic, and this process's query-only engine.
+
+    ``slots`` holds the live worker of each slot; a slot's state directory outlives
+    its workers, so a worker restarted in a slot finds its predecessor's views."""
 
     bench: Bench
     scenario: str
@@ -793,40 +835,61 @@ class Cluster:
     env: dict[str, str]
     query: Engine
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    slots: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    slot_dirs: list[Path] = field(default_factory=list)
 
-    def spawn(self) -> subprocess.Popen[bytes]:
-        n = len(self.procs)
-        output = (self.bench.root / f"{self.scenario}-worker{n}.log").open("wb")
+    def spawn(self, slot: int | None = None) -> subprocess.Popen[bytes]:
+        """Start a worker in ``slot`` (default: a new slot)."""
+        if slot is None:
+            slot = len(self.slot_dirs)
+            self.slot_dirs.append(self.bench.state_dir(f"{self.scenario}-worker{slot}"))
+        output = self.log_of(len(self.procs)).open("wb")
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "engine.bench", "--child-worker", str(self.app)],
-                env={**self.env, "PLOY_STATE_DIR": str(self.bench.state_dir(
-                    f"{self.scenario}-worker{n}"))},
+                env={**self.env, "PLOY_STATE_DIR": str(self.slot_dirs[slot])},
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
         finally:
             output.close()  # the child has its own copy
         self.procs.append(proc)
+        if slot < len(self.slots):
+            self.slots[slot] = proc
+        else:
+            self.slots.append(proc)
         return proc
+
+    async def kill(self, slot: int) -> None:
+        """SIGKILL the worker of ``slot`` and reap it."""
+        proc = self.slots[slot]
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.wait)
+
+    def log_of(self, n: int) -> Path:
+        return self.bench.root / f"{self.scenario}-worker{n}.log"
+
+    def live(self) -> list[subprocess.Popen[bytes]]:
+        return [proc for proc in self.slots if proc.returncode is None]
 
     def check_alive(self, procs: Sequence[subprocess.Popen[bytes]] | None = None) -> None:
         """Raise with the end of its output if a worker exited."""
         for proc in self.procs if procs is None else procs:
             if proc.poll() is not None:
                 n = self.procs.index(proc)
-                log = self.bench.root / f"{self.scenario}-worker{n}.log"
+                log = self.log_of(n)
                 tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
                 raise RuntimeError(f"worker {n} (pid {proc.pid}) exited {proc.returncode}: "
                                    f"{tail}")
 
     async def claims(self) -> dict[int, tuple[int | None, int]]:
-        """{partition: (pid of the claiming worker or None, epoch)} from the view's claims."""
-        report = await self.query.runtime.partitions_report()
+        """{partition: (pid of the claiming worker or None, epoch)}: the claims on the log
+        for a replica, else what the workers' cards say."""
+        report = (await self.query.workers())["partitions"]
         return {row["partition"]: (_pid_of(row["worker"]), int(row["epoch"])) for row in report}
 
     async def wait_claimed(self) -> dict[int, int]:
         """Wait until the live workers, each of them, hold every partition between them,
         and no claim has moved for a while; then {partition: pid}."""
-        pids = {proc.pid for proc in self.procs if proc.poll() is None}
+        pids = {proc.pid for proc in self.live()}
         deadline = time.monotonic() + CLAIMS_TIMEOUT_S
         stable: tuple[float, dict[int, tuple[int | None, int]]] | None = None
         while True:
@@ -845,25 +908,68 @@ class Cluster:
                                    f"{CLAIMS_TIMEOUT_S:g} s: {claims}")
             await asyncio.sleep(0.2)
 
-    async def wait_completed(self, ids: Sequence[str]) -> None:
+    async def wait_completed(self, ids: Sequence[str],
+                             timeout_s: float = SETTLE_TIMEOUT_S) -> None:
         """Poll ``get_execution`` until every one of ``ids`` is completed (in trigger order:
         one call per completed execution plus one per poll)."""
-        runtime = self.query.runtime
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         for eid in ids:
             while True:
-                execution = await runtime.get_execution(eid)
+                execution = await self.query.get_execution(eid)
                 if execution is not None and execution.status.terminal:
                     if execution.status.value != "completed":
                         raise RuntimeError(f"execution {eid} ended {execution.status.value}")
                     break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"execution {eid} not completed after "
-                                       f"{SETTLE_TIMEOUT_S:g} s")
-                self.check_alive([proc for proc in self.procs if proc.returncode is None])
+                    raise TimeoutError(f"execution {eid} not completed after {timeout_s:g} s")
+                self.check_alive(self.live())
                 await asyncio.sleep(POLL_S)
 
+    async def wait_drained(self, ids: Sequence[str]) -> None:
+        """Wait until no execution is queued or running, asking the owners' listings every
+        ``DRAIN_POLL_S`` (one request per owner per poll, whatever the count of ``ids``).
+
+        One ``get_execution`` per partition first: a routed query carries this process's
+        last acknowledged offset there, so each owner has folded every trigger before
+        its listing is believed."""
+        query = self.query
+        one_per_partition = {query.runtime.log.partition_for(eid): eid for eid in ids}
+        await asyncio.gather(*(query.get_execution(eid) for eid in one_per_partition.values()))
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while True:
+            busy = False
+            for status in ("running", "queued"):
+                if (await query.list_page(status=status, limit=1)).executions:
+                    busy = True
+                    break
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"executions still run after {SETTLE_TIMEOUT_S:g} s")
+            self.check_alive(self.live())
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def summaries(self, ids: Sequence[str]) -> dict[str, ExecutionSummary]:
+        """The listing's summary of each of ``ids`` (newest first, pages of 500, through the
+        owners), checked: every one found and completed."""
+        wanted = set(ids)
+        found: dict[str, ExecutionSummary] = {}
+        before: Cursor | None = None
+        while len(found) < len(wanted):
+            page = await self.query.list_page(before=before, limit=500)
+            found.update((s.execution_id, s) for s in page.executions
+                         if s.execution_id in wanted)
+            if page.next is None:
+                break
+            before = page.next
+        ended = Counter(s.status.value for s in found.values())
+        if len(found) != len(wanted) or ended["completed"] != len(wanted):
+            raise RuntimeError(f"of {len(wanted)} executions the owners list {len(found)}: "
+                               f"{dict(ended)}")
+        return found
+
     def record(self, eid: str) -> dict[str, Any] | None:
+        """The execution record in this process's own fold (a replica's)."""
         runtime = self.query.runtime
         return runtime.views[runtime.log.partition_for(eid)].record(eid)
 
@@ -895,9 +1001,12 @@ def stop_children(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 
 
 @asynccontextmanager
-async def cluster(bench: Bench, scenario: str, workers: int) -> AsyncIterator[Cluster]:
+async def cluster(bench: Bench, scenario: str, workers: int, *,
+                  replica: bool = False) -> AsyncIterator[Cluster]:
     """``workers`` worker processes on a topic prefix and group of their own, and a
-    query-only engine here; every worker is stopped on the way out, also on failure."""
+    query-only engine here: routing each query to the partition's owner, or with
+    ``replica`` folding every partition itself (an observer that reads the log, not
+    the workers); every worker is stopped on the way out, also on failure."""
     prefix = bench.prefix(scenario)
     app = bench.state_dir(f"{scenario}-app")
     (app / "worker.py").write_text(CHILD_WORKER)
@@ -909,7 +1018,7 @@ async def cluster(bench: Bench, scenario: str, workers: int) -> AsyncIterator[Cl
            "PYTHONPATH": package_root if not path else f"{package_root}{os.pathsep}{path}"}
     worker, config = load_app(app, env={**env, "PLOY_STATE_DIR": str(bench.state_dir(
         f"{scenario}-query"))})
-    query = Engine(worker, config, runs=False, replica=True)
+    query = Engine(worker, config, runs=False, replica=replica)
     await query.start()  # creates the topic before any worker asks for it
     group = Cluster(bench, scenario, app, env, query)
     try:
@@ -923,38 +1032,83 @@ async def cluster(bench: Bench, scenario: str, workers: int) -> AsyncIterator[Cl
             await query.stop()
 
 
+@dataclass
+class ScaleRun:
+    """One size of ``scale``: medians over its repeats."""
+
+    workers: int
+    rate: float  # completed exec/s
+    cpu_ms: dict[str, float]  # ms per execution: workers, query, broker
+    idle_ms_per_s: float  # the idle workers' CPU, ms per second
+
+    @property
+    def total_ms(self) -> float:
+        """Every process of the cluster but the broker: the workers and the query process."""
+        return self.cpu_ms["workers"] + self.cpu_ms["query"]
+
+
 async def scale(bench: Bench) -> None:
     """Throughput's 3-step executions, all triggered at once from this process and run by
-    1, then 2 worker processes; completed exec/s as ``get_execution`` here sees them."""
+    1, 2 and 4 scaled-out worker processes, each folding only what it owns and answering
+    this routing query process's questions about it: CPU per execution of every process
+    (ratios to 1 worker), completed exec/s, and the cluster ceiling it models."""
+    runs = [await _scale_size(bench, workers) for workers in bench.sizes.scale_workers]
+    one = runs[0]
+    for run in runs[1:]:
+        n = run.workers
+        bench.add("scale", f"workers_{n}_over_workers_1", run.rate / one.rate, "x")
+        bench.add("scale", f"workers_{n}_cpu_ratio", run.total_ms / one.total_ms, "x",
+                  Target("<=", 1.25) if n == 4 else None)
+        bench.add("scale", f"workers_{n}_worker_cpu_ratio",
+                  run.cpu_ms["workers"] / one.cpu_ms["workers"], "x")
+    last = runs[-1]
+    per_worker = 1000 / last.cpu_ms["workers"]  # a core's ms per second / ms per execution
+    bench.add("scale", "ceiling_per_added_worker", per_worker, "exec/s")
+    bench.add("scale", f"ceiling_{last.workers}_workers", last.workers * per_worker, "exec/s")
     n = bench.sizes.scale
-    rates: dict[int, float] = {}
-    for workers in (1, 2):
-        samples: list[float] = []
-        cpu: dict[str, list[float]] = {}
-        async with cluster(bench, "scale", workers) as group:
-            await group.wait_claimed()
-            warm = await trigger_all(group.query, "steps", [{"steps": 3}] * 30)
-            await group.wait_completed(warm)
-            for _ in range(bench.sizes.repeats):
-                before = group.cpu()
-                started = time.perf_counter()
-                ids = await trigger_all(group.query, "steps", [{"steps": 3}] * n, chunk=n)
-                await group.wait_completed(ids)
-                samples.append(n / (time.perf_counter() - started))
-                after = group.cpu()
-                for name, seconds in after.items():
-                    cpu.setdefault(name, []).append(ms((seconds - before[name]) / n))
-        rates[workers] = statistics.median(samples)
-        bench.add("scale", f"workers_{workers}", rates[workers], "exec/s")
-        for name in ("workers", "query", "broker"):
-            if name in cpu:
-                bench.add("scale", f"workers_{workers}_cpu_{name}_per_execution",
-                          statistics.median(cpu[name]), "ms")
-    bench.add("scale", "workers_2_over_workers_1", rates[2] / rates[1], "x")
     bench.notes.append(
-        f"scale: {n:,} executions of 3 no-op steps at once, median of {bench.sizes.repeats}; "
-        f"the workers and this query process each fold every partition, on "
-        f"{os.cpu_count()} cpus shared with the broker")
+        f"scale: {n:,} executions of 3 no-op steps at once, median of {bench.sizes.repeats}, "
+        f"{os.cpu_count()} cpus shared by every worker, the query process and the broker; "
+        f"cpu = workers + query process (the broker apart); exec/s from the last ended_at")
+    bench.notes.append(
+        f"scale model: a worker on a core of its own runs 1000 ms/s / the workers' CPU per "
+        f"execution at {last.workers} workers ({last.cpu_ms['workers']:.2f} ms) = "
+        f"{per_worker:,.0f} exec/s, and an event is folded by its owner only, so each added "
+        f"worker adds that much (broker and clients on hosts of their own)")
+
+
+async def _scale_size(bench: Bench, workers: int) -> ScaleRun:
+    n = bench.sizes.scale
+    rates: list[float] = []
+    cpu: dict[str, list[float]] = {}
+    async with cluster(bench, "scale", workers) as group:
+        await group.wait_claimed()
+        warm = await trigger_all(group.query, "steps", [{"steps": 3}] * 30)
+        await group.wait_completed(warm)
+        before = group.cpu()
+        await asyncio.sleep(IDLE_S)
+        idle = ms(group.cpu()["workers"] - before["workers"]) / IDLE_S
+        for _ in range(bench.sizes.repeats):
+            before = group.cpu()
+            started_ms = time.time() * 1000
+            ids = await trigger_all(group.query, "steps", [{"steps": 3}] * n, chunk=n)
+            await group.wait_drained(ids)
+            after = group.cpu()
+            summaries = await group.summaries(ids)
+            last_ended = max(s.ended_at or 0 for s in summaries.values())
+            rates.append(n * 1000 / (last_ended - started_ms))
+            for name, seconds in after.items():
+                cpu.setdefault(name, []).append(ms((seconds - before[name]) / n))
+    run = ScaleRun(workers, statistics.median(rates),
+                   {name: statistics.median(v) for name, v in cpu.items()}, idle)
+    bench.add("scale", f"workers_{workers}", run.rate, "exec/s")
+    for name in ("workers", "query", "broker"):
+        if name in run.cpu_ms:
+            bench.add("scale", f"workers_{workers}_cpu_{name}_per_execution",
+                      run.cpu_ms[name], "ms")
+    bench.add("scale", f"workers_{workers}_cpu_per_execution", run.total_ms, "ms")
+    bench.add("scale", f"workers_{workers}_idle_cpu", idle, "ms/s")
+    return run
 
 
 async def failover(bench: Bench) -> None:
@@ -962,7 +1116,7 @@ async def failover(bench: Bench) -> None:
     execution of its partitions has recorded a StepCompleted again (by the survivor)."""
     sizes = bench.sizes
     n, steps = sizes.failover_executions, sizes.failover_steps
-    async with cluster(bench, "failover", 2) as group:
+    async with cluster(bench, "failover", 2, replica=True) as group:
         await group.wait_claimed()
         ids = await trigger_all(group.query, "busy",
                                 [{"steps": steps, "step_ms": sizes.failover_step_ms}] * n,
@@ -1046,6 +1200,145 @@ def _progressed_since(group: Cluster, ids: set[str], since_ms: int) -> dict[str,
                 for s in group.query.runtime.views[record["partition"]].steps(eid)):
             settled[eid] = True
     return settled
+
+
+# -- churn and rolling restarts: workers that come and go ---------------------------------
+
+CHURN_SLOTS = 3
+
+
+async def churn(bench: Bench) -> None:
+    """Three worker slots; every 1-2 s one worker is SIGKILLed and a new one started in its
+    slot (its state directory kept), for ``churn_s``; the executions were all triggered just
+    before the first kill. Counted from the completions' own times (``ended_at``), read
+    from a replica here that folds the log itself, so no figure depends on a worker."""
+    sizes = bench.sizes
+    n, steps, step_ms = sizes.churn_executions, sizes.churn_steps, sizes.churn_step_ms
+    rng = random.Random(13)  # the same pauses every run
+    async with cluster(bench, "churn", CHURN_SLOTS, replica=True) as group:
+        await group.wait_claimed()
+        ids = await trigger_all(group.query, "paced", [{"steps": steps, "step_ms": step_ms}] * n)
+        started = time.time()
+        end = started + sizes.churn_s
+        kills = 0
+        held: list[float] = []
+        sampler = asyncio.create_task(_sample_held(group, held))
+        try:
+            while (left := end - time.time()) > 0:
+                await asyncio.sleep(min(rng.uniform(1.0, 2.0), left))
+                if time.time() >= end:
+                    break
+                slot = kills % CHURN_SLOTS
+                await group.kill(slot)
+                group.spawn(slot)
+                kills += 1
+        finally:
+            sampler.cancel()
+        churn_end = time.time()
+        progress.info("churn: %d kills in %.0f s; waiting for the executions", kills,
+                      churn_end - started)
+        try:
+            await group.wait_completed(ids, CHURN_SETTLE_S)
+        finally:
+            _churn_figures(bench, group, ids, churn_end, steps)
+        settled_s = max((group.record(eid) or {}).get("ended_at") or 0 for eid in ids) / 1000
+    bench.add("churn", "all_completed_after_churn", max(0.0, settled_s - churn_end), "s")
+    bench.add("churn", "kills", kills, "count")
+    bench.add("churn", "claimed_by_live_worker_pct", 100 * statistics.mean(held or [0.0]), "%")
+    bench.notes.append(
+        f"churn: {n} executions of {steps} async steps of {step_ms} ms ({steps * step_ms / 1000:g}"
+        f" s each undisturbed), triggered at once on {CHURN_SLOTS} workers; for "
+        f"{sizes.churn_s:g} s one worker SIGKILLed and restarted (same state dir) every 1-2 s, "
+        f"in turn; completed/steps_done_during_churn from the events' own times; "
+        f"claimed_by_live_worker_pct: the partitions whose claim on the log is a live "
+        f"worker's, sampled every 0.25 s during the churn")
+
+
+async def _sample_held(group: Cluster, held: list[float]) -> None:
+    """Append, every 0.25 s, the share of partitions whose claim is a live worker's."""
+    while True:
+        live = {proc.pid for proc in group.live()}
+        claims = await group.claims()
+        held.append(sum(pid in live for pid, _ in claims.values()) / len(claims))
+        await asyncio.sleep(0.25)
+
+
+def _churn_figures(bench: Bench, group: Cluster, ids: Sequence[str], churn_end: float,
+                   steps: int) -> None:
+    """Executions and steps that had completed by ``churn_end``, by their events' times."""
+    end_ms = churn_end * 1000
+    runtime = group.query.runtime
+    done = stepped = 0
+    for eid in ids:
+        record = group.record(eid)
+        if record is None:
+            continue
+        if record["status"] == "completed" and (record["ended_at"] or 0) <= end_ms:
+            done += 1
+        stepped += sum(1 for s in runtime.views[record["partition"]].steps(eid)
+                       if s["kind"] == "step" and s["status"] == "completed"
+                       and (s["ended_at"] or 0) <= end_ms)
+    bench.add("churn", "completed_during_churn", done, "count")
+    bench.add("churn", "completed_during_churn_pct", 100 * done / len(ids), "%")
+    bench.add("churn", "steps_done_during_churn_pct", 100 * stepped / (len(ids) * steps), "%")
+
+
+async def rolling(bench: Bench) -> None:
+    """Three workers under a light load; SIGTERM them all, wait until they exited, start
+    three again (same state dirs): seconds until every partition is claimed by the new
+    ones (claims read from the log by a replica here). Median of ``rolling_rounds``."""
+    sizes = bench.sizes
+    stops: list[float] = []
+    firsts: list[float] = []
+    claims: list[float] = []
+    async with cluster(bench, "rolling", CHURN_SLOTS, replica=True) as group:
+        await group.wait_claimed()
+        for round_ in range(sizes.rolling_rounds):
+            ids = await trigger_all(group.query, "paced", [{"steps": 10, "step_ms": 300}] * 30)
+            await asyncio.sleep(1.0)  # running when the stop comes
+            stop_s, first_s, claim_s = await _roll(group, sizes.rolling_timeout_s)
+            stops.append(stop_s)
+            firsts.append(first_s)
+            claims.append(claim_s)
+            progress.info("rolling round %d: stopped in %.1f s; after the start, a first claim "
+                          "in %.1f s, all claimed in %.1f s", round_ + 1, stop_s, first_s,
+                          claim_s)
+            if claim_s > sizes.rolling_timeout_s:
+                break  # the figure says it; another round would say it again
+            await group.wait_completed(ids)
+    bench.add("rolling", "seconds_to_stop", statistics.median(stops), "s")
+    bench.add("rolling", "seconds_to_first_claim", statistics.median(firsts), "s")
+    bench.add("rolling", "seconds_to_claim_all", statistics.median(claims), "s",
+              Target("<=", 15))
+    bench.add("rolling", "seconds_to_claim_all_max", max(claims), "s")
+    bench.add("rolling", "rounds", len(claims), "count")
+    bench.notes.append(
+        f"rolling: {CHURN_SLOTS} workers with 30 executions running, all SIGTERMed at once, "
+        f"started again once exited; seconds_to_claim_all: from the new start until every "
+        f"partition's claim on the log is a new worker's (gives up at "
+        f"{sizes.rolling_timeout_s:g} s); seconds_to_first_claim: until the first of them")
+
+
+async def _roll(group: Cluster, timeout_s: float) -> tuple[float, float, float]:
+    """Stop every worker gracefully, start as many again: (seconds to stop, seconds from
+    the new start until a partition, then every partition, is claimed by a new worker;
+    more than ``timeout_s`` if they never were)."""
+    old = list(group.slots)
+    started = time.perf_counter()
+    await asyncio.to_thread(stop_children, old)
+    stop_s = time.perf_counter() - started
+    fresh = {group.spawn(slot).pid for slot in range(len(old))}
+    started = time.perf_counter()
+    first: float | None = None
+    while (elapsed := time.perf_counter() - started) <= timeout_s:
+        mine = [pid in fresh for pid, _ in (await group.claims()).values()]
+        if first is None and any(mine):
+            first = elapsed
+        if all(mine):
+            break
+        group.check_alive(group.live())
+        await asyncio.sleep(0.1)
+    return stop_s, elapsed if first is None else first, elapsed
 
 
 # -- flat: queries whose cost does not grow with history ---------------------------------
@@ -1289,6 +1582,8 @@ RUNNERS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "long": long,
     "scale": scale,
     "failover": failover,
+    "churn": churn,
+    "rolling": rolling,
     "flat": flat,
 }
 
@@ -1381,8 +1676,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true",
                         help="exit 1 when a target is missed (a failed scenario always does)")
     parser.add_argument("--child-worker", type=Path, metavar="DIR",
-                        help="(internal: scale, failover) run the app in DIR as a scaled-out "
-                             "worker until SIGTERM or until its parent is gone")
+                        help="(internal: workers of scale, failover, churn, rolling) run the app "
+                             "in DIR as a scaled-out worker serving its API until SIGTERM or "
+                             "until its parent is gone")
     args = parser.parse_args(argv)
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:

@@ -61,16 +61,31 @@ def test_quick_floor_and_step_print_parseable_positive_figures(kafka: str, tmp_p
             ("step", "step_p99"), ("step", "step_p50_over_floor_p50")} <= metrics
 
 
-def test_quick_scale_and_failover_run_worker_processes_and_leave_none(
+def test_quick_scale_failover_rolling_run_worker_processes_and_leave_none(
     kafka: str, tmp_path: Path
 ) -> None:
-    done, figures, saved = run_bench(kafka, tmp_path, "scale", "failover", timeout_s=170)
+    done, figures, saved = run_bench(kafka, tmp_path, "scale", "failover", "rolling",
+                                     timeout_s=240)
     value = {(s, m): v for s, m, v, _ in figures}
     units = {(s, m): u for s, m, _, u in figures}
-    for n in (1, 2):
+    for n in (1, 2, 4):
         assert value["scale", f"workers_{n}"] > 0 and units["scale", f"workers_{n}"] == "exec/s"
-    assert value["scale", "workers_2_over_workers_1"] == pytest.approx(
-        value["scale", "workers_2"] / value["scale", "workers_1"], rel=1e-4)
+        assert value["scale", f"workers_{n}_cpu_per_execution"] == pytest.approx(
+            value["scale", f"workers_{n}_cpu_workers_per_execution"]
+            + value["scale", f"workers_{n}_cpu_query_per_execution"], rel=1e-3)
+    for n in (2, 4):
+        assert value["scale", f"workers_{n}_over_workers_1"] == pytest.approx(
+            value["scale", f"workers_{n}"] / value["scale", "workers_1"], rel=1e-3)
+        assert value["scale", f"workers_{n}_cpu_ratio"] == pytest.approx(
+            value["scale", f"workers_{n}_cpu_per_execution"]
+            / value["scale", "workers_1_cpu_per_execution"], rel=1e-3)
+    assert value["scale", "ceiling_4_workers"] == pytest.approx(
+        4 * value["scale", "ceiling_per_added_worker"], rel=1e-4)
+    assert "# scale model: " in done.stdout
+    # Every partition was claimed again by the restarted workers (the figure, whatever it is).
+    assert 0 < value["rolling", "seconds_to_first_claim"] <= value[
+        "rolling", "seconds_to_claim_all"]
+    assert value["rolling", "rounds"] == 1
     # Nobody takes a dead worker's partitions before the group's session timeout (6 s).
     assert 5 <= value["failover", "seconds_to_progress"] < 60
     assert value["failover", "executions_moved"] >= 1
