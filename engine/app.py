@@ -287,7 +287,9 @@ async def serving_api(engine: Engine, host: str = "127.0.0.1", port: int = 0
             yield  # the process's signals stay its own
 
     server = Server(uvicorn.Config(create_app(engine, host=host), host=host, port=port,
-                                   log_level="warning", lifespan="off", ws="none"))
+                                   log_level="warning", lifespan="off", ws="none",
+                                   # long-polls and event streams must not hold a stop
+                                   timeout_graceful_shutdown=1))
     task = asyncio.create_task(server.serve(), name="ploy-api")
     while not server.started:
         if task.done():

@@ -7,19 +7,34 @@ the binding names; ``get_execution`` and ``cancel`` act on one by id.
 from __future__ import annotations
 
 from collections.abc import Container, Mapping
-from typing import Any, Generic, Protocol, TypedDict, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from engine.errors import UnknownBindingError
-from engine.models import Execution
+from engine.errors import UnknownBindingError, WorkflowCancelledError, WorkflowFailedError
+from engine.models import Execution, ExecutionStatus
 
 InputT = TypeVar("InputT")
 OutputT = TypeVar("OutputT")
 
 
-class TriggerResult(TypedDict):
-    """What ``trigger`` returns (the seed's ``{ executionId }``)."""
+class TriggerResult(dict[str, str]):
+    """What ``trigger`` returns: the seed's ``{ executionId }`` as ``{"execution_id": ...}``
+    (a dict, so ``result["execution_id"]`` works), and a handle on the execution:
 
-    execution_id: str
+        handle = await env.ORDER_FLOW.trigger(order)
+        receipt = await handle.result(timeout=30)
+    """
+
+    def __init__(self, binding: WorkflowBinding[Any, Any], execution_id: str):
+        super().__init__(execution_id=execution_id)
+        self._binding = binding
+
+    @property
+    def execution_id(self) -> str:
+        return self["execution_id"]
+
+    async def result(self, timeout: float = 60.0) -> Any:
+        """The execution's output once it has ended; see :meth:`WorkflowBinding.result`."""
+        return await self._binding.result(self["execution_id"], timeout=timeout)
 
 
 class Client(Protocol):
@@ -32,6 +47,8 @@ class Client(Protocol):
     async def get_execution(self, execution_id: str) -> Execution | None: ...
 
     async def cancel(self, execution_id: str, reason: str | None = None) -> bool: ...
+
+    async def wait_for_end(self, execution_id: str, timeout_s: float) -> Execution | None: ...
 
 
 class WorkflowBinding(Generic[InputT, OutputT]):
@@ -54,7 +71,29 @@ class WorkflowBinding(Generic[InputT, OutputT]):
                 nothing was appended.
         """
         eid = await self._client.trigger(self.workflow, input, idempotency_key=idempotency_key)
-        return {"execution_id": eid}
+        return TriggerResult(self, eid)
+
+    async def result(self, execution_id: str, *, timeout: float = 60.0) -> Any:
+        """Wait for the execution to end and return its output (JSON-decoded, as recorded).
+
+        The wait is pushed, not polled: it wakes when the fold applies the end event.
+
+        Raises:
+            WorkflowFailedError: the execution failed (its error type and message).
+            WorkflowCancelledError: it was cancelled.
+            TimeoutError: it had not ended after ``timeout`` seconds.
+            KeyError: no execution of this workflow has that id.
+        """
+        execution = await self._client.wait_for_end(execution_id, timeout)
+        if execution is None or execution.workflow != self.workflow:
+            raise KeyError(f"no execution '{execution_id}' of workflow '{self.workflow}'")
+        if execution.status is ExecutionStatus.FAILED:
+            error = execution.error
+            raise WorkflowFailedError(execution_id, error.type if error else "Error",
+                                      error.message if error else "")
+        if execution.status is ExecutionStatus.CANCELLED:
+            raise WorkflowCancelledError(execution_id, execution.cancel_reason)
+        return execution.output
 
     async def get_execution(self, execution_id: str) -> Execution | None:
         """The execution's durable record, or None for an unknown id.

@@ -305,7 +305,8 @@ def _uvicorn_server(engine: Engine, host: str) -> Any:
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    config = uvicorn.Config(create_app(engine, host=host), log_level="warning", lifespan="on")
+    config = uvicorn.Config(create_app(engine, host=host), log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=2)  # long-polls and streams: cut at stop
     return Server(config)
 
 

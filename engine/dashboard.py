@@ -115,7 +115,9 @@ class Dashboard:
         return self.render(
             "execution.html", ex=execution, elapsed_ms=_elapsed(execution, now),
             timeline=timeline(execution, now), events=[_event_row(e) for e in history],
-            live={"live": not execution.status.terminal, "refresh_ms": REFRESH_MS},
+            live={"live": not execution.status.terminal, "refresh_ms": REFRESH_MS,
+                  # Pushed: the page refreshes when the execution's partition folds an event.
+                  "stream": f"{DASHBOARD}/api/executions/{execution.execution_id}/events"},
             title=f"{execution.workflow} · {execution.execution_id[:12]}")
 
 

@@ -129,7 +129,8 @@ class Directory:
 
     # -- asking an owner ---------------------------------------------------------------
 
-    async def ask(self, partition: int, path: str, params: dict[str, Any]) -> tuple[int, Any]:
+    async def ask(self, partition: int, path: str, params: dict[str, Any],
+                  timeout_s: float = 10.0) -> tuple[int, Any]:
         """GET ``path`` of the engine API at the owner of ``partition``: (status, body).
 
         Keeps looking for the owner (a move in progress) for up to ``RETRY_S``;
@@ -145,7 +146,7 @@ class Directory:
                 if not card.get("url"):
                     last = f"its owner {card['worker']} serves no engine API"
                     continue
-                client = ApiClient(card["url"], self.token, timeout_s=10.0)
+                client = ApiClient(card["url"], self.token, timeout_s=timeout_s)
                 try:
                     status, payload = await asyncio.to_thread(client.call, "GET", path + query)
                 except CommandError as exc:

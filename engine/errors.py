@@ -28,7 +28,8 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── NonRetryableError         raised by user code: fail the step now
     ├── StepTimeoutError          one attempt ran past its timeout
     ├── StepFailedError           a step exhausted its retries
-    └── WorkflowFailedError       (reserved for callers waiting on a result)
+    ├── WorkflowFailedError       a result awaited from an execution that failed
+    └── WorkflowCancelledError    a result awaited from an execution that was cancelled
 
 Control flow that user code must not swallow (``except Exception``) derives
 from ``BaseException`` and lives in the runtime: ``Suspend`` and ``Cancelled``.
@@ -277,3 +278,12 @@ class WorkflowFailedError(PloyError):
     def __init__(self, execution_id: str, error_type: str, message: str):
         self.execution_id, self.error_type, self.message = execution_id, error_type, message
         super().__init__(f"execution {execution_id} failed: {error_type}: {message}")
+
+
+class WorkflowCancelledError(PloyError):
+    """An execution was cancelled (for callers that wait on a result)."""
+
+    def __init__(self, execution_id: str, reason: str | None):
+        self.execution_id, self.reason = execution_id, reason
+        super().__init__(f"execution {execution_id} was cancelled"
+                         + (f": {reason}" if reason else ""))

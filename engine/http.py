@@ -30,6 +30,7 @@ cannot reach them by DNS rebinding). Cross-site writes are refused always.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import inspect
@@ -37,7 +38,7 @@ import ipaddress
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -50,13 +51,14 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import payloads
 from engine.bindings import workflow_named
 from engine.dashboard import DASHBOARD, Dashboard, redirect
+from engine.durations import parse_duration
 from engine.errors import (
     InvalidInputError,
     InvalidKeyError,
@@ -68,7 +70,7 @@ from engine.errors import (
     UnknownBindingError,
 )
 from engine.listing import Cursor
-from engine.models import Execution, ExecutionStatus, ExecutionSummary
+from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -166,6 +168,8 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/executions", api.executions),
         admin.route(f"{API}/executions/{{id}}", api.execution),
         admin.route(f"{API}/executions/{{id}}/history", api.history),
+        admin.route(f"{API}/executions/{{id}}/result", api.result),
+        admin.route(f"{API}/executions/{{id}}/events", api.events),
         admin.route(f"{API}/executions/{{id}}/cancel", api.cancel, write=True),
         admin.route(f"{API}/partitions/{{partition:int}}/skip", api.skip, write=True),
         admin.route(f"{API}/trigger/{{binding}}", api.trigger, write=True),
@@ -561,6 +565,35 @@ class _Api:
         return _json(200, {"execution_id": execution.execution_id,
                            "events": [e.model_dump(mode="json") for e in events]})
 
+    async def result(self, request: Request) -> Response:
+        """Long-poll: the execution once it has ended (200), or 202 with it as it stands
+        when ``wait`` (default 30 s, at most 60 s) ran out. Woken by the fold of the end
+        event, not by polling."""
+        eid = request.path_params["id"]
+        wait_s = _wait_param(request.query_params.get("wait"))
+        routed = _routed(request)
+        try:
+            execution = await self.engine.runtime.wait_for_end(eid, wait_s, **routed)
+        except TimeoutError:
+            execution = await self.engine.get_execution(eid, **routed)
+            if execution is not None:
+                return _json(202, execution.model_dump(mode="json"))
+        if execution is None:
+            raise _Reject(404, {"error": f"unknown execution '{eid}'"})
+        return _json(200, execution.model_dump(mode="json"))
+
+    async def events(self, request: Request) -> Response:
+        """Server-Sent Events: every event of the execution in log order (each with its
+        offset as the SSE id, so a reconnect with ``Last-Event-ID`` goes on from there),
+        then each new one as its partition's fold applies it; ends after the end event."""
+        execution = await self._get(request)
+        last = request.headers.get("last-event-id") or request.query_params.get("after")
+        after = int(last) if last and last.lstrip("-").isdecimal() else -1
+        stream = self.engine.runtime.stream(execution.execution_id, after=after)
+        return StreamingResponse(_sse(stream), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store",
+                                          "X-Accel-Buffering": "no"})
+
     async def skip(self, request: Request) -> Response:
         """Skip the corrupt record a partition is stopped at (``ploy skip``), with who and why.
 
@@ -644,6 +677,43 @@ class _Api:
         if execution is None:
             raise _Reject(404, {"error": f"unknown execution '{eid}'"})
         return execution
+
+
+async def _sse(entries: AsyncGenerator[HistoryEntry, None]) -> AsyncIterator[bytes]:
+    """History entries as Server-Sent Events; a comment every 15 s keeps proxies open."""
+    pending: asyncio.Task[HistoryEntry] | None = None
+    iterator = entries.__aiter__()
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=15)
+            if not done:
+                yield b": keep-alive\n\n"
+                continue
+            try:
+                entry = pending.result()
+            except StopAsyncIteration:
+                yield b"event: end\ndata: {}\n\n"
+                return
+            pending = None
+            data = json.dumps(entry.model_dump(mode="json"), separators=(",", ":"))
+            # Unnamed events (an EventSource's ``onmessage``); the type is in the data.
+            yield payloads.utf8(f"id: {entry.offset}\ndata: {data}\n\n")
+    finally:
+        if pending is not None:
+            pending.cancel()
+        await entries.aclose()
+
+
+def _wait_param(raw: str | None) -> float:
+    if not raw:
+        return 30.0
+    try:
+        ms = parse_duration(raw)
+    except ValueError as exc:
+        raise _Reject(422, {"error": f"wait: {exc}"}) from None
+    return min(ms / 1000, 60.0)
 
 
 def _routed(request: Request) -> dict[str, Any]:

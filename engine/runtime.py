@@ -20,13 +20,21 @@ partition, and asks no one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+)
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +63,7 @@ from engine.events import (
     RecordSkipped,
     TimerFired,
     WorkflowCancelled,
+    WorkflowCompleted,
     WorkflowFailed,
     WorkflowTriggered,
     claim_id,
@@ -74,6 +83,9 @@ logger = logging.getLogger("ploy.runtime")
 
 ID_NAMESPACE = uuid.UUID("6f1c1d1e-9a43-4b8e-9a55-3e1f0c2b7d10")
 RUNNABLE = (ExecutionStatus.QUEUED.value, ExecutionStatus.RUNNING.value)
+ENDS = (WorkflowCompleted, WorkflowFailed, WorkflowCancelled, CancelRequested)
+MAX_WAIT_S = 60.0  # a long-poll or a stream slice at an owner; the asker asks again
+Seen = tuple[int, int, Event]  # (partition, offset, event) as the fold applied it
 
 
 class Runtime:
@@ -104,6 +116,8 @@ class Runtime:
         self.timers = TimerSchedule(self.clock, self._append_fired, self.may_run)
         self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
         self._tasks: set[asyncio.Task[None]] = set()
+        # Who waits on an execution's events (a result, a stream): fed by the fold.
+        self._watchers: dict[str, list[asyncio.Queue[Seen]]] = {}
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
 
@@ -236,7 +250,11 @@ class Runtime:
     def _on_applied(self, partition: int, applied: Applied) -> None:
         """On the event loop: start what the fold made runnable, pass cancels on."""
         self.timers.on_folded(partition, applied)
-        for _, event in applied:
+        for offset, event in applied:
+            watchers = self._watchers.get(event.execution_id)
+            if watchers:
+                for queue in watchers:
+                    queue.put_nowait((partition, offset, event))
             body = event.body
             if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
                 self._started_on_ack.discard(event.execution_id)  # trigger() started it
@@ -485,7 +503,7 @@ class Runtime:
         return await self.partitions.caught_up(partition, min_offset)
 
     async def _ask(self, partition: int, path: str, min_offset: int | None = None,
-                   **params: Any) -> tuple[int, Any]:
+                   timeout_s: float = 10.0, **params: Any) -> tuple[int, Any]:
         """GET ``path`` from the owner of ``partition``, once it holds ``min_offset`` and
         every write this process had acknowledged there (read-your-writes)."""
         if self.directory is None:
@@ -493,7 +511,8 @@ class Runtime:
         mine = self.log.high_acked.get(partition)
         wanted = max((o for o in (min_offset, mine) if o is not None), default=None)
         return await self.directory.ask(partition, path,
-                                        {"local": 1, "min_offset": wanted, **params})
+                                        {"local": 1, "min_offset": wanted, **params},
+                                        timeout_s=timeout_s)
 
     async def _record(self, eid: str) -> dict[str, Any] | None:
         """The execution record (status, workflow, ...), here or at its owner."""
@@ -575,6 +594,128 @@ class Runtime:
         _, at = await self.log.append(event, partition=partition)
         return at
 
+    # -- results pushed, not polled ----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _watch(self, execution_id: str) -> Iterator[asyncio.Queue[Seen]]:
+        """A queue of the execution's events as the fold applies them (costs nothing idle)."""
+        queue: asyncio.Queue[Seen] = asyncio.Queue()
+        self._watchers.setdefault(execution_id, []).append(queue)
+        try:
+            yield queue
+        finally:
+            queues = self._watchers.get(execution_id, [])
+            if queue in queues:
+                queues.remove(queue)
+            if not queues:
+                self._watchers.pop(execution_id, None)
+
+    async def wait_for_end(self, execution_id: str, timeout_s: float, *, local: bool = False,
+                           min_offset: int | None = None) -> Execution | None:
+        """The execution once it has ended (completed, failed or cancelled); None for an
+        unknown id; TimeoutError after ``timeout_s``.
+
+        Where this process folds the partition, the wait is a queue the fold feeds:
+        it wakes on the end event, with no polling. Elsewhere it long-polls the
+        owner, which waits the same way.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        partition = self.log.partition_for(execution_id)
+        while True:
+            if self.partitions.folds(partition):
+                found = await self._wait_here(execution_id, partition, deadline, min_offset)
+                if found is not _MOVED:
+                    return found  # type: ignore[return-value]
+            if local:
+                raise NotFoldedHereError(partition)
+            if loop.time() >= deadline:
+                raise TimeoutError(f"execution {execution_id} has not ended after "
+                                   f"{timeout_s:g} s")
+            wait_s = min(deadline - loop.time(), MAX_WAIT_S)
+            try:
+                status, payload = await self._ask(
+                    partition, f"/executions/{execution_id}/result", min_offset,
+                    wait=f"{int(wait_s * 1000)}ms", timeout_s=wait_s + 10)
+            except OwnerUnavailableError:  # its owner is changing: ask again, until the end
+                await asyncio.sleep(0.2)
+                continue
+            if status == 404:
+                return None
+            if status == 200:
+                return Execution.model_validate(payload)
+            if status >= 500:  # the owner stopped mid-wait: ask again, whoever owns it now
+                await asyncio.sleep(0.2)
+            elif status != 202:  # 202: not ended within the wait; ask again
+                raise OwnerUnavailableError(partition, f"answered {status}: {payload}")
+
+    async def _wait_here(self, execution_id: str, partition: int, deadline: float,
+                         min_offset: int | None) -> Execution | None | object:
+        """``wait_for_end`` on a partition folded here; ``_MOVED`` if it stops being so."""
+        loop = asyncio.get_running_loop()
+        with self._watch(execution_id) as seen:
+            execution = await self.get_execution(execution_id, min_offset=min_offset)
+            while execution is not None and not execution.status.terminal:
+                if not self.partitions.folds(partition):
+                    return _MOVED
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"execution {execution_id} is still "
+                                       f"{execution.status.value}")
+                try:  # a slice of at most 1 s: then look again whether it is folded here
+                    _, _, event = await asyncio.wait_for(seen.get(), min(remaining, 1.0))
+                except TimeoutError:
+                    continue
+                if isinstance(event.body, ENDS):
+                    execution = await self.get_execution(execution_id)
+            return execution
+
+    async def stream(self, execution_id: str, *, after: int = -1,
+                     local: bool = False) -> AsyncGenerator[HistoryEntry, None]:
+        """Every event of the execution in log order (those after offset ``after``), then
+        each new one as the fold applies it, until its end event."""
+        partition = self.log.partition_for(execution_id)
+        if await self.get_execution(execution_id, local=local) is None:
+            return  # an unknown id has no events
+        seen = [after]  # the last offset sent, shared with the helpers
+        while True:
+            source = (self._stream_here(execution_id, partition, seen)
+                      if self.partitions.folds(partition) else None)
+            if source is None:
+                if local:
+                    raise NotFoldedHereError(partition)
+                source = self._stream_at_owner(execution_id, seen)
+            async for entry in source:
+                yield entry
+                if entry.type in _END_TYPES:
+                    return
+
+    async def _stream_here(self, execution_id: str, partition: int,
+                           seen: list[int]) -> AsyncIterator[HistoryEntry]:
+        """The history so far, then the fold's feed, while this process folds it."""
+        with self._watch(execution_id) as feed:
+            for entry in await self.history(execution_id) or []:
+                if entry.offset > seen[0]:
+                    seen[0] = entry.offset
+                    yield entry
+            while self.partitions.folds(partition):
+                try:
+                    p, offset, event = await asyncio.wait_for(feed.get(), 1.0)
+                except TimeoutError:
+                    continue
+                if offset > seen[0]:
+                    seen[0] = offset
+                    yield _entry(p, offset, event)
+
+    async def _stream_at_owner(self, execution_id: str,
+                               seen: list[int]) -> AsyncIterator[HistoryEntry]:
+        """The owner's history, followed by asking again every 250 ms (one round)."""
+        for entry in await self.history(execution_id) or []:
+            if entry.offset > seen[0]:
+                seen[0] = entry.offset
+                yield entry
+        await asyncio.sleep(0.25)
+
     async def list_executions(self, *, workflow: str | None = None, status: str | None = None,
                               limit: int = 50, offset: int = 0,
                               partitions: Iterable[int] | None = None,
@@ -615,3 +756,14 @@ class Runtime:
             pages.append(Page.from_json(payload))
         merged = merge(pages, offset + limit)
         return Page(merged.executions[offset:], merged.next)
+
+
+_END_TYPES = {"WorkflowCompleted", "WorkflowFailed", "WorkflowCancelled"}
+_MOVED = object()  # the partition stopped being folded here during a wait
+
+
+def _entry(partition: int, offset: int, event: Event) -> HistoryEntry:
+    """A history entry of an event the fold just applied (as ``history_entries`` builds)."""
+    return HistoryEntry(partition=partition, offset=offset, event_id=event.event_id,
+                        timestamp=event.timestamp, type=event.type, epoch=event.epoch,
+                        body=dict(vars(event.body)))

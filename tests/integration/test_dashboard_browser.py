@@ -65,13 +65,20 @@ async def fulfil(ctx: Any) -> dict[str, Any]:
     return {**stock, **payment, **shipment}
 
 
+@app.workflow("nap")
+async def nap(ctx: Any) -> dict[str, Any]:
+    await ctx.step.run("before", lambda: 1)
+    await ctx.step.sleep(1500)
+    return {"after": await ctx.step.run("after", lambda: 2)}
+
+
 worker = app.build()
 
 
 @pytest.fixture
 async def engine(kafka: str, topic_prefix: str, state_dir: Path) -> AsyncIterator[Engine]:
     config = engine_config(kafka, topic_prefix, state_dir,
-                           workflow={"CHECKOUT": "checkout", "FULFIL": "fulfil"},
+                           workflow={"CHECKOUT": "checkout", "FULFIL": "fulfil", "NAP": "nap"},
                            backoff={"initial_ms": 10})
     async with running_engine(worker, config) as eng:
         yield eng
@@ -216,3 +223,24 @@ async def test_executions_list_refreshes_itself(engine: Engine, browser: Browser
 
         await rows.first.get_by_test_id("execution-link").click()
         await expect(page.get_by_test_id("execution-id")).to_have_text(first)
+
+
+async def test_an_execution_page_follows_its_event_stream_not_a_poll(
+        engine: Engine, browser: Browser) -> None:
+    eid = (await engine.env.NAP.trigger({}))["execution_id"]
+    await wait_for_status(engine, eid, "sleeping")
+    async with serving(create_app(engine)) as base, open_page(browser) as page:
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        await page.goto(f"{base}/__ploy/executions/{eid}")
+        detail = page.get_by_test_id("execution")
+        await expect(detail).to_have_attribute("data-status", "sleeping")
+        # The timer fires, the steps run: the page shows it without a reload.
+        await expect(page.get_by_test_id("execution")).to_have_attribute(
+            "data-status", "completed", timeout=15_000)
+        await expect(page.get_by_test_id("step-row")).to_have_count(3)
+    assert any(url.endswith(f"/__ploy/api/executions/{eid}/events") for url in requests)
+    page_loads = [u for u in requests if u.endswith(f"/__ploy/executions/{eid}")]
+    # The first load, then one refresh per burst of events: no 2-second poll while it slept.
+    assert len(page_loads) <= 6, page_loads
+
