@@ -19,7 +19,17 @@ sequential  3-step executions one after another, trigger to completed (get_execu
 throughput  3-step executions all triggered at once: executions/s, steps/s, CPU
 rebuild     refold a log of many executions from offset 0 into an empty view
 sleepers    executions durably asleep until one wake time: RSS, and wake to all done
+timers      sleepers due one after another over 3 s, on an idle engine and then under a
+            steady 3-step load: how late each TimerFired is (and each handler resumes)
 long        a 500-step execution: per-step time near step 10 vs near step 500
+peer        the workload to compare engines by, against ``ploy dev``'s HTTP front (run as
+            a user runs it, with its own embedded broker, on loopback): (a) 3-step
+            executions one at a time, trigger (POST) to result (long-poll) p50/p99;
+            (b) 1,000 triggered at once, time until all are started and exec/s until
+            every result is in; (c) 1 s durable sleeps started 0.1 s apart, how late
+            they end; (d) RSS of ploy dev and of its broker. Also the CPU per execution
+            of ploy dev, its broker and the client (an httpx pool of 100 keep-alive
+            connections), and the append floor of this run (the bench's broker).
 scale       throughput's executions run by 1, 2 and 4 worker processes (scaled out): CPU
             per execution of every process as ratios to 1 worker, exec/s, the modelled
             cluster ceiling (exec/s per added worker)
@@ -71,6 +81,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -114,13 +125,16 @@ from engine.view import PartitionView
 
 __all__ = ["FULL", "QUICK", "SCENARIOS", "Figure", "Sizes", "Target", "main", "parse_line"]
 
-SCENARIOS = ("floor", "log", "step", "sequential", "throughput", "rebuild", "sleepers", "long",
-             "scale", "failover", "churn", "rolling", "flat")
-NEEDS_FLOOR = ("log", "step")
+SCENARIOS = ("floor", "log", "step", "sequential", "throughput", "rebuild", "sleepers", "timers",
+             "long", "peer", "scale", "failover", "churn", "rolling", "flat")
+NEEDS_FLOOR = ("log", "step", "peer")
 # Measures this process's memory: run in a fresh process when other scenarios run too.
 ISOLATED = ("sleepers",)
 LINE_FIELDS = ("scenario", "metric", "value", "unit")
 SETTLE_TIMEOUT_S = 300.0
+TIMERS_LEAD_MS = 2_000  # timers: the first sleeper is due this long after the bench asks
+TIMERS_WINDOW_MS = 3_000  # ... and the last one this much later
+TIMERS_LOAD_WAVE = 200  # timers: 3-step executions triggered together, wave after wave
 # Producer settings for loading a large log at once (not the engine's: it appends with linger 0).
 BULK_LOAD = {"linger.ms": "20", "batch.num.messages": "10000"}
 
@@ -153,6 +167,10 @@ class Sizes:
     churn_s: float = 60.0
     rolling_rounds: int = 3
     rolling_timeout_s: float = 240.0  # how long restarted workers may take to claim it all
+    timers: int = 300  # sleepers due one after another over TIMERS_WINDOW_MS
+    peer_sequential: int = 200
+    peer_at_once: int = 1_000
+    peer_sleepers: int = 20
 
 
 FULL = Sizes(floor_samples=500, log_events=50_000, log_executions=200, step_executions=50,
@@ -163,7 +181,8 @@ QUICK = Sizes(floor_samples=50, log_events=5_000, log_executions=20, step_execut
               sequential=20, throughput=200, rebuild_events=20_000, sleepers=1_000,
               long_steps=50, repeats=1, scale=300, failover_executions=40,
               failover_steps=20, failover_step_ms=50, flat=(2_000, 50_000),
-              churn_executions=100, churn_s=15.0, rolling_rounds=1, rolling_timeout_s=60.0)
+              churn_executions=100, churn_s=15.0, rolling_rounds=1, rolling_timeout_s=60.0,
+              timers=50, peer_sequential=20, peer_at_once=100, peer_sleepers=5)
 
 
 @dataclass(frozen=True)
@@ -339,16 +358,19 @@ class Probe:
     """What the bench's workflows report from inside: step times and how many ran."""
 
     step_s: list[float] = field(default_factory=list)
+    late_ms: list[float] = field(default_factory=list)  # timed sleepers: resumed after wake_at
     entered: int = 0
     returned: int = 0
 
     def reset(self) -> None:
         self.step_s.clear()
+        self.late_ms.clear()
         self.entered = self.returned = 0
 
 
 def bench_worker(probe: Probe, clock: Clock | None = None) -> Worker:
-    """``steps``: ``input["steps"]`` timed no-op steps; ``sleeper``: sleep to a wake time, step."""
+    """``steps``: ``input["steps"]`` timed no-op steps; ``sleeper``: sleep to a wake time, step;
+    ``timed_sleeper``: sleep to a wake time on the wall clock, note how late it resumed."""
 
     async def steps(ctx: Any) -> int:
         probe.entered += 1
@@ -368,7 +390,14 @@ def bench_worker(probe: Probe, clock: Clock | None = None) -> Worker:
         probe.returned += 1
         return True
 
-    app = ploy().workflow("steps", None, steps).workflow("sleeper", None, sleeper)
+    async def timed_sleeper(ctx: Any) -> bool:
+        wake_at = int(ctx.input["wake_at"])
+        await ctx.step.sleep(max(1, wake_at - Clock().now()))
+        probe.late_ms.append(time.time() * 1000 - wake_at)  # once: after the replay that woke it
+        return True
+
+    app = (ploy().workflow("steps", None, steps).workflow("sleeper", None, sleeper)
+           .workflow("timed_sleeper", None, timed_sleeper))
     return app.build()
 
 
@@ -709,7 +738,71 @@ async def sleepers(bench: Bench) -> None:
     bench.add("sleepers", "all_asleep_after", asleep_s, "s")
     bench.add("sleepers", "rss_while_asleep", rss, "MB", Target("<=", 300))
     bench.add("sleepers", "rss_growth_while_asleep", rss - baseline, "MB")
-    bench.add("sleepers", "wake_to_all_completed", done_s, "s", Target("<=", 10))
+    bench.add("sleepers", "wake_to_all_completed", done_s, "s", Target("<=", 5))
+
+
+async def timers(bench: Bench) -> None:
+    """Timer lateness: sleepers due one after another over a window, first on an idle
+    engine, then while 3-step executions are triggered back to back (the load). Late by:
+    the TimerFired event's timestamp (the timer) and the handler's resumption (what a
+    workflow sees) after the wake time, on the wall clock."""
+    sizes = bench.sizes
+    for loaded in (False, True):
+        probe = Probe()
+        async with engine_on(bench, "timers", bench_worker(probe)) as engine:
+            await _warm_up(engine, probe)
+            runtime = engine.runtime
+            stop = asyncio.Event()
+            load = (asyncio.create_task(_steady_load(engine, probe, stop)) if loaded
+                    else None)
+            first = Clock().now() + TIMERS_LEAD_MS
+            gap = TIMERS_WINDOW_MS / sizes.timers
+            wakes = [first + int(i * gap) for i in range(sizes.timers)]
+            ids = await trigger_all(engine, "timed_sleeper", [{"wake_at": w} for w in wakes])
+            deadline = time.monotonic() + SETTLE_TIMEOUT_S
+            while len(probe.late_ms) < len(ids):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(probe.late_ms)} of {len(ids)} sleepers woke")
+                await asyncio.sleep(0.05)
+            stop.set()
+            done = await load if load is not None else (0, 1.0)
+            await settle(engine, probe, probe.returned, ids)
+            fired = []
+            for eid in ids:
+                events = await runtime.history(eid) or []
+                wake_at = next(e.body["wake_at"] for e in events if e.type == "SleepScheduled")
+                fired.append(next(e.timestamp for e in events if e.type == "TimerFired")
+                             - wake_at)
+        name = "loaded" if loaded else "idle"
+        early = [f for f in fired if f < 0]
+        if early:
+            raise RuntimeError(f"{len(early)} timers fired early, by up to {-min(early)} ms")
+        bench.add("timers", f"{name}_fired_late_p50", percentile(fired, 50), "ms",
+                  Target("<=", 5))
+        bench.add("timers", f"{name}_fired_late_p99", percentile(fired, 99), "ms",
+                  Target("<=", 20) if loaded else None)
+        bench.add("timers", f"{name}_resumed_late_p50", percentile(probe.late_ms, 50), "ms")
+        bench.add("timers", f"{name}_resumed_late_p99", percentile(probe.late_ms, 99), "ms")
+        if loaded:
+            bench.add("timers", "load_completed", done[0] / done[1], "exec/s")
+    bench.add("timers", "sleepers", sizes.timers, "count")
+
+
+async def _steady_load(engine: Engine, probe: Probe, stop: asyncio.Event) -> tuple[int, float]:
+    """Trigger waves of 3-step executions, each once the last has returned, until
+    ``stop``; (executions completed, seconds)."""
+    started = time.perf_counter()
+    done = 0
+    while not stop.is_set():
+        target = probe.returned + TIMERS_LOAD_WAVE
+        ids = await trigger_all(engine, "steps", [{"steps": 3}] * TIMERS_LOAD_WAVE)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while probe.returned < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"load: {len(ids)} executions not done")
+            await asyncio.sleep(0.005)
+        done += len(ids)
+    return done, time.perf_counter() - started
 
 
 async def long(bench: Bench) -> None:
@@ -1571,6 +1664,277 @@ def _flat_add(bench: Bench, name: str, sizes: tuple[int, int],
         bench.add("flat", f"{name}_p{q}_ratio", big / small, "x", target)
 
 
+# -- the peer workload: what a client of ploy dev's HTTP front sees ----------------------
+
+PEER_WORKER = textwrap.dedent('''
+    """The peer workload (engine.bench peer): 3 steps, and one durable sleep."""
+    from engine import ploy
+
+    app = ploy()
+
+
+    @app.workflow("peer_steps")
+    async def peer_steps(ctx):
+        total = ctx.input["n"]
+        for name in ("one", "two", "three"):
+            async def add(value=total):
+                return value + 1
+
+            total = await ctx.step.run(name, add)
+        return total
+
+
+    @app.workflow("peer_sleep")
+    async def peer_sleep(ctx):
+        await ctx.step.sleep(ctx.input["ms"])
+        return True
+
+
+    worker = app.build()
+''').lstrip()
+PEER_CONFIG = "kind: worker\nmain: worker.py\nworkflow:\n  STEPS: peer_steps\n  SLEEP: peer_sleep\n"
+PEER_CONNECTIONS = 100  # the client's keep-alive pool, and its requests in flight at most
+PEER_START_S = 90.0  # ploy dev: broker, engine and HTTP up
+PEER_WAIT = "30s"  # the long-poll's wait per request (202 after it: ask again)
+PEER_SLEEP_MS = 1_000
+PEER_SLEEPER_GAP_S = 0.1  # the sleepers start this far apart
+PEER_WARM_UP = 20
+
+
+def proc_memory_mb(pid: int | None) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MB; NaN when unreadable."""
+    found = {"VmRSS:": math.nan, "VmHWM:": math.nan}
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except (OSError, TypeError):
+        lines = []
+    for line in lines:
+        key = line.split(maxsplit=1)[0] if line else ""
+        if key in found:
+            found[key] = int(line.split()[1]) / 1024
+    return found["VmRSS:"], found["VmHWM:"]
+
+
+def children_of(pid: int) -> list[int]:
+    """The child processes of ``pid``."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class PeerServer:
+    """A ``ploy dev`` of the peer app (its own embedded broker) and its address."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    broker_pid: int | None
+    log: Path
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of (ploy dev, its broker)."""
+        return (cpu_seconds_of(self.process.pid) or 0.0, cpu_seconds_of(self.broker_pid) or 0.0)
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"ploy dev exited {self.process.returncode}: {tail}")
+
+
+@asynccontextmanager
+async def ploy_dev(bench: Bench) -> AsyncIterator[PeerServer]:
+    """``ploy dev`` on the peer app, on loopback, exactly as a user runs it: it starts its
+    own embedded broker (the bench's Kafka settings are not passed on)."""
+    app = bench.state_dir("peer-app")
+    (app / "ploy.yaml").write_text(PEER_CONFIG)
+    (app / "worker.py").write_text(PEER_WORKER)
+    log = app / "ploy-dev.log"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "PLOY_"))}
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "dev", str(app), "--port", str(port),
+             "--log-level", "warning"],
+            cwd=app, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+    server = PeerServer(process, f"http://127.0.0.1:{port}", None, log)
+    try:
+        deadline = time.monotonic() + PEER_START_S
+        while "press Ctrl-C to stop" not in log.read_text(errors="replace"):
+            server.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ploy dev did not start in {PEER_START_S:g} s")
+            await asyncio.sleep(0.05)
+        server.broker_pid = next(iter(children_of(process.pid)), None)
+        yield server
+    finally:
+        await asyncio.to_thread(stop_children, [process])
+
+
+class PeerClient:
+    """A cheap HTTP/1.1 client: one keep-alive pool, at most ``PEER_CONNECTIONS`` requests
+    in flight (the rest wait on a semaphore, not in the pool's queue)."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.http = httpx.AsyncClient(
+            base_url=f"{url}/__ploy/api", timeout=httpx.Timeout(60.0),
+            limits=httpx.Limits(max_connections=PEER_CONNECTIONS,
+                                max_keepalive_connections=PEER_CONNECTIONS))
+        self.slots = asyncio.Semaphore(PEER_CONNECTIONS)
+
+    async def trigger(self, binding: str, value: Any) -> dict[str, Any]:
+        """POST .../trigger/{binding}: its 201 answer."""
+        async with self.slots:
+            response = await self.http.post(f"/trigger/{binding}", json={"input": value})
+        if response.status_code != 201:
+            raise RuntimeError(f"trigger {binding}: {response.status_code} {response.text}")
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    async def result(self, started: dict[str, Any]) -> dict[str, Any]:
+        """The ended execution through the long-poll (asked again on each 202)."""
+        params = {"wait": PEER_WAIT, "min_offset": str(started["offset"])}
+        while True:
+            async with self.slots:
+                response = await self.http.get(f"/executions/{started['execution_id']}/result",
+                                               params=params)
+            if response.status_code == 200:
+                execution: dict[str, Any] = response.json()
+                return execution
+            if response.status_code != 202:
+                raise RuntimeError(f"result of {started['execution_id']}: "
+                                   f"{response.status_code} {response.text}")
+
+    async def history(self, eid: str) -> list[dict[str, Any]]:
+        async with self.slots:
+            response = await self.http.get(f"/executions/{eid}/history")
+        response.raise_for_status()
+        events: list[dict[str, Any]] = response.json()["events"]
+        return events
+
+    async def run(self, n: int) -> dict[str, Any]:
+        """One 3-step execution, trigger to result."""
+        execution = await self.result(await self.trigger("STEPS", {"n": n}))
+        if execution["status"] != "completed" or execution["output"] != n + 3:
+            raise RuntimeError(f"execution {execution['execution_id']} ended "
+                               f"{execution['status']} with {execution['output']!r}")
+        return execution
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+async def peer(bench: Bench) -> None:
+    """The peer workload against ``ploy dev``'s HTTP front (see the module docstring)."""
+    sizes = bench.sizes
+    async with ploy_dev(bench) as server:
+        client = PeerClient(server.url)
+        try:
+            await asyncio.gather(*(client.run(i) for i in range(PEER_WARM_UP)))
+            await _peer_sequential(bench, client, server, sizes.peer_sequential)
+            await _peer_at_once(bench, client, server, sizes.peer_at_once)
+            await _peer_sleep(bench, client, server, sizes.peer_sleepers)
+        finally:
+            await client.aclose()
+        server.check_alive()
+        rss, peak = proc_memory_mb(server.process.pid)
+        broker_rss, broker_peak = proc_memory_mb(server.broker_pid)
+    bench.add("peer", "rss_server", rss, "MB", Target("<=", 150))
+    bench.add("peer", "rss_server_peak", peak, "MB")
+    bench.add("peer", "rss_broker", broker_rss, "MB")
+    bench.add("peer", "rss_broker_peak", broker_peak, "MB")
+    if bench.floor_p50_ms is not None:
+        bench.add("peer", "floor_append_p50", bench.floor_p50_ms, "ms")
+
+
+async def _peer_sequential(bench: Bench, client: PeerClient, server: PeerServer,
+                           n: int) -> None:
+    """(a) one execution at a time: trigger (POST) and then its result (long-poll)."""
+    total: list[float] = []
+    trigger: list[float] = []
+    for i in range(n):
+        started = time.perf_counter()
+        answer = await client.trigger("STEPS", {"n": i})
+        triggered = time.perf_counter()
+        execution = await client.result(answer)
+        total.append(ms(time.perf_counter() - started))
+        trigger.append(ms(triggered - started))
+        if execution["status"] != "completed":
+            raise RuntimeError(f"execution {answer['execution_id']} ended {execution['status']}")
+    server.check_alive()
+    bench.add("peer", "sequential", n, "count")
+    bench.add("peer", "trigger_to_result_p50", percentile(total, 50), "ms", Target("<=", 5))
+    bench.add("peer", "trigger_to_result_p99", percentile(total, 99), "ms")
+    bench.add("peer", "trigger_only_p50", percentile(trigger, 50), "ms")
+
+
+async def _peer_at_once(bench: Bench, client: PeerClient, server: PeerServer,
+                        n: int) -> None:
+    """(b) ``n`` triggered at once; then every result through the long-poll."""
+    starts: list[float] = []
+    rates: list[float] = []
+    cpu: dict[str, list[float]] = {"server": [], "broker": [], "client": []}
+    for repeat in range(bench.sizes.repeats):
+        base = repeat * n
+        (server0, broker0), client0 = server.cpu(), time.process_time()
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(client.trigger("STEPS", {"n": base + i})
+                                         for i in range(n)))
+        starts.append(time.perf_counter() - started)
+        ended = await asyncio.gather(*(client.result(a) for a in answers))
+        elapsed = time.perf_counter() - started
+        (server1, broker1), client1 = server.cpu(), time.process_time()
+        wrong = [e["execution_id"] for e in ended if e["status"] != "completed"]
+        if wrong:
+            raise RuntimeError(f"{len(wrong)} of {n} did not complete, e.g. {wrong[0]}")
+        rates.append(n / elapsed)
+        cpu["server"].append(ms((server1 - server0) / n))
+        cpu["broker"].append(ms((broker1 - broker0) / n))
+        cpu["client"].append(ms((client1 - client0) / n))
+    server.check_alive()
+    bench.add("peer", "at_once", n, "count")
+    bench.add("peer", "start_all", statistics.median(starts), "s", Target("<=", 0.5))
+    bench.add("peer", "completed", statistics.median(rates), "exec/s", Target(">=", 466))
+    for who, values in cpu.items():
+        bench.add("peer", f"cpu_{who}_per_execution", statistics.median(values), "ms")
+
+
+async def _peer_sleep(bench: Bench, client: PeerClient, server: PeerServer, n: int) -> None:
+    """(c) ``n`` executions sleeping durably for 1 s, started ``PEER_SLEEPER_GAP_S`` apart:
+    how late each ends as the client sees it (trigger to result minus the sleep), and on
+    the log: TimerFired and the end after the sleep's wake time."""
+
+    async def sleeper(delay: float) -> tuple[float, float, float]:
+        await asyncio.sleep(delay)
+        started = time.perf_counter()
+        execution = await client.result(await client.trigger("SLEEP", {"ms": PEER_SLEEP_MS}))
+        seen = ms(time.perf_counter() - started) - PEER_SLEEP_MS
+        events = await client.history(execution["execution_id"])
+        wake_at = next(e["body"]["wake_at"] for e in events if e["type"] == "SleepScheduled")
+        fired = next(e["timestamp"] for e in events if e["type"] == "TimerFired")
+        return seen, fired - wake_at, execution["ended_at"] - wake_at
+
+    late = await asyncio.gather(*(sleeper(i * PEER_SLEEPER_GAP_S) for i in range(n)))
+    server.check_alive()
+    bench.add("peer", "sleepers", n, "count")
+    bench.add("peer", "sleep_late_p50", statistics.median(s for s, _, _ in late), "ms",
+              Target("<=", 5))
+    bench.add("peer", "sleep_late_max", max(s for s, _, _ in late), "ms")
+    bench.add("peer", "sleep_timer_fired_late_p50", statistics.median(f for _, f, _ in late),
+              "ms")
+    bench.add("peer", "sleep_ended_late_p50", statistics.median(e for _, _, e in late), "ms")
+
+
 RUNNERS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "floor": floor,
     "log": log_scenario,
@@ -1579,7 +1943,9 @@ RUNNERS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "throughput": throughput,
     "rebuild": rebuild,
     "sleepers": sleepers,
+    "timers": timers,
     "long": long,
+    "peer": peer,
     "scale": scale,
     "failover": failover,
     "churn": churn,
