@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -149,9 +150,12 @@ class Engine:
                 connect_timeout_s=kafka.connect_timeout_s,
                 replication_factor=kafka.replication_factor,
             )
+            instance = None
+            if self._slot is not None and config.kafka.static_membership:
+                instance = f"{socket.gethostname()}-{self._slot.path.name}"
             self._runtime = Runtime(self.worker, config, self._log, clock=self.clock,
                                     scale_out=self.scale_out, runs=self.runs,
-                                    replica=self.replica)
+                                    replica=self.replica, instance_id=instance)
             await self._runtime.start()
             self.connectors = await start_connectors(self)
         except BaseException as exc:

@@ -79,6 +79,11 @@ class KafkaConfig(BaseModel):
     replication_factor: int = Field(default=1, ge=1)
     group_id: str = Field(default="ploy-workers", min_length=1)
     connect_timeout_s: float = Field(default=10.0, gt=0)
+    # Static membership: each worker joins with group.instance.id <host>-<state slot>, so
+    # a worker restarted within session.timeout.ms gets its partitions back with no
+    # rebalance (Kafka >= 2.3). A stopped one holds them until the timeout, so it suits
+    # rolling restarts, not scaling in. Ignored on the embedded broker (see README).
+    static_membership: bool = False
     # librdkafka settings (security.protocol, sasl.* ...) passed through unchanged; they may
     # hold passwords, so they stay out of repr() and logs, like the admin token.
     config: dict[str, str] = Field(default_factory=dict, repr=False)

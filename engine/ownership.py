@@ -62,11 +62,13 @@ class Ownership:
 
     def __init__(self, log: EventLog, partitions: Partitions, *, worker_id: str, group_id: str,
                  clock: Clock, spawn: Spawn, running_on: Callable[[int, int | None], int],
-                 resume: Callable[[int], None], standby: bool = False):
+                 resume: Callable[[int], None], standby: bool = False,
+                 instance_id: str | None = None):
         self.log, self.partitions = log, partitions
         self.worker_id, self.group_id, self.clock = worker_id, group_id, clock
         self._spawn, self._running_on, self._resume = spawn, running_on, resume
         self.standby = standby  # keep folding partitions that moved away (fast failover)
+        self.instance_id = instance_id  # static membership (group.instance.id), if any
         self.scale_out = False
         self.stopping = False
         self.owned: set[int] = set()
@@ -151,6 +153,10 @@ class Ownership:
         """
         consumer = self.log.consumer(self.group_id, **GROUP_SETTINGS)
         leave = self._leaves_with_request(consumer)
+        if self.instance_id is not None and leave:  # a broker whose groups behave
+            consumer.close()
+            consumer = self.log.consumer(self.group_id, **GROUP_SETTINGS,
+                                         **{"group.instance.id": self.instance_id})
         consumer.subscribe([self.log.topic], on_assign=self._on_assign,
                            on_revoke=self._on_revoke, on_lost=self._on_revoke)
         last_commit = 0.0

@@ -93,7 +93,7 @@ class Runtime:
 
     def __init__(self, worker: Worker, config: Config, log: EventLog, *,
                  clock: Clock | None = None, max_threads: int = 32, scale_out: bool = False,
-                 runs: bool = True, replica: bool = False):
+                 runs: bool = True, replica: bool = False, instance_id: str | None = None):
         self.worker, self.config, self.log = worker, config, log
         self.clock = clock or Clock()
         self.scale_out = scale_out
@@ -111,7 +111,7 @@ class Runtime:
         self.ownership = Ownership(
             log, self.partitions, worker_id=self.worker_id, group_id=config.kafka.group_id,
             clock=self.clock, spawn=self._spawn, running_on=self._running_on,
-            resume=self._resume, standby=self.replica)
+            resume=self._resume, standby=self.replica, instance_id=instance_id)
         self.directory: Directory | None = None
         self.timers = TimerSchedule(self.clock, self._append_fired, self.may_run)
         self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
