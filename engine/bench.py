@@ -1693,12 +1693,16 @@ PEER_WORKER = textwrap.dedent('''
     worker = app.build()
 ''').lstrip()
 PEER_CONFIG = "kind: worker\nmain: worker.py\nworkflow:\n  STEPS: peer_steps\n  SLEEP: peer_sleep\n"
-PEER_CONNECTIONS = 100  # the client's keep-alive pool, and its requests in flight at most
+PEER_CONNECTIONS = 100  # the client's keep-alive connections, and its requests in flight at most
+PEER_POOL = 10  # ... in httpx pools of this many (see PeerClient)
 PEER_START_S = 90.0  # ploy dev: broker, engine and HTTP up
 PEER_WAIT = "30s"  # the long-poll's wait per request (202 after it: ask again)
 PEER_SLEEP_MS = 1_000
 PEER_SLEEPER_GAP_S = 0.1  # the sleepers start this far apart
 PEER_WARM_UP = 20
+# An idle connection is dropped by the client first: uvicorn closes one after 5 s, and a
+# request sent on it as it closes fails (httpx.ReadError).
+PEER_KEEPALIVE_S = 2.0
 
 
 def proc_memory_mb(pid: int | None) -> tuple[float, float]:
@@ -1780,22 +1784,39 @@ async def ploy_dev(bench: Bench) -> AsyncIterator[PeerServer]:
 
 
 class PeerClient:
-    """A cheap HTTP/1.1 client: one keep-alive pool, at most ``PEER_CONNECTIONS`` requests
-    in flight (the rest wait on a semaphore, not in the pool's queue)."""
+    """A cheap HTTP/1.1 client: ``PEER_CONNECTIONS`` keep-alive connections in
+    ``PEER_POOL``-sized httpx pools, one request in flight per connection (the rest wait
+    on a semaphore, not in a pool's queue).
+
+    Why pools of 10: httpcore looks at every connection of its pool (a ``select`` and a
+    ``getpeername`` each) on each request and each response, so one pool of 100
+    costs the client ~10 ms of CPU per execution, more than the server spends.
+    """
 
     def __init__(self, url: str):
         import httpx
 
-        self.http = httpx.AsyncClient(
-            base_url=f"{url}/__ploy/api", timeout=httpx.Timeout(60.0),
-            limits=httpx.Limits(max_connections=PEER_CONNECTIONS,
-                                max_keepalive_connections=PEER_CONNECTIONS))
-        self.slots = asyncio.Semaphore(PEER_CONNECTIONS)
+        self.pools = [
+            (httpx.AsyncClient(base_url=f"{url}/__ploy/api", timeout=httpx.Timeout(60.0),
+                               limits=httpx.Limits(max_connections=PEER_POOL,
+                                                   max_keepalive_connections=PEER_POOL,
+                                                   keepalive_expiry=PEER_KEEPALIVE_S)),
+             asyncio.Semaphore(PEER_POOL))
+            for _ in range(max(1, PEER_CONNECTIONS // PEER_POOL))]
+        self.turn = 0
+
+    @asynccontextmanager
+    async def _http(self) -> AsyncIterator[Any]:
+        """The next pool in turn, once one of its connections is free."""
+        self.turn = (self.turn + 1) % len(self.pools)
+        http, free = self.pools[self.turn]
+        async with free:
+            yield http
 
     async def trigger(self, binding: str, value: Any) -> dict[str, Any]:
         """POST .../trigger/{binding}: its 201 answer."""
-        async with self.slots:
-            response = await self.http.post(f"/trigger/{binding}", json={"input": value})
+        async with self._http() as http:
+            response = await http.post(f"/trigger/{binding}", json={"input": value})
         if response.status_code != 201:
             raise RuntimeError(f"trigger {binding}: {response.status_code} {response.text}")
         answer: dict[str, Any] = response.json()
@@ -1805,8 +1826,8 @@ class PeerClient:
         """The ended execution through the long-poll (asked again on each 202)."""
         params = {"wait": PEER_WAIT, "min_offset": str(started["offset"])}
         while True:
-            async with self.slots:
-                response = await self.http.get(f"/executions/{started['execution_id']}/result",
+            async with self._http() as http:
+                response = await http.get(f"/executions/{started['execution_id']}/result",
                                                params=params)
             if response.status_code == 200:
                 execution: dict[str, Any] = response.json()
@@ -1816,8 +1837,8 @@ class PeerClient:
                                    f"{response.status_code} {response.text}")
 
     async def history(self, eid: str) -> list[dict[str, Any]]:
-        async with self.slots:
-            response = await self.http.get(f"/executions/{eid}/history")
+        async with self._http() as http:
+            response = await http.get(f"/executions/{eid}/history")
         response.raise_for_status()
         events: list[dict[str, Any]] = response.json()["events"]
         return events
@@ -1831,7 +1852,8 @@ class PeerClient:
         return execution
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        for http, _ in self.pools:
+            await http.aclose()
 
 
 async def peer(bench: Bench) -> None:
