@@ -103,3 +103,21 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_quick_peer_runs_ploy_dev_over_http_and_leaves_nothing(kafka: str, tmp_path: Path) -> None:
+    _, figures, _ = run_bench(kafka, tmp_path, "peer", timeout_s=60)
+    value = {(s, m): v for s, m, v, _ in figures}
+    assert value["peer", "sequential"] == 20 and value["peer", "at_once"] == 100
+    assert value["peer", "sleepers"] == 5
+    for metric in ("trigger_to_result_p50", "trigger_only_p50", "start_all", "completed",
+                   "cpu_server_per_execution", "cpu_broker_per_execution", "rss_server",
+                   "rss_broker", "floor_append_p50"):
+        assert value["peer", metric] > 0, metric
+    assert value["peer", "trigger_only_p50"] < value["peer", "trigger_to_result_p50"]
+    # A 1 s sleep never ends early, and its timer fired at or after its wake time.
+    assert value["peer", "sleep_late_p50"] >= 0 and value["peer", "sleep_timer_fired_late_p50"] >= 0
+    # ploy dev and its broker are gone.
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+            and str(tmp_path) in _cmdline(p)]
+    assert left == [], [_cmdline(p) for p in left]
