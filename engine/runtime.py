@@ -120,6 +120,7 @@ class Runtime:
         self._watchers: dict[str, list[asyncio.Queue[Seen]]] = {}
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
+        self._fired_here: set[tuple[str, str]] = set()  # woken here; skip its TimerFired
 
     @property
     def state_path(self) -> Path:
@@ -205,8 +206,35 @@ class Runtime:
 
     async def _append_fired(self, eid: str, workflow: str, sleep_key: str, wake_at: int,
                             partition: int) -> None:
-        await self.log.append(Event(eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
-                                    epoch=self.ownership.epoch_of(partition)))
+        """Append ``TimerFired``; once acknowledged, resume the execution with the value in
+        hand (as a trigger does), not a fold hop later: the fold's ``TimerFired`` then
+        starts nothing."""
+        _, offset = await self.log.append(Event(
+            eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
+            epoch=self.ownership.epoch_of(partition)))
+        self._spawn(self._resume_fired(eid, sleep_key, partition, offset), f"ploy-woke-{eid}")
+
+    async def _resume_fired(self, eid: str, sleep_key: str, partition: int, offset: int) -> None:
+        """Start the runner of a sleep this process just fired, from the view as it stands
+        right before the ``TimerFired`` at ``offset`` plus that firing."""
+        await self.partitions.folded(partition, offset - 1)
+        view = self.views.get(partition)
+        if (view is None or view.next_offset > offset or self.stopping or eid in self.runners
+                or not self.may_run(partition)):
+            return  # the fold got there first (and started it), or it is not ours to run
+        record = view.record(eid)
+        if record is None or record["sleeping_on"] != sleep_key:
+            return  # cancelled meanwhile, say: the fold decides
+        workflow = self.worker.workflow(record["workflow"])
+        if workflow is None:
+            return
+        steps = view.steps(eid)
+        for step in steps:
+            if step["kind"] == "sleep" and step["key"] == sleep_key:
+                step["status"] = ExecutionStatus.COMPLETED.value
+        self._fired_here.add((eid, sleep_key))
+        logged = view.log_positions(eid) if record["logs"] else []
+        self._run(ExecutionRunner(self, record, steps, workflow, logged))
 
     def advertise(self, url: str) -> None:
         """The address of this process's engine API, where others send their queries."""
@@ -258,6 +286,9 @@ class Runtime:
             body = event.body
             if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
                 self._started_on_ack.discard(event.execution_id)  # trigger() started it
+            elif isinstance(body, TimerFired) and (event.execution_id, body.sleep) in (
+                    self._fired_here):
+                self._fired_here.discard((event.execution_id, body.sleep))  # woken on its ack
             elif isinstance(body, WorkflowTriggered | TimerFired):
                 self._maybe_start(event.execution_id)
             elif isinstance(body, CancelRequested):

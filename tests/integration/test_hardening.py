@@ -12,17 +12,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from confluent_kafka import Producer
 from pydantic import BaseModel
 
 from engine import Engine, ploy
+from engine.app import serving_api
 from engine.errors import (
     AppendError,
     InvalidInputError,
@@ -351,7 +350,7 @@ async def test_a_corrupt_record_stops_triggers_until_an_operator_skips_it(
             assert response.status_code == 409 and response.json()["stalled_at"] == corrupt_at[0]
             response = await client.post(url, json={"offset": corrupt_at[0], "reason": " "})
             assert response.status_code == 422 and "reason" in response.text
-            async with serving(create_app(engine)) as base:
+            async with serving_api(engine) as base:
                 cli = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "engine.cli", "skip", "--url", base,
                     "--partition", str(partition), "--offset", str(corrupt_at[0]),
@@ -385,22 +384,6 @@ async def test_a_corrupt_record_stops_triggers_until_an_operator_skips_it(
             assert list(view.dump()) == dump
         finally:
             view.close()
-
-
-@asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    """A real uvicorn server on a free loopback port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="off", ws="none"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
 
 
 def _id_for(engine: Engine, workflow: str, key: str) -> str:
