@@ -81,8 +81,7 @@ class Directory:
                 "at": int(time.time() * 1000)}
         self._producer.produce(self.topic, key=self.worker_id.encode(),
                                value=json.dumps(card).encode())
-        self._producer.poll(0)
-        self._producer.flush(5)
+        self._producer.poll(0)  # sent in the background: the event loop never waits on it
 
     # -- everyone's cards ----------------------------------------------------------------
 
