@@ -242,19 +242,20 @@ class Partitions:
                 self.lease_broken = True  # frozen or starved: claims may have moved
             last = self.last_poll = now  # after the flag: a reader sees one or the other
             # Step 3.
+            folded: list[tuple[int, Applied]] = []
             for p, records in batches.items():
                 if p not in self.following:
                     continue  # unfollowed since it was polled: a later follow refetches
                 try:
-                    applied = self._fold(p, records)
+                    folded.append((p, self._fold(p, records)))
                 except Exception as exc:  # e.g. a disk error: stop this partition, loudly
                     logger.exception("partition %d: the fold failed", p)
                     view = self.views[p]
                     self.stalled[p] = CorruptEventError(self.log.topic, p, view.next_offset,
                                                         f"fold failed: {exc!r}")
-                    continue
-                # Step 4.
-                self._loop.call_soon_threadsafe(self._applied, p, applied)
+            # Step 4. One wake-up of the event loop per poll, not per partition.
+            if folded:
+                self._loop.call_soon_threadsafe(self._applied_all, folded)
 
     def _poll(self, timeout_s: float) -> dict[int, list[tuple[int, bytes]]]:
         """What has arrived, as soon as anything has: wait for one record, then take
@@ -271,6 +272,10 @@ class Partitions:
                 continue
             by_partition.setdefault(msg.partition(), []).append((msg.offset(), msg.value()))
         return by_partition
+
+    def _applied_all(self, folded: list[tuple[int, Applied]]) -> None:
+        for partition, applied in folded:
+            self._applied(partition, applied)
 
     def _applied(self, partition: int, applied: Applied) -> None:
         """On the event loop: tell the runtime, then wake the readers waiting for an offset."""
