@@ -669,23 +669,42 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
 
 
 def _progress_bar() -> Callable[[int, int], None]:
-    """A progress bar on stderr when it is a terminal, else silence."""
+    """A progress bar on stderr when it is a terminal, else silence: events folded of the
+    estimated total, the rate over the last few seconds, and the time left at that rate."""
     tty = sys.stderr.isatty()
+    window: list[tuple[float, int]] = []  # (when, done) of the last RATE_WINDOW_S seconds
     state = {"shown_at": 0.0, "finished": False}
 
     def show(done: int, total: int) -> None:
         now = time.monotonic()
+        window.append((now, done))
+        while now - window[0][0] > _RATE_WINDOW_S:
+            window.pop(0)
         finished = done >= total
         if not tty or state["finished"] or (now - state["shown_at"] < 0.1 and not finished):
             return
         state["shown_at"], state["finished"] = now, finished
         share = done / total if total else 1.0
         bar = "#" * int(share * 30)
+        since, before = window[0]
+        rate = (done - before) / (now - since) if now > since else 0.0
+        left = "" if finished or rate <= 0 else f" ETA {_clock(max(total - done, 0) / rate)}"
         end = "\n" if finished else ""
-        sys.stderr.write(f"\rrebuilding [{bar:<30}] {done}/{total} events {share:4.0%}{end}")
+        sys.stderr.write(f"\rrebuilding [{bar:<30}] {done:,}/{total:,} events {share:4.0%} "
+                         f"{rate:,.0f} events/s{left}\x1b[K{end}")
         sys.stderr.flush()
 
     return show
+
+
+_RATE_WINDOW_S = 3.0
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss`` (or ``h:mm:ss``) of a duration, for an ETA."""
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from functools import cache
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -190,6 +190,78 @@ _new = object.__new__
 # In order of frequency: the loops test them in this order.
 _STRING, _LONG, _OPTIONAL_STRING, _UNION, _BOOLEAN, _OPTIONAL, _CALL = range(7)
 _INLINE = {"string": _STRING, "int": _LONG, "long": _LONG, "boolean": _BOOLEAN}
+
+# What a compiled reader does for a field of each kind (see ``_Compiler.record_reader``):
+# ``{v}`` is the local the value goes to, ``{arg}`` what ``field_reader`` gave the kind.
+# Readers raise IndexError when the bytes run out, ValueError on bytes no writer produces.
+_STRING_SOURCE = """\
+n = data[pos]
+if n < 0x80:
+    pos += 1
+else:
+    n, pos = _read_varint(data, pos)
+if n & 1:
+    raise ValueError(f"negative length {{(n >> 1) ^ -1}}")
+end = pos + (n >> 1)
+if end > size:
+    raise EOFError(f"Expected {{n >> 1}} bytes, read {{size - pos}}")
+{v} = data[pos:end].decode()
+pos = end
+"""
+_READ_SOURCE: dict[int, str] = {
+    _STRING: _STRING_SOURCE,
+    _LONG: """\
+n = data[pos]
+pos += 1
+if n > 0x7F:
+    n &= 0x7F
+    shift = 7
+    while True:
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+    if n >> 64:
+        raise ValueError("varint longer than 64 bits")
+{v} = (n >> 1) ^ -(n & 1)
+""",
+    _OPTIONAL_STRING: """\
+b = data[pos]
+if b == 2:
+    pos += 1
+    index = 1
+elif b == 0:
+    pos += 1
+    index = 0
+else:  # the index as a longer varint: odd, but valid
+    index, pos = _read_union_index(data, pos, 2)
+if index == 0:
+    {v} = None
+else:
+""" + "".join(f"    {line}\n" for line in _STRING_SOURCE.splitlines()),
+    _UNION: """\
+b = data[pos]
+if b & 0x81 or b >> 1 >= len({arg}):
+    index, pos = _read_union_index(data, pos, len({arg}))
+else:
+    index = b >> 1
+    pos += 1
+{v}, pos = {arg}[index](data, pos)
+""",
+    _BOOLEAN: "{v}, pos = _read_boolean(data, pos)\n",
+    _OPTIONAL: """\
+index, pos = _read_union_index(data, pos, 2)
+if index:
+    {v}, pos = {arg}(data, pos)
+else:
+    {v} = None
+""",
+    _CALL: "{v}, pos = {arg}(data, pos)\n",
+}
 
 
 def _kind(schema: Any) -> str:
@@ -528,90 +600,38 @@ class _Compiler:
 
     # readers
 
-    def record_reader(self, schema: dict[str, Any], top: bool) -> Reader:  # noqa: C901
+    def record_reader(self, schema: dict[str, Any], top: bool) -> Reader:
+        """A reader of the record as straight-line Python, compiled once.
+
+        One function per record with every field's read written out (the common
+        kinds inline, the rest a call): no loop over a plan and no test of which
+        kind a field is at run time, which halves a decode. Fields are read into
+        locals, then set on the instance in the class's field order, as
+        ``__init__`` would; fields the class lacks (the envelope's extras) are read
+        and dropped.
+        """
         binding = self.bind(schema, top)
-        plan = [(f["name"], *self.field_reader(f["type"])) for f in schema["fields"]]
-        cls, extras, fast = binding.cls, binding.extras, binding.fast
-        # Filling __dict__ in the class's field order when the record's differs, as __init__.
-        ordered = fast and binding.names != binding.members
-        template = dict.fromkeys(binding.members)
-
-        def read_record(data: bytes, pos: int) -> tuple[Any, int]:  # noqa: C901
-            size = len(data)
-            obj: Any = None
-            if fast:
-                obj = _new(cls)
-                values = obj.__dict__
-                if ordered:
-                    values.update(template)
-            else:
-                values = {}
-            for name, op, arg in plan:
-                if op == _OPTIONAL_STRING:
-                    b = data[pos]
-                    if b == 0:
-                        values[name] = None
-                        pos += 1
-                        continue
-                    if b == 2:
-                        pos += 1
-                    else:  # the index as a longer varint: odd, but valid
-                        index, pos = _read_union_index(data, pos, 2)
-                        if index == 0:
-                            values[name] = None
-                            continue
-                    op = _STRING
-                if op == _STRING:
-                    n = data[pos]
-                    if n < 0x80:
-                        pos += 1
-                    else:
-                        n, pos = _read_varint(data, pos)
-                    if n & 1:
-                        raise ValueError(f"negative length {(n >> 1) ^ -1}")
-                    end = pos + (n >> 1)
-                    if end > size:
-                        raise EOFError(f"Expected {n >> 1} bytes, read {size - pos}")
-                    values[name] = data[pos:end].decode()
-                    pos = end
-                elif op == _LONG:
-                    n = data[pos]
-                    pos += 1
-                    if n > 0x7F:
-                        n &= 0x7F
-                        shift = 7
-                        while True:
-                            b = data[pos]
-                            pos += 1
-                            n |= (b & 0x7F) << shift
-                            if b < 0x80:
-                                break
-                            shift += 7
-                            if shift > 63:
-                                raise ValueError("varint longer than 10 bytes")
-                        if n >> 64:
-                            raise ValueError("varint longer than 64 bits")
-                    values[name] = (n >> 1) ^ -(n & 1)
-                elif op == _UNION:
-                    b = data[pos]
-                    if b & 0x81 or b >> 1 >= len(arg):
-                        index, pos = _read_union_index(data, pos, len(arg))
-                    else:
-                        index = b >> 1
-                        pos += 1
-                    values[name], pos = arg[index](data, pos)
-                elif op == _BOOLEAN:
-                    values[name], pos = _read_boolean(data, pos)
-                elif op == _OPTIONAL:
-                    index, pos = _read_union_index(data, pos, 2)
-                    values[name], pos = arg(data, pos) if index else (None, pos)
-                else:
-                    values[name], pos = arg(data, pos)
-            for name in extras:
-                del values[name]
-            return (obj if fast else cls(**values)), pos
-
-        return read_record
+        env: dict[str, Any] = {
+            "_cls": binding.cls, "_new": _new, "_read_varint": _read_varint,
+            "_read_union_index": _read_union_index, "_read_boolean": _read_boolean,
+        }
+        body: list[str] = ["size = len(data)"]
+        local: dict[str, str] = {}
+        for i, field in enumerate(schema["fields"]):
+            op, arg = self.field_reader(field["type"])
+            target = local[field["name"]] = f"v{i}"
+            env[f"arg{i}"] = arg
+            body += _READ_SOURCE[op].format(v=target, arg=f"arg{i}").splitlines()
+        kept = [n for n in binding.names if n not in binding.extras]
+        if binding.fast:
+            body += ["obj = _new(_cls)", "d = obj.__dict__"]
+            body += [f"d[{name!r}] = {local[name]}" for name in binding.members]
+        else:
+            body.append("obj = _cls(" + ", ".join(f"{n}={local[n]}" for n in kept) + ")")
+        body.append("return obj, pos")
+        source = "def read_record(data, pos):\n" + "".join(f"    {line}\n" for line in body)
+        exec(compile(source, f"<avro reader {schema['name']}>", "exec"), env)  # noqa: S102
+        return cast(Reader, env["read_record"])
 
     def field_reader(self, schema: Any) -> tuple[int, Any]:
         """How the record loop reads a field: its kind and what that kind needs."""

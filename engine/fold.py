@@ -36,9 +36,10 @@ Rules the fold keeps:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from typing import Any, cast
+
+from orjson import OPT_SORT_KEYS, dumps, loads
 
 from engine import keys
 from engine.errors import InvalidTransitionError
@@ -64,7 +65,7 @@ from engine.events import (
 from engine.models import ExecutionStatus
 
 Record = dict[str, Any]
-_DELETED = object()
+_UNREAD: Any = object()
 
 QUEUED = ExecutionStatus.QUEUED.value
 RUNNING = ExecutionStatus.RUNNING.value
@@ -76,53 +77,75 @@ class Tx:
     """Pending writes over a read function: the fold's only door to state.
 
     Records are kept decoded until :meth:`encoded`, so a batch that touches
-    one execution a hundred times parses and serializes it once.
+    one execution a hundred times parses and serializes it once; a key read
+    and found missing is remembered too (the claim is looked up per event).
+    A key holds a JSON record (:meth:`put`) or raw bytes (:meth:`put_raw`),
+    never both: ``engine.keys`` gives each keyspace one kind.
     """
+
+    __slots__ = ("_read", "_records", "_raw", "_began")
 
     def __init__(self, read: Callable[[bytes], bytes | None]):
         self._read = read
-        self._pending: dict[bytes, Any] = {}
+        self._records: dict[bytes, Record | None] = {}  # decoded; None: absent or deleted
+        self._raw: dict[bytes, bytes | None] = {}  # raw values; None deletes
         self._began: dict[str, str | None] = {}  # execution id -> status before the batch
 
     def touch(self, eid: str, status: str | None) -> None:
         """Note the status ``eid`` had before this batch (None: it did not exist)."""
         self._began.setdefault(eid, status)
 
-    def get(self, key: bytes) -> Record | None:
-        """The JSON record at ``key``, with this batch's writes applied."""
-        if key in self._pending:
-            value = self._pending[key]
-            return None if value is _DELETED else cast(Record, value)
+    def is_new(self, eid: str) -> bool:
+        """Whether this batch created ``eid`` (touched, and absent from the view before it).
+        The view then holds none of its keys: the fold writes them all after the trigger."""
+        return self._began.get(eid, "") is None
+
+    def get(self, key: bytes, new: bool = False) -> Record | None:
+        """The JSON record at ``key``, with this batch's writes applied. ``new``: the key
+        belongs to an execution this batch created (:meth:`is_new`), so the view cannot
+        hold it and is not read (a rebuild creates every execution: one read fewer each)."""
+        records = self._records
+        record = records.get(key, _UNREAD)
+        if record is not _UNREAD or new:
+            return None if record is _UNREAD else cast("Record | None", record)
         raw = self._read(key)
-        if raw is None:
-            return None
-        record: Record = json.loads(raw)
-        self._pending[key] = record
-        return record
+        record = None if raw is None else loads(raw)
+        records[key] = record
+        return cast("Record | None", record)
 
     def put(self, key: bytes, record: Record) -> None:
-        self._pending[key] = record
+        self._records[key] = record
 
     def put_raw(self, key: bytes, value: bytes) -> None:
-        self._pending[key] = value
+        self._raw[key] = value
 
-    def delete(self, key: bytes) -> None:
-        self._pending[key] = _DELETED
+    def delete(self, key: bytes, new: bool = False) -> None:
+        """Delete ``key``. ``new``: it belongs to an execution this batch created, so only
+        this batch put it: the put is dropped and no tombstone is written."""
+        if new:
+            self._raw.pop(key, None)
+            self._records.pop(key, None)
+        else:
+            self._raw[key] = None
+            self._records[key] = None
 
     def encoded(self) -> Iterator[tuple[bytes, bytes | None]]:
-        """Every write as bytes (``None`` deletes), deterministic JSON, listing indexes included."""
+        """Every write as bytes (``None`` deletes), deterministic JSON, listing indexes included.
+
+        Raw writes and deletes come first, then the records: a record put after a
+        delete of its key is written. JSON is compact with sorted keys (orjson:
+        non-ASCII text as UTF-8, not escaped).
+        """
         self._index()
-        for key, value in self._pending.items():
-            if value is _DELETED:
-                yield key, None
-            elif isinstance(value, bytes):
-                yield key, value
-            else:
-                yield key, json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+        yield from self._raw.items()
+        for key, value in self._records.items():
+            if value is not None:
+                yield key, dumps(value, option=OPT_SORT_KEYS)
 
     def _index(self) -> None:
         """Rule 7: move each touched execution's listing keys from its status before the
         batch to its status now."""
+        raw = self._raw
         for eid, before in self._began.items():
             ex = self.get(keys.execution(eid))
             if ex is None or ex["status"] == before:
@@ -130,12 +153,12 @@ class Tx:
             workflow, created = ex["workflow"], ex["created_at"]
             if before is None:
                 for key in keys.listing_keys(workflow, None, created, eid):
-                    self.put_raw(key, b"")
+                    raw[key] = b""
             else:
                 for key in keys.listing_keys(workflow, before, created, eid):
                     self.delete(key)
             for key in keys.listing_keys(workflow, ex["status"], created, eid):
-                self.put_raw(key, b"")
+                raw[key] = b""
         self._began.clear()
 
 
@@ -153,21 +176,23 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
         return False
     if _fenced(tx, event, offset):
         return False
-    ex = tx.get(keys.execution(eid))
+    eid_key = eid.encode()
+    ex_key = keys.EXECUTION + eid_key
+    ex = tx.get(ex_key)
     tx.touch(eid, None if ex is None else ex["status"])
     if isinstance(body, WorkflowTriggered):
         if ex is None:
             ex = new_execution(event, body, partition)
-            tx.put_raw(keys.active(eid), b"")
-            tx.put_raw(keys.created(event.timestamp, eid), b"")
+            tx.put_raw(keys.ACTIVE + eid_key, b"")
+            tx.put_raw(keys.CREATED + keys.u64(event.timestamp) + eid_key, b"")
     elif ex is None:
         raise InvalidTransitionError(eid, None, event.type)
     else:
         _FOLDS[type(body)](tx, ex, event)
     ex["events"] += 1
     ex["updated_at"] = event.timestamp
-    tx.put(keys.execution(eid), ex)
-    tx.put_raw(keys.history(eid, offset), raw)
+    tx.put(ex_key, ex)
+    tx.put_raw(keys.HISTORY + eid_key + keys.SEP + keys.u64(offset), raw)
     return True
 
 
@@ -243,7 +268,7 @@ def _finish(tx: Tx, ex: Record, status: str, ts: int) -> bool:
         return False
     ex["status"] = status
     ex["ended_at"] = ts
-    tx.delete(keys.active(ex["id"]))
+    tx.delete(keys.active(ex["id"]), tx.is_new(ex["id"]))
     if ex["sleeping_on"] is not None:
         sleep_key = keys.sleep(ex["id"], ex["sleeping_on"])
         sleep = tx.get(sleep_key)
@@ -260,8 +285,11 @@ def _started(tx: Tx, ex: Record, event: Event) -> None:
     _run(ex, event.timestamp)
 
 
-def _step(tx: Tx, ex: Record, key: str, input_: str | None, ts: int) -> Record:
-    step = tx.get(keys.step(ex["id"], key))
+def _step(tx: Tx, ex: Record, key: str, input_: str | None, ts: int) -> tuple[bytes, Record]:
+    """The step record of ``key`` (a new one if there is none yet), and its view key."""
+    eid = ex["id"]
+    step_key = keys.step(eid, key)
+    step = tx.get(step_key, tx.is_new(eid))
     if step is None:
         step = {
             "key": key,
@@ -276,7 +304,7 @@ def _step(tx: Tx, ex: Record, key: str, input_: str | None, ts: int) -> Record:
             "ended_at": None,
         }
         ex["seq"] += 1
-    return step
+    return step_key, step
 
 
 def _attempt(step: Record, n: int, started_at: int) -> Record:
@@ -293,28 +321,28 @@ def _step_started(tx: Tx, ex: Record, event: Event) -> None:
     body = event.body
     assert isinstance(body, StepStarted)
     _run(ex, event.timestamp)
-    step = _step(tx, ex, body.step, body.input, event.timestamp)
+    step_key, step = _step(tx, ex, body.step, body.input, event.timestamp)
     step["status"] = RUNNING
     _attempt(step, body.attempt, event.timestamp)
-    tx.put(keys.step(ex["id"], body.step), step)
+    tx.put(step_key, step)
 
 
 def _step_completed(tx: Tx, ex: Record, event: Event) -> None:
     body = event.body
     assert isinstance(body, StepCompleted)
     _run(ex, event.timestamp)
-    step = _step(tx, ex, body.step, body.input, body.started_at)
+    step_key, step = _step(tx, ex, body.step, body.input, body.started_at)
     attempt = _attempt(step, body.attempt, body.started_at)
     attempt["ended_at"] = event.timestamp
     step.update(status="completed", output=body.output, ended_at=event.timestamp, error=None)
-    tx.put(keys.step(ex["id"], body.step), step)
+    tx.put(step_key, step)
 
 
 def _step_failed(tx: Tx, ex: Record, event: Event) -> None:
     body = event.body
     assert isinstance(body, StepFailed)
     _run(ex, event.timestamp)
-    step = _step(tx, ex, body.step, body.input, body.started_at)
+    step_key, step = _step(tx, ex, body.step, body.input, body.started_at)
     attempt = _attempt(step, body.attempt, body.started_at)
     error = {"type": body.error_type, "message": body.message, "traceback": body.traceback}
     attempt.update(ended_at=event.timestamp, error=error, retry_at=body.retry_at)
@@ -323,14 +351,14 @@ def _step_failed(tx: Tx, ex: Record, event: Event) -> None:
         step.update(status="failed", ended_at=event.timestamp)
     else:
         step["status"] = "retrying"
-    tx.put(keys.step(ex["id"], body.step), step)
+    tx.put(step_key, step)
 
 
 def _sleep_scheduled(tx: Tx, ex: Record, event: Event) -> None:
     body = event.body
     assert isinstance(body, SleepScheduled)
     key = keys.sleep(ex["id"], body.sleep)
-    if tx.get(key) is not None:
+    if tx.get(key, tx.is_new(ex["id"])) is not None:
         return
     tx.put(key, {
         "key": body.sleep,

@@ -127,12 +127,15 @@ def parse_listing(prefix: bytes, key: bytes) -> tuple[int, str]:
 
 def listing_keys(workflow: str, status: str | None, created_at: int, eid: str) -> list[bytes]:
     """An execution's keys in the listing indexes: with ``status`` None, the two that never
-    change (all, by workflow); else the two that move with its status (by status, by both)."""
+    change (all, by workflow); else the two that move with its status (by status, by both).
+    The fold writes them for every execution: the parts are joined once here, the same
+    bytes as :func:`listing` over :func:`listing_prefix`."""
+    tail = _U64.pack(_NEWEST_FIRST - created_at) + eid.encode()
+    wf = workflow.encode() + SEP
     if status is None:
-        pairs: tuple[tuple[str | None, str | None], ...] = ((None, None), (None, workflow))
-    else:
-        pairs = ((status, None), (status, workflow))
-    return [listing(listing_prefix(s, w), created_at, eid) for s, w in pairs]
+        return [LISTED + tail, BY_WORKFLOW + wf + tail]
+    st = status.encode() + SEP
+    return [BY_STATUS + st + tail, BY_WORKFLOW_STATUS + wf + st + tail]
 
 
 def end_of(prefix: bytes) -> bytes:

@@ -12,11 +12,13 @@ deleted: a held lock is a :class:`~engine.errors.StateLockedError`.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,20 +128,43 @@ def _report(on_progress: Progress | None, done: int, total: int) -> None:
         on_progress(done, max(done, total))
 
 
+@contextlib.contextmanager
+def _rare_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector rarely while folding.
+
+    A batch allocates tens of thousands of containers (events, decoded records)
+    that die with it and form no cycles, so the default generation-0 threshold
+    (700) runs the collector several times per batch, each time walking every
+    live container: about a fifth of the fold's time. Reference counting frees
+    all of it anyway; the collector still runs, every 100,000 allocations.
+    """
+    threshold = gc.get_threshold()
+    gc.set_threshold(_GC_THRESHOLD, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+
+
+_GC_THRESHOLD = 100_000
+
+
 def _fold(log: EventLog, state_path: Path, partitions: list[int],
           folded: Callable[[int], None]) -> int:
     """Fold ``partitions`` from offset 0 to their end; ``folded(total so far)`` per batch."""
-    views = {p: PartitionView(state_path / f"p{p}", log.topic, p, log.codec)
+    # No write-ahead log: a rebuild that dies starts over (see PartitionView).
+    views = {p: PartitionView(state_path / f"p{p}", log.topic, p, log.codec, wal=False)
              for p in partitions}
     done = 0
     try:
-        for batches in log.read_until_end(dict.fromkeys(views, 0)):
-            for p, records in batches.items():
-                applied, failure = apply_or_skip(log, views[p], records)
-                done += len(applied)
-                if failure is not None:
-                    raise failure
-            folded(done)
+        with _rare_collections():
+            for batches in log.read_until_end(dict.fromkeys(views, 0)):
+                for p, records in batches.items():
+                    applied, failure = apply_or_skip(log, views[p], records)
+                    done += len(applied)
+                    if failure is not None:
+                        raise failure
+                folded(done)
     finally:
         for view in views.values():
             view.close()

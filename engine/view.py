@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
-from rocksdict import Options, Rdict, ReadOptions, WriteBatch
+from rocksdict import BlockBasedOptions, Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
 from engine import fold, keys
 from engine.codec import Codec, default_codec
@@ -45,17 +45,35 @@ from engine.models import (
 def _options() -> Options:
     opts = Options(raw_mode=True)
     opts.create_if_missing(True)
+    # A Bloom filter per table file: the fold's reads of records that do not exist yet
+    # (every trigger reads its execution first) skip the files that cannot hold them.
+    table = BlockBasedOptions()
+    table.set_bloom_filter(10, False)
+    opts.set_block_based_table_factory(table)
     return opts
 
 
 class PartitionView:
     """The folded state of one partition of the events topic."""
 
-    def __init__(self, path: Path, topic: str, partition: int, codec: Codec | None = None):
+    def __init__(self, path: Path, topic: str, partition: int, codec: Codec | None = None,
+                 *, wal: bool = True):
+        """Open (or create) the partition's RocksDB at ``path``.
+
+        ``wal=False`` writes without RocksDB's write-ahead log, for a rebuild: a
+        process that dies loses its last unflushed batches, but each batch and its
+        next offset share a memtable, so the view is still exactly at some offset.
+        :meth:`close` flushes.
+        """
         self.path, self.topic, self.partition = path, topic, partition
         self.codec = codec or default_codec()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = Rdict(str(path), _options())
+        self._write_options: WriteOptions | None = None
+        if not wal:
+            self._write_options = WriteOptions()
+            # A property at run time; rocksdict's stubs declare a method.
+            self._write_options.disable_wal = True  # type: ignore[method-assign,assignment]
         raw = self.db.get(keys.NEXT_OFFSET)
         self.next_offset = 0 if raw is None else keys.read_u64(raw)
         self.claim_epoch = self._claim_epoch()
@@ -113,7 +131,7 @@ class PartitionView:
                 else:
                     batch.put(key, value)
             batch.put(keys.NEXT_OFFSET, keys.u64(next_offset))
-            self.db.write(batch)
+            self.db.write(batch, self._write_options)
             self.next_offset = next_offset
             claim = tx.get(keys.CLAIM)  # decoded already by the fold: no second read
             self.claim_epoch = 0 if claim is None else int(claim["epoch"])
