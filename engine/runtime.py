@@ -244,9 +244,11 @@ class Runtime:
 
     def _publish(self) -> None:
         if self.directory is not None and self.runs:
-            views = self.partitions.views
+            # What this process can answer for: what it folds, less what it is still
+            # catching up on to claim (its view there may not hold the log's end yet).
+            views, claiming = self.partitions.views, set(self.ownership.claiming())
             folded = {p: views[p].claim_epoch for p in sorted(self.partitions.following)
-                      if p in views}
+                      if p in views and p not in claiming}
             try:
                 self.directory.publish(folded)
             except Exception as exc:  # the card is a hint; the next change sends it again
