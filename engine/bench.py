@@ -702,7 +702,7 @@ async def rebuild(bench: Bench) -> None:
         await asyncio.to_thread(log.close)
     bench.add("rebuild", "events", count, "count")
     bench.add("rebuild", "folded", statistics.median(rebuilt), "events/s",
-              Target(">=", 50_000))
+              Target(">=", 100_000))
     bench.add("rebuild", "folded_one_process", statistics.median(r[0] for r in rates),
               "events/s")
     bench.add("rebuild", "folded_apply_only", statistics.median(r[1] for r in rates),
