@@ -7,7 +7,9 @@ Three concerns, each in its module, meet here:
   group, claims on the log, planned handoffs, the lease after a freeze);
 - this module: the runners of those partitions' executions (start on a
   trigger, a fired timer or a claim; resume after a failed append; cancel) and
-  the client API (trigger, get, history, list, cancel, skip).
+  the writes of the client API (trigger, cancel, skip);
+- ``engine.queries``: its reads (get, history, list, wait for the end, stream),
+  here or at the partition's owner.
 
 A process folds only what it owns (plus every partition on a ``standby``
 worker or a read ``replica``). A query about an execution on a partition it
@@ -20,7 +22,6 @@ partition, and asks no one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -28,12 +29,8 @@ import socket
 import time
 import uuid
 from collections.abc import (
-    AsyncGenerator,
-    AsyncIterator,
     Callable,
     Coroutine,
-    Iterable,
-    Iterator,
 )
 from pathlib import Path
 from typing import Any
@@ -49,9 +46,7 @@ from engine.directory import Directory
 from engine.errors import (
     CorruptEventError,
     InvalidInputError,
-    NotFoldedHereError,
     NotStalledError,
-    OwnerUnavailableError,
     PartitionStalledError,
     PayloadTooDeepError,
     SerializationError,
@@ -63,33 +58,30 @@ from engine.events import (
     RecordSkipped,
     TimerFired,
     WorkflowCancelled,
-    WorkflowCompleted,
     WorkflowFailed,
     WorkflowTriggered,
     claim_id,
 )
 from engine.execution import ExecutionRunner, Outcome, to_json
 from engine.fold import new_execution
-from engine.listing import Cursor, Page, list_page, merge
 from engine.log import EventLog
-from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
+from engine.models import ExecutionStatus
 from engine.ownership import Ownership
 from engine.partitions import Applied, Partitions
+from engine.queries import Queries, Seen
 from engine.threads import StepThreads
 from engine.timers import TimerSchedule
-from engine.view import PartitionView, build_execution, history_entries
+from engine.view import PartitionView
 
 logger = logging.getLogger("ploy.runtime")
 
 ID_NAMESPACE = uuid.UUID("6f1c1d1e-9a43-4b8e-9a55-3e1f0c2b7d10")
 RUNNABLE = (ExecutionStatus.QUEUED.value, ExecutionStatus.RUNNING.value)
-ENDS = (WorkflowCompleted, WorkflowFailed, WorkflowCancelled, CancelRequested)
-MAX_WAIT_S = 60.0  # a long-poll or a stream slice at an owner; the asker asks again
-Seen = tuple[int, int, Event]  # (partition, offset, event) as the fold applied it
 
 
-class Runtime:
-    """Runs the executions of the partitions this process owns; answers for any."""
+class Runtime(Queries):
+    """Runs the executions of the partitions this process owns; answers for any
+    (the queries, result waiters and event streams are in ``engine.queries``)."""
 
     def __init__(self, worker: Worker, config: Config, log: EventLog, *,
                  clock: Clock | None = None, max_threads: int = 32, scale_out: bool = False,
@@ -528,75 +520,6 @@ class Runtime:
                                                "msg": str(exc)}]) from None
         return text
 
-    # -- queries: here if this process folds the partition, else at its owner ------------
-
-    async def _local_view(self, partition: int, min_offset: int | None) -> PartitionView | None:
-        """The view of ``partition`` once it holds ``min_offset`` (default: every event
-        this process had acknowledged there); None if this process does not fold it."""
-        return await self.partitions.caught_up(partition, min_offset)
-
-    async def _ask(self, partition: int, path: str, min_offset: int | None = None,
-                   timeout_s: float = 10.0, **params: Any) -> tuple[int, Any]:
-        """GET ``path`` from the owner of ``partition``, once it holds ``min_offset`` and
-        every write this process had acknowledged there (read-your-writes)."""
-        if self.directory is None:
-            raise OwnerUnavailableError(partition, "this process folds it but is not caught up")
-        mine = self.log.high_acked.get(partition)
-        wanted = max((o for o in (min_offset, mine) if o is not None), default=None)
-        return await self.directory.ask(partition, path,
-                                        {"local": 1, "min_offset": wanted, **params},
-                                        timeout_s=timeout_s)
-
-    async def _record(self, eid: str) -> dict[str, Any] | None:
-        """The execution record (status, workflow, ...), here or at its owner."""
-        partition = self.log.partition_for(eid)
-        view = await self._local_view(partition, None)
-        if view is not None:
-            return view.record(eid)
-        execution = await self.get_execution(eid)
-        if execution is None:
-            return None
-        return {"id": eid, "workflow": execution.workflow, "status": execution.status.value,
-                "ended_at": execution.ended_at, "cancel_reason": execution.cancel_reason}
-
-    async def get_execution(self, execution_id: str, *, local: bool = False,
-                            min_offset: int | None = None) -> Execution | None:
-        """The execution as its partition's view has it, or None for an unknown id.
-
-        ``local``: answer from this process only (a routed query), else NotFoldedHereError.
-        """
-        partition = self.log.partition_for(execution_id)
-        view = await self._local_view(partition, min_offset)
-        if view is not None:
-            return await asyncio.to_thread(build_execution, view, execution_id)
-        if local:
-            raise NotFoldedHereError(partition)
-        status, payload = await self._ask(partition, f"/executions/{execution_id}", min_offset)
-        if status == 404:
-            return None
-        if status != 200:
-            raise OwnerUnavailableError(partition, f"answered {status}: {payload}")
-        return Execution.model_validate(payload)
-
-    async def history(self, execution_id: str, *, local: bool = False,
-                      min_offset: int | None = None) -> list[HistoryEntry] | None:
-        """Every event of the execution with its partition and offset (the audit trail)."""
-        partition = self.log.partition_for(execution_id)
-        view = await self._local_view(partition, min_offset)
-        if view is not None:
-            if view.record(execution_id) is None:
-                return None
-            return await asyncio.to_thread(history_entries, view, execution_id)
-        if local:
-            raise NotFoldedHereError(partition)
-        status, payload = await self._ask(partition, f"/executions/{execution_id}/history",
-                                          min_offset)
-        if status == 404:
-            return None
-        if status != 200:
-            raise OwnerUnavailableError(partition, f"answered {status}: {payload}")
-        return [HistoryEntry.model_validate(e) for e in payload["events"]]
-
     async def cancel(self, execution_id: str, reason: str | None = None) -> bool:
         """Append ``CancelRequested``; True if it ended the execution, False if already over."""
         record = await self._record(execution_id)
@@ -626,177 +549,3 @@ class Runtime:
                       RecordSkipped(partition, offset, reason, actor))
         _, at = await self.log.append(event, partition=partition)
         return at
-
-    # -- results pushed, not polled ----------------------------------------------------
-
-    @contextlib.contextmanager
-    def _watch(self, execution_id: str) -> Iterator[asyncio.Queue[Seen]]:
-        """A queue of the execution's events as the fold applies them (costs nothing idle)."""
-        queue: asyncio.Queue[Seen] = asyncio.Queue()
-        self._watchers.setdefault(execution_id, []).append(queue)
-        try:
-            yield queue
-        finally:
-            queues = self._watchers.get(execution_id, [])
-            if queue in queues:
-                queues.remove(queue)
-            if not queues:
-                self._watchers.pop(execution_id, None)
-
-    async def wait_for_end(self, execution_id: str, timeout_s: float, *, local: bool = False,
-                           min_offset: int | None = None) -> Execution | None:
-        """The execution once it has ended (completed, failed or cancelled); None for an
-        unknown id; TimeoutError after ``timeout_s``.
-
-        Where this process folds the partition, the wait is a queue the fold feeds:
-        it wakes on the end event, with no polling. Elsewhere it long-polls the
-        owner, which waits the same way.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        partition = self.log.partition_for(execution_id)
-        while True:
-            if self.partitions.folds(partition):
-                found = await self._wait_here(execution_id, partition, deadline, min_offset)
-                if found is not _MOVED:
-                    return found  # type: ignore[return-value]
-            if local:
-                raise NotFoldedHereError(partition)
-            if loop.time() >= deadline:
-                raise TimeoutError(f"execution {execution_id} has not ended after "
-                                   f"{timeout_s:g} s")
-            wait_s = min(deadline - loop.time(), MAX_WAIT_S)
-            try:
-                status, payload = await self._ask(
-                    partition, f"/executions/{execution_id}/result", min_offset,
-                    wait=f"{int(wait_s * 1000)}ms", timeout_s=wait_s + 10)
-            except OwnerUnavailableError:  # its owner is changing: ask again, until the end
-                await asyncio.sleep(0.2)
-                continue
-            if status == 404:
-                return None
-            if status == 200:
-                return Execution.model_validate(payload)
-            if status >= 500:  # the owner stopped mid-wait: ask again, whoever owns it now
-                await asyncio.sleep(0.2)
-            elif status != 202:  # 202: not ended within the wait; ask again
-                raise OwnerUnavailableError(partition, f"answered {status}: {payload}")
-
-    async def _wait_here(self, execution_id: str, partition: int, deadline: float,
-                         min_offset: int | None) -> Execution | None | object:
-        """``wait_for_end`` on a partition folded here; ``_MOVED`` if it stops being so."""
-        loop = asyncio.get_running_loop()
-        with self._watch(execution_id) as seen:
-            execution = await self.get_execution(execution_id, min_offset=min_offset)
-            while execution is not None and not execution.status.terminal:
-                if not self.partitions.folds(partition):
-                    return _MOVED
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError(f"execution {execution_id} is still "
-                                       f"{execution.status.value}")
-                try:  # a slice of at most 1 s: then look again whether it is folded here
-                    _, _, event = await asyncio.wait_for(seen.get(), min(remaining, 1.0))
-                except TimeoutError:
-                    continue
-                if isinstance(event.body, ENDS):
-                    execution = await self.get_execution(execution_id)
-            return execution
-
-    async def stream(self, execution_id: str, *, after: int = -1,
-                     local: bool = False) -> AsyncGenerator[HistoryEntry, None]:
-        """Every event of the execution in log order (those after offset ``after``), then
-        each new one as the fold applies it, until its end event."""
-        partition = self.log.partition_for(execution_id)
-        if await self.get_execution(execution_id, local=local) is None:
-            return  # an unknown id has no events
-        seen = [after]  # the last offset sent, shared with the helpers
-        while True:
-            source = (self._stream_here(execution_id, partition, seen)
-                      if self.partitions.folds(partition) else None)
-            if source is None:
-                if local:
-                    raise NotFoldedHereError(partition)
-                source = self._stream_at_owner(execution_id, seen)
-            async for entry in source:
-                yield entry
-                if entry.type in _END_TYPES:
-                    return
-
-    async def _stream_here(self, execution_id: str, partition: int,
-                           seen: list[int]) -> AsyncIterator[HistoryEntry]:
-        """The history so far, then the fold's feed, while this process folds it."""
-        with self._watch(execution_id) as feed:
-            for entry in await self.history(execution_id) or []:
-                if entry.offset > seen[0]:
-                    seen[0] = entry.offset
-                    yield entry
-            while self.partitions.folds(partition):
-                try:
-                    p, offset, event = await asyncio.wait_for(feed.get(), 1.0)
-                except TimeoutError:
-                    continue
-                if offset > seen[0]:
-                    seen[0] = offset
-                    yield _entry(p, offset, event)
-
-    async def _stream_at_owner(self, execution_id: str,
-                               seen: list[int]) -> AsyncIterator[HistoryEntry]:
-        """The owner's history, followed by asking again every 250 ms (one round)."""
-        for entry in await self.history(execution_id) or []:
-            if entry.offset > seen[0]:
-                seen[0] = entry.offset
-                yield entry
-        await asyncio.sleep(0.25)
-
-    async def list_executions(self, *, workflow: str | None = None, status: str | None = None,
-                              limit: int = 50, offset: int = 0,
-                              partitions: Iterable[int] | None = None,
-                              local: bool = False) -> list[ExecutionSummary]:
-        """Executions newest first, filtered by workflow and status (see :meth:`list_page`)."""
-        page = await self.list_page(workflow=workflow, status=status, limit=limit,
-                                    offset=offset, partitions=partitions, local=local)
-        return page.executions
-
-    async def list_page(self, *, workflow: str | None = None, status: str | None = None,
-                        before: Cursor | None = None, limit: int = 50, offset: int = 0,
-                        partitions: Iterable[int] | None = None, local: bool = False) -> Page:
-        """A page of executions newest first, across partitions, from just after ``before``.
-
-        The partitions folded here are read from their listing indexes, off the
-        event loop; the others are asked of their owners (one request per owner,
-        each returning its own page from the same cursor) and the pages merged.
-        """
-        wanted = set(range(self.log.partitions) if partitions is None else partitions)
-        here = sorted(p for p in wanted if self.partitions.folds(p))
-        elsewhere = sorted(wanted - set(here))
-        if elsewhere and local:
-            raise NotFoldedHereError(elsewhere[0])
-        views = [v for p in here if (v := await self._local_view(p, None)) is not None]
-        pages = [await asyncio.to_thread(list_page, views, status=status, workflow=workflow,
-                                         before=before, limit=offset + limit)]
-        by_owner: dict[str, list[int]] = {}
-        for p in elsewhere:
-            card = self.directory.owner(p) if self.directory is not None else None
-            by_owner.setdefault(card["worker"] if card else f"?{p}", []).append(p)
-        for owned in by_owner.values():
-            code, payload = await self._ask(
-                owned[0], "/executions", partitions=",".join(map(str, owned)),
-                workflow=workflow, status=status, limit=offset + limit,
-                before=None if before is None else str(before))
-            if code != 200:
-                raise OwnerUnavailableError(owned[0], f"answered {code}: {payload}")
-            pages.append(Page.from_json(payload))
-        merged = merge(pages, offset + limit)
-        return Page(merged.executions[offset:], merged.next)
-
-
-_END_TYPES = {"WorkflowCompleted", "WorkflowFailed", "WorkflowCancelled"}
-_MOVED = object()  # the partition stopped being folded here during a wait
-
-
-def _entry(partition: int, offset: int, event: Event) -> HistoryEntry:
-    """A history entry of an event the fold just applied (as ``history_entries`` builds)."""
-    return HistoryEntry(partition=partition, offset=offset, event_id=event.event_id,
-                        timestamp=event.timestamp, type=event.type, epoch=event.epoch,
-                        body=dict(vars(event.body)))
