@@ -273,6 +273,8 @@ class ExecutionRunner:
         except Cancelled:
             return WorkflowCancelled(self.cancel_reason)
         except Exception as exc:
+            user_log.error("[%s %s] failed: %s: %s", self.workflow.name, self.id,
+                           type(exc).__name__, exc)
             return WorkflowFailed(*error_fields(exc))
 
     def _input(self) -> Any:
@@ -337,6 +339,11 @@ class ExecutionRunner:
                 retry_at = None if final else now + self._backoff(attempt)
                 await self._append(StepFailed(key, attempt, None, *error_fields(exc),
                                               started_at, retry_at, final))
+                # The terminal of `ploy dev` shows failures as they are recorded.
+                user_log.warning("[%s %s] step '%s' attempt %d failed: %s: %s%s",
+                                 self.workflow.name, self.id, key, attempt, type(exc).__name__,
+                                 exc, " (final)" if final else
+                                 f"; retry in {(retry_at or now) - now} ms")
                 if final:
                     raise StepFailedError(key, attempt, type(exc).__name__, str(exc)) from exc
                 assert retry_at is not None

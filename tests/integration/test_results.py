@@ -158,3 +158,18 @@ async def test_a_waiter_elsewhere_survives_its_owner_restarting(
             assert await asyncio.wait_for(waiter, 90) == {"sum": 3}
     finally:
         await query.stop()
+
+
+async def test_failures_reach_the_terminal_as_they_are_recorded(
+        engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """`ploy dev` shows ``ploy.workflow`` lines: a failed attempt and a failed execution."""
+    caplog.set_level("INFO", logger="ploy.workflow")
+    handle = await engine.env.FAILS.trigger({})
+    with pytest.raises(WorkflowFailedError):
+        await handle.result(timeout=20)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "ploy.workflow"]
+    eid = handle.execution_id
+    assert ("WARNING", f"[fails {eid}] step 'boom' attempt 1 failed: ZeroDivisionError: "
+                       "division by zero (final)") in lines
+    assert any(level == "ERROR" and msg.startswith(f"[fails {eid}] failed: StepFailedError")
+               for level, msg in lines), lines
