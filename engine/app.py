@@ -275,12 +275,11 @@ def load_app(directory: str | Path | None = None, **overrides: object) -> tuple[
     return worker, config
 
 
-@asynccontextmanager
-async def serving_api(engine: Engine, host: str = "127.0.0.1", port: int = 0
-                      ) -> AsyncIterator[str]:
-    """Serve ``engine``'s app (routes, engine API, dashboard) with uvicorn on ``host``:``port``
-    (0: a free port) and advertise it, so other processes send their queries about
-    this worker's partitions here. Yields the base URL."""
+def http_server(engine: Engine, guard_host: str, **options: Any) -> Any:
+    """A uvicorn server of ``engine``'s app that leaves the process's signals alone (its
+    owner stops it, then the engine, in order) and cuts long-polls and event streams
+    at stop rather than waiting for them. ``guard_host``: the address it listens on,
+    which decides whether the engine API needs a token (see ``engine.http``)."""
     import uvicorn
 
     from engine.http import create_app
@@ -288,12 +287,20 @@ async def serving_api(engine: Engine, host: str = "127.0.0.1", port: int = 0
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            yield  # the process's signals stay its own
+            yield
 
-    server = Server(uvicorn.Config(create_app(engine, host=host), host=host, port=port,
-                                   log_level="warning", lifespan="off", ws="none",
-                                   # long-polls and event streams must not hold a stop
-                                   timeout_graceful_shutdown=1))
+    config = uvicorn.Config(create_app(engine, host=guard_host), log_level="warning",
+                            timeout_graceful_shutdown=2, **options)
+    return Server(config)
+
+
+@asynccontextmanager
+async def serving_api(engine: Engine, host: str = "127.0.0.1", port: int = 0
+                      ) -> AsyncIterator[str]:
+    """Serve ``engine``'s app (routes, engine API, dashboard) with uvicorn on ``host``:``port``
+    (0: a free port) and advertise it, so other processes send their queries about
+    this worker's partitions here. Yields the base URL."""
+    server = http_server(engine, host, host=host, port=port, lifespan="off", ws="none")
     task = asyncio.create_task(server.serve(), name="ploy-api")
     while not server.started:
         if task.done():

@@ -51,13 +51,13 @@ from typing import Any, NoReturn
 
 from connectors import dev_archive_dir, dev_restore
 from connectors.cli import add_commands as add_connector_commands
-from engine.app import SLOTS_DIR, Engine, load_app
+from engine.app import SLOTS_DIR, Engine, http_server, load_app
 from engine.builder import Worker
 from engine.client import ApiClient, error_message, quote
 from engine.config import Config, load_config
 from engine.dashboard import format_duration
 from engine.errors import CommandError, PloyError
-from engine.http import API, admin_enabled, create_app
+from engine.http import API, admin_enabled
 from engine.rebuild import clear_state, rebuild
 from engine.typegen import render_env_module
 
@@ -294,20 +294,6 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _uvicorn_server(engine: Engine, host: str) -> Any:
-    """A uvicorn server for the engine's app that leaves signals to us."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        # uvicorn would take SIGINT/SIGTERM over and re-raise them after its own
-        # shutdown; here one handler stops server, engine and broker in order.
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    config = uvicorn.Config(create_app(engine, host=host), log_level="warning", lifespan="on",
-                            timeout_graceful_shutdown=2)  # long-polls and streams: cut at stop
-    return Server(config)
 
 
 def _advertised(config: Config, port: int) -> str:
@@ -350,7 +336,7 @@ class _Run:
         return self.config(bootstrap_servers=self.broker.bootstrap_servers)
 
     async def serve_http(self, engine: Engine, sock: socket.socket, host: str) -> None:
-        server = _uvicorn_server(engine, host)
+        server = http_server(engine, host, lifespan="on")
         task = asyncio.create_task(server.serve(sockets=[sock]), name="ploy-http")
 
         async def stop_server() -> None:

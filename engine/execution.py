@@ -138,7 +138,7 @@ def _cut(text: str) -> str:
     """At most ERROR_TEXT_LIMIT bytes of UTF-8 (a lone surrogate becomes its escape)."""
     raw = payloads.utf8(text)
     if len(raw) <= ERROR_TEXT_LIMIT:
-        return raw.decode() if len(raw) != len(text) else text
+        return raw.decode()
     kept = raw[:ERROR_TEXT_LIMIT].decode(errors="ignore")  # never half a character
     return kept + f"... [{len(raw) - len(kept.encode())} more bytes]"
 

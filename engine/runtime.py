@@ -225,8 +225,7 @@ class Runtime(Queries):
             if step["kind"] == "sleep" and step["key"] == sleep_key:
                 step["status"] = ExecutionStatus.COMPLETED.value
         self._fired_here.add((eid, sleep_key))
-        logged = view.log_positions(eid) if record["logs"] else []
-        self._run(ExecutionRunner(self, record, steps, workflow, logged))
+        self._run_recorded(view, record, workflow, steps)
 
     def advertise(self, url: str) -> None:
         """The address of this process's engine API, where others send their queries."""
@@ -364,8 +363,13 @@ class Runtime(Queries):
         if workflow is None:
             self._fail_unknown(record)
             return
-        logged = view.log_positions(eid) if record["logs"] else []
-        self._run(ExecutionRunner(self, record, view.steps(eid), workflow, logged))
+        self._run_recorded(view, record, workflow, view.steps(eid))
+
+    def _run_recorded(self, view: PartitionView, record: dict[str, Any], workflow: WorkflowDef,
+                      steps: list[dict[str, Any]]) -> None:
+        """Run an execution from what ``view`` recorded of it (its steps, its log positions)."""
+        logged = view.log_positions(record["id"]) if record["logs"] else []
+        self._run(ExecutionRunner(self, record, steps, workflow, logged))
 
     async def _start_when_folded(self, eid: str, partition: int, offset: int) -> None:
         await self.partitions.folded(partition, offset)

@@ -270,13 +270,6 @@ class PartitionView:
             found.append(summary)
         return Page(found, Cursor.of(found[-1]) if more else None)
 
-    def newest(self) -> Iterator[tuple[int, str]]:
-        """(created_at, id) of every execution, newest first."""
-        for key, _ in self._items(keys.CREATED + b"\xff", backwards=True):
-            if not key.startswith(keys.CREATED):
-                return
-            yield keys.read_u64(key[2:10]), key[10:].decode()
-
     def dump(self) -> Iterator[tuple[bytes, bytes]]:
         """Every key and value, in key order (for the byte-identical rebuild check)."""
         yield from self._items(b"")
