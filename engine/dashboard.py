@@ -22,6 +22,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from engine import payloads
 from engine.bindings import workflow_named
+from engine.listing import Cursor
 from engine.models import (
     Execution,
     ExecutionStatus,
@@ -30,6 +31,7 @@ from engine.models import (
     StepRecord,
     loads,
 )
+from engine.search import LAST, Filters, Found, find, summary_json
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -40,7 +42,12 @@ DASHBOARD = "/__ploy"
 PAGE_SIZE = 50
 REFRESH_MS = 2000
 TEMPLATES = Path(__file__).parent / "templates"
-_STATUSES = [s.value for s in ExecutionStatus]
+
+
+def _statuses() -> list[str]:
+    """Every execution status, read when asked: a status added to the enum shows up."""
+    return [s.value for s in ExecutionStatus]
+
 
 
 def _templates() -> jinja2.Environment:
@@ -73,6 +80,7 @@ class Dashboard:
 
     def render(self, name: str, code: int = 200, **context: Any) -> Response:
         nonce = secrets.token_urlsafe(16)
+        context.setdefault("nav", "")
         html = self.env.get_template(name).render(nonce=nonce, base=DASHBOARD, **context)
         return HTMLResponse(payloads.utf8(html), status_code=code, headers={
             "Content-Security-Policy": (
@@ -85,23 +93,36 @@ class Dashboard:
         })
 
     async def index(self, request: Request) -> Response:
-        q = request.query_params
-        workflow = q.get("workflow") or ""
-        status = q.get("status") or ""
-        status = status if status in _STATUSES else ""
-        offset_text = q.get("offset") or ""
-        offset = int(offset_text) if offset_text.isdecimal() else 0
-        named = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
-        found = await self.engine.list_executions(workflow=named or None, status=status or None,
-                                                  limit=PAGE_SIZE + 1, offset=offset)
+        """The executions, newest first: filtered, counted, a page at a time (cursor in the URL)."""
         now = self.engine.runtime.clock.now()
-        rows = [{**summary.model_dump(mode="json"), "elapsed_ms": _elapsed(summary, now)}
-                for summary in map(ExecutionSummary.of, found[:PAGE_SIZE])]
+        filters = Filters.from_query(request.query_params, _statuses(), now)
+        found = await self._find(filters, request.query_params.get("before", ""))
+        older = None if found.next is None else filters.query(before=str(found.next))
         return self.render(
-            "executions.html", rows=rows, workflows=sorted(self.engine.worker.workflows),
-            statuses=_STATUSES, workflow=workflow, status=status, offset=offset,
-            page_size=PAGE_SIZE, has_more=len(found) > PAGE_SIZE,
-            live={"live": True, "refresh_ms": REFRESH_MS}, title="Executions")
+            "executions.html", rows=[summary_json(s, now) for s in found.executions],
+            found=found, filters=filters, workflows=sorted(self.engine.worker.workflows),
+            statuses=_statuses(), last_choices=LAST, older=older,
+            paged="before" in request.query_params, newest=filters.query(),
+            live={"live": True, "refresh_ms": REFRESH_MS, "stream": f"{DASHBOARD}/api/changes"},
+            title="Executions", nav="Executions")
+
+    async def _find(self, filters: Filters, before_text: str) -> Found:
+        """The page of executions the filters select (an exact id is one point read)."""
+        try:
+            before = Cursor.parse(before_text) if before_text else None
+        except ValueError:
+            before = None
+        named = workflow_named(filters.workflow, self.engine.env, self.engine.worker.workflows)
+        if filters.id and before is None:
+            exact = await self.engine.get_execution(filters.id)
+            if exact is not None:
+                summary = ExecutionSummary.of(exact)
+                listed = (not filters.status or summary.status.value == filters.status) and (
+                    not named or summary.workflow == named)
+                hits = [summary] if listed and filters.matches(summary) else []
+                return Found(hits, None, len(hits), True)
+        return await find(self.engine.list_page, filters, workflow=named or None,
+                          before=before, limit=PAGE_SIZE)
 
     async def detail(self, request: Request) -> Response:
         eid = request.path_params["id"]

@@ -176,6 +176,7 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
         admin.route(f"{API}/workers", api.workers),
+        admin.route(f"{API}/changes", api.changes),
         Route(DASHBOARD, redirect),
         admin.route(f"{DASHBOARD}/", pages.index, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
@@ -671,6 +672,14 @@ class _Api:
         """Who runs each partition (its claim on the log) and how far behind it is."""
         return _json(200, await self.engine.workers())
 
+    async def changes(self, request: Request) -> Response:
+        """Server-Sent Events: ``{"executions": [id, ...]}`` each time the fold here
+        changes executions (a burst in one event), so a list can refresh when, and only
+        when, something changed. Partitions folded by another process are not seen."""
+        return StreamingResponse(_sse_changes(self.engine.runtime.changes()),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
     async def _get(self, request: Request) -> Execution:
         eid = request.path_params["id"]
         execution = await self.engine.get_execution(eid, **_routed(request))
@@ -704,6 +713,27 @@ async def _sse(entries: AsyncGenerator[HistoryEntry, None]) -> AsyncIterator[byt
         if pending is not None:
             pending.cancel()
         await entries.aclose()
+
+
+async def _sse_changes(changes: AsyncGenerator[list[str], None]) -> AsyncIterator[bytes]:
+    """Changed ids as Server-Sent Events; a comment every 15 s keeps proxies open."""
+    pending: asyncio.Task[list[str]] | None = None
+    try:
+        yield b": listening\n\n"  # the browser's EventSource opens now, not at the first change
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(changes.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=15)
+            if not done:
+                yield b": keep-alive\n\n"
+                continue
+            ids, pending = pending.result(), None
+            yield payloads.utf8(f"data: {json.dumps({'executions': ids})}\n\n")
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait({pending})  # the generator ends (its finally) before aclose
+        await changes.aclose()
 
 
 def _wait_param(raw: str | None) -> float:

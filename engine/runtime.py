@@ -68,7 +68,7 @@ from engine.log import EventLog
 from engine.models import ExecutionStatus
 from engine.ownership import Ownership
 from engine.partitions import Applied, Partitions
-from engine.queries import Queries, Seen
+from engine.queries import ChangeFeed, Queries, Seen
 from engine.threads import StepThreads
 from engine.timers import TimerSchedule
 from engine.view import PartitionView
@@ -110,6 +110,7 @@ class Runtime(Queries):
         self._tasks: set[asyncio.Task[None]] = set()
         # Who waits on an execution's events (a result, a stream): fed by the fold.
         self._watchers: dict[str, list[asyncio.Queue[Seen]]] = {}
+        self._listers: list[ChangeFeed] = []  # live lists (queries.Queries.changes)
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
         self._fired_here: set[tuple[str, str]] = set()  # woken here; skip its TimerFired
@@ -271,6 +272,7 @@ class Runtime(Queries):
     def _on_applied(self, partition: int, applied: Applied) -> None:
         """On the event loop: start what the fold made runnable, pass cancels on."""
         self.timers.on_folded(partition, applied)
+        self._tell_listers(applied)
         for offset, event in applied:
             watchers = self._watchers.get(event.execution_id)
             if watchers:

@@ -1,0 +1,172 @@
+"""The operator's dashboard in headless Chromium (Debian's): find, act, read, watch live.
+
+One engine and one server for the whole module (each test keeps to its own
+executions), one browser. Screenshots go to ``artifacts/`` (gitignored).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, Page, async_playwright, expect
+from pydantic import BaseModel, Field
+
+from engine import Engine, ploy
+from engine.http import create_app
+from engine.testing import engine_config, running_engine, unique_prefix, wait_for_status
+from tests.integration.test_dashboard_browser import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    serving,
+)
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.asyncio(loop_scope="module"),
+    pytest.mark.skipif(not CHROMIUM.exists(),
+                       reason="Debian's chromium is not installed at /usr/bin/chromium"),
+]
+
+HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+
+app = ploy()
+
+
+class Order(BaseModel):
+    customer: str = Field(min_length=1)
+    quantity: int = Field(ge=1)
+    express: bool = False
+    note: str = ""
+
+
+@app.workflow("order", input=Order)
+async def order(ctx: Any) -> dict[str, Any]:
+    total = await ctx.step.run("price", lambda: {"total": ctx.input.quantity * 3})
+    return {"customer": ctx.input.customer, **total}
+
+
+def pause(seconds: float, value: Any) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+@app.workflow("overnight")
+async def overnight(ctx: Any) -> dict[str, Any]:
+    await ctx.step.run("prepare", lambda: pause(0.2, {"ready": True}))
+    await ctx.step.sleep("24h")
+    return {"done": await ctx.step.run("finish", lambda: 1)}
+
+
+@app.workflow("hostile")
+async def hostile(ctx: Any) -> None:
+    ctx.log(HOSTILE, {"html": HOSTILE})
+
+    def explode() -> None:
+        raise ValueError(HOSTILE)
+
+    await ctx.step.run(HOSTILE, explode, retries=1)
+
+
+worker = app.build()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Engine]:
+    config = engine_config(kafka, unique_prefix("dash-operator"), tmp_path_factory.mktemp("state"),
+                           workflow={"ORDER": "order", "OVERNIGHT": "overnight",
+                                     "HOSTILE": "hostile"},
+                           backoff={"initial_ms": 10})
+    async with running_engine(worker, config) as eng:
+        yield eng
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def base(engine: Engine) -> AsyncIterator[str]:
+    async with serving(create_app(engine)) as url:
+        yield url
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@asynccontextmanager
+async def open_page(browser: Browser) -> AsyncIterator[Page]:
+    """A fresh page; fails the test on a script error or a CSP violation."""
+    context = await browser.new_context(viewport={"width": 1360, "height": 900})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text)
+            if "Content Security Policy" in msg.text else None)
+    try:
+        yield page
+    finally:
+        await context.close()
+    assert errors == [], f"script errors on the page: {errors}"
+
+
+async def screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+async def run_order(engine: Engine, customer: str) -> str:
+    eid: str = (await engine.env.ORDER.trigger({"customer": customer, "quantity": 2}))[
+        "execution_id"]
+    await wait_for_status(engine, eid, "completed")
+    return eid
+
+
+# -- finding -------------------------------------------------------------------------
+
+
+async def test_search_by_id_prefix_shows_the_match_and_the_count(
+        engine: Engine, base: str, browser: Browser) -> None:
+    ids = [await run_order(engine, f"c{i}") for i in range(3)]
+    wanted = ids[1]
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/")
+        await page.get_by_test_id("filter-id").fill(wanted[:8])
+        await page.get_by_test_id("filter-submit").click()
+        await expect(page).to_have_url(f"{base}/__ploy/?id={wanted[:8]}")
+        rows = page.get_by_test_id("execution-row")
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_have_attribute("data-execution", wanted)
+        await expect(page.get_by_test_id("result-count")).to_have_attribute("data-count", "1")
+        await screenshot(page, "operator-search")
+
+        # The other filters keep to the URL too, and an error text that nothing has finds none.
+        await page.goto(f"{base}/__ploy/?workflow=order&status=completed&last=1h")
+        await expect(page.get_by_test_id("result-count")).to_have_attribute("data-count", "3")
+        await page.goto(f"{base}/__ploy/?workflow=order&error=no-such-error")
+        await expect(page.get_by_test_id("executions-empty")).to_be_visible()
+
+
+# -- live ----------------------------------------------------------------------------
+
+
+async def test_the_list_shows_a_trigger_within_a_second_without_a_reload(
+        engine: Engine, base: str, browser: Browser) -> None:
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/?workflow=order")
+        await expect(page.get_by_test_id("result-count")).to_be_visible()
+        await page.wait_for_timeout(300)  # the push stream is open
+        eid = (await engine.env.ORDER.trigger({"customer": "live", "quantity": 1}))[
+            "execution_id"]
+        row = page.locator(f'[data-testid="execution-row"][data-execution="{eid}"]')
+        await expect(row).to_be_visible(timeout=1000)
+        await expect(row.get_by_test_id("status-badge")).to_have_text("completed",
+                                                                      timeout=5000)
