@@ -11,6 +11,7 @@ which mounts them.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from engine import payloads
+from engine.actions import NOTICES, Csrf
 from engine.bindings import workflow_named
 from engine.listing import Cursor
 from engine.models import (
@@ -31,7 +33,7 @@ from engine.models import (
     StepRecord,
     loads,
 )
-from engine.search import LAST, Filters, Found, find, summary_json
+from engine.search import LAST, Filters, Found, activity, find, summary_json
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -74,9 +76,15 @@ async def redirect(request: Request) -> Response:
 class Dashboard:
     """The pages' endpoints (``index``, ``detail``); ``engine.http`` guards and mounts them."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, csrf: Csrf | None = None):
         self.engine = engine
         self.env = _templates()
+        self.base = DASHBOARD
+        self.csrf = csrf or Csrf("ploy_admin")
+
+    def not_found(self, message: str) -> Response:
+        return self.render("message.html", code=404, title="Not found", message=message,
+                           live={"live": False, "refresh_ms": REFRESH_MS})
 
     def render(self, name: str, code: int = 200, **context: Any) -> Response:
         nonce = secrets.token_urlsafe(16)
@@ -88,7 +96,8 @@ class Dashboard:
                 "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
                 "form-action 'self'; frame-ancestors 'none'"),
             "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
+            # Same-origin: a form's POST then carries its Origin, which the guard checks.
+            "Referrer-Policy": "same-origin",
             "Cache-Control": "no-store",
         })
 
@@ -128,18 +137,57 @@ class Dashboard:
         eid = request.path_params["id"]
         execution = await self.engine.get_execution(eid)
         if execution is None:
-            return self.render("message.html", code=404, title="Not found",
-                               message=f"No execution with id {eid}.",
-                               live={"live": False, "refresh_ms": REFRESH_MS})
+            return self.not_found(f"No execution with id {eid}.")
         history = await self.engine.history(eid) or []
         now = self.engine.runtime.clock.now()
         return self.render(
             "execution.html", ex=execution, elapsed_ms=_elapsed(execution, now),
+            notice=NOTICES.get(request.query_params.get("notice", "")),
+            csrf=self.csrf.token(request),
             timeline=timeline(execution, now), events=[_event_row(e) for e in history],
             live={"live": not execution.status.terminal, "refresh_ms": REFRESH_MS,
                   # Pushed: the page refreshes when the execution's partition folds an event.
                   "stream": f"{DASHBOARD}/api/executions/{execution.execution_id}/events"},
             title=f"{execution.workflow} · {execution.execution_id[:12]}")
+
+
+    async def history_download(self, request: Request) -> Response:
+        """The execution's events as JSON lines, one history entry a line, as on the log."""
+        eid = request.path_params["id"]
+        history = await self.engine.history(eid)
+        if history is None:
+            return self.not_found(f"No execution with id {eid}.")
+        lines = "".join(json.dumps(e.model_dump(mode="json"), ensure_ascii=False) + "\n"
+                        for e in history)
+        filename = re.sub(r"[^A-Za-z0-9_.-]", "_", eid)[:80]
+        return Response(payloads.utf8(lines), media_type="application/x-ndjson", headers={
+            "Content-Disposition": f'attachment; filename="{filename}.history.jsonl"',
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+
+    async def workflows(self, request: Request) -> Response:
+        """Every workflow: its bindings (each with its trigger form), schemas and recent runs."""
+        now = self.engine.runtime.clock.now()
+        config = self.engine.config
+        rows = []
+        for name, wf in sorted(self.engine.worker.workflows.items()):
+            bindings = [(b, config.retries if t.retries is None else t.retries)
+                        for b, t in sorted(config.workflow.items()) if t.name == name]
+            rows.append({
+                "name": name, "bindings": bindings,
+                "input_schema": wf.input.model_json_schema() if wf.input else None,
+                "output_schema": wf.output.model_json_schema() if wf.output else None,
+                "activity": await activity(self.engine.list_page, name, now),
+            })
+        return self.render("workflows.html", workflows=rows, title="Workflows", nav="Workflows",
+                           live={"live": True, "refresh_ms": REFRESH_MS,
+                                 "stream": f"{DASHBOARD}/api/changes"})
+
+    async def workers(self, request: Request) -> Response:
+        """Who runs each partition, how far behind it is, and what stopped it."""
+        report = await self.engine.workers()
+        return self.render("workers.html", report=report, health=self.engine.health(),
+                           title="Workers and partitions", nav="Workers",
+                           live={"live": True, "refresh_ms": REFRESH_MS})
 
 
 def _elapsed(execution: Execution | ExecutionSummary, now: int) -> int | None:

@@ -21,7 +21,7 @@ from engine.durations import parse_duration
 from engine.listing import Cursor, Page
 from engine.models import ExecutionSummary
 
-__all__ = ["LAST", "SCAN_LIMIT", "Filters", "Found", "find", "summary_json"]
+__all__ = ["LAST", "SCAN_LIMIT", "Activity", "Filters", "Found", "activity", "find", "summary_json"]
 
 SCAN_LIMIT = 5000
 BATCH = 500
@@ -163,3 +163,50 @@ def summary_json(summary: ExecutionSummary, now: int) -> dict[str, Any]:
     else:
         row["elapsed_ms"] = summary.duration_ms
     return row
+
+
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+
+
+@dataclass
+class Activity:
+    """How one workflow's executions created in a window stand: counts by status."""
+
+    window: str
+    by_status: dict[str, int]
+    exact: bool = True
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_status.values())
+
+    @property
+    def failure_rate(self) -> float | None:
+        """Failed among those that ended failed or completed (None: none has)."""
+        failed, completed = self.by_status.get("failed", 0), self.by_status.get("completed", 0)
+        return None if failed + completed == 0 else failed / (failed + completed)
+
+
+async def activity(list_page: ListPage, workflow: str, now: int) -> list[Activity]:
+    """The last hour's and the last day's executions of ``workflow``, counted by status
+    in one walk of its listing index (at most ``SCAN_LIMIT`` reads)."""
+    hour, day = Activity("last hour", {}), Activity("last 24 hours", {})
+    cursor: Cursor | None = None
+    scanned = 0
+    while True:
+        page = await list_page(workflow=workflow, before=cursor, limit=BATCH)
+        for summary in page.executions:
+            if summary.created_at < now - DAY_MS:
+                return [hour, day]
+            scanned += 1
+            for window, span in ((hour, HOUR_MS), (day, DAY_MS)):
+                if summary.created_at >= now - span:
+                    status = summary.status.value
+                    window.by_status[status] = window.by_status.get(status, 0) + 1
+        if page.next is None:
+            return [hour, day]
+        if scanned >= SCAN_LIMIT:
+            hour.exact = hour.exact and page.executions[-1].created_at < now - HOUR_MS
+            day.exact = False
+            return [hour, day]
+        cursor = page.next

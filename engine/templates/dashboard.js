@@ -80,6 +80,8 @@
     var next = doc.getElementById("ploy-page");
     if (next) { page = JSON.parse(next.textContent); }
     setIndicator(page.live);
+    // Actions on a live execution (cancel) go once it has ended.
+    document.querySelectorAll("[data-hide-when-final]").forEach(function (el) { el.hidden = !page.live; });
   }
   function refresh() {
     if (document.hidden && !streaming) { return schedule(); }

@@ -170,3 +170,55 @@ async def test_the_list_shows_a_trigger_within_a_second_without_a_reload(
         await expect(row).to_be_visible(timeout=1000)
         await expect(row.get_by_test_id("status-badge")).to_have_text("completed",
                                                                       timeout=5000)
+
+
+# -- actions -------------------------------------------------------------------------
+
+
+async def test_cancel_with_a_reason_from_the_page(
+        engine: Engine, base: str, browser: Browser) -> None:
+    eid = (await engine.env.OVERNIGHT.trigger({}))["execution_id"]
+    await wait_for_status(engine, eid, "sleeping")
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/executions/{eid}")
+        await page.get_by_test_id("cancel").locator("summary").click()
+        await page.get_by_test_id("cancel-reason-input").fill("customer <b>asked</b>")
+        await page.get_by_test_id("cancel-confirm").click()
+        await expect(page.get_by_test_id("notice")).to_contain_text("Cancelled")
+        await expect(page.get_by_test_id("execution-status")).to_have_text("cancelled")
+        await expect(page.get_by_test_id("cancel-reason")).to_have_text(
+            "customer <b>asked</b> (via dashboard)")
+        await expect(page.get_by_test_id("cancel")).to_have_count(0)
+        await screenshot(page, "operator-cancelled")
+    execution = await wait_for_status(engine, eid, "cancelled")
+    assert execution.cancel_reason == "customer <b>asked</b> (via dashboard)"
+
+
+async def test_trigger_from_the_generated_form_shows_errors_by_field(
+        engine: Engine, base: str, browser: Browser) -> None:
+    before = len(await engine.list_executions(workflow="order", limit=500))
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/workflows")
+        await page.locator('[data-testid="trigger-link"][data-binding="ORDER"]').click()
+        form = page.get_by_test_id("trigger-form")
+        await form.locator('[name="f.customer"]').fill("ada")
+        await form.locator('[name="f.quantity"]').fill("0")  # the model wants >= 1
+        await page.get_by_test_id("trigger-submit").click()
+        quantity = page.locator('[data-testid="field"][data-field="quantity"]')
+        await expect(quantity.get_by_test_id("field-error")).to_contain_text(
+            "greater than or equal to 1")
+        customer = page.locator('[data-testid="field"][data-field="customer"]')
+        await expect(customer.get_by_test_id("field-error")).to_have_count(0)
+        await expect(form.locator('[name="f.customer"]')).to_have_value("ada")  # kept
+        await screenshot(page, "operator-trigger-invalid")
+        assert len(await engine.list_executions(workflow="order", limit=500)) == before
+
+        await form.locator('[name="f.quantity"]').fill("4")
+        await form.locator('[name="f.express"]').check()
+        await page.get_by_test_id("trigger-submit").click()
+        await expect(page.get_by_test_id("notice")).to_contain_text("Triggered")
+        await expect(page.get_by_test_id("execution-status")).to_have_text("completed",
+                                                                         timeout=10_000)
+        await expect(page.get_by_test_id("execution-input")).to_contain_text('"express": true')
+        await expect(page.get_by_test_id("execution-output")).to_contain_text('"total": 12')
+    assert len(await engine.list_executions(workflow="order", limit=500)) == before + 1
