@@ -21,7 +21,7 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from engine import payloads
+from engine import payloads, tracebacks
 from engine.actions import NOTICES, Csrf
 from engine.bindings import workflow_named
 from engine.listing import Cursor
@@ -30,10 +30,10 @@ from engine.models import (
     ExecutionStatus,
     ExecutionSummary,
     HistoryEntry,
-    StepRecord,
     loads,
 )
 from engine.search import LAST, Filters, Found, activity, find, summary_json
+from engine.timeline import timeline
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -140,14 +140,18 @@ class Dashboard:
             return self.not_found(f"No execution with id {eid}.")
         history = await self.engine.history(eid) or []
         now = self.engine.runtime.clock.now()
+        origin = history[0].timestamp if history else execution.created_at
         return self.render(
             "execution.html", ex=execution, elapsed_ms=_elapsed(execution, now),
             notice=NOTICES.get(request.query_params.get("notice", "")),
             csrf=self.csrf.token(request),
-            timeline=timeline(execution, now), events=[_event_row(e) for e in history],
+            timeline=timeline(execution, now), traces=_traces(execution),
+            events=[_event_row(e, origin) for e in history],
             live={"live": not execution.status.terminal, "refresh_ms": REFRESH_MS,
                   # Pushed: the page refreshes when the execution's partition folds an event.
-                  "stream": f"{DASHBOARD}/api/executions/{execution.execution_id}/events"},
+                  # Only events after those on this page, so that opening it does not refresh it.
+                  "stream": f"{DASHBOARD}/api/executions/{execution.execution_id}/events"
+                            f"?after={history[-1].offset if history else -1}"},
             title=f"{execution.workflow} · {execution.execution_id[:12]}")
 
 
@@ -199,86 +203,67 @@ def _elapsed(execution: Execution | ExecutionSummary, now: int) -> int | None:
     return max(now - (execution.started_at or execution.created_at), 0)
 
 
-def _event_row(entry: HistoryEntry) -> dict[str, Any]:
-    """An event for display: user payloads (JSON text in the event) decoded."""
-    body: dict[str, Any] = {}
-    for key, value in entry.body.items():
-        if key in ("input", "output", "data") and isinstance(value, str):
-            try:
-                value = loads(value)
-            except ValueError:
-                pass
-        elif key == "traceback" and isinstance(value, str) and value:
-            value = f"({value.count(chr(10))} lines: shown with the attempt or the error)"
-        body[key] = value
+_PAYLOADS = ("input", "output", "data")  # JSON text inside events: decoded for display
+_UNSUMMARIZED = {"traceback", "started_at"}  # in the expanded event only
+
+
+def _event_row(entry: HistoryEntry, origin: int) -> dict[str, Any]:
+    """An event for display: a one-line summary, its time since the execution's first
+    event, how long a step's attempt took, and the whole entry (payloads decoded)."""
+    body = {key: _decoded(key, value) for key, value in entry.body.items()}
+    started = body.get("started_at")
     return {"offset": entry.offset, "partition": entry.partition, "timestamp": entry.timestamp,
-            "type": entry.type, "epoch": entry.epoch, "body": body}
+            "type": entry.type, "epoch": entry.epoch, "since_ms": entry.timestamp - origin,
+            "took_ms": entry.timestamp - started if isinstance(started, int) else None,
+            "summary": _summary(body, entry.timestamp),
+            "entry": {**entry.model_dump(mode="json"), "body": body}}
 
 
-MIN_BAR_PCT = 0.6
+def _decoded(key: str, value: Any) -> Any:
+    if key in _PAYLOADS and isinstance(value, str):
+        try:
+            return loads(value)
+        except ValueError:
+            return value
+    return value
 
 
-def timeline(execution: Execution, now: int) -> dict[str, Any]:
-    """Bars of the steps and sleeps, to scale: percentages of the execution's span.
-
-    A bar runs from a step's first attempt to its end (now, while it runs); its
-    attempts are segments inside it, placed relative to the bar, so retries and
-    the backoff waits between them are visible.
-    """
-    origin = execution.started_at or execution.created_at
-    spans = [(s, *_span(s, execution, now)) for s in execution.steps]
-    spans = [(s, start, end) for s, start, end in spans if start is not None]
-    last = execution.ended_at or (now if not execution.status.terminal else origin)
-    end_all = max([last, origin] + [end for _, _, end in spans])
-    total = max(end_all - origin, 1)
-    bars = []
-    for step, start, end in spans:
-        assert start is not None
-        width = max((end - start) / total * 100, MIN_BAR_PCT)
-        left = min(max((start - origin) / total * 100, 0.0), 100 - width)
-        bars.append({
-            "key": step.key, "name": step.name, "kind": step.kind, "status": step.status,
-            "left": round(left, 3), "width": round(width, 3), "duration_ms": end - start,
-            "running": step.ended_at is None, "wake_at": step.wake_at,
-            "attempts": _segments(step, start, end, now),
-        })
-    ticks = [{"pct": pct, "label": format_duration(round(total * pct / 100))}
-             for pct in (0, 25, 50, 75, 100)]
-    return {"bars": bars, "total_ms": total, "ticks": ticks}
-
-
-def _span(step: StepRecord, execution: Execution, now: int) -> tuple[int | None, int]:
-    start = step.started_at
-    if step.attempts and step.attempts[0].started_at is not None:
-        start = min(start or step.attempts[0].started_at, step.attempts[0].started_at)
-    if start is None:
-        return None, 0
-    if step.ended_at is not None:
-        end = step.ended_at
-    elif execution.status.terminal:  # ended by a cancel or a crash while the step waited
-        ends = [a.ended_at for a in step.attempts if a.ended_at is not None]
-        end = execution.ended_at or max(ends, default=start)
-    elif step.kind == "sleep" and step.wake_at is not None:
-        end = max(step.wake_at, now)
-    else:
-        end = now
-    return start, max(end, start)
-
-
-def _segments(step: StepRecord, start: int, end: int, now: int) -> list[dict[str, Any]]:
-    span = max(end - start, 1)
-    segments = []
-    for attempt in step.attempts:
-        if attempt.started_at is None:
+def _summary(body: dict[str, Any], at: int) -> str:
+    """``step charge · attempt 2 · retry_at in 2.00 s``: the fields that are set, short."""
+    parts = []
+    for key, value in body.items():
+        if value is None or value == "" or key in _UNSUMMARIZED:
             continue
-        a_end = min(attempt.ended_at if attempt.ended_at is not None else now, end)
-        width = max((a_end - attempt.started_at) / span * 100, 1.0)
-        left = min(max((attempt.started_at - start) / span * 100, 0.0), 100 - width)
-        outcome = ("failed" if attempt.error else
-                   "running" if attempt.ended_at is None else "completed")
-        segments.append({"attempt": attempt.attempt, "left": round(left, 3),
-                         "width": round(width, 3), "status": outcome})
-    return segments
+        if isinstance(value, bool):
+            parts.append(key if value else "")
+        elif key.endswith("_at") and isinstance(value, int):
+            parts.append(f"{key} {'in ' + format_duration(value - at) if value >= at else 'at'}"
+                         f"{'' if value >= at else ' ' + _utc(value)}")
+        elif key.endswith("_ms") and isinstance(value, int):
+            parts.append(f"{key} {format_duration(value)}")
+        else:
+            text = value if isinstance(value, str) and key not in _PAYLOADS else _compact(value)
+            parts.append(f"{key} {text if len(text) <= 90 else text[:89] + '…'}")
+    return " · ".join(p for p in parts if p)
+
+
+def _traces(execution: Execution) -> dict[str, dict[str, Any]]:
+    """Each recorded traceback parsed, keyed ``<step key>#<attempt>`` (and ``execution``);
+    one that repeats an earlier attempt's (same frames) names that attempt instead."""
+    found: dict[str, dict[str, Any]] = {}
+    for step in execution.steps:
+        seen: dict[tuple[tuple[str, int, str], ...], int] = {}
+        for attempt in step.attempts:
+            if attempt.error is None or not attempt.error.traceback:
+                continue
+            trace = tracebacks.parse(attempt.error.traceback)
+            first = seen.setdefault(trace.signature, attempt.attempt)
+            found[f"{step.key}#{attempt.attempt}"] = {
+                "trace": trace, "same_as": None if first == attempt.attempt else first}
+    if execution.error is not None and execution.error.traceback:
+        found["execution"] = {"trace": tracebacks.parse(execution.error.traceback),
+                              "same_as": None}
+    return found
 
 
 def format_duration(ms: int | None) -> str:

@@ -25,7 +25,7 @@
     document.querySelectorAll("[data-zoomable]").forEach(function (el) {
       el.style.setProperty("--zoom", String(zoom));
       var label = document.getElementById("zoom-level");
-      if (label) { label.textContent = zoom === 1 ? "fit" : zoom + "×"; }
+      if (label) { label.textContent = zoom + "×"; }
     });
   }
   function zoomBy(factor) {

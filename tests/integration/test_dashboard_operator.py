@@ -6,14 +6,18 @@ executions), one browser. Screenshots go to ``artifacts/`` (gitignored).
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, FloatRect, Locator, Page, async_playwright, expect
 from pydantic import BaseModel, Field
 
 from engine import Engine, ploy
@@ -130,6 +134,17 @@ async def run_order(engine: Engine, customer: str) -> str:
     return eid
 
 
+async def box(locator: Locator) -> FloatRect:
+    """Its bounding box, once it is on the page (a live refresh may be swapping it)."""
+    await expect(locator).to_be_visible()
+    for _ in range(50):
+        found = await locator.bounding_box()
+        if found is not None:
+            return found
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{locator} has no bounding box")
+
+
 # -- finding -------------------------------------------------------------------------
 
 
@@ -222,3 +237,47 @@ async def test_trigger_from_the_generated_form_shows_errors_by_field(
         await expect(page.get_by_test_id("execution-input")).to_contain_text('"express": true')
         await expect(page.get_by_test_id("execution-output")).to_contain_text('"total": 12')
     assert len(await engine.list_executions(workflow="order", limit=500)) == before + 1
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+async def test_a_history_row_opens_to_pretty_json(
+        engine: Engine, base: str, browser: Browser) -> None:
+    eid = await run_order(engine, "history")
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/executions/{eid}")
+        row = page.locator('[data-testid="event-row"][data-type="StepCompleted"]')
+        await expect(row.locator("summary")).to_contain_text("step price")
+        await expect(row.get_by_test_id("event-json")).not_to_be_visible()
+        await row.locator("summary").click()
+        pretty = row.get_by_test_id("event-json")
+        await expect(pretty).to_be_visible()
+        text = await pretty.inner_text()
+        assert '\n  "body": {\n' in text and '"output": {\n      "total": 6\n' in text, text
+        await screenshot(page, "operator-history")
+        async with page.expect_download() as download_info:
+            await page.get_by_test_id("history-download").click()
+        lines = Path(await (await download_info.value).path()).read_text().splitlines()
+        assert [json.loads(line)["type"] for line in lines][0] == "WorkflowTriggered"
+
+
+async def test_a_24h_sleep_and_a_200ms_step_are_both_visible_on_one_timeline(
+        engine: Engine, base: str, browser: Browser) -> None:
+    eid = (await engine.env.OVERNIGHT.trigger({}))["execution_id"]
+    await wait_for_status(engine, eid, "sleeping")
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/executions/{eid}")
+        step = page.locator('[data-testid="timeline-bar"][data-step="prepare"]')
+        sleep = page.locator('[data-testid="timeline-bar"][data-kind="sleep"]')
+        track, step_box, sleep_box = [await box(x) for x in (step.locator(".."), step, sleep)]
+        assert step_box["width"] > track["width"] * 0.3, (step_box, track)  # not 1 px at zero
+        assert sleep_box["width"] > track["width"] * 0.1, (sleep_box, track)
+        await expect(page.get_by_test_id("timeline-break")).to_have_text(
+            re.compile(r"^(1d|23h 59m)$"))  # its real length, written on it
+        await expect(page.get_by_test_id("timeline-now").first).to_be_visible()
+        await expect(page.get_by_test_id("timeline-note")).to_contain_text("so far")
+        await screenshot(page, "operator-timeline-24h")
+        await page.get_by_test_id("zoom-in").click()
+        assert (await box(step))["width"] > step_box["width"] * 1.8
+        await screenshot(page, "operator-timeline-24h-zoomed")
