@@ -74,6 +74,7 @@ from engine.timers import TimerSchedule
 from engine.view import PartitionView
 
 logger = logging.getLogger("ploy.runtime")
+user_log = logging.getLogger("ploy.workflow")  # what the terminal of `ploy dev` shows
 
 ID_NAMESPACE = uuid.UUID("6f1c1d1e-9a43-4b8e-9a55-3e1f0c2b7d10")
 RUNNABLE = (ExecutionStatus.QUEUED.value, ExecutionStatus.RUNNING.value)
@@ -433,6 +434,9 @@ class Runtime(Queries):
             return  # its owner records the end
         record = self.views[self.log.partition_for(eid)].record(eid)
         if record is not None and record["status"] == ExecutionStatus.CANCELLED.value:
+            user_log.warning("[%s %s] cancelled: %s", record["workflow"], eid,
+                             record.get("cancel_reason") or "no reason given",
+                             extra={"ended_execution": eid})  # the ploy dev terminal shows it
             self.log.append_nowait(Event(eid, record["workflow"], self.clock.now(),
                                          WorkflowCancelled(record.get("cancel_reason")),
                                          epoch=self.epoch_of(eid)))

@@ -18,6 +18,8 @@ __all__ = ["Frame", "Trace", "parse"]
 
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]*)", line (?P<line>\d+), in (?P<func>.*)$')
 _ENGINE = str(Path(__file__).resolve().parent) + "/"
+# A standard library or packages directory of any Python (the worker's may not be this one's).
+_LIBRARY_DIR = re.compile(r"/lib/python\d+\.\d+/|/site-packages/|/dist-packages/")
 _LIBRARIES = tuple({str(Path(p).resolve()) + "/" for key in ("stdlib", "platstdlib", "purelib",
                                                              "platlib")
                     if (p := sysconfig.get_paths().get(key))})
@@ -90,4 +92,4 @@ def _is_mine(file: str) -> bool:
         return False
     path = str(Path(file).resolve()) if file.startswith("/") else file
     return not (path.startswith(_ENGINE) or path.startswith(_LIBRARIES)
-                or "/site-packages/" in path or "/dist-packages/" in path)
+                or _LIBRARY_DIR.search(path) is not None)

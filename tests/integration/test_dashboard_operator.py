@@ -281,3 +281,30 @@ async def test_a_24h_sleep_and_a_200ms_step_are_both_visible_on_one_timeline(
         await page.get_by_test_id("zoom-in").click()
         assert (await box(step))["width"] > step_box["width"] * 1.8
         await screenshot(page, "operator-timeline-24h-zoomed")
+
+
+# -- pages -----------------------------------------------------------------------------
+
+
+async def test_the_workflows_and_workers_pages(
+        engine: Engine, base: str, browser: Browser) -> None:
+    await run_order(engine, "counted")
+    failed = (await engine.env.HOSTILE.trigger({}))["execution_id"]
+    await wait_for_status(engine, failed, "failed")
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/workflows")
+        hostile = page.locator('[data-testid="workflow"][data-workflow="hostile"]')
+        hour = hostile.locator('[data-testid="activity"][data-window="last hour"]')
+        await expect(hour.get_by_test_id("failure-rate")).to_have_text("100.0% failed")
+        order_hour = page.locator('[data-testid="workflow"][data-workflow="order"] '
+                                  '[data-testid="activity"][data-window="last hour"]')
+        assert int(await order_hour.get_attribute("data-total") or 0) >= 1
+        await expect(page.locator('[data-testid="trigger-link"]')).to_have_count(3)
+        await screenshot(page, "operator-workflows")
+
+        await page.goto(f"{base}/__ploy/workers")
+        rows = page.get_by_test_id("partition-row")
+        await expect(rows).to_have_count(engine.runtime.log.partitions)
+        await expect(rows.first).to_contain_text("(this process)")
+        await expect(page.get_by_test_id("health")).to_have_text("ok")
+        await screenshot(page, "operator-workers")

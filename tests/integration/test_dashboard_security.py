@@ -8,6 +8,7 @@ generated trigger form included, and each page runs only its own script.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -139,3 +140,12 @@ async def test_hostile_text_is_escaped_on_every_page_and_only_the_own_script_run
         history = await c.get(f"/__ploy/executions/{eid}/history.jsonl")
         assert history.headers["content-type"].startswith("application/x-ndjson")
         assert "attachment" in history.headers["content-disposition"]
+
+
+async def test_a_cancel_is_one_line_on_the_workflow_log(
+        engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="ploy.workflow")
+    eid = await sleeping(engine)
+    assert await engine.cancel(eid, "ops said so")
+    lines = [r for r in caplog.records if getattr(r, "ended_execution", None) == eid]
+    assert [r.getMessage() for r in lines] == [f"[overnight {eid}] cancelled: ops said so"]
