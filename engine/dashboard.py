@@ -112,8 +112,15 @@ class Dashboard:
             found=found, filters=filters, workflows=sorted(self.engine.worker.workflows),
             statuses=_statuses(), last_choices=LAST, older=older,
             paged="before" in request.query_params, newest=filters.query(),
-            live={"live": True, "refresh_ms": REFRESH_MS, "stream": f"{DASHBOARD}/api/changes"},
-            title="Executions", nav="Executions")
+            live=self._live_list(), title="Executions", nav="Executions")
+
+    def _live_list(self) -> dict[str, Any]:
+        """How a list page keeps up: pushed by the fold where this process folds every
+        partition (the change feed sees only those), else re-fetched every REFRESH_MS."""
+        runtime = self.engine.runtime
+        folds_all = all(runtime.partitions.folds(p) for p in range(runtime.log.partitions))
+        return {"live": True, "refresh_ms": REFRESH_MS,
+                "stream": f"{DASHBOARD}/api/changes" if folds_all else None}
 
     async def _find(self, filters: Filters, before_text: str) -> Found:
         """The page of executions the filters select (an exact id is one point read)."""
@@ -183,8 +190,7 @@ class Dashboard:
                 "activity": await activity(self.engine.list_page, name, now),
             })
         return self.render("workflows.html", workflows=rows, title="Workflows", nav="Workflows",
-                           live={"live": True, "refresh_ms": REFRESH_MS,
-                                 "stream": f"{DASHBOARD}/api/changes"})
+                           live=self._live_list())
 
     async def workers(self, request: Request) -> Response:
         """Who runs each partition, how far behind it is, and what stopped it."""

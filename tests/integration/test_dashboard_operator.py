@@ -308,3 +308,45 @@ async def test_the_workflows_and_workers_pages(
         await expect(rows.first).to_contain_text("(this process)")
         await expect(page.get_by_test_id("health")).to_have_text("ok")
         await screenshot(page, "operator-workers")
+
+
+# -- hostile text ------------------------------------------------------------------------
+
+
+async def test_hostile_text_never_runs_and_the_csp_blocks_other_scripts(
+        engine: Engine, base: str, browser: Browser) -> None:
+    eid = (await engine.env.HOSTILE.trigger({"html": HOSTILE}))["execution_id"]
+    await wait_for_status(engine, eid, "failed")
+    context = await browser.new_context(viewport={"width": 1360, "height": 900})
+    page = await context.new_page()
+    blocked: list[str] = []
+    errors: list[str] = []
+    page.on("console", lambda msg: blocked.append(msg.text)
+            if "Content Security Policy" in msg.text else None)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        for path in (f"/__ploy/executions/{eid}", "/__ploy/?workflow=hostile"):
+            await page.goto(base + path)
+            await expect(page.locator("main")).to_contain_text("<img src=x")  # shown as text
+            assert await page.evaluate("window.__pwned") is None, path
+        # The step name, the error and the log line, as text, on the execution page.
+        await page.goto(f"{base}/__ploy/executions/{eid}")
+        await expect(page.get_by_test_id("step-name")).to_have_text(HOSTILE)
+        await expect(page.get_by_test_id("log-message")).to_have_text(HOSTILE)
+        await expect(page.get_by_test_id("execution-error")).to_contain_text(HOSTILE)
+        await screenshot(page, "operator-hostile")
+        # The trigger form echoes what was typed, escaped.
+        await page.goto(f"{base}/__ploy/workflows/ORDER/trigger")
+        await page.locator('[name="f.customer"]').fill(HOSTILE)
+        await page.get_by_test_id("trigger-submit").click()  # quantity missing: shown again
+        await expect(page.get_by_test_id("form-error")).to_be_visible()
+        await expect(page.locator('[name="f.customer"]')).to_have_value(HOSTILE)
+        assert await page.evaluate("window.__pwned") is None
+        # A script the page did not bring (no nonce) is refused by the CSP.
+        await page.evaluate("""() => { const s = document.createElement("script");
+            s.textContent = "window.__injected = 1"; document.body.append(s); }""")
+        assert await page.evaluate("window.__injected") is None
+        assert blocked, "the CSP did not report the refused script"
+        assert errors == []
+    finally:
+        await context.close()
