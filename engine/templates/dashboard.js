@@ -111,12 +111,26 @@
     return true;
   }
 
+  // Time filters travel in UTC (the URL means the same to everyone); the browser shows
+  // and takes them in local time, as it shows every other time.
+  function localInput(d) {
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + "T" + pad(d.getHours()) + ":" + pad(d.getMinutes());
+  }
+  document.querySelectorAll("input[data-utc]").forEach(function (el) {
+    if (el.value) { el.value = localInput(new Date(el.value + "Z")); }
+  });
+  document.querySelectorAll("[data-local-label]").forEach(function (el) {
+    el.textContent = el.getAttribute("data-local-label");
+  });
   // Filters: a select applies at once; empty fields stay out of the URL.
   document.querySelectorAll("form[data-autosubmit] select").forEach(function (el) {
     el.addEventListener("change", function () { el.form.requestSubmit(); });
   });
   document.querySelectorAll("form[data-autosubmit]").forEach(function (form) {
     form.addEventListener("submit", function () {
+      form.querySelectorAll("input[data-utc]").forEach(function (el) {
+        if (el.value) { el.value = new Date(el.value).toISOString().slice(0, 16); }
+      });
       form.querySelectorAll("input, select").forEach(function (el) { if (!el.value) { el.disabled = true; } });
     });
   });

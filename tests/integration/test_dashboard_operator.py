@@ -169,6 +169,18 @@ async def test_search_by_id_prefix_shows_the_match_and_the_count(
         await page.goto(f"{base}/__ploy/?workflow=order&error=no-such-error")
         await expect(page.get_by_test_id("executions-empty")).to_be_visible()
 
+        # A time range: typed in local time, carried in UTC.
+        await page.goto(f"{base}/__ploy/?workflow=order")
+        await page.get_by_test_id("filter-to").fill("2020-01-01T00:00")
+        await page.get_by_test_id("filter-submit").click()
+        await expect(page).to_have_url(re.compile(r"workflow=order&to=20(19-12-3|20-01-0)"))
+        await expect(page.get_by_test_id("executions-empty")).to_be_visible()
+        await expect(page.get_by_test_id("filter-to")).to_have_value("2020-01-01T00:00")
+        await page.goto(f"{base}/__ploy/?workflow=order")
+        await page.get_by_test_id("filter-last").select_option("15m")
+        await expect(page).to_have_url(f"{base}/__ploy/?workflow=order&last=15m")
+        await expect(page.get_by_test_id("result-count")).to_have_attribute("data-count", "3")
+
 
 # -- live ----------------------------------------------------------------------------
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import logging
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from engine import inputform, tracebacks
 from engine.cli import _DashboardLinks
+from engine.listing import Cursor, Page
 from engine.models import ExecutionStatus, ExecutionSummary
-from engine.search import Filters
+from engine.search import Filters, find
 from engine.timeline import Scale
 
 # -- the timeline's scale ---------------------------------------------------------------
@@ -167,3 +168,39 @@ def test_an_ended_execution_line_ends_with_its_dashboard_url() -> None:
     assert links.filter(record)
     assert record.getMessage() == ("[flow e/1] cancelled: ops  "
                                    "http://127.0.0.1:3000/__ploy/executions/e%2F1")
+
+
+def fake_list_page(summaries: list[ExecutionSummary]) -> Any:
+    """``Engine.list_page`` over ``summaries`` (newest first), as the indexes answer it."""
+    ordered = sorted(summaries, key=lambda s: (-s.created_at, s.execution_id))
+
+    async def list_page(*, workflow: str | None, status: str | None, before: Cursor | None,
+                        limit: int) -> Page:
+        after = [s for s in ordered if before is None or (-s.created_at, s.execution_id) > (
+            -before.created_at, before.execution_id)]
+        page = after[:limit]
+        return Page(page, Cursor.of(page[-1]) if len(after) > limit else None)
+
+    return list_page
+
+
+async def test_find_counts_every_match_and_pages_by_cursor() -> None:
+    rows = [summary(f"e{i:03d}", 1000 + i, "boom" if i % 2 else None) for i in range(1200)]
+    list_page = fake_list_page(rows)
+    filters = Filters(error="boom")
+    first = await find(list_page, filters, workflow=None, before=None, limit=50)
+    assert first.count == 600 and first.exact
+    assert [s.execution_id for s in first.executions[:2]] == ["e1199", "e1197"]
+    second = await find(list_page, filters, workflow=None, before=first.next, limit=50)
+    assert second.count == 600  # the count does not change from page to page
+    assert second.executions[0].execution_id == "e1099"
+    assert {s.execution_id for s in first.executions}.isdisjoint(
+        s.execution_id for s in second.executions)
+
+
+async def test_find_stops_at_the_start_of_the_range_and_starts_at_its_end() -> None:
+    rows = [summary(f"e{i:03d}", 1000 + i) for i in range(100)]
+    found = await find(fake_list_page(rows), Filters(since=1010, until=1019), workflow=None,
+                       before=None, limit=5)
+    assert found.count == 10 and found.exact and found.next is not None
+    assert [s.created_at for s in found.executions] == [1019, 1018, 1017, 1016, 1015]
