@@ -1,11 +1,19 @@
-"""The dashboard at ``/__ploy/``: executions, and one execution in detail.
+"""The dashboard at ``/__ploy/``: the pages an operator reads (README, "Dashboard").
 
-Server-rendered Jinja pages (``templates/`` beside this module) that re-fetch
-themselves while an execution is live. Everything they show from an
-execution is untrusted text: Jinja's autoescape escapes it, and the
-Content-Security-Policy of every page runs only the page's own script (by
-nonce). Who may see the pages is decided by the guard in ``engine.http``,
-which mounts them.
+=============================================  =========================================
+``/``                                          executions: search, counts, cursor pages
+``/executions/{id}``                           one execution: timeline, steps, history
+``/executions/{id}/history.jsonl``             its events, to download
+``/workflows``, ``/workers``                   workflows and their recent runs; partitions
+=============================================  =========================================
+
+Server-rendered Jinja pages (``templates/`` beside this module) that refresh
+their live regions when the server pushes (an execution's event stream, the
+fold's change feed). The forms that act (cancel, trigger) are in
+``engine.actions``. Everything the pages show from an execution is untrusted
+text: Jinja's autoescape escapes it, and the Content-Security-Policy of every
+page runs only the page's own script (by nonce). Who may see the pages is
+decided by the guard in ``engine.http``, which mounts them.
 """
 
 from __future__ import annotations
@@ -141,6 +149,7 @@ class Dashboard:
                           before=before, limit=PAGE_SIZE)
 
     async def detail(self, request: Request) -> Response:
+        """One execution: what it is doing or did, how long each part took, why it failed."""
         eid = request.path_params["id"]
         execution = await self.engine.get_execution(eid)
         if execution is None:
@@ -160,7 +169,6 @@ class Dashboard:
                   "stream": f"{DASHBOARD}/api/executions/{execution.execution_id}/events"
                             f"?after={history[-1].offset if history else -1}"},
             title=f"{execution.workflow} · {execution.execution_id[:12]}")
-
 
     async def history_download(self, request: Request) -> Response:
         """The execution's events as JSON lines, one history entry a line, as on the log."""
