@@ -3,7 +3,7 @@
 (function () {
   "use strict";
   var page = JSON.parse(document.getElementById("ploy-page").textContent);
-  var MIN_REFRESH_MS = 400;  // a busy log refreshes the page at most this often
+  var MIN_REFRESH_MS = 1000;  // a busy log refreshes the page at most once a second
   function pad(n, w) { return String(n).padStart(w || 2, "0"); }
   // Times come as epoch milliseconds; the server writes UTC, the browser shows local time.
   function localTimes(root) {

@@ -188,9 +188,8 @@ async def test_search_by_id_prefix_shows_the_match_and_the_count(
 async def test_the_list_shows_a_trigger_within_a_second_without_a_reload(
         engine: Engine, base: str, browser: Browser) -> None:
     async with open_page(browser) as page:
-        await page.goto(f"{base}/__ploy/?workflow=order")
-        await expect(page.get_by_test_id("result-count")).to_be_visible()
-        await page.wait_for_timeout(300)  # the push stream is open
+        async with page.expect_response(lambda r: r.url.endswith("/__ploy/api/changes")):
+            await page.goto(f"{base}/__ploy/?workflow=order")  # and its push stream opens
         eid = (await engine.env.ORDER.trigger({"customer": "live", "quantity": 1}))[
             "execution_id"]
         row = page.locator(f'[data-testid="execution-row"][data-execution="{eid}"]')
