@@ -109,35 +109,63 @@ async def find(list_page: ListPage, filters: Filters, *, workflow: str | None,
 
     ``list_page`` is ``Engine.list_page`` (it reads the partitions folded here and
     asks the owners of the others); ``workflow`` is the workflow name the
-    ``filters.workflow`` text resolved to.
+    ``filters.workflow`` text resolved to. The count covers the whole range,
+    so it is the same on every page; a page beyond what the count could read
+    is read on its own.
     """
-    shown: list[ExecutionSummary] = []
-    more, count, scanned = False, 0, 0
-    cursor = None if filters.until is None else Cursor(filters.until + 1, "")
+    start = None if filters.until is None else Cursor(filters.until + 1, "")
+    walk = await _walk(list_page, filters, workflow, start, before, limit)
+    if walk.ended or len(walk.shown) == limit or before is None:
+        return Found(walk.shown, _next(walk.shown, walk.more or not walk.ended), walk.count,
+                     walk.ended)
+    assert walk.stopped_at is not None  # the page asked for is older than the walk got
+    # Go on from where the count stopped, or from ``before`` if that is further.
+    page = await _walk(list_page, filters, workflow, max(walk.stopped_at, before, key=_key),
+                       before, limit - len(walk.shown))
+    shown = walk.shown + page.shown
+    return Found(shown, _next(shown, page.more or not page.ended), walk.count, False)
+
+
+@dataclass
+class _Walk:
+    shown: list[ExecutionSummary]
+    count: int = 0
+    more: bool = False
+    ended: bool = False  # the range was read to its start: ``count`` is exact
+    stopped_at: Cursor | None = None
+
+
+async def _walk(list_page: ListPage, filters: Filters, workflow: str | None,
+                start: Cursor | None, before: Cursor | None, limit: int) -> _Walk:
+    """Read from ``start`` on, at most ``SCAN_LIMIT`` executions: count the matches, keep
+    the ``limit`` first after ``before``."""
+    walk, scanned, cursor = _Walk([]), 0, start
     while scanned < SCAN_LIMIT:
         page = await list_page(workflow=workflow, status=filters.status or None,
                                before=cursor, limit=BATCH)
         for summary in page.executions:
             scanned += 1
             if filters.since is not None and summary.created_at < filters.since:
-                return Found(shown, _next(shown, more), count, True)
+                walk.ended = True
+                return walk
             if not filters.matches(summary):
                 continue
-            count += 1
-            if before is None or _after(summary, before):
-                if len(shown) < limit:
-                    shown.append(summary)
+            walk.count += 1
+            if before is None or _key(Cursor.of(summary)) > _key(before):
+                if len(walk.shown) < limit:
+                    walk.shown.append(summary)
                 else:
-                    more = True
+                    walk.more = True
         if page.next is None:
-            return Found(shown, _next(shown, more), count, True)
-        cursor = page.next
-    return Found(shown, _next(shown, True if len(shown) == limit else more), count, False)
+            walk.ended = True
+            return walk
+        cursor = walk.stopped_at = page.next
+    return walk
 
 
-def _after(summary: ExecutionSummary, cursor: Cursor) -> bool:
-    """Whether ``summary`` comes strictly after ``cursor`` in the newest-first order."""
-    return (-summary.created_at, summary.execution_id) > (-cursor.created_at, cursor.execution_id)
+def _key(cursor: Cursor) -> tuple[int, str]:
+    """The newest-first order of the listing: later in it means older."""
+    return -cursor.created_at, cursor.execution_id
 
 
 def _next(shown: list[ExecutionSummary], more: bool) -> Cursor | None:

@@ -204,3 +204,24 @@ async def test_find_stops_at_the_start_of_the_range_and_starts_at_its_end() -> N
                        before=None, limit=5)
     assert found.count == 10 and found.exact and found.next is not None
     assert [s.created_at for s in found.executions] == [1019, 1018, 1017, 1016, 1015]
+
+
+async def test_a_page_older_than_the_count_could_read_is_read_on_its_own(
+        monkeypatch: Any) -> None:
+    monkeypatch.setattr("engine.search.SCAN_LIMIT", 100)
+    monkeypatch.setattr("engine.search.BATCH", 40)
+    rows = [summary(f"e{i:03d}", 1000 + i) for i in range(300)]
+    found = await find(fake_list_page(rows), Filters(), workflow=None,
+                       before=Cursor(1050, "e050"), limit=10)
+    assert not found.exact and found.count >= 100
+    assert [s.created_at for s in found.executions] == list(range(1049, 1039, -1))
+    assert found.next == Cursor(1040, "e040")
+
+
+async def test_a_page_that_straddles_the_end_of_the_count_is_whole(monkeypatch: Any) -> None:
+    monkeypatch.setattr("engine.search.SCAN_LIMIT", 100)
+    monkeypatch.setattr("engine.search.BATCH", 40)
+    rows = [summary(f"e{i:03d}", 1000 + i) for i in range(300)]
+    found = await find(fake_list_page(rows), Filters(), workflow=None,
+                       before=Cursor(1185, "e185"), limit=10)
+    assert [s.created_at for s in found.executions] == list(range(1184, 1174, -1))
