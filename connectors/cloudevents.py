@@ -56,6 +56,12 @@ _TYPES: dict[str, str | None] = {
     "PartitionClaimed": None,
     "RecordSkipped": None,
     "PartitionReleased": None,
+    "WaitStarted": "workflow.waiting",
+    "EventSent": None,  # an event in; copies go to every partition, the waiters show it
+    "Patched": "workflow.patched",
+    "ScheduleUpdated": None,
+    "StepResolved": "step.resolved",
+    "SubjectErased": None,
 }
 # Body fields that hold JSON text in the log and JSON values in a CloudEvent.
 _JSON_FIELDS = ("input", "output", "data")

@@ -119,6 +119,9 @@ LIFECYCLE_TYPES = (
     "workflow.cancelled",
     "workflow.completed",
     "workflow.failed",
+    "workflow.waiting",
+    "workflow.patched",
+    "step.resolved",
 )
 """Lifecycle event types a sink can select (CloudEvents type ``dev.ploy.<name>``)."""
 CLOUDEVENTS_TYPE_PREFIX = "dev.ploy."
