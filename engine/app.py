@@ -222,6 +222,14 @@ class Engine:
         """Stop the execution; False if it had already finished."""
         return await self.runtime.cancel(execution_id, reason)
 
+    async def send_event(self, event_type: str, data: Any = None, *, id: str | None = None,
+                         source: str | None = None,
+                         execution_id: str | None = None) -> dict[str, Any]:
+        """An event for waiting executions (``ctx.step.wait_for_event``): every matching
+        waiter receives it once, or only ``execution_id``. See ``Runtime.send_event``."""
+        return await self.runtime.send_event(event_type, data, id=id, source=source,
+                                             execution_id=execution_id)
+
     async def list_page(self, **filters: Any) -> Page:
         """A page of executions newest first (``workflow``, ``status``, ``before``,
         ``limit``, ``offset``, ``partitions``, ``local``)."""

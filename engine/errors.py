@@ -10,6 +10,7 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── InvalidInputError         trigger input fails the workflow's input model
     ├── PayloadTooLargeError      an event would not fit a Kafka record
     ├── PayloadTooDeepError       JSON nested deeper than readers take
+    ├── UnknownExecutionError     send_event to an id no execution has
     ├── InvalidKeyError           an idempotency key that is not valid Unicode
     ├── DurationError (ValueError) "5 parsecs"
     ├── SerializationError        a step result that is not JSON
@@ -92,6 +93,18 @@ class PayloadTooLargeError(PloyError, ValueError):
     def __init__(self, what: str, size: int, limit: int):
         self.what, self.size, self.limit = what, size, limit
         super().__init__(f"{what} is {size} bytes, over the limit of {limit} bytes")
+
+
+class UnknownExecutionError(PloyError, KeyError):
+    """An id no execution has (of that workflow, when one is named); nothing was appended."""
+
+    def __init__(self, execution_id: str, workflow: str | None = None):
+        self.execution_id, self.workflow = execution_id, workflow
+        of = f" of workflow '{workflow}'" if workflow else ""
+        super().__init__(f"no execution '{execution_id}'{of}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 class InvalidKeyError(PloyError, ValueError):

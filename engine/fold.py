@@ -36,25 +36,31 @@ Rules the fold keeps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 from orjson import OPT_SORT_KEYS, dumps, loads
 
-from engine import keys
+from engine import keys, waits
 from engine.errors import InvalidTransitionError
 from engine.events import (
     CLIENT_EVENTS,
     CancelRequested,
     Event,
+    EventSent,
     PartitionClaimed,
     PartitionReleased,
+    Patched,
     RecordSkipped,
+    ScheduleUpdated,
     SleepScheduled,
     StepCompleted,
     StepFailed,
+    StepResolved,
     StepStarted,
+    SubjectErased,
     TimerFired,
+    WaitStarted,
     WorkflowCancelled,
     WorkflowCompleted,
     WorkflowFailed,
@@ -65,11 +71,14 @@ from engine.events import (
 from engine.models import ExecutionStatus
 
 Record = dict[str, Any]
+Scan = Callable[[bytes, bytes], Iterable[tuple[bytes, bytes]]]
+"""``scan(start, stop)``: the stored raw (key, value) pairs in [start, stop), in key order."""
 _UNREAD: Any = object()
 
 QUEUED = ExecutionStatus.QUEUED.value
 RUNNING = ExecutionStatus.RUNNING.value
 SLEEPING = ExecutionStatus.SLEEPING.value
+WAITING = ExecutionStatus.WAITING.value
 TERMINAL = {s.value for s in ExecutionStatus if s.terminal}
 
 
@@ -83,13 +92,16 @@ class Tx:
     never both: ``engine.keys`` gives each keyspace one kind.
     """
 
-    __slots__ = ("_read", "_records", "_raw", "_began")
+    __slots__ = ("_read", "_scan", "_records", "_raw", "_scanned", "_began", "woken")
 
-    def __init__(self, read: Callable[[bytes], bytes | None]):
+    def __init__(self, read: Callable[[bytes], bytes | None], scan: Scan | None = None):
         self._read = read
+        self._scan = scan
         self._records: dict[bytes, Record | None] = {}  # decoded; None: absent or deleted
         self._raw: dict[bytes, bytes | None] = {}  # raw values; None deletes
+        self._scanned: dict[bytes, bytes | None] = {}  # the raw writes of keys.SCANNED spaces
         self._began: dict[str, str | None] = {}  # execution id -> status before the batch
+        self.woken: list[str] = []  # executions an event woke (engine.waits), for the runtime
 
     def touch(self, eid: str, status: str | None) -> None:
         """Note the status ``eid`` had before this batch (None: it did not exist)."""
@@ -118,6 +130,30 @@ class Tx:
 
     def put_raw(self, key: bytes, value: bytes) -> None:
         self._raw[key] = value
+        if key[:2] in keys.SCANNED:
+            self._scanned[key] = value
+
+    def raw(self, key: bytes) -> bytes | None:
+        """The raw value at ``key``, with this batch's writes applied."""
+        if key in self._raw:
+            return self._raw[key]
+        return self._read(key)
+
+    def scan(self, prefix: bytes, start: bytes | None = None,
+             stop: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """Raw (key, value) pairs with ``prefix`` in [start, stop), in key order, with this
+        batch's writes applied. Only the ``keys.SCANNED`` keyspaces (what the fold looks
+        up by prefix: kept events, waiters) can be scanned."""
+        assert prefix[:2] in keys.SCANNED, prefix
+        lo, hi = start or prefix, stop or keys.end_of(prefix)
+        found = dict(self._scan(lo, hi)) if self._scan is not None else {}
+        for key, value in self._scanned.items():
+            if lo <= key < hi:
+                if value is None:
+                    found.pop(key, None)
+                else:
+                    found[key] = value
+        return sorted(found.items())
 
     def delete(self, key: bytes, new: bool = False) -> None:
         """Delete ``key``. ``new``: it belongs to an execution this batch created, so only
@@ -128,6 +164,8 @@ class Tx:
         else:
             self._raw[key] = None
             self._records[key] = None
+        if key[:2] in keys.SCANNED:
+            self._scanned[key] = None
 
     def encoded(self) -> Iterator[tuple[bytes, bytes | None]]:
         """Every write as bytes (``None`` deletes), deterministic JSON, listing indexes included.
@@ -172,8 +210,11 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
     if isinstance(body, PartitionReleased):
         _released(tx, event, body)
         return False
-    if isinstance(body, RecordSkipped):
-        return False
+    if isinstance(body, RecordSkipped | ScheduleUpdated | SubjectErased):
+        return False  # audit records (their modules read them from the log)
+    if isinstance(body, EventSent):
+        waits.event_sent(tx, event, offset, raw)
+        return False  # the executions it woke are in ``tx.woken``
     if _fenced(tx, event, offset):
         return False
     eid_key = eid.encode()
@@ -250,13 +291,18 @@ def new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Reco
         "seq": 0,
         "logs": 0,
         "sleeping_on": None,
+        "waits": [],
         "cancel_reason": None,
+        "parent_id": body.parent_id,
+        "parent_step": body.parent_step,
     }
 
 
 def _run(ex: Record, ts: int) -> None:
-    """queued/sleeping -> running; a terminal execution stays as it is."""
-    if ex["status"] in (QUEUED, SLEEPING):
+    """queued/sleeping -> running; a terminal execution stays as it is (and one still
+    waiting for an event, a parallel branch's step notwithstanding, stays waiting)."""
+    if ex["status"] in (QUEUED, SLEEPING) or (ex["status"] == WAITING
+                                               and not waits.open_waits(ex)):
         ex["status"] = RUNNING
     if ex["started_at"] is None:
         ex["started_at"] = ts
@@ -277,6 +323,7 @@ def _finish(tx: Tx, ex: Record, status: str, ts: int) -> bool:
             sleep.update(status=status, ended_at=ts)
             tx.put(sleep_key, sleep)
         ex["sleeping_on"] = None
+    waits.end_all(tx, ex, status, ts)
     return True
 
 
@@ -383,6 +430,10 @@ def _timer_fired(tx: Tx, ex: Record, event: Event) -> None:
     assert isinstance(body, TimerFired)
     key = keys.sleep(ex["id"], body.sleep)
     sleep = tx.get(key)
+    if sleep is not None and sleep["kind"] in waits.WAIT_KINDS:
+        if sleep["status"] == WAITING:  # else an event came first, or a cancel
+            waits.timed_out(tx, ex, sleep, event.timestamp)
+        return
     if sleep is None or sleep["status"] != SLEEPING:
         return  # a duplicate firing, or a sleep a cancel already ended
     sleep.update(status="completed", ended_at=event.timestamp)
@@ -449,4 +500,7 @@ _FOLDS: dict[type, Callable[[Tx, Record, Event], None]] = {
     WorkflowCancelled: _cancelled,
     WorkflowCompleted: _completed,
     WorkflowFailed: _failed,
+    WaitStarted: waits.wait_started,
+    Patched: lambda tx, ex, event: None,  # kept in the history (engine.versioning reads it)
+    StepResolved: lambda tx, ex, event: None,  # kept in the history
 }

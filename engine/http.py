@@ -68,6 +68,7 @@ from engine.errors import (
     PartitionStalledError,
     PayloadTooLargeError,
     UnknownBindingError,
+    UnknownExecutionError,
 )
 from engine.listing import Cursor
 from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
@@ -173,6 +174,7 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/executions/{{id}}/cancel", api.cancel, write=True),
         admin.route(f"{API}/partitions/{{partition:int}}/skip", api.skip, write=True),
         admin.route(f"{API}/trigger/{{binding}}", api.trigger, write=True),
+        admin.route(f"{API}/events", api.send_event, write=True),
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
         admin.route(f"{API}/workers", api.workers),
@@ -515,6 +517,15 @@ class _CancelBody(BaseModel):
     reason: str | None = None
 
 
+class _EventBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    data: Any = None
+    id: str | None = None
+    source: str | None = None
+    execution_id: str | None = None
+
+
 class _SkipBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     offset: int
@@ -646,6 +657,21 @@ class _Api:
         # answers once the view holds this trigger.
         return _json(201, {"execution_id": eid, "partition": partition,
                            "offset": self.engine.runtime.log.high_acked.get(partition)})
+
+    async def send_event(self, request: Request) -> Response:
+        """An event for waiting executions: every matching waiter, or ``execution_id`` only."""
+        body = await _read_body(request, _EventBody)
+        try:
+            sent = await self.engine.send_event(body.type, body.data, id=body.id,
+                                                source=body.source,
+                                                execution_id=body.execution_id)
+        except UnknownExecutionError as exc:
+            raise _Reject(404, {"error": str(exc)}) from None
+        except PayloadTooLargeError as exc:
+            raise _Reject(413, {"error": str(exc)}) from None
+        except (ValueError, TypeError) as exc:  # a bad type, id, or data
+            raise _Reject(422, {"error": str(exc)}) from None
+        return _json(202, sent)
 
     async def workflows(self, request: Request) -> Response:
         config = self.engine.config
