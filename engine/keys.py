@@ -38,10 +38,10 @@ BY_WORKFLOW = b"w:"  # w:<workflow>\0<~created u64><id>        -> b""
 BY_WORKFLOW_STATUS = b"y:"  # y:<workflow>\0<status>\0<~created u64><id> -> b""
 # Events for waiting executions (``engine.events_in``): the lookback, the waiters, dedup.
 EVENT = b"E:"  # E:<type>\0<time u64><offset u64>      -> an event kept for the lookback (JSON)
-EVENT_ID = b"D:"  # D:<event id>                    -> b"" (an id seen: a repeat is ignored)
+EVENT_ID = b"D:"  # D:<source>\0<event id>         -> b"" (seen: a repeat is ignored)
 WAITER = b"W:"  # W:<type>\0<paths>\0<values>\0<id>\0<wait> -> b"" (who waits for what)
 WAIT_SHAPE = b"V:"  # V:<type>\0<paths>              -> count of waiters matching on those paths
-RECEIVED = b"R:"  # R:<id>\0<event id>              -> b"" (an execution received this event)
+RECEIVED = b"R:"  # R:<id>\0<source>\0<event id>  -> b"" (an execution received this event)
 EVENT_STATS = b"m:events"  # {"received", "duplicates", "delivered", "dropped_unmatched"} (JSON)
 SCANNED = (EVENT, WAITER, WAIT_SHAPE)  # keyspaces the fold scans (engine.fold.Tx.scan)
 INDEXES = b"m:indexes"  # the listing indexes' version: present once they cover every execution
@@ -112,8 +112,12 @@ def wait_shape(event_type: str, paths: bytes) -> bytes:
     return WAIT_SHAPE + event_type.encode() + SEP + paths
 
 
-def received(eid: str, event_id: str) -> bytes:
-    return RECEIVED + eid.encode() + SEP + event_id.encode()
+def event_id(source: str, event_id: str) -> bytes:
+    return EVENT_ID + source.encode() + SEP + event_id.encode()
+
+
+def received(eid: str, source: str, event_id: str) -> bytes:
+    return RECEIVED + eid.encode() + SEP + source.encode() + SEP + event_id.encode()
 
 
 def skipped(offset: int) -> bytes:

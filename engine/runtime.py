@@ -545,11 +545,11 @@ class Runtime(Queries):
         no-op (default: a new random id). Bad input raises before anything is appended."""
         check_event_type(event_type)
         event_id = uuid.uuid4().hex if id is None else id
-        payloads.check_key(event_id)  # bounded, valid Unicode
-        if "\x00" in event_id:
-            raise InvalidKeyError("event id", "contains NUL")
         source = source or "api"
-        payloads.check_key(source)
+        for what, value in (("event id", event_id), ("event source", source)):
+            payloads.check_key(value)  # bounded, valid Unicode
+            if "\x00" in value:
+                raise InvalidKeyError(what, "contains NUL")
         text = to_json(data, "event data")
         surrogate = payloads.lone_surrogate(text)
         if surrogate is not None:

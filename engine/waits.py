@@ -6,7 +6,8 @@ match is resolved against the log, so there is no race between an event and
 the wait that it answers:
 
 1. ``EventSent`` is kept for the lookback (``E:`` keys, by type and time) for
-   ``RETENTION_MS``, under its id (``D:``): an id seen before changes nothing.
+   ``RETENTION_MS``, under its source and id (``D:``, as CloudEvents identifies an
+   event): a (source, id) seen before changes nothing.
    It is delivered at once to every waiter of its partition that matches it
    (``W:`` keys, by type, match paths and values: one point lookup per shape of
    match, not a scan of every waiter), or, with a ``target``, to that
@@ -154,7 +155,7 @@ def event_sent(tx: Tx, event: Event, offset: int, raw: bytes) -> None:
     assert isinstance(body, EventSent)
     stats = _stats(tx)
     tx.put(keys.EVENT_STATS, stats)
-    id_key = keys.EVENT_ID + body.id.encode()
+    id_key = keys.event_id(body.source, body.id)
     if tx.raw(id_key) is not None:
         stats["duplicates"] += 1
         return
@@ -200,7 +201,7 @@ def _may_receive(tx: Tx, eid: str, wait: Record, fields: Record, data: Any) -> b
             and fields["target"] in (None, eid)
             and fields["timestamp"] >= wait["since"]
             and matches(wait["match"], data)
-            and tx.raw(keys.received(eid, fields["id"])) is None)
+            and tx.raw(keys.received(eid, fields["source"], fields["id"])) is None)
 
 
 def _look_back(tx: Tx, eid: str, wait: Record) -> tuple[bytes, Record, bytes] | None:
@@ -220,7 +221,7 @@ def _deliver(tx: Tx, ex: Record, wait: Record, fields: Record, raw: bytes, ts: i
     fields["matched"] = True
     _end(tx, ex, wait, ts, status=RECEIVED, event={
         k: fields[k] for k in ("id", "type", "source", "time", "data", "offset")})
-    tx.put_raw(keys.received(eid, fields["id"]), b"")
+    tx.put_raw(keys.received(eid, fields["source"], fields["id"]), b"")
     tx.put_raw(keys.history(eid, fields["offset"]), raw)
     ex["events"] += 1
     ex["updated_at"] = ts
@@ -297,4 +298,4 @@ def _prune(tx: Tx, event_type: str, now: int, stats: Record) -> None:
         if not fields["matched"]:
             stats["dropped_unmatched"] += 1
         tx.delete(row_key)
-        tx.delete(keys.EVENT_ID + fields["id"].encode())
+        tx.delete(keys.event_id(fields["source"], fields["id"]))

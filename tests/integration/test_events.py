@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -200,3 +201,41 @@ async def test_bad_events_are_refused_and_nothing_is_appended(engine: Engine) ->
         sent = await c.post("/__ploy/api/events", json={"type": "t", "data": {"k": 1}})
         assert sent.status_code == 202
         assert len(sent.json()["offsets"]) == engine.runtime.log.partitions
+
+
+async def test_a_kafka_topic_of_cloudevents_feeds_200_waiting_orders_each_its_own_event_once(
+        kafka: str, topic_prefix: str, state_dir: Path) -> None:
+    from confluent_kafka import Producer
+
+    from connectors.testing import running_connectors
+    from tests.integration.test_connectors_source import create_topic
+
+    topic = f"{topic_prefix}.payments"
+    create_topic(kafka, topic)
+    config = engine_config(kafka, topic_prefix, state_dir, workflow=BINDINGS,
+                           sources=[{"topic": topic, "event": "*", "format": "cloudevents"}])
+    orders = [f"{topic_prefix}-o{i}" for i in range(200)]
+    rng = random.Random(7)
+    async with running_engine(events_worker(), config) as engine:
+        async with running_connectors(engine):
+            # Half wait at once, half after a sleep: events land before and after waits begin.
+            handles = {o: await engine.env.ORDER.trigger(
+                {"order_id": o, "delay": "1500ms" if i % 2 else None})
+                for i, o in enumerate(orders)}
+            sends = orders + rng.sample(orders, 40)  # 40 duplicates (same source and id)
+            rng.shuffle(sends)
+            producer = Producer({"bootstrap.servers": kafka})
+            for order_id in sends:
+                producer.produce(topic, key=order_id.encode(), value=json.dumps({
+                    "specversion": "1.0", "id": f"pay-{order_id}", "source": "payments-svc",
+                    "type": "payment.settled", "data": {"order_id": order_id, "amount": 3},
+                }).encode())
+            assert producer.flush(20) == 0
+            for order_id, handle in handles.items():
+                result = await handle.result(timeout=60)
+                assert result == {"paid": 3, "event_id": f"pay-{order_id}",
+                                  "source": "payments-svc"}
+            for handle in list(handles.values())[:20]:
+                history = await engine.history(handle.execution_id)
+                assert history is not None
+                assert len([e for e in history if e.type == "EventSent"]) == 1
