@@ -151,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same key gives the same execution")
     _add_client(p)
 
+    p = command("send-event", _cmd_send_event, "send an event to the executions waiting for "
+                "it (ctx.step.wait_for_event), or to one execution; prints its id")
+    p.add_argument("type", metavar="TYPE", help="the event type, e.g. payment.settled")
+    p.add_argument("--data", default="null", metavar="JSON",
+                   help="the event's data as JSON, @FILE, or - for stdin (default: null)")
+    p.add_argument("--id", metavar="ID", help="the event's id: a repeat with the same source "
+                   "and id is ignored (default: a new one)")
+    p.add_argument("--source", metavar="S", help="who sends it (default: cli)")
+    p.add_argument("--execution", metavar="EXECUTION_ID",
+                   help="only this execution (else every matching waiter)")
+    _add_client(p)
+
     p = command("status", _cmd_status, "show one execution: status, steps, attempts, error")
     p.add_argument("id", metavar="ID", help="execution id")
     p.add_argument("--json", action="store_true", help="print the execution as JSON")
@@ -159,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("list", _cmd_list, "list executions, newest first")
     p.add_argument("--workflow", metavar="W", help="only this workflow")
     p.add_argument("--status", metavar="S", help="only this status (queued, running, "
-                   "sleeping, completed, failed, cancelled)")
+                   "sleeping, waiting, completed, failed, cancelled)")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N (default: 20)")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     _add_client(p)
@@ -447,8 +459,7 @@ def _client(args: argparse.Namespace) -> ApiClient:
     return ApiClient(url, token or config.http.admin_token, args.timeout)
 
 
-def _read_input(text: str) -> Any:
-    source = "--input"
+def _read_input(text: str, source: str = "--input") -> Any:
     if text == "-":
         text, source = sys.stdin.read(), "stdin"
     elif text.startswith("@"):
@@ -476,6 +487,19 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
     if status >= 400:
         raise CommandError(f"trigger failed ({status}): {error_message(payload)}")
     print(terminal_safe(str(payload["execution_id"])))
+    return 0
+
+
+def _cmd_send_event(args: argparse.Namespace) -> int:
+    data = _read_input(args.data, "--data")
+    body = {"type": args.type, "data": data, "id": args.id, "source": args.source or "cli",
+            "execution_id": args.execution}
+    status, payload = _client(args).call("POST", "/events", body)
+    if status == 404:
+        raise CommandError(f"no execution '{args.execution}'")
+    if status >= 400:
+        raise CommandError(f"send-event failed ({status}): {error_message(payload)}")
+    print(terminal_safe(str(payload["id"])))
     return 0
 
 
@@ -624,6 +648,13 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
         lines.append(f"error      {_error(ex['error'])}")
     if ex.get("cancel_reason"):
         lines.append(f"reason     {ex['cancel_reason']}")
+    if ex.get("parent_id"):
+        lines.append(f"parent     {ex['parent_id']} (step {ex.get('parent_step')})")
+    for wait in ex.get("waiting_for") or []:
+        what = (f"child {wait['child_id']}" if wait.get("child_id") else
+                f"event {wait['event_type']} {_compact(wait.get('match') or {})}")
+        until = f" until {_iso(wait['until'])}" if wait.get("until") else ""
+        lines.append(f"waiting    {wait['step']}: {what}{until}")
     lines.append(f"input      {_compact(ex.get('input'))}")
     if ex.get("status") == "completed":
         lines.append(f"output     {_compact(ex.get('output'))}")
@@ -633,11 +664,11 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
         rows = []
         for step in steps:
             attempts = step.get("attempts") or []
-            count = "" if step.get("kind") == "sleep" else str(len(attempts))
-            detail = _iso(step.get("wake_at")) if step.get("kind") == "sleep" else \
-                _error(step.get("error")) if step.get("error") else ""
+            kind = step.get("kind")
+            count = str(len(attempts)) if kind == "step" else ""
+            detail = _step_detail(step)
             rows.append([step["key"], step["status"], count, _duration(step.get("duration_ms")),
-                         detail if step.get("kind") != "sleep" else f"until {detail}"])
+                         detail])
             if len(attempts) > 1 or step.get("status") == "failed":
                 rows += [[f"  attempt {a['attempt']}", "failed" if a.get("error") else "ok", "",
                           _duration(a.get("duration_ms")), _error(a.get("error"))
@@ -649,6 +680,19 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
         lines.append(f"log        {_iso(entry.get('timestamp'))} {entry.get('level')} "
                      f"{entry.get('message')}{data}")
     return [terminal_safe(line) for line in lines]
+
+
+def _step_detail(step: dict[str, Any]) -> str:
+    """The last column of a step's row: its error, a sleep's wake time, what a wait got."""
+    kind = step.get("kind")
+    if kind == "sleep":
+        return f"until {_iso(step.get('wake_at'))}"
+    if kind == "invoke":
+        return f"child {step.get('child_id')}"
+    if kind == "wait":
+        got = step.get("output")
+        return f"event {got['id']}" if isinstance(got, dict) else ""
+    return _error(step.get("error")) if step.get("error") else ""
 
 
 # -- rebuild and types ------------------------------------------------------------

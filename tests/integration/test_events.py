@@ -239,3 +239,48 @@ async def test_a_kafka_topic_of_cloudevents_feeds_200_waiting_orders_each_its_ow
                 history = await engine.history(handle.execution_id)
                 assert history is not None
                 assert len([e for e in history if e.type == "EventSent"]) == 1
+
+
+async def test_the_cli_sends_events_and_shows_waits_and_a_rebuild_is_byte_identical(
+        kafka: str, topic_prefix: str, state_dir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from engine.app import serving_api
+    from engine.log import EventLog
+    from engine.rebuild import rebuild
+    from tests.integration.test_cli_e2e import dump, ploy
+
+    config = engine_config(kafka, topic_prefix, state_dir, workflow=BINDINGS,
+                           backoff={"initial_ms": 10})
+    async with running_engine(events_worker(), config) as engine:
+        async with serving_api(engine) as url:
+            waiting = await engine.env.ORDER.trigger({"order_id": "cli-1", "timeout": "1h"})
+            await _waiting(engine, waiting.execution_id)
+            code, out, err = await asyncio.to_thread(
+                ploy, capsys, "status", waiting.execution_id, "--url", url)
+            assert code == 0, err
+            assert "status     waiting" in out
+            assert 'waiting    payment: event payment.settled {"order_id": "cli-1"} until' in out
+            code, out, err = await asyncio.to_thread(
+                ploy, capsys, "send-event", "payment.settled", "--url", url,
+                "--data", '{"order_id": "cli-1", "amount": 9}', "--id", "cli-pay")
+            assert (code, out.strip()) == (0, "cli-pay"), err
+            assert (await waiting.result(timeout=20))["paid"] == 9
+            code, _, err = await asyncio.to_thread(
+                ploy, capsys, "send-event", "x", "--url", url, "--execution", "nope")
+            assert code == 2 and "no execution 'nope'" in err
+            code, _, err = await asyncio.to_thread(
+                ploy, capsys, "send-event", "x", "--url", url, "--data", "{bad")
+            assert code == 2 and "--data is not valid JSON" in err
+            parent = await engine.env.PARENT.trigger({"kids": [{"n": 1}, {"n": 2}]})
+            assert await parent.result(timeout=30) == {"sum": 30}
+            timed_out = await engine.env.ORDER.trigger({"order_id": "t-1", "timeout": 200})
+            assert await timed_out.result(timeout=20) == {"paid": None}
+    topic = f"{topic_prefix}.events"
+    state_path = state_dir / topic
+    before = dump(state_path, topic)
+    log = EventLog(kafka, topic_prefix)
+    try:
+        rebuild(log, state_path)
+    finally:
+        log.close()
+    assert dump(state_path, topic) == before
