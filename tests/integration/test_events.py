@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +14,20 @@ import httpx
 import pytest
 
 from engine import Engine, ploy
-from engine.errors import StepFailedError, UnknownExecutionError
+from engine.errors import StepFailedError, UnknownExecutionError, WorkflowFailedError
 from engine.http import create_app
 from engine.models import ExecutionStatus
 from engine.testing import engine_config, running_engine
 
 CALLS: dict[str, int] = {}
+BAD_WAITS: dict[str, Any] = {
+    "no type": lambda step: step.wait_for_event("w"),
+    "empty type": lambda step: step.wait_for_event("w", type=" "),
+    "match not a dict": lambda step: step.wait_for_event("w", type="t", match=["order_id"]),
+    "bad path": lambda step: step.wait_for_event("w", type="t", match={"a..b": 1}),
+    "bad timeout": lambda step: step.wait_for_event("w", type="t", timeout="5 parsecs"),
+    "unknown binding": lambda step: step.invoke("c", binding="NOPE", input={}),
+}
 
 
 def events_worker() -> Any:
@@ -66,10 +75,15 @@ def events_worker() -> Any:
             return {"failed": exc.step, "error": exc.message}
         return {"sum": sum(results)}
 
+    @app.workflow("bad_wait")
+    async def bad_wait(ctx: Any) -> Any:
+        return await BAD_WAITS[ctx.input["kind"]](ctx.step)
+
     return app.build()
 
 
-BINDINGS = {"ORDER": "order", "NUDGED": "nudged", "CHILD": "child", "PARENT": "parent"}
+BINDINGS = {"ORDER": "order", "NUDGED": "nudged", "CHILD": "child", "PARENT": "parent",
+            "BAD": "bad_wait"}
 
 
 @pytest.fixture
@@ -182,6 +196,25 @@ async def test_cancel_of_a_parent_cancels_its_running_child(engine: Engine) -> N
             break
         await asyncio.sleep(0.05)
     assert child is not None and child.status is ExecutionStatus.CANCELLED
+
+
+@pytest.mark.parametrize(("kind", "error"), [
+    ("no type", "missing 1 required keyword-only argument: 'type'"),
+    ("empty type", "an event type must be a non-empty string"),
+    ("match not a dict", "match must be a dict of dotted paths to values"),
+    ("bad path", "match key 'a..b' is not a dotted path"),
+    ("bad timeout", "5 parsecs"),
+    ("unknown binding", "unknown binding 'NOPE'"),
+])
+async def test_a_bad_wait_fails_the_execution_clearly_and_records_no_wait(
+        engine: Engine, kind: str, error: str) -> None:
+    handle = await engine.env.BAD.trigger({"kind": kind})
+    with pytest.raises(WorkflowFailedError, match=re.escape(error)):
+        await handle.result(timeout=20)
+    history = await engine.history(handle.execution_id)
+    assert history is not None
+    assert [e.type for e in history] == ["WorkflowTriggered", "WorkflowStarted",
+                                         "WorkflowFailed"]
 
 
 async def test_bad_events_are_refused_and_nothing_is_appended(engine: Engine) -> None:
