@@ -18,6 +18,7 @@ The machinery behind these methods lives in ``engine.execution``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 from engine.models import ReceivedEvent
@@ -44,7 +45,7 @@ class StepRunner(Protocol):
     def log(self, message: str, data: Any, level: str) -> None: ...
 
     async def wait_for_event(self, name: str, event_type: str, match: dict[str, Any] | None,
-                             timeout: int | str | None, since: int | None) -> Any: ...
+                             timeout: int | str | None, since: int | datetime | None) -> Any: ...
 
     async def invoke(self, name: str, binding: str, input: Any, timeout: int | str | None,
                      cancel_with_parent: bool) -> Any: ...
@@ -108,7 +109,7 @@ class Step:
         type: str,
         match: dict[str, Any] | None = None,
         timeout: int | str | None = None,
-        since: int | None = None,
+        since: int | datetime | None = None,
     ) -> ReceivedEvent | None:
         """Wait durably for an event of ``type`` whose data matches ``match``.
 
@@ -121,9 +122,9 @@ class Step:
             match: dotted paths into the event's data -> the values they must equal,
                 e.g. ``{"order_id": ctx.input.order_id}``; None matches any event of the type.
             timeout: ms or a duration string; None waits for ever.
-            since: ms since the epoch; events appended from then on count (default: the
-                execution's start), so an event that came before the wait began is
-                still received.
+            since: ms since the epoch or a datetime; events appended from then on count
+                (default: the execution's start), so an event that came before the wait
+                began is still received.
 
         Returns:
             The event (``id``, ``type``, ``source``, ``time``, ``data``), or None on timeout.

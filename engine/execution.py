@@ -29,6 +29,7 @@ import json
 import logging
 import traceback as tb
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -40,6 +41,7 @@ from engine.durations import backoff_ms, parse_duration
 from engine.errors import (
     AppendError,
     NonRetryableError,
+    PartitionStalledError,
     PayloadTooDeepError,
     PayloadTooLargeError,
     SerializationError,
@@ -172,6 +174,16 @@ def check_event_type(event_type: str) -> None:
     if len(event_type.encode()) > EVENT_TYPE_LIMIT:
         raise ValueError(f"an event type is at most {EVENT_TYPE_LIMIT} bytes, got "
                          f"{len(event_type.encode())}")
+
+
+def _epoch_ms(since: int | datetime) -> int:
+    """``since`` as ms since the epoch (a datetime without a zone is taken as UTC)."""
+    if isinstance(since, datetime):
+        aware = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+        return int(aware.timestamp() * 1000)
+    if isinstance(since, int) and not isinstance(since, bool):
+        return since
+    raise TypeError(f"since must be ms since the epoch (int) or a datetime, got {since!r}")
 
 
 def match_text(match: dict[str, Any] | None) -> str:
@@ -480,20 +492,20 @@ class ExecutionRunner:
     # -- ctx.step.wait_for_event and ctx.step.invoke ---------------------------------------
 
     async def wait_for_event(self, name: str, event_type: str, match: dict[str, Any] | None,
-                             timeout: int | str | None, since: int | None) -> ReceivedEvent | None:
+                             timeout: int | str | None,
+                             since: int | datetime | None) -> ReceivedEvent | None:
         check_event_type(event_type)
         match_json = match_text(match)
+        self._check_size(f"the match of wait '{name}'", match_json)
         timeout_ms = None if timeout is None else parse_duration(timeout)
-        if since is not None and (not isinstance(since, int) or isinstance(since, bool)):
-            raise TypeError(f"since must be milliseconds since the epoch (int), got {since!r}")
+        since_ms = self.record["created_at"] if since is None else _epoch_ms(since)
         await self._checkpoint()
         key = self._key(name)
         wait = self.waits.get(key)
         if wait is not None:
             return self._received(key, wait)
-        await self._open_wait(WaitStarted(
-            key, event_type, match_json, self.record["created_at"] if since is None else since,
-            self._deadline(timeout_ms)))
+        await self._open_wait(WaitStarted(key, event_type, match_json, since_ms,
+                                          self._deadline(timeout_ms)))
 
     def _received(self, key: str, wait: dict[str, Any]) -> ReceivedEvent | None:
         status = wait["status"]
@@ -521,6 +533,8 @@ class ExecutionRunner:
             await self.runtime.trigger_child(target.workflow, input, child_id, self.id, key)
         except AppendError as exc:
             raise LogUnavailable(str(exc), exc.permanent) from exc
+        except PartitionStalledError as exc:  # until an operator skips its corrupt record
+            raise LogUnavailable(str(exc)) from exc
         await self._open_wait(WaitStarted(
             key, CHILD_ENDED, to_json({"execution_id": child_id}, "match"),
             self.record["created_at"], self._deadline(timeout_ms), child_id, cancel_with_parent))

@@ -317,3 +317,22 @@ async def test_the_cli_sends_events_and_shows_waits_and_a_rebuild_is_byte_identi
     finally:
         log.close()
     assert dump(state_path, topic) == before
+
+
+async def test_a_restart_while_a_parent_waits_starts_no_second_child(
+        kafka: str, topic_prefix: str, state_dir: Path) -> None:
+    config = engine_config(kafka, topic_prefix, state_dir, workflow=BINDINGS)
+    async with running_engine(events_worker(), config) as engine:
+        handle = await engine.env.PARENT.trigger({"kids": [{"n": 4, "sleep": "1500ms"}]})
+        await _waiting(engine, handle.execution_id)
+    async with running_engine(events_worker(), config) as engine:  # same state, restarted
+        assert await engine.env.PARENT.result(handle.execution_id, timeout=30) == {"sum": 40}
+        parent = await engine.get_execution(handle.execution_id)
+        assert parent is not None
+        [child_id] = [s.child_id for s in parent.steps if s.kind == "invoke"]
+        assert child_id is not None and CALLS[child_id] == 1
+        page = await engine.list_page(workflow="child", limit=500)
+        assert [e.execution_id for e in page.executions].count(child_id) == 1
+        history = await engine.history(child_id)
+        assert history is not None
+        assert [e.type for e in history].count("WorkflowTriggered") == 1
