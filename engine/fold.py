@@ -36,6 +36,7 @@ Rules the fold keeps:
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
@@ -92,7 +93,8 @@ class Tx:
     never both: ``engine.keys`` gives each keyspace one kind.
     """
 
-    __slots__ = ("_read", "_scan", "_records", "_raw", "_scanned", "_began", "woken")
+    __slots__ = ("_read", "_scan", "_records", "_raw", "_scanned", "_scanned_keys", "_began",
+                 "woken")
 
     def __init__(self, read: Callable[[bytes], bytes | None], scan: Scan | None = None):
         self._read = read
@@ -100,6 +102,7 @@ class Tx:
         self._records: dict[bytes, Record | None] = {}  # decoded; None: absent or deleted
         self._raw: dict[bytes, bytes | None] = {}  # raw values; None deletes
         self._scanned: dict[bytes, bytes | None] = {}  # the raw writes of keys.SCANNED spaces
+        self._scanned_keys: list[bytes] = []  # ... their keys, sorted (a scan bisects)
         self._began: dict[str, str | None] = {}  # execution id -> status before the batch
         self.woken: list[str] = []  # executions an event woke (engine.waits), for the runtime
 
@@ -131,7 +134,12 @@ class Tx:
     def put_raw(self, key: bytes, value: bytes) -> None:
         self._raw[key] = value
         if key[:2] in keys.SCANNED:
-            self._scanned[key] = value
+            self._note_scanned(key, value)
+
+    def _note_scanned(self, key: bytes, value: bytes | None) -> None:
+        if key not in self._scanned:
+            insort(self._scanned_keys, key)
+        self._scanned[key] = value
 
     def raw(self, key: bytes) -> bytes | None:
         """The raw value at ``key``, with this batch's writes applied."""
@@ -147,12 +155,14 @@ class Tx:
         assert prefix[:2] in keys.SCANNED, prefix
         lo, hi = start or prefix, stop or keys.end_of(prefix)
         found = dict(self._scan(lo, hi)) if self._scan is not None else {}
-        for key, value in self._scanned.items():
-            if lo <= key < hi:
-                if value is None:
-                    found.pop(key, None)
-                else:
-                    found[key] = value
+        pending = self._scanned_keys
+        for i in range(bisect_left(pending, lo), bisect_left(pending, hi)):
+            key = pending[i]
+            value = self._scanned[key]
+            if value is None:
+                found.pop(key, None)
+            else:
+                found[key] = value
         return sorted(found.items())
 
     def delete(self, key: bytes, new: bool = False) -> None:
@@ -165,7 +175,7 @@ class Tx:
             self._raw[key] = None
             self._records[key] = None
         if key[:2] in keys.SCANNED:
-            self._scanned[key] = None
+            self._note_scanned(key, None)
 
     def encoded(self) -> Iterator[tuple[bytes, bytes | None]]:
         """Every write as bytes (``None`` deletes), deterministic JSON, listing indexes included.
