@@ -146,8 +146,26 @@ class WorkflowBinding(Generic[InputT, OutputT]):
 class Env:
     """``ctx.env``: attribute access by binding name; unknown names fail clearly."""
 
-    def __init__(self, bindings: Mapping[str, WorkflowBinding[Any, Any]]):
+    def __init__(self, bindings: Mapping[str, WorkflowBinding[Any, Any]],
+                 client: Client | None = None):
         self._bindings = dict(bindings)
+        self._client = client
+
+    async def send_event(self, type: str, data: Any = None, *, id: str | None = None,
+                         source: str | None = None) -> str:
+        """Send an event to every execution waiting for it (``ctx.step.wait_for_event``
+        with this ``type`` and a ``match`` its data meets), now or within their lookback.
+        ``id`` (with ``source``) makes a repeat a no-op. Returns the event's id.
+
+        From a workflow, call it inside a step: sending is a side effect.
+
+        Raises:
+            ValueError: a bad type, id, source or data (nothing sent).
+        """
+        if self._client is None:
+            raise RuntimeError("this env is not connected to an engine")
+        sent = await self._client.send_event(type, data, id=id, source=source or "app")
+        return str(sent["id"])
 
     def __getattr__(self, name: str) -> WorkflowBinding[Any, Any]:
         if name.startswith("_"):

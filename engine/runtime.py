@@ -106,7 +106,7 @@ class Runtime(Queries):
         self.env = Env({
             name: WorkflowBinding(self, name, binding.name)
             for name, binding in config.workflow.items()
-        })
+        }, self)
         self.runners: dict[str, ExecutionRunner] = {}
         self.threads = StepThreads(max_threads)
         self.stopping = False

@@ -336,3 +336,30 @@ async def test_a_restart_while_a_parent_waits_starts_no_second_child(
         history = await engine.history(child_id)
         assert history is not None
         assert [e.type for e in history].count("WorkflowTriggered") == 1
+
+
+async def test_the_order_events_example(kafka: str, topic_prefix: str, state_dir: Path) -> None:
+    from engine.app import load_app
+
+    example = Path(__file__).parents[2] / "examples" / "order-events"
+    worker, _ = load_app(example)
+    config = engine_config(kafka, topic_prefix, state_dir,
+                           workflow={"ORDER": "order", "SHIPPING": "shipping"})
+    async with running_engine(worker, config) as engine:
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8787",
+                                     timeout=30) as c:
+            paid_first = await c.post("/payments", json={"order_id": "o-2", "amount": 5})
+            assert paid_first.status_code == 200, paid_first.text
+            created = (await c.post("/orders", json={"order_id": "o-1", "amount": 5})).json()
+            eid = created["execution_id"]
+            await _waiting(engine, eid)
+            status = (await c.get(f"/orders/{eid}")).json()
+            assert status["status"] == "waiting"
+            assert status["waiting_for"][0]["match"] == {"order_id": "o-1"}
+            await c.post("/payments", json={"order_id": "o-1", "amount": 5})
+            result = await engine.env.ORDER.result(eid, timeout=30)
+            assert result["status"] == "shipped" and result["tracking"].startswith("TRACK-")
+            # A payment sent before its order existed predates the order: not received.
+            early = (await c.post("/orders", json={"order_id": "o-2", "amount": 5})).json()
+            await _waiting(engine, early["execution_id"])
