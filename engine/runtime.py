@@ -347,6 +347,7 @@ class Runtime(Queries):
                 "lag": None if position is None or end is None else max(end - position, 0),
                 "stalled": str(self.stalled[p]) if p in self.stalled else None,
                 "skipped": view.skipped() if folded else [],
+                "events": view.event_stats() if folded else None,
                 "here": p in self.owned,
                 "folded_here": folded,
                 # Assigned to this process by the group, its claim not (yet) on the log.

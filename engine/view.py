@@ -172,6 +172,13 @@ class PartitionView:
         claim = self.claim()
         return 0 if claim is None else int(claim["epoch"])
 
+    def event_stats(self) -> dict[str, int]:
+        """Events for waiters this partition folded: received, duplicates, delivered,
+        dropped_unmatched (kept for the retention and never delivered)."""
+        raw = self.db.get(keys.EVENT_STATS)
+        return {"received": 0, "duplicates": 0, "delivered": 0, "dropped_unmatched": 0,
+                **({} if raw is None else json.loads(raw))}
+
     def record(self, eid: str) -> dict[str, Any] | None:
         """The raw execution record (for the runtime), or None."""
         raw = self.db.get(keys.execution(eid))

@@ -135,6 +135,9 @@ def wait_started(tx: Tx, ex: Record, event: Event) -> None:
         row_key, fields, raw = found
         _deliver(tx, ex, wait, fields, raw, event.timestamp)
         tx.put_raw(row_key, _row(fields, raw))  # now marked matched
+        stats = _stats(tx)
+        stats["delivered"] += 1
+        tx.put(keys.EVENT_STATS, stats)
         return
     tx.put(key, wait)
     ex["status"] = WAITING

@@ -129,6 +129,10 @@ async def test_events_before_and_after_the_wait_with_duplicates_reach_each_execu
         assert history is not None
         received = [e for e in history if e.type == "EventSent"]
         assert [e.body["id"] for e in received] == [f"pay-{order_id}"]
+    counts = [p["events"] for p in (await engine.workers())["partitions"]]
+    assert sum(c["delivered"] for c in counts) == 40
+    assert sum(c["duplicates"] for c in counts) == 5 * engine.runtime.log.partitions
+    assert sum(c["received"] for c in counts) == 40 * engine.runtime.log.partitions
 
 
 async def test_a_wait_times_out_with_none_and_shows_what_it_waits_for(engine: Engine) -> None:
