@@ -10,6 +10,7 @@
     ploy cancel ID           stop an execution
     ploy skip --partition P --offset O --reason R   step over a corrupt record (audited)
     ploy rebuild [DIR]       drop the view and refold it from the topic
+    ploy export / import / view --as-of   audit and recovery (``engine.audit``)
     ploy types [DIR]         write ploy_env.py, which types ``ctx.env``'s bindings
 
 A mistake the user can fix (no ploy.yaml, bad JSON, an unknown id, a server
@@ -52,6 +53,7 @@ from typing import Any, NoReturn
 from connectors import dev_archive_dir, dev_restore
 from connectors.cli import add_commands as add_connector_commands
 from engine.app import SLOTS_DIR, Engine, http_server, load_app
+from engine.audit import add_commands as add_audit_commands
 from engine.builder import Worker
 from engine.client import ApiClient, error_message, quote
 from engine.config import Config, load_config
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="ploy_env.py", metavar="FILE",
                    help="output file, relative to DIR (default: ploy_env.py)")
     add_connector_commands(commands)
+    add_audit_commands(commands)
     return parser
 
 
@@ -654,9 +657,10 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
 # -- rebuild and types ------------------------------------------------------------
 
 
-def _progress_bar() -> Callable[[int, int], None]:
-    """A progress bar on stderr when it is a terminal, else silence: events folded of the
-    estimated total, the rate over the last few seconds, and the time left at that rate."""
+def _progress_bar(doing: str = "rebuilding") -> Callable[[int, int], None]:
+    """A progress bar on stderr when it is a terminal, else silence: events done (folded,
+    exported, ...: ``doing``) of the estimated total, the rate over the last few seconds,
+    and the time left at that rate."""
     tty = sys.stderr.isatty()
     window: list[tuple[float, int]] = []  # (when, done) of the last RATE_WINDOW_S seconds
     state = {"shown_at": 0.0, "finished": False}
@@ -676,7 +680,7 @@ def _progress_bar() -> Callable[[int, int], None]:
         rate = (done - before) / (now - since) if now > since else 0.0
         left = "" if finished or rate <= 0 else f" ETA {_clock(max(total - done, 0) / rate)}"
         end = "\n" if finished else ""
-        sys.stderr.write(f"\rrebuilding [{bar:<30}] {done:,}/{total:,} events {share:4.0%} "
+        sys.stderr.write(f"\r{doing} [{bar:<30}] {done:,}/{total:,} events {share:4.0%} "
                          f"{rate:,.0f} events/s{left}\x1b[K{end}")
         sys.stderr.flush()
 

@@ -25,6 +25,7 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── StateLockedError          a rebuild met a view a running worker holds
     ├── RebuildError              the log no longer holds every event (retention)
     ├── CommandError              a `ploy` command the user can fix (bad --input, no server)
+    ├── ExportError               an export directory that cannot be written or imported
     ├── NonRetryableError         raised by user code: fail the step now
     ├── StepTimeoutError          one attempt ran past its timeout
     ├── StepFailedError           a step exhausted its retries
@@ -248,6 +249,14 @@ class CommandError(PloyError):
     def __init__(self, problem: str):
         self.problem = problem
         super().__init__(problem)
+
+
+class ExportError(PloyError):
+    """``ploy export``/``ploy import`` cannot use ``directory`` (see ``engine.export``)."""
+
+    def __init__(self, directory: Path, problem: str):
+        self.directory, self.problem = directory, problem
+        super().__init__(f"export {directory}: {problem}")
 
 
 class NonRetryableError(PloyError):

@@ -1,0 +1,151 @@
+"""As of a point of the log: the whole system as it stood then.
+
+The view is a function of the log alone (invariant 1), so the view as of any
+point is the fold of the log up to that point. ``ploy view --as-of`` and
+``GET /__ploy/api/as-of`` fold each partition from offset 0 through the
+point into a scratch view (a temporary directory, deleted afterwards) with
+the fold loop of ``ploy rebuild``, and answer ``status``, ``list`` and
+``history`` from it exactly as the live view would have then.
+
+A point is, per partition, the last offset included:
+
+- ``p0:120,p1:88``: partition 0 through offset 120, partition 1 through 88;
+  the partitions not named are left out (empty).
+- ``120``: offset 120 of a topic with one partition.
+- a time (ISO-8601, e.g. ``2026-11-28T09:30:00Z``; no zone is UTC): on each
+  partition, every record the broker stamped before it (the consumer's
+  ``offsets_for_times``), i.e. the log as it stood at that time.
+
+Cost: a refold of the log's prefix, each time (a rebuild's rate, in one
+process); meant for audits and investigations, not for dashboards' polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+from confluent_kafka import TopicPartition
+
+from engine.errors import CommandError
+from engine.listing import Page, list_page
+from engine.log import EventLog
+from engine.models import Execution, HistoryEntry
+from engine.rebuild import Progress, fold_through
+from engine.view import PartitionView, build_execution, history_entries
+
+__all__ = ["AsOf", "as_of", "offsets_at", "parse_point", "parse_time"]
+
+Point = dict[int, int]
+"""The last offset included, per partition (-1: nothing of it)."""
+
+_PARTITION_OFFSETS = re.compile(r"^p\d+:\d+(,p\d+:\d+)*$")
+
+
+def parse_time(text: str) -> int:
+    """Milliseconds since the epoch of an ISO-8601 time (UTC if it names no zone) or
+    of a number of milliseconds; CommandError otherwise."""
+    text = text.strip()
+    if text.isdecimal():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise CommandError(f"'{text}' is not a time: use ISO-8601 (2026-11-28T09:30:00Z) "
+                           "or milliseconds since the epoch") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def offsets_at(log: EventLog, ms: int) -> dict[int, int | None]:
+    """Per partition, the first offset the broker stamped at or after ``ms``
+    (None: every record of the partition is older)."""
+    consumer = log.consumer()
+    try:
+        found = consumer.offsets_for_times(
+            [TopicPartition(log.topic, p, ms) for p in range(log.partitions)],
+            timeout=log.connect_timeout_s)
+    finally:
+        consumer.close()
+    return {tp.partition: None if tp.offset < 0 else tp.offset for tp in found}
+
+
+def parse_point(log: EventLog, text: str) -> Point:
+    """The point ``text`` names (see the module docstring); CommandError if none."""
+    text = text.strip()
+    if _PARTITION_OFFSETS.match(text):
+        point = dict.fromkeys(range(log.partitions), -1)
+        for part in text.split(","):
+            p, offset = part[1:].split(":")
+            if int(p) >= log.partitions:
+                raise CommandError(f"as of {text}: '{log.topic}' has partitions "
+                                   f"0..{log.partitions - 1}")
+            point[int(p)] = int(offset)
+        return point
+    if text.isdecimal():
+        if log.partitions != 1:
+            raise CommandError(f"as of {text}: '{log.topic}' has {log.partitions} partitions; "
+                               f"name them, as p0:{text},p1:...")
+        return {0: int(text)}
+    ms = parse_time(text)
+    ends = {p: log.watermarks(p)[1] for p in range(log.partitions)}
+    return {p: (ends[p] if first is None else first) - 1
+            for p, first in offsets_at(log, ms).items()}
+
+
+class AsOf:
+    """Queries on the view as of a point: one scratch view per partition."""
+
+    def __init__(self, log: EventLog, point: Mapping[int, int], path: Path):
+        self.log, self.point, self.path = log, dict(point), path
+        self.views = {p: PartitionView(path / f"p{p}", log.topic, p, log.codec)
+                      for p, last in sorted(point.items()) if last >= 0}
+
+    def _view(self, eid: str) -> PartitionView | None:
+        return self.views.get(self.log.partition_for(eid))
+
+    def execution(self, eid: str) -> Execution | None:
+        """The execution as it stood (None: not triggered yet, or unknown)."""
+        view = self._view(eid)
+        return None if view is None else build_execution(view, eid)
+
+    def history(self, eid: str) -> list[HistoryEntry] | None:
+        """Its events up to the point (None: not triggered yet, or unknown)."""
+        view = self._view(eid)
+        if view is None or view.record(eid) is None:
+            return None
+        return history_entries(view, eid)
+
+    def page(self, *, workflow: str | None = None, status: str | None = None,
+             limit: int = 50) -> Page:
+        """Executions as they stood, newest first (as ``GET /executions``)."""
+        return list_page(list(self.views.values()), status=status, workflow=workflow,
+                         limit=limit)
+
+    def close(self) -> None:
+        for view in self.views.values():
+            view.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def as_of(log: EventLog, point: Mapping[int, int],
+          on_progress: Progress | None = None) -> Iterator[AsOf]:
+    """Fold ``log`` through ``point`` into a scratch view; yield its queries; delete it."""
+    path = Path(tempfile.mkdtemp(prefix="ploy-asof-"))
+    try:
+        fold_through(log, path, point, on_progress)
+        view = AsOf(log, point, path)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    try:
+        yield view
+    finally:
+        view.close()
