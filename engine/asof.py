@@ -29,17 +29,18 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from engine.errors import CommandError
+from engine.errors import CommandError, PloyError
 from engine.listing import Page, list_page
 from engine.log import EventLog
-from engine.models import Execution, HistoryEntry
+from engine.models import Execution, ExecutionSummary, HistoryEntry
 from engine.rebuild import Progress, fold_through
 from engine.view import PartitionView, build_execution, history_entries
 
-__all__ = ["AsOf", "as_of", "offsets_at", "parse_point", "parse_time"]
+__all__ = ["AsOf", "answer", "as_of", "offsets_at", "parse_point", "parse_time"]
 
 Point = dict[int, int]
 """The last offset included, per partition (-1: nothing of it)."""
@@ -63,17 +64,57 @@ def parse_time(text: str) -> int:
     return int(when.timestamp() * 1000)
 
 
-def offsets_at(log: EventLog, ms: int) -> dict[int, int | None]:
-    """Per partition, the first offset the broker stamped at or after ``ms``
-    (None: every record of the partition is older)."""
-    consumer = log.consumer()
+def offsets_at(log: EventLog, ms: int) -> dict[int, int]:
+    """Per partition, the first offset the broker stamped at or after ``ms`` (the
+    partition's end if every record is older).
+
+    The consumer's ``offsets_for_times`` gives a hint, checked against the
+    records' timestamps around it: the embedded broker's answer can be a record
+    off either way.
+    """
+    consumer = log.consumer(None, **{"enable.partition.eof": True})
     try:
-        found = consumer.offsets_for_times(
+        hints = consumer.offsets_for_times(
             [TopicPartition(log.topic, p, ms) for p in range(log.partitions)],
             timeout=log.connect_timeout_s)
+        return {tp.partition: _first_at(consumer, log.topic, tp.partition, ms, tp.offset)
+                for tp in hints}
     finally:
         consumer.close()
-    return {tp.partition: None if tp.offset < 0 else tp.offset for tp in found}
+
+
+def _first_at(consumer: Consumer, topic: str, partition: int, ms: int, hint: int) -> int:
+    """The first offset stamped at or after ``ms``, searched from ``_SLACK`` before ``hint``
+    (further back while the first record read is already at or after ``ms``)."""
+    start = 0 if hint < 0 else max(0, hint - _SLACK)
+    while True:
+        found, first_is_after = _scan(consumer, topic, partition, start, ms)
+        if start == 0 or not first_is_after:
+            return found
+        start = max(0, start - 8 * _SLACK)
+
+
+def _scan(consumer: Consumer, topic: str, partition: int, start: int,
+          ms: int) -> tuple[int, bool]:
+    """(first offset from ``start`` stamped at or after ``ms``, else the partition's end;
+    whether that is the first record read)."""
+    consumer.assign([TopicPartition(topic, partition, start)])
+    first = True
+    while True:
+        msg = consumer.poll(1.0)
+        if msg is None:
+            continue
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001
+                return int(cast(int, msg.offset())), False
+            raise PloyError(f"reading {topic} partition {partition}: {err}")
+        if msg.timestamp()[1] >= ms:
+            return int(cast(int, msg.offset())), first
+        first = False
+
+
+_SLACK = 256
 
 
 def parse_point(log: EventLog, text: str) -> Point:
@@ -93,10 +134,7 @@ def parse_point(log: EventLog, text: str) -> Point:
             raise CommandError(f"as of {text}: '{log.topic}' has {log.partitions} partitions; "
                                f"name them, as p0:{text},p1:...")
         return {0: int(text)}
-    ms = parse_time(text)
-    ends = {p: log.watermarks(p)[1] for p in range(log.partitions)}
-    return {p: (ends[p] if first is None else first) - 1
-            for p, first in offsets_at(log, ms).items()}
+    return {p: first - 1 for p, first in offsets_at(log, parse_time(text)).items()}
 
 
 class AsOf:
@@ -149,3 +187,28 @@ def as_of(log: EventLog, point: Mapping[int, int],
         yield view
     finally:
         view.close()
+
+
+def answer(log: EventLog, at: str, *, execution_id: str | None = None,
+           workflow: str | None = None, status: str | None = None,
+           limit: int = 50) -> dict[str, Any] | None:
+    """The JSON answer of ``GET /__ploy/api/as-of`` (blocking: run it in a thread).
+
+    With ``execution_id``: ``{at, execution, history}``, or None if it did not
+    exist then. Without: ``{at, executions, has_more}``, newest first. ``at``
+    is the point folded through, per partition.
+    """
+    point = parse_point(log, at)
+    shown = {str(p): last for p, last in point.items()}
+    with as_of(log, point) as view:
+        if execution_id is not None:
+            execution = view.execution(execution_id)
+            if execution is None:
+                return None
+            history = view.history(execution_id) or []
+            return {"at": shown, "execution": execution.model_dump(mode="json"),
+                    "history": [e.model_dump(mode="json") for e in history]}
+        page = view.page(workflow=workflow, status=status, limit=limit)
+        return {"at": shown, "has_more": page.next is not None,
+                "executions": [ExecutionSummary.of(e).model_dump(mode="json")
+                               for e in page.executions]}

@@ -2,7 +2,7 @@
 
     ploy export --out DIR [--format avro|jsonl] [--workflow W] [--since T] [--until T]
     ploy import DIR          an export into this app's empty events topic
-    ploy view --as-of POINT status ID | list | history ID
+    ploy view --as-of POINT status ID | list | history ID   (the API's GET /as-of)
 
 ``engine.cli.build_parser`` calls :func:`add_commands` with its subparsers.
 Export and import read and write the topic of the app's ploy.yaml (``--dir``)
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,35 @@ def add_commands(commands: Any) -> None:
     p.add_argument("--dir", metavar="APP", help="the app's directory, holding ploy.yaml "
                    "(default: the current one)")
     p.set_defaults(run=_cmd_import)
+
+    _add_view(commands)
+
+
+def _add_view(commands: Any) -> None:
+    from engine.cli import _add_client
+
+    view = commands.add_parser(
+        "view", help="status, list or history as the log stood at a point (--as-of)",
+        description="answer status, list or history for the whole system as it stood at "
+        "--as-of: p0:120,p1:88 (each partition through that offset; those not named are "
+        "left out), an offset of a one-partition topic, or a time (ISO-8601, UTC unless "
+        "zoned); the server folds the log up to there into a scratch view")
+    view.add_argument("--as-of", required=True, metavar="POINT")
+    queries = view.add_subparsers(dest="view_query", metavar="QUERY", required=True,
+                                  parser_class=type(view))
+    p = queries.add_parser("status", help="one execution as it stood")
+    p.add_argument("id", metavar="ID")
+    p = queries.add_parser("history", help="one execution's events up to the point")
+    p.add_argument("id", metavar="ID")
+    p = queries.add_parser("list", help="executions as they stood, newest first")
+    p.add_argument("--workflow", metavar="W")
+    p.add_argument("--status", metavar="S")
+    p.add_argument("--limit", type=int, default=20, metavar="N")
+    for p in (*queries.choices.values(), view):
+        if p is not view:
+            p.add_argument("--json", action="store_true", help="print the API's JSON")
+            _add_client(p)
+            p.set_defaults(run=_cmd_view)
 
 
 def _kafka_log(config: Config, command: str) -> EventLog:
@@ -112,3 +143,50 @@ def _cmd_import(args: argparse.Namespace) -> int:
     print(f"imported {imported.events} events into {log.topic} "
           f"({imported.partitions} partitions); start a worker or run 'ploy rebuild'")
     return 0
+
+
+def _cmd_view(args: argparse.Namespace) -> int:
+    from engine.cli import _client, _json, _print_lines, format_execution, terminal_safe
+
+    query: dict[str, Any] = {"at": args.as_of}
+    if args.view_query == "list":
+        query.update({k: v for k, v in (("workflow", args.workflow), ("status", args.status),
+                                        ("limit", args.limit)) if v is not None})
+    else:
+        query["id"] = args.id
+    client = _client(args)
+    payload: dict[str, Any] = client.expect(
+        "GET", "/as-of?" + urllib.parse.urlencode(query),
+        not_found=f"no execution '{query.get('id')}' as of {args.as_of}")
+    if args.json:
+        print(_json(payload, indent=2))
+        return 0
+    at = ",".join(f"p{p}:{last}" for p, last in payload["at"].items() if last >= 0)
+    print(terminal_safe(f"as of {at or 'the start'}"))
+    if args.view_query == "status":
+        _print_lines(format_execution(payload["execution"]))
+    elif args.view_query == "history":
+        _print_lines(_history_lines(payload["history"]))
+    elif payload["executions"]:
+        _print_lines(_list_lines(payload["executions"]))
+    else:
+        print("no executions")
+    return 0
+
+
+def _history_lines(events: list[dict[str, Any]]) -> Iterator[str]:
+    """As ``ploy history`` prints them."""
+    from engine.cli import _decoded, _iso, _json
+
+    for event in events:
+        yield (f"p{event['partition']}@{event['offset']}  {_iso(event['timestamp'])}  "
+               f"{event['type']:<18} {_json(_decoded(event.get('body') or {}))}")
+
+
+def _list_lines(executions: list[dict[str, Any]]) -> Iterator[str]:
+    """As ``ploy list`` prints them."""
+    from engine.cli import _duration, _iso, _table
+
+    rows = [[e["execution_id"], e["workflow"], e["status"], _iso(e.get("created_at")),
+             _duration(e.get("duration_ms"))] for e in executions]
+    return _table(["EXECUTION", "WORKFLOW", "STATUS", "CREATED", "DURATION"], rows)

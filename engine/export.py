@@ -151,7 +151,7 @@ def export_log(log: EventLog, out: Path, fmt: str = "avro", *, workflow: str | N
     # Step 2.
     start = dict.fromkeys(range(log.partitions), 0)
     if since is not None:
-        start = {p: o for p, o in offsets_at(log, since).items() if o is not None}
+        start = offsets_at(log, since)
     total = sum(log.watermarks(p)[1] - o for p, o in start.items())
     files = {p: _File(out / f"p{p}.{fmt}", fmt) for p in range(log.partitions)}
     done = 0

@@ -55,11 +55,12 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine import payloads
+from engine import asof, payloads
 from engine.bindings import workflow_named
 from engine.dashboard import DASHBOARD, Dashboard, redirect
 from engine.durations import parse_duration
 from engine.errors import (
+    CommandError,
     InvalidInputError,
     InvalidKeyError,
     NotFoldedHereError,
@@ -176,6 +177,7 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
         admin.route(f"{API}/workers", api.workers),
+        admin.route(f"{API}/as-of", api.as_of),
         Route(DASHBOARD, redirect),
         admin.route(f"{DASHBOARD}/", pages.index, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
@@ -670,6 +672,30 @@ class _Api:
     async def workers(self, request: Request) -> Response:
         """Who runs each partition (its claim on the log) and how far behind it is."""
         return _json(200, await self.engine.workers())
+
+    async def as_of(self, request: Request) -> Response:
+        """The system as it stood at ``at`` (``engine.asof``): with ``id``, that execution and
+        its history then; else the list then (``workflow``, ``status``, ``limit``)."""
+        q = request.query_params
+        if not q.get("at"):
+            raise _Reject(422, {"error": "at: a point of the log is needed (p0:120,p1:88, an "
+                                         "offset of a one-partition topic, or a time)"})
+        status = q.get("status") or None
+        if status is not None and status not in _STATUSES:
+            raise _Reject(422, {"error": f"unknown status '{status}'", "statuses": _STATUSES})
+        workflow = q.get("workflow") or None
+        if workflow is not None:
+            workflow = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
+        limit = _int_param(q.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        try:
+            found = await asyncio.to_thread(
+                asof.answer, self.engine.runtime.log, q["at"], execution_id=q.get("id"),
+                workflow=workflow, status=status, limit=limit)
+        except CommandError as exc:
+            raise _Reject(422, {"error": str(exc)}) from None
+        if found is None:
+            raise _Reject(404, {"error": f"no execution '{q.get('id')}' as of {q['at']}"})
+        return _json(200, found)
 
     async def _get(self, request: Request) -> Execution:
         eid = request.path_params["id"]
