@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("cancel", _cmd_cancel, "cancel a queued, running or sleeping execution")
     p.add_argument("id", metavar="ID", help="execution id")
+    p.add_argument("--reason", help="why (kept on the log with who asked)")
     _add_client(p)
 
     p = command("workers", _cmd_workers, "each partition's worker (its claim on the log), "
@@ -540,12 +541,15 @@ def _decoded(body: dict[str, Any]) -> dict[str, Any]:
 def _cmd_cancel(args: argparse.Namespace) -> int:
     client = _client(args)
     not_found = f"no execution '{args.id}' at {client.url}"
-    payload = client.expect("POST", f"/executions/{quote(args.id)}/cancel", {},
-                            not_found=not_found)
-    if payload.get("cancelled"):
-        print(terminal_safe(f"cancelled {args.id}"))
-        return 0
+    from engine.skips import operator
+
+    payload = client.expect("POST", f"/executions/{quote(args.id)}/cancel",
+                            {"reason": args.reason, "actor": operator()}, not_found=not_found)
     execution = _get_execution(client, args.id)  # an unknown id is an error, a finished one not
+    if payload.get("cancelled"):
+        by = f" (by {execution['cancel_actor']})" if execution.get("cancel_actor") else ""
+        print(terminal_safe(f"cancelled {args.id}{by}"))
+        return 0
     print(terminal_safe(f"{args.id} already finished ({execution.get('status')})"))
     return 0
 
@@ -627,6 +631,8 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
         lines.append(f"error      {_error(ex['error'])}")
     if ex.get("cancel_reason"):
         lines.append(f"reason     {ex['cancel_reason']}")
+    if ex.get("cancel_actor"):
+        lines.append(f"cancelled  by {ex['cancel_actor']}")
     lines.append(f"input      {_compact(ex.get('input'))}")
     if ex.get("status") == "completed":
         lines.append(f"output     {_compact(ex.get('output'))}")

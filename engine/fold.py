@@ -413,6 +413,8 @@ def _cancel_requested(tx: Tx, ex: Record, event: Event) -> None:
     assert isinstance(body, CancelRequested)
     if _finish(tx, ex, ExecutionStatus.CANCELLED.value, event.timestamp):
         ex["cancel_reason"] = body.reason
+        if body.actor is not None:  # v4: who asked (absent from records cancelled before)
+            ex["cancel_actor"] = body.actor
 
 
 def _cancelled(tx: Tx, ex: Record, event: Event) -> None:

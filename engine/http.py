@@ -515,6 +515,7 @@ class _TriggerBody(BaseModel):
 class _CancelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str | None = None
+    actor: str | None = None  # who, as the client says: kept only without an admin token
 
 
 class _SkipBody(BaseModel):
@@ -622,8 +623,15 @@ class _Api:
         execution = await self._get(request)
         body = await _read_body(request, _CancelBody) if (await request.body()).strip() else None
         reason = body.reason if isinstance(body, _CancelBody) else None
-        cancelled = await self.engine.cancel(execution.execution_id, reason)
+        actor = self._actor(body.actor if isinstance(body, _CancelBody) else None)
+        cancelled = await self.engine.cancel(execution.execution_id, reason, actor)
         return _json(200, {"cancelled": cancelled})
+
+    def _actor(self, claimed: str | None) -> str:
+        """Who asks, for the audit trail: ``admin-token`` when a token guards the API (a
+        client cannot name itself then), else ``local:<what the client says>`` (the open
+        API answers loopback requests only)."""
+        return "admin-token" if self.token is not None else f"local:{claimed or 'unknown'}"
 
     async def trigger(self, request: Request) -> Response:
         binding = request.path_params["binding"]

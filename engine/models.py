@@ -113,6 +113,7 @@ class Execution(BaseModel):
     updated_at: int
     duration_ms: int | None = None
     cancel_reason: str | None = None
+    cancel_actor: str | None = None  # who cancelled it (an operator, ``admin-token``), if known
     """The reason given to ``cancel`` (None when none was given or not cancelled)."""
 
 

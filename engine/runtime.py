@@ -524,13 +524,16 @@ class Runtime(Queries):
                                                "msg": str(exc)}]) from None
         return text
 
-    async def cancel(self, execution_id: str, reason: str | None = None) -> bool:
-        """Append ``CancelRequested``; True if it ended the execution, False if already over."""
+    async def cancel(self, execution_id: str, reason: str | None = None,
+                     actor: str | None = None) -> bool:
+        """Append ``CancelRequested`` (why, and who asked); True if it ended the execution,
+        False if already over."""
         record = await self._record(execution_id)
         if record is None or ExecutionStatus(record["status"]).terminal:
             return False
         await self.log.append(Event(execution_id, record["workflow"], self.clock.now(),
-                                    CancelRequested(reason), epoch=self.epoch_of(execution_id)))
+                                    CancelRequested(reason, actor),
+                                    epoch=self.epoch_of(execution_id)))
         after = await self._record(execution_id)
         return after is not None and after["status"] == ExecutionStatus.CANCELLED.value and (
             after["ended_at"] is not None and after["cancel_reason"] == reason)
