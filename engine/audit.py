@@ -3,6 +3,7 @@
     ploy export --out DIR [--format avro|jsonl] [--workflow W] [--since T] [--until T]
     ploy import DIR          an export into this app's empty events topic
     ploy view --as-of POINT status ID | list | history ID   (the API's GET /as-of)
+    ploy rerun ID [--from-step NAME] | --workflow W --status S --since T [--dry-run]
 
 ``engine.cli.build_parser`` calls :func:`add_commands` with its subparsers.
 Export and import read and write the topic of the app's ploy.yaml (``--dir``)
@@ -58,6 +59,30 @@ def add_commands(commands: Any) -> None:
     p.set_defaults(run=_cmd_import)
 
     _add_view(commands)
+    _add_rerun(commands)
+
+
+def _add_rerun(commands: Any) -> None:
+    from engine.cli import _add_client
+
+    p = commands.add_parser(
+        "rerun", help="rerun ended executions from a step with today's code",
+        description="start a new execution that replays the source's steps before --from-step "
+        "(default: its first step that did not complete) and runs the rest with the code "
+        "deployed now; the source is untouched and both record the lineage. Give an ID, or "
+        "select executions with --workflow/--status/--since (try --dry-run first)")
+    p.add_argument("id", nargs="?", metavar="ID", help="the execution to rerun")
+    p.add_argument("--from-step", metavar="NAME", help="the step to run again (and all after)")
+    p.add_argument("--workflow", metavar="W", help="bulk: executions of this workflow")
+    p.add_argument("--status", metavar="S", help="bulk: with this status (e.g. failed)")
+    p.add_argument("--since", metavar="T", help="bulk: created at or after T (ISO-8601 or "
+                   "epoch ms)")
+    p.add_argument("--limit", type=int, default=1000, metavar="N", help="bulk: at most N "
+                   "(default: 1000)")
+    p.add_argument("--dry-run", action="store_true", help="say what would be rerun, do nothing")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    _add_client(p)
+    p.set_defaults(run=_cmd_rerun)
 
 
 def _add_view(commands: Any) -> None:
@@ -172,6 +197,48 @@ def _cmd_view(args: argparse.Namespace) -> int:
     else:
         print("no executions")
     return 0
+
+
+def _cmd_rerun(args: argparse.Namespace) -> int:
+    from engine.cli import _client, _json, _print_lines
+    from engine.client import quote
+
+    bulk = args.workflow is not None or args.status is not None or args.since is not None
+    if (args.id is None) == (not bulk):
+        raise CommandError("ploy rerun takes an execution ID or a selection "
+                           "(--workflow, --status, --since), not both")
+    client = _client(args)
+    body: dict[str, Any] = {"from_step": args.from_step, "dry_run": args.dry_run}
+    if bulk:
+        body.update(workflow=args.workflow, status=args.status, since=args.since,
+                    limit=args.limit)
+        payload = client.expect("POST", "/rerun", body)
+        reruns, failed = payload["reruns"], payload["failed"]
+    else:
+        reruns = [client.expect("POST", f"/executions/{quote(args.id)}/rerun", body,
+                                not_found=f"no execution '{args.id}' at {client.url}")]
+        payload, failed = {"dry_run": args.dry_run, "reruns": reruns, "failed": []}, []
+    if args.json:
+        print(_json(payload, indent=2))
+    else:
+        _print_lines(_rerun_lines(reruns, failed, args.dry_run))
+    return 1 if failed else 0
+
+
+def _rerun_lines(reruns: list[dict[str, Any]], failed: list[dict[str, Any]],
+                 dry_run: bool) -> Iterator[str]:
+    for made in reruns:
+        step = made["from_step"] or "(after its last step)"
+        if dry_run:
+            yield (f"would rerun {made['source']} from {step}, replaying {made['copied']} "
+                   "events")
+        else:
+            yield (f"rerun {made['execution_id']} of {made['source']} from {step} "
+                   f"(replays {made['copied']} events)")
+    for failure in failed:
+        yield f"skipped {failure['source']}: {failure['error']}"
+    if len(reruns) + len(failed) != 1:
+        yield f"{'would rerun' if dry_run else 'reran'} {len(reruns)} executions"
 
 
 def _history_lines(events: list[dict[str, Any]]) -> Iterator[str]:

@@ -633,6 +633,11 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
         lines.append(f"reason     {ex['cancel_reason']}")
     if ex.get("cancel_actor"):
         lines.append(f"cancelled  by {ex['cancel_actor']}")
+    if ex.get("rerun_of"):
+        lines.append(f"rerun of   {ex['rerun_of']} (its events before offset "
+                     f"{ex.get('rerun_offset')} replayed)")
+    if ex.get("reruns"):
+        lines.append(f"reruns     {', '.join(ex['reruns'])}")
     lines.append(f"input      {_compact(ex.get('input'))}")
     if ex.get("status") == "completed":
         lines.append(f"output     {_compact(ex.get('output'))}")

@@ -26,6 +26,7 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── RebuildError              the log no longer holds every event (retention)
     ├── CommandError              a `ploy` command the user can fix (bad --input, no server)
     ├── ExportError               an export directory that cannot be written or imported
+    ├── RerunError                a rerun of a live execution, or from a step it never ran
     ├── NonRetryableError         raised by user code: fail the step now
     ├── StepTimeoutError          one attempt ran past its timeout
     ├── StepFailedError           a step exhausted its retries
@@ -257,6 +258,15 @@ class ExportError(PloyError):
     def __init__(self, directory: Path, problem: str):
         self.directory, self.problem = directory, problem
         super().__init__(f"export {directory}: {problem}")
+
+
+class RerunError(PloyError):
+    """A rerun that cannot be made as asked (``engine.rerun``): the source has not
+    ended, or never started ``steps``' missing step."""
+
+    def __init__(self, source: str, problem: str, steps: list[str] | None = None):
+        self.source, self.problem, self.steps = source, problem, steps
+        super().__init__(f"cannot rerun {source}: {problem}")
 
 
 class NonRetryableError(PloyError):

@@ -36,6 +36,7 @@ LISTED = b"n:"  # n:<~created u64><id>          -> b"" (every execution, newest 
 BY_STATUS = b"x:"  # x:<status>\0<~created u64><id>            -> b"" (the fold keeps it exact)
 BY_WORKFLOW = b"w:"  # w:<workflow>\0<~created u64><id>        -> b""
 BY_WORKFLOW_STATUS = b"y:"  # y:<workflow>\0<status>\0<~created u64><id> -> b""
+RERUN = b"r:"  # r:<source id>\0<offset u64>   -> the id of a rerun of it, triggered there
 INDEXES = b"m:indexes"  # the listing indexes' version: present once they cover every execution
 INDEXES_VERSION = b"1"
 
@@ -87,6 +88,10 @@ def parse_timer(key: bytes) -> tuple[int, str, str]:
 
 def skipped(offset: int) -> bytes:
     return SKIPPED + u64(offset)
+
+
+def rerun(source: str, offset: int) -> bytes:
+    return RERUN + source.encode() + SEP + u64(offset)
 
 
 def active(eid: str) -> bytes:

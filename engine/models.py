@@ -113,8 +113,15 @@ class Execution(BaseModel):
     updated_at: int
     duration_ms: int | None = None
     cancel_reason: str | None = None
-    cancel_actor: str | None = None  # who cancelled it (an operator, ``admin-token``), if known
     """The reason given to ``cancel`` (None when none was given or not cancelled)."""
+    cancel_actor: str | None = None
+    """Who cancelled it (``admin-token``, ``local:user@host``), when the cancel said so."""
+    rerun_of: str | None = None
+    """The execution this one reruns (``ploy rerun``), whose events before ``rerun_offset``
+    (the source's offset of the step it reruns from) it began with."""
+    rerun_offset: int | None = None
+    reruns: list[str] = []
+    """The reruns of this execution, oldest first."""
 
 
 class ExecutionSummary(BaseModel):

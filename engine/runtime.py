@@ -357,8 +357,8 @@ class Runtime(Queries):
             self._spawn(self._start_when_folded(eid, partition, target), f"ploy-wait-{eid}")
             return
         record = view.record(eid)
-        if record is None or record["status"] not in RUNNABLE:
-            return
+        if record is None or record["status"] not in RUNNABLE or record.get("held"):
+            return  # held: a rerun whose copy of its source is being appended (engine.rerun)
         workflow = self.worker.workflow(record["workflow"])
         if workflow is None:
             self._fail_unknown(record)
