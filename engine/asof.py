@@ -40,7 +40,7 @@ from engine.models import Execution, ExecutionSummary, HistoryEntry
 from engine.rebuild import Progress, fold_through
 from engine.view import PartitionView, build_execution, history_entries
 
-__all__ = ["AsOf", "answer", "as_of", "offsets_at", "parse_point", "parse_time"]
+__all__ = ["AsOf", "answer", "as_of", "offsets_at", "parse_point", "parse_time", "to_the_end"]
 
 Point = dict[int, int]
 """The last offset included, per partition (-1: nothing of it)."""
@@ -115,6 +115,14 @@ def _scan(consumer: Consumer, topic: str, partition: int, start: int,
 
 
 _SLACK = 256
+
+
+def to_the_end(log: EventLog) -> Point:
+    """The point after every record (the log as it stands when it is read)."""
+    return dict.fromkeys(range(log.partitions), _END)
+
+
+_END = 2**62
 
 
 def parse_point(log: EventLog, text: str) -> Point:

@@ -4,6 +4,7 @@
     ploy import DIR          an export into this app's empty events topic
     ploy view --as-of POINT status ID | list | history ID   (the API's GET /as-of)
     ploy rerun ID [--from-step NAME] | --workflow W --status S --since T [--dry-run]
+    ploy replay-check --worker NEW_CODE_DIR   new code against recorded histories (CI)
 
 ``engine.cli.build_parser`` calls :func:`add_commands` with its subparsers.
 Export and import read and write the topic of the app's ploy.yaml (``--dir``)
@@ -15,17 +16,19 @@ API, as ``ploy status`` does. Errors are ``PloyError`` subclasses, printed by
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.asof import parse_time
+from engine.asof import as_of, parse_time, to_the_end
 from engine.config import Config, load_config
 from engine.errors import CommandError
 from engine.export import FORMATS, export_log, import_log
 from engine.log import EventLog
+from engine.replaycheck import Verdict, replay_check
 
 __all__ = ["add_commands"]
 
@@ -60,6 +63,22 @@ def add_commands(commands: Any) -> None:
 
     _add_view(commands)
     _add_rerun(commands)
+
+    p = commands.add_parser(
+        "replay-check", help="replay recorded executions on new worker code (appends nothing)",
+        description="replay the newest recorded executions (folded from the log into a scratch "
+        "view) on the workflow code in --worker, returning recorded step outcomes without "
+        "running steps; report executions whose step names or order diverge, with the first "
+        "divergent step. Exit status 1 if any diverged or failed (for CI)")
+    p.add_argument("--worker", required=True, metavar="NEW_CODE_DIR",
+                   help="the app directory (ploy.yaml + code) of the new code")
+    p.add_argument("--workflow", metavar="W", help="only this workflow (or binding)")
+    p.add_argument("--limit", type=int, default=1000, metavar="N",
+                   help="the N newest executions (default: 1000)")
+    p.add_argument("--json", action="store_true", help="print every verdict as JSON")
+    p.add_argument("--dir", metavar="APP", help="the app whose Kafka holds the histories "
+                   "(default: NEW_CODE_DIR's ploy.yaml)")
+    p.set_defaults(run=_cmd_replay_check)
 
 
 def _add_rerun(commands: Any) -> None:
@@ -239,6 +258,49 @@ def _rerun_lines(reruns: list[dict[str, Any]], failed: list[dict[str, Any]],
         yield f"skipped {failure['source']}: {failure['error']}"
     if len(reruns) + len(failed) != 1:
         yield f"{'would rerun' if dry_run else 'reran'} {len(reruns)} executions"
+
+
+def _cmd_replay_check(args: argparse.Namespace) -> int:
+    from engine.app import load_app
+    from engine.cli import _json, _print_lines
+
+    worker, new_config = load_app(_app_dir(args.worker))
+    config = _config(args.dir) if args.dir else new_config
+    log = _kafka_log(config, "replay-check")
+    try:
+        with as_of(log, to_the_end(log)) as view:
+            verdicts = asyncio.run(replay_check(
+                list(view.views.values()), worker,
+                workflow=_workflow_name(config, args.workflow), limit=args.limit))
+    finally:
+        log.close()
+    bad = [v for v in verdicts if v.outcome != "ok"]
+    if args.json:
+        print(_json([v.to_json() for v in verdicts], indent=2))
+    else:
+        if bad:
+            _print_lines(_verdict_line(v) for v in bad)
+        print(f"replayed {len(verdicts)} executions: {len(verdicts) - len(bad)} ok, "
+              f"{sum(v.outcome == 'diverged' for v in bad)} diverged, "
+              f"{sum(v.outcome == 'failed' for v in bad)} failed")
+    return 1 if bad else 0
+
+
+def _verdict_line(v: Verdict) -> str:
+    where = f"{v.execution_id} ({v.workflow}, {v.status})"
+    if v.outcome == "failed":
+        return f"FAILED   {where}: {v.error}"
+    recorded = f"'{v.recorded}'" if v.recorded else "the end"
+    asked = f"'{v.asked}'" if v.asked else "the end"
+    return f"DIVERGED {where} at step {v.position + 1 if v.position is not None else '?'}: " \
+           f"recorded {recorded}, new code {asked}"
+
+
+def _app_dir(value: str) -> Path:
+    directory = Path(value)
+    if not (directory / "ploy.yaml").is_file():
+        raise CommandError(f"no ploy.yaml in {directory.resolve()}")
+    return directory
 
 
 def _history_lines(events: list[dict[str, Any]]) -> Iterator[str]:

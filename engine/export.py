@@ -108,16 +108,15 @@ class _File:
     """One partition's export file, written as events come."""
 
     def __init__(self, path: Path, fmt: str):
-        self.path, self.fmt, self.count = path, fmt, 0
-        self.fo: IO[Any] = path.open("wb" if fmt == "avro" else "w", encoding=None
-                                     if fmt == "avro" else "utf-8")
+        self.path, self.count = path, 0
+        self.fo: IO[bytes] = path.open("wb")
         self.avro = Writer(self.fo, EXPORT_SCHEMA, codec=CODEC) if fmt == "avro" else None
 
     def write(self, row: dict[str, Any]) -> None:
         if self.avro is not None:
             self.avro.write({**row, "body": json.dumps(row["body"], ensure_ascii=False)})
         else:
-            self.fo.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.fo.write(json.dumps(row, ensure_ascii=False).encode() + b"\n")
         self.count += 1
 
     def close(self) -> None:
