@@ -77,8 +77,13 @@ def offsets_at(log: EventLog, ms: int) -> dict[int, int]:
         hints = consumer.offsets_for_times(
             [TopicPartition(log.topic, p, ms) for p in range(log.partitions)],
             timeout=log.connect_timeout_s)
-        return {tp.partition: _first_at(consumer, log.topic, tp.partition, ms, tp.offset)
-                for tp in hints}
+        found = {}
+        for tp in hints:
+            hint = tp.offset
+            if hint < 0:  # every record older: look near the end
+                hint = consumer.get_watermark_offsets(tp, timeout=log.connect_timeout_s)[1]
+            found[tp.partition] = _first_at(consumer, log.topic, tp.partition, ms, hint)
+        return found
     finally:
         consumer.close()
 
@@ -86,7 +91,7 @@ def offsets_at(log: EventLog, ms: int) -> dict[int, int]:
 def _first_at(consumer: Consumer, topic: str, partition: int, ms: int, hint: int) -> int:
     """The first offset stamped at or after ``ms``, searched from ``_SLACK`` before ``hint``
     (further back while the first record read is already at or after ``ms``)."""
-    start = 0 if hint < 0 else max(0, hint - _SLACK)
+    start = max(0, hint - _SLACK)
     while True:
         found, first_is_after = _scan(consumer, topic, partition, start, ms)
         if start == 0 or not first_is_after:

@@ -2,7 +2,7 @@
 
 =========================  ====================================================
 ``/...``                   the routes of ``ploy().get/post/...`` (``/orders/:id``)
-``/__ploy/api/...``        the engine's JSON API (list, get, history, cancel, trigger)
+``/__ploy/api/...``        the engine's JSON API (list, get, history, cancel, rerun, as-of, ...)
 ``/__ploy/``               the dashboard (``engine.dashboard``), behind the same guard
 =========================  ====================================================
 
