@@ -730,7 +730,7 @@ class _Api:
         try:
             made = await rerun.rerun(self.engine.runtime, execution.execution_id,
                                      asked.from_step, dry_run=asked.dry_run)
-        except RerunError as exc:
+        except RerunError as exc:  # not ended, not folded here: 409; no such step: 422
             code = 409 if exc.steps is None else 422
             raise _Reject(code, {"error": str(exc), "steps": exc.steps}) from None
         assert made is not None  # _get found it

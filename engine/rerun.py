@@ -23,8 +23,9 @@ with the code deployed now. The source is untouched. Protocol
 
 A rerun whose appender died between steps 4 and 6 stays ``queued`` and held;
 cancel it and rerun again. Copies are written with the partition's current
-claim epoch where this process folds it, else its own, so a single worker or
-the partition's owner (or a replica) should run reruns.
+claim epoch, which the fold accepts, so a rerun is made only by a process that
+folds the source's partition (a single worker, its owner, a replica): elsewhere
+it is refused.
 
 :func:`select` finds the executions a bulk rerun covers (``ploy rerun
 --workflow W --status failed --since T``).
@@ -132,6 +133,12 @@ async def rerun(runtime: Runtime, source: str, from_step: str | None = None, *,
     cut, step, copies = plan(source, record.status.value, history, from_step)
     if dry_run:
         return Rerun(source, None, step, cut, len(copies))
+    partition = runtime.log.partition_for(source)
+    if not runtime.partitions.folds(partition):
+        # Its copies would carry an epoch the owner's fold may fence: the rerun would
+        # then run the copied steps again.
+        raise RerunError(source, f"this process does not fold partition {partition}; send "
+                         "the rerun to the worker that owns it (ploy workers shows it)")
     # Step 3.
     eid = colocated_id(runtime, source)
     trigger = history[0].body
@@ -152,8 +159,8 @@ async def rerun(runtime: Runtime, source: str, from_step: str | None = None, *,
 
 
 def _epoch(runtime: Runtime, eid: str) -> int:
-    """The epoch the copies are written with: the partition's current claim where this
-    process folds it (so the fold does not fence them), else this process's own."""
+    """The epoch the copies are written with: the partition's current claim (so the fold
+    does not fence them), or this process's own if higher."""
     view = runtime.views.get(runtime.log.partition_for(eid))
     return max(runtime.epoch_of(eid), view.claim_epoch if view is not None else 0)
 
