@@ -10,7 +10,8 @@
     ploy cancel ID           stop an execution
     ploy skip --partition P --offset O --reason R   step over a corrupt record (audited)
     ploy rebuild [DIR]       drop the view and refold it from the topic
-    ploy export / import / view --as-of   audit and recovery (``engine.audit``)
+    ploy export / import / view --as-of / rerun / replay-check   audit and recovery
+                             (``engine.audit``)
     ploy types [DIR]         write ploy_env.py, which types ``ctx.env``'s bindings
 
 A mistake the user can fix (no ploy.yaml, bad JSON, an unknown id, a server
@@ -539,10 +540,10 @@ def _decoded(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    client = _client(args)
-    not_found = f"no execution '{args.id}' at {client.url}"
     from engine.skips import operator
 
+    client = _client(args)
+    not_found = f"no execution '{args.id}' at {client.url}"
     payload = client.expect("POST", f"/executions/{quote(args.id)}/cancel",
                             {"reason": args.reason, "actor": operator()}, not_found=not_found)
     execution = _get_execution(client, args.id)  # an unknown id is an error, a finished one not
