@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from engine.asof import as_of, parse_time, to_the_end
+from engine.codec import default_codec
 from engine.config import Config, load_config
 from engine.errors import CommandError
-from engine.export import FORMATS, export_log, import_log
+from engine.export import FORMATS, export_log, fold_export, import_log
 from engine.log import EventLog
 from engine.replaycheck import Verdict, replay_check
+from engine.view import PartitionView
 
 __all__ = ["add_commands"]
 
@@ -78,6 +82,8 @@ def add_commands(commands: Any) -> None:
     p.add_argument("--json", action="store_true", help="print every verdict as JSON")
     p.add_argument("--dir", metavar="APP", help="the app whose Kafka holds the histories "
                    "(default: NEW_CODE_DIR's ploy.yaml)")
+    p.add_argument("--histories", metavar="EXPORT_DIR", help="read the histories from a "
+                   "'ploy export' (all, or --workflow) instead of Kafka: for CI")
     p.set_defaults(run=_cmd_replay_check)
 
 
@@ -266,14 +272,10 @@ def _cmd_replay_check(args: argparse.Namespace) -> int:
 
     worker, new_config = load_app(_app_dir(args.worker))
     config = _config(args.dir) if args.dir else new_config
-    log = _kafka_log(config, "replay-check")
-    try:
-        with as_of(log, to_the_end(log)) as view:
-            verdicts = asyncio.run(replay_check(
-                list(view.views.values()), worker,
-                workflow=_workflow_name(config, args.workflow), limit=args.limit))
-    finally:
-        log.close()
+    workflow = _workflow_name(config, args.workflow)
+    with _histories(config, args.histories) as views:
+        verdicts = asyncio.run(replay_check(views, worker, workflow=workflow,
+                                            limit=args.limit))
     bad = [v for v in verdicts if v.outcome != "ok"]
     if args.json:
         print(_json([v.to_json() for v in verdicts], indent=2))
@@ -284,6 +286,26 @@ def _cmd_replay_check(args: argparse.Namespace) -> int:
               f"{sum(v.outcome == 'diverged' for v in bad)} diverged, "
               f"{sum(v.outcome == 'failed' for v in bad)} failed")
     return 1 if bad else 0
+
+
+@contextlib.contextmanager
+def _histories(config: Config, export_dir: str | None) -> Iterator[list[PartitionView]]:
+    """Views of every recorded execution: a scratch fold of an export, or of the log."""
+    if export_dir is not None:
+        with tempfile.TemporaryDirectory(prefix="ploy-replay-") as scratch:
+            views = fold_export(Path(export_dir), Path(scratch), default_codec())
+            try:
+                yield views
+            finally:
+                for view in views:
+                    view.close()
+        return
+    log = _kafka_log(config, "replay-check")
+    try:
+        with as_of(log, to_the_end(log)) as folded:
+            yield list(folded.views.values())
+    finally:
+        log.close()
 
 
 def _verdict_line(v: Verdict) -> str:

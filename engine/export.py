@@ -32,11 +32,13 @@ from fastavro.write import Writer
 
 from connectors.kafka import Batch, make_producer
 from engine.asof import offsets_at
+from engine.codec import Codec
 from engine.errors import CodecError, CorruptEventError, ExportError
 from engine.events import BODY_TYPES, Event
 from engine.log import EventLog
+from engine.view import PartitionView
 
-__all__ = ["EXPORT_SCHEMA", "Exported", "export_log", "import_log", "read_export"]
+__all__ = ["EXPORT_SCHEMA", "Exported", "export_log", "fold_export", "import_log", "read_export"]
 
 Progress = Callable[[int, int], None]
 """``on_progress(events done, events to do)``, as ``engine.rebuild``."""
@@ -205,8 +207,8 @@ def read_manifest(directory: Path) -> Exported:
     return Exported(**doc)
 
 
-def read_export(directory: Path, partition: int) -> Iterator[Event]:
-    """The events of one partition of an export, in log order."""
+def read_export(directory: Path, partition: int) -> Iterator[tuple[int, Event]]:
+    """(offset on the exported log, event) of one partition of an export, in log order."""
     manifest = read_manifest(directory)
     path = directory / f"p{partition}.{manifest.format}"
     if not path.exists():
@@ -215,7 +217,37 @@ def read_export(directory: Path, partition: int) -> Iterator[Event]:
         rows: Iterator[Any] = (fastavro.reader(fo) if manifest.format == "avro"
                                else (json.loads(line) for line in fo if line.strip()))
         for row in rows:
-            yield from_row(row)
+            yield row["offset"], from_row(row)
+
+
+def fold_export(directory: Path, state_path: Path, codec: Codec) -> list[PartitionView]:
+    """Fold an export of whole executions into new views at ``state_path``, one per
+    partition, without Kafka (``ploy replay-check --histories``). The caller closes them.
+
+    Raises:
+        ExportError: Not an export, or one cut by time.
+        CorruptEventError: The fold refuses an event (named by its exported offset).
+    """
+    manifest = read_manifest(directory)
+    _check_whole(manifest, directory)
+    views = []
+    for p in range(manifest.partitions):
+        view = PartitionView(state_path / f"p{p}", manifest.topic, p, codec, wal=False)
+        views.append(view)
+        records = [(offset, codec.encode(event)) for offset, event in read_export(directory, p)]
+        _, failure = view.apply(records)
+        if failure is not None:
+            for opened in views:
+                opened.close()
+            raise failure
+    return views
+
+
+def _check_whole(manifest: Exported, directory: Path) -> None:
+    if manifest.since is not None or manifest.until is not None:
+        raise ExportError(directory, "was cut by --since/--until: its executions are "
+                          "incomplete and would not fold; use an export of whole "
+                          "executions (all, or --workflow)")
 
 
 def import_log(log: EventLog, directory: Path, *, on_progress: Progress | None = None,
@@ -235,10 +267,7 @@ def import_log(log: EventLog, directory: Path, *, on_progress: Progress | None =
     """
     # Step 1.
     manifest = read_manifest(directory)
-    if manifest.since is not None or manifest.until is not None:
-        raise ExportError(directory, "was cut by --since/--until: its executions are "
-                          "incomplete and would not fold; import an export of whole "
-                          "executions (all, or --workflow)")
+    _check_whole(manifest, directory)
     if manifest.partitions != log.partitions:
         raise ExportError(directory, f"was exported from {manifest.partitions} partitions, "
                           f"'{log.topic}' has {log.partitions}; an execution's partition "
@@ -249,7 +278,7 @@ def import_log(log: EventLog, directory: Path, *, on_progress: Progress | None =
     acks = Batch(make_producer(log), f"import {directory}")
     counts = dict.fromkeys(range(log.partitions), 0)
     for p in counts:
-        for event in read_export(directory, p):
+        for _, event in read_export(directory, p):
             acks.produce(log.topic, log.codec.encode(event), event.execution_id.encode(),
                          partition=p)
             counts[p] += 1

@@ -104,3 +104,12 @@ async def test_replay_check_reports_the_first_divergent_step(
     finally:
         log.close()
     assert log_events == events  # nothing was appended
+
+    # In CI, without Kafka: the histories from an export.
+    exported = tmp_path / "histories"
+    assert (await ploy_cli(capsys, "export", "--out", str(exported), "--dir", str(v1)))[0] == 0
+    offline = app(tmp_path, "offline", RENAMED, "127.0.0.1:1", topic_prefix)  # no broker there
+    code, out, err = await ploy_cli(capsys, "replay-check", "--worker", str(offline),
+                                    "--histories", str(exported))
+    assert code == 1, err
+    assert out.splitlines()[-1] == "replayed 5 executions: 2 ok, 3 diverged, 0 failed"
