@@ -7,10 +7,11 @@
     ploy replay-check --worker NEW_CODE_DIR   new code against recorded histories (CI)
 
 ``engine.cli.build_parser`` calls :func:`add_commands` with its subparsers.
-Export and import read and write the topic of the app's ploy.yaml (``--dir``)
-directly, as ``ploy rebuild`` does; ``view`` asks a running server's engine
-API, as ``ploy status`` does. Errors are ``PloyError`` subclasses, printed by
-``engine.cli.main`` as one ``ploy: error: ...`` line (exit 2).
+``export``, ``import`` and ``replay-check`` read and write the topic of the
+app's ploy.yaml (``--dir``) directly, as ``ploy rebuild`` does; ``view`` and
+``rerun`` ask a running server's engine API, as ``ploy status`` does. Errors
+are ``PloyError`` subclasses, printed by ``engine.cli.main`` as one ``ploy:
+error: ...`` line (exit 2).
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ __all__ = ["add_commands"]
 
 
 def add_commands(commands: Any) -> None:
-    """Add ``export``, ``import`` and ``view`` to the ``ploy`` parser's subcommands."""
+    """Add the commands of the module docstring to the ``ploy`` parser's subcommands."""
+    _add_export(commands)
+    _add_view(commands)
+    _add_rerun(commands)
+    _add_replay_check(commands)
+
+
+def _add_export(commands: Any) -> None:
     p = commands.add_parser(
         "export", help="write the events of the log to files (Avro or JSON lines)",
         description="write every selected event of <prefix>.events, with its partition and "
@@ -65,9 +73,8 @@ def add_commands(commands: Any) -> None:
                    "(default: the current one)")
     p.set_defaults(run=_cmd_import)
 
-    _add_view(commands)
-    _add_rerun(commands)
 
+def _add_replay_check(commands: Any) -> None:
     p = commands.add_parser(
         "replay-check", help="replay recorded executions on new worker code (appends nothing)",
         description="replay the newest recorded executions (folded from the log into a scratch "
@@ -130,11 +137,10 @@ def _add_view(commands: Any) -> None:
     p.add_argument("--workflow", metavar="W")
     p.add_argument("--status", metavar="S")
     p.add_argument("--limit", type=int, default=20, metavar="N")
-    for p in (*queries.choices.values(), view):
-        if p is not view:
-            p.add_argument("--json", action="store_true", help="print the API's JSON")
-            _add_client(p)
-            p.set_defaults(run=_cmd_view)
+    for p in queries.choices.values():
+        p.add_argument("--json", action="store_true", help="print the API's JSON")
+        _add_client(p)
+        p.set_defaults(run=_cmd_view)
 
 
 def _kafka_log(config: Config, command: str) -> EventLog:
