@@ -10,6 +10,8 @@
     ploy cancel ID           stop an execution
     ploy skip --partition P --offset O --reason R   step over a corrupt record (audited)
     ploy rebuild [DIR]       drop the view and refold it from the topic
+    ploy export / import / view --as-of / rerun / replay-check   audit and recovery
+                             (``engine.audit``)
     ploy types [DIR]         write ploy_env.py, which types ``ctx.env``'s bindings
 
 A mistake the user can fix (no ploy.yaml, bad JSON, an unknown id, a server
@@ -52,6 +54,7 @@ from typing import Any, NoReturn
 from connectors import dev_archive_dir, dev_restore
 from connectors.cli import add_commands as add_connector_commands
 from engine.app import SLOTS_DIR, Engine, http_server, load_app
+from engine.audit import add_commands as add_audit_commands
 from engine.builder import Worker
 from engine.client import ApiClient, error_message, quote
 from engine.config import Config, load_config
@@ -184,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("cancel", _cmd_cancel, "cancel a queued, running or sleeping execution")
     p.add_argument("id", metavar="ID", help="execution id")
+    p.add_argument("--reason", help="why (kept on the log with who asked)")
     _add_client(p)
 
     p = command("workers", _cmd_workers, "each partition's worker (its claim on the log), "
@@ -209,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="ploy_env.py", metavar="FILE",
                    help="output file, relative to DIR (default: ploy_env.py)")
     add_connector_commands(commands)
+    add_audit_commands(commands)
     return parser
 
 
@@ -559,14 +564,17 @@ def _decoded(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
+    from engine.skips import operator
+
     client = _client(args)
     not_found = f"no execution '{args.id}' at {client.url}"
-    payload = client.expect("POST", f"/executions/{quote(args.id)}/cancel", {},
-                            not_found=not_found)
-    if payload.get("cancelled"):
-        print(terminal_safe(f"cancelled {args.id}"))
-        return 0
+    payload = client.expect("POST", f"/executions/{quote(args.id)}/cancel",
+                            {"reason": args.reason, "actor": operator()}, not_found=not_found)
     execution = _get_execution(client, args.id)  # an unknown id is an error, a finished one not
+    if payload.get("cancelled"):
+        by = f" (by {execution['cancel_actor']})" if execution.get("cancel_actor") else ""
+        print(terminal_safe(f"cancelled {args.id}{by}"))
+        return 0
     print(terminal_safe(f"{args.id} already finished ({execution.get('status')})"))
     return 0
 
@@ -648,13 +656,7 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
         lines.append(f"error      {_error(ex['error'])}")
     if ex.get("cancel_reason"):
         lines.append(f"reason     {ex['cancel_reason']}")
-    if ex.get("parent_id"):
-        lines.append(f"parent     {ex['parent_id']} (step {ex.get('parent_step')})")
-    for wait in ex.get("waiting_for") or []:
-        what = (f"child {wait['child_id']}" if wait.get("child_id") else
-                f"event {wait['event_type']} {_compact(wait.get('match') or {})}")
-        until = f" until {_iso(wait['until'])}" if wait.get("until") else ""
-        lines.append(f"waiting    {wait['step']}: {what}{until}")
+    lines += _links(ex)
     lines.append(f"input      {_compact(ex.get('input'))}")
     if ex.get("status") == "completed":
         lines.append(f"output     {_compact(ex.get('output'))}")
@@ -682,6 +684,26 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
     return [terminal_safe(line) for line in lines]
 
 
+def _links(ex: dict[str, Any]) -> list[str]:
+    """Who cancelled it, its parent, what it waits for, its rerun lineage."""
+    lines = []
+    if ex.get("cancel_actor"):
+        lines.append(f"cancelled  by {ex['cancel_actor']}")
+    if ex.get("parent_id"):
+        lines.append(f"parent     {ex['parent_id']} (step {ex.get('parent_step')})")
+    for wait in ex.get("waiting_for") or []:
+        what = (f"child {wait['child_id']}" if wait.get("child_id") else
+                f"event {wait['event_type']} {_compact(wait.get('match') or {})}")
+        until = f" until {_iso(wait['until'])}" if wait.get("until") else ""
+        lines.append(f"waiting    {wait['step']}: {what}{until}")
+    if ex.get("rerun_of"):
+        lines.append(f"rerun of   {ex['rerun_of']} (its events before offset "
+                     f"{ex.get('rerun_offset')} replayed)")
+    if ex.get("reruns"):
+        lines.append(f"reruns     {', '.join(ex['reruns'])}")
+    return lines
+
+
 def _step_detail(step: dict[str, Any]) -> str:
     """The last column of a step's row: its error, a sleep's wake time, what a wait got."""
     kind = step.get("kind")
@@ -698,9 +720,10 @@ def _step_detail(step: dict[str, Any]) -> str:
 # -- rebuild and types ------------------------------------------------------------
 
 
-def _progress_bar() -> Callable[[int, int], None]:
-    """A progress bar on stderr when it is a terminal, else silence: events folded of the
-    estimated total, the rate over the last few seconds, and the time left at that rate."""
+def _progress_bar(doing: str = "rebuilding") -> Callable[[int, int], None]:
+    """A progress bar on stderr when it is a terminal, else silence: events done (folded,
+    exported, ...: ``doing``) of the estimated total, the rate over the last few seconds,
+    and the time left at that rate."""
     tty = sys.stderr.isatty()
     window: list[tuple[float, int]] = []  # (when, done) of the last RATE_WINDOW_S seconds
     state = {"shown_at": 0.0, "finished": False}
@@ -720,7 +743,7 @@ def _progress_bar() -> Callable[[int, int], None]:
         rate = (done - before) / (now - since) if now > since else 0.0
         left = "" if finished or rate <= 0 else f" ETA {_clock(max(total - done, 0) / rate)}"
         end = "\n" if finished else ""
-        sys.stderr.write(f"\rrebuilding [{bar:<30}] {done:,}/{total:,} events {share:4.0%} "
+        sys.stderr.write(f"\r{doing} [{bar:<30}] {done:,}/{total:,} events {share:4.0%} "
                          f"{rate:,.0f} events/s{left}\x1b[K{end}")
         sys.stderr.flush()
 

@@ -26,6 +26,8 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── StateLockedError          a rebuild met a view a running worker holds
     ├── RebuildError              the log no longer holds every event (retention)
     ├── CommandError              a `ploy` command the user can fix (bad --input, no server)
+    ├── ExportError               an export directory that cannot be written or imported
+    ├── RerunError                a rerun of a live execution, or from a step it never ran
     ├── NonRetryableError         raised by user code: fail the step now
     ├── StepTimeoutError          one attempt ran past its timeout
     ├── StepFailedError           a step exhausted its retries
@@ -261,6 +263,23 @@ class CommandError(PloyError):
     def __init__(self, problem: str):
         self.problem = problem
         super().__init__(problem)
+
+
+class ExportError(PloyError):
+    """``ploy export``/``ploy import`` cannot use ``directory`` (see ``engine.export``)."""
+
+    def __init__(self, directory: Path, problem: str):
+        self.directory, self.problem = directory, problem
+        super().__init__(f"export {directory}: {problem}")
+
+
+class RerunError(PloyError):
+    """A rerun that cannot be made as asked (``engine.rerun``): the source has not
+    ended, or never started ``steps``' missing step."""
+
+    def __init__(self, source: str, problem: str, steps: list[str] | None = None):
+        self.source, self.problem, self.steps = source, problem, steps
+        super().__init__(f"cannot rerun {source}: {problem}")
 
 
 class NonRetryableError(PloyError):

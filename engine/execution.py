@@ -202,6 +202,35 @@ def match_text(match: dict[str, Any] | None) -> str:
     return text
 
 
+def received_event(wait: dict[str, Any]) -> ReceivedEvent | None:
+    """What a recorded wait returns on replay: its event, None after a timeout; Suspend
+    while it still waits (or a cancel ended it: the next checkpoint says so)."""
+    status = wait["status"]
+    if status == waits.RECEIVED:
+        event = wait["event"]
+        return ReceivedEvent(id=event["id"], type=event["type"], source=event["source"],
+                             time=event["time"], data=models.loads(event["data"]))
+    if status == waits.TIMED_OUT:
+        return None
+    raise Suspend
+
+
+def child_result(key: str, wait: dict[str, Any]) -> Any:
+    """What a recorded invoke returns on replay: the child's output, or StepFailedError."""
+    if wait["status"] == waits.TIMED_OUT:
+        raise StepFailedError(key, 1, "StepTimeoutError",
+                              f"child execution {wait['child_id']} did not end in time")
+    if wait["status"] != waits.RECEIVED:
+        raise Suspend
+    ended = models.loads(wait["event"]["data"])
+    if ended["status"] == ExecutionStatus.COMPLETED.value:
+        return ended["output"]
+    error = ended.get("error") or {}
+    raise StepFailedError(key, 1, error.get("type", "WorkflowCancelled"),
+                          error.get("message") or f"child execution {ended['execution_id']} "
+                          f"was {ended['status']}")
+
+
 class ExecutionRunner:
     """One execution in memory: its replay state and its live coroutine."""
 
@@ -503,19 +532,9 @@ class ExecutionRunner:
         key = self._key(name)
         wait = self.waits.get(key)
         if wait is not None:
-            return self._received(key, wait)
+            return received_event(wait)
         await self._open_wait(WaitStarted(key, event_type, match_json, since_ms,
                                           self._deadline(timeout_ms)))
-
-    def _received(self, key: str, wait: dict[str, Any]) -> ReceivedEvent | None:
-        status = wait["status"]
-        if status == waits.RECEIVED:
-            event = wait["event"]
-            return ReceivedEvent(id=event["id"], type=event["type"], source=event["source"],
-                                 time=event["time"], data=models.loads(event["data"]))
-        if status == waits.TIMED_OUT:
-            return None
-        raise Suspend  # still waiting (or ended by a cancel: the checkpoint says so)
 
     async def invoke(self, name: str, binding: str, input: Any, timeout: int | str | None,
                      cancel_with_parent: bool) -> Any:
@@ -525,7 +544,7 @@ class ExecutionRunner:
         key = self._key(name)
         wait = self.waits.get(key)
         if wait is not None:
-            return self._child_result(key, wait)
+            return child_result(key, wait)
         child_id = self.runtime.child_id(self.id, key)
         # The child first: a crash before the wait is recorded replays to here, and the
         # second trigger of the same id changes nothing.
@@ -538,20 +557,6 @@ class ExecutionRunner:
         await self._open_wait(WaitStarted(
             key, CHILD_ENDED, to_json({"execution_id": child_id}, "match"),
             self.record["created_at"], self._deadline(timeout_ms), child_id, cancel_with_parent))
-
-    def _child_result(self, key: str, wait: dict[str, Any]) -> Any:
-        if wait["status"] == waits.TIMED_OUT:
-            raise StepFailedError(key, 1, "StepTimeoutError",
-                                  f"child execution {wait['child_id']} did not end in time")
-        if wait["status"] != waits.RECEIVED:
-            raise Suspend
-        ended = models.loads(wait["event"]["data"])
-        if ended["status"] == ExecutionStatus.COMPLETED.value:
-            return ended["output"]
-        error = ended.get("error") or {}
-        raise StepFailedError(key, 1, error.get("type", "WorkflowCancelled"),
-                              error.get("message") or f"child execution {ended['execution_id']} "
-                              f"was {ended['status']}")
 
     def _deadline(self, timeout_ms: int | None) -> int | None:
         return None if timeout_ms is None else self.runtime.clock.now() + timeout_ms

@@ -32,6 +32,12 @@ Rules the fold keeps:
    from the status before the batch and the status after it, so an execution
    that passes through several statuses inside one batch leaves no deleted
    keys behind in the indexes of the statuses it only passed through.
+8. Reruns (``engine.rerun``). A ``WorkflowTriggered`` with ``rerun_of`` creates
+   an execution that records its source and offset and is ``held`` (the
+   runtime does not run it) while the copy of the source's events that it
+   begins with is appended; the same trigger, repeated after the copy,
+   releases it (rule 1 otherwise). The source's partition (a rerun's id is
+   chosen to hash there) lists it under ``r:<source>``.
 """
 
 from __future__ import annotations
@@ -236,6 +242,10 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
             ex = new_execution(event, body, partition)
             tx.put_raw(keys.ACTIVE + eid_key, b"")
             tx.put_raw(keys.CREATED + keys.u64(event.timestamp) + eid_key, b"")
+            if body.rerun_of is not None:
+                _rerun_begins(tx, ex, body, offset)
+        elif body.rerun_of is not None and ex.get("held"):
+            del ex["held"]  # rule 8: the copy is complete
     elif ex is None:
         raise InvalidTransitionError(eid, None, event.type)
     else:
@@ -245,6 +255,13 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
     tx.put(ex_key, ex)
     tx.put_raw(keys.HISTORY + eid_key + keys.SEP + keys.u64(offset), raw)
     return True
+
+
+def _rerun_begins(tx: Tx, ex: Record, body: WorkflowTriggered, offset: int) -> None:
+    """Rule 8: a rerun records its source, is held while its copy is appended, and is
+    listed among its source's reruns."""
+    ex.update(rerun_of=body.rerun_of, rerun_offset=body.rerun_offset, held=True)
+    tx.put_raw(keys.rerun(body.rerun_of or "", offset), ex["id"].encode())
 
 
 def _fenced(tx: Tx, event: Event, offset: int) -> bool:
@@ -474,6 +491,8 @@ def _cancel_requested(tx: Tx, ex: Record, event: Event) -> None:
     assert isinstance(body, CancelRequested)
     if _finish(tx, ex, ExecutionStatus.CANCELLED.value, event.timestamp):
         ex["cancel_reason"] = body.reason
+        if body.actor is not None:  # v4: who asked (absent from records cancelled before)
+            ex["cancel_actor"] = body.actor
 
 
 def _cancelled(tx: Tx, ex: Record, event: Event) -> None:

@@ -44,6 +44,7 @@ WAIT_SHAPE = b"V:"  # V:<type>\0<paths>              -> count of waiters matchin
 RECEIVED = b"R:"  # R:<id>\0<source>\0<event id>  -> b"" (an execution received this event)
 EVENT_STATS = b"m:events"  # {"received", "duplicates", "delivered", "dropped_unmatched"} (JSON)
 SCANNED = (EVENT, WAITER, WAIT_SHAPE)  # keyspaces the fold scans (engine.fold.Tx.scan)
+RERUN = b"r:"  # r:<source id>\0<offset u64>   -> the id of a rerun of it, triggered there
 INDEXES = b"m:indexes"  # the listing indexes' version: present once they cover every execution
 INDEXES_VERSION = b"1"
 
@@ -122,6 +123,10 @@ def received(eid: str, source: str, event_id: str) -> bytes:
 
 def skipped(offset: int) -> bytes:
     return SKIPPED + u64(offset)
+
+
+def rerun(source: str, offset: int) -> bytes:
+    return RERUN + source.encode() + SEP + u64(offset)
 
 
 def active(eid: str) -> bytes:

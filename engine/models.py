@@ -153,6 +153,14 @@ class Execution(BaseModel):
     parent_step: str | None = None
     waiting_for: list[WaitInfo] = []
     """While ``waiting``: each open wait (several for parallel invokes)."""
+    cancel_actor: str | None = None
+    """Who cancelled it (``admin-token``, ``local:user@host``), when the cancel said so."""
+    rerun_of: str | None = None
+    """The execution this one reruns (``ploy rerun``), whose events before ``rerun_offset``
+    (the source's offset of the step it reruns from) it began with."""
+    rerun_offset: int | None = None
+    reruns: list[str] = []
+    """The reruns of this execution, oldest first."""
 
 
 class ExecutionSummary(BaseModel):

@@ -374,8 +374,8 @@ class Runtime(Queries):
             self._spawn(self._start_when_folded(eid, partition, target), f"ploy-wait-{eid}")
             return
         record = view.record(eid)
-        if record is None or record["status"] not in RUNNABLE:
-            return
+        if record is None or record["status"] not in RUNNABLE or record.get("held"):
+            return  # held: a rerun whose copy of its source is being appended (engine.rerun)
         workflow = self.worker.workflow(record["workflow"])
         if workflow is None:
             self._fail_unknown(record)
@@ -624,13 +624,16 @@ class Runtime(Queries):
                                                "msg": str(exc)}]) from None
         return text
 
-    async def cancel(self, execution_id: str, reason: str | None = None) -> bool:
-        """Append ``CancelRequested``; True if it ended the execution, False if already over."""
+    async def cancel(self, execution_id: str, reason: str | None = None,
+                     actor: str | None = None) -> bool:
+        """Append ``CancelRequested`` (why, and who asked); True if it ended the execution,
+        False if already over."""
         record = await self._record(execution_id)
         if record is None or ExecutionStatus(record["status"]).terminal:
             return False
         await self.log.append(Event(execution_id, record["workflow"], self.clock.now(),
-                                    CancelRequested(reason), epoch=self.epoch_of(execution_id)))
+                                    CancelRequested(reason, actor),
+                                    epoch=self.epoch_of(execution_id)))
         after = await self._record(execution_id)
         return after is not None and after["status"] == ExecutionStatus.CANCELLED.value and (
             after["ended_at"] is not None and after["cancel_reason"] == reason)

@@ -220,6 +220,10 @@ class PartitionView:
         """Where each recorded log line of ``eid`` was logged (None: before schema v3)."""
         return [json.loads(v).get("position") for _, v in self._scan(keys.prefix_of(keys.LOG, eid))]
 
+    def reruns(self, eid: str) -> list[str]:
+        """Ids of the reruns of ``eid`` (``ploy rerun``), in the order they were triggered."""
+        return [v.decode() for _, v in self._scan(keys.prefix_of(keys.RERUN, eid))]
+
     def history(self, eid: str) -> Iterator[tuple[int, bytes]]:
         """(offset, raw record) of every event of an execution, in log order."""
         for key, value in self._scan(keys.prefix_of(keys.HISTORY, eid)):
@@ -332,6 +336,10 @@ def build_execution(view: PartitionView, eid: str) -> Execution | None:
         parent_step=ex.get("parent_step"),
         waiting_for=[_wait_info(s) for s in steps if s.kind in ("wait", "invoke")
                      and s.status == ExecutionStatus.WAITING.value],
+        cancel_actor=ex.get("cancel_actor"),
+        rerun_of=ex.get("rerun_of"),
+        rerun_offset=ex.get("rerun_offset"),
+        reruns=view.reruns(eid),
     )
 
 
