@@ -28,7 +28,7 @@ import inspect
 import json
 import logging
 import traceback as tb
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -546,25 +546,33 @@ class ExecutionRunner:
         if wait is not None:
             return child_result(key, wait)
         child_id = self.runtime.child_id(self.id, key)
+
+        async def start_child() -> None:
+            try:
+                await self.runtime.trigger_child(target.workflow, input, child_id, self.id, key)
+            except AppendError as exc:
+                raise LogUnavailable(str(exc), exc.permanent) from exc
+            except PartitionStalledError as exc:  # until an operator skips its corrupt record
+                raise LogUnavailable(str(exc)) from exc
+
         # The child first: a crash before the wait is recorded replays to here, and the
         # second trigger of the same id changes nothing.
-        try:
-            await self.runtime.trigger_child(target.workflow, input, child_id, self.id, key)
-        except AppendError as exc:
-            raise LogUnavailable(str(exc), exc.permanent) from exc
-        except PartitionStalledError as exc:  # until an operator skips its corrupt record
-            raise LogUnavailable(str(exc)) from exc
         await self._open_wait(WaitStarted(
             key, CHILD_ENDED, to_json({"execution_id": child_id}, "match"),
-            self.record["created_at"], self._deadline(timeout_ms), child_id, cancel_with_parent))
+            self.record["created_at"], self._deadline(timeout_ms), child_id, cancel_with_parent),
+            start_child)
 
     def _deadline(self, timeout_ms: int | None) -> int | None:
         return None if timeout_ms is None else self.runtime.clock.now() + timeout_ms
 
-    async def _open_wait(self, body: WaitStarted) -> NoReturn:
-        """Record the wait and suspend: the fold delivers its event (or its timer fires)."""
+    async def _open_wait(self, body: WaitStarted,
+                         first: Callable[[], Awaitable[None]] | None = None) -> NoReturn:
+        """Record the wait (after ``first``: starting a child) and suspend: the fold
+        delivers its event (or its timer fires)."""
         self._opening += 1
         try:
+            if first is not None:
+                await first()
             await self._append(body)
         finally:
             self._opening -= 1
