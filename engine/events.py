@@ -18,6 +18,12 @@ class WorkflowTriggered:
 
     input: str
     idempotency_key: str | None = None
+    parent_id: str | None = None  # a child of ctx.step.invoke: its parent (v4)
+    parent_step: str | None = None  # ... and the parent's step key
+    trace_parent: str | None = None  # W3C traceparent of the triggering request (v4)
+    rerun_of: str | None = None  # lineage of a rerun (v4)
+    rerun_offset: int | None = None
+    subject: str | None = None  # the data subject whose key encrypts its payloads (v4)
     NAME: ClassVar[str] = "WorkflowTriggered"
 
 
@@ -26,6 +32,7 @@ class WorkflowStarted:
     """A worker began running the handler for the first time."""
 
     worker: str
+    version: str | None = None  # the workflow code version (v4)
     NAME: ClassVar[str] = "WorkflowStarted"
 
 
@@ -102,6 +109,7 @@ class CancelRequested:
     """``cancel(id)`` was called."""
 
     reason: str | None = None
+    actor: str | None = None  # who asked (v4)
     NAME: ClassVar[str] = "CancelRequested"
 
 
@@ -173,6 +181,84 @@ class PartitionReleased:
     NAME: ClassVar[str] = "PartitionReleased"
 
 
+@dataclass(frozen=True)
+class WaitStarted:
+    """``ctx.step.wait_for_event`` (or ``ctx.step.invoke``) began waiting durably.
+
+    The fold resolves it against events already on the partition since ``since``
+    (the lookback) and against every ``EventSent`` that follows; ``timeout_at``
+    is a timer (``TimerFired`` with ``sleep`` = ``wait``) that ends it with no event.
+    ``match`` is a JSON object of dotted paths into the event's data -> values.
+    """
+
+    wait: str
+    event_type: str
+    match: str
+    since: int
+    timeout_at: int | None = None
+    child_id: str | None = None  # ctx.step.invoke: the child it waits for
+    cancel_child: bool = True  # a cancel of this execution cancels that child
+    NAME: ClassVar[str] = "WaitStarted"
+
+
+@dataclass(frozen=True)
+class EventSent:
+    """An event for waiting executions: every matching waiter of its partition gets it
+    once (``target`` None, appended to every partition), or one execution (``target``).
+    ``id`` is its idempotency id: the fold ignores a repeat."""
+
+    id: str
+    type: str
+    source: str
+    time: int
+    data: str
+    target: str | None = None
+    NAME: ClassVar[str] = "EventSent"
+
+
+@dataclass(frozen=True)
+class Patched:
+    """``ctx.patched(name)`` took the new branch in this execution."""
+
+    patch: str
+    NAME: ClassVar[str] = "Patched"
+
+
+@dataclass(frozen=True)
+class ScheduleUpdated:
+    """An operator paused, resumed or changed a schedule."""
+
+    schedule: str
+    action: str
+    actor: str
+    reason: str | None = None
+    spec: str | None = None
+    NAME: ClassVar[str] = "ScheduleUpdated"
+
+
+@dataclass(frozen=True)
+class StepResolved:
+    """An operator completed a step with ``output`` (``action`` "complete") or ended
+    its backoff wait (``action`` "retry-now")."""
+
+    step: str
+    action: str
+    output: str | None
+    actor: str
+    reason: str | None = None
+    NAME: ClassVar[str] = "StepResolved"
+
+
+@dataclass(frozen=True)
+class SubjectErased:
+    """An operator destroyed a data subject's key (``ploy erase``)."""
+
+    subject: str
+    actor: str
+    reason: str
+    NAME: ClassVar[str] = "SubjectErased"
+
+
 Body = (
     WorkflowTriggered
     | WorkflowStarted
@@ -189,6 +275,12 @@ Body = (
     | PartitionClaimed
     | RecordSkipped
     | PartitionReleased
+    | WaitStarted
+    | EventSent
+    | Patched
+    | ScheduleUpdated
+    | StepResolved
+    | SubjectErased
 )
 
 BODY_TYPES: dict[str, type[Body]] = {
@@ -209,6 +301,12 @@ BODY_TYPES: dict[str, type[Body]] = {
         PartitionClaimed,
         RecordSkipped,
         PartitionReleased,
+        WaitStarted,
+        EventSent,
+        Patched,
+        ScheduleUpdated,
+        StepResolved,
+        SubjectErased,
     )
 }
 

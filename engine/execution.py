@@ -22,23 +22,26 @@ replay. A cancel takes effect at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import json
 import logging
 import traceback as tb
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel
 
-from engine import payloads
+from engine import models, payloads, waits
 from engine.context import Context
 from engine.durations import backoff_ms, parse_duration
 from engine.errors import (
     AppendError,
     NonRetryableError,
+    PartitionStalledError,
     PayloadTooDeepError,
     PayloadTooLargeError,
     SerializationError,
@@ -52,12 +55,15 @@ from engine.events import (
     StepCompleted,
     StepFailed,
     StepStarted,
+    WaitStarted,
     WorkflowCancelled,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowLog,
     WorkflowStarted,
 )
+from engine.models import ExecutionStatus, ReceivedEvent
+from engine.waits import WAIT_KINDS
 
 if TYPE_CHECKING:
     from engine.builder import WorkflowDef
@@ -107,7 +113,7 @@ class LogUnavailable(BaseException):  # noqa: N818
 # and parallel branches each see their own.
 _IN_STEP: contextvars.ContextVar[tuple[ExecutionRunner, str, int] | None] = (
     contextvars.ContextVar("ploy_in_step", default=None))
-RESERVED = ("#", "[", "]")  # the engine's own key syntax: name#2, name[0]
+RESERVED = ("#", "[", "]", "\x00")  # the engine's own key syntax: name#2, name[0]; NUL
 
 
 def to_json(value: Any, what: str) -> str:
@@ -151,8 +157,78 @@ def check_name(name: str, what: str = "step") -> None:
         raise ValueError(f"{what} name {name!r} contains a lone surrogate (not valid Unicode)")
     if any(c in name for c in RESERVED):
         raise ValueError(
-            f"{what} name {name!r}: '#', '[' and ']' are reserved for the engine's own "
+            f"{what} name {name!r}: '#', '[', ']' and NUL are reserved for the engine's own "
             "step keys (a repeated name is keyed 'name#2', parallel branches 'name[0]')")
+
+
+CHILD_ENDED = "ploy.execution.ended"  # the event a child sends its parent when it ends
+EVENT_TYPE_LIMIT = 256  # bytes of UTF-8
+
+
+def check_event_type(event_type: str) -> None:
+    """An event type is a non-empty string of valid Unicode, at most 256 bytes, no NUL."""
+    if not isinstance(event_type, str) or not event_type.strip():
+        raise ValueError(f"an event type must be a non-empty string, got {event_type!r}")
+    if payloads.has_lone_surrogate(event_type) or "\x00" in event_type:
+        raise ValueError(f"event type {event_type!r} contains a NUL or a lone surrogate")
+    if len(event_type.encode()) > EVENT_TYPE_LIMIT:
+        raise ValueError(f"an event type is at most {EVENT_TYPE_LIMIT} bytes, got "
+                         f"{len(event_type.encode())}")
+
+
+def _epoch_ms(since: int | datetime) -> int:
+    """``since`` as ms since the epoch (a datetime without a zone is taken as UTC)."""
+    if isinstance(since, datetime):
+        aware = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+        return int(aware.timestamp() * 1000)
+    if isinstance(since, int) and not isinstance(since, bool):
+        return since
+    raise TypeError(f"since must be ms since the epoch (int) or a datetime, got {since!r}")
+
+
+def match_text(match: dict[str, Any] | None) -> str:
+    """The JSON text of a match: an object of dotted paths into the event's data -> values."""
+    if match is None:
+        return "{}"
+    if not isinstance(match, dict):
+        raise TypeError(f"match must be a dict of dotted paths to values, got {match!r}")
+    for path in match:
+        if (not isinstance(path, str) or not path or "\x00" in path
+                or any(not part for part in path.split("."))):
+            raise ValueError(f"match key {path!r} is not a dotted path like 'order.id'")
+    text = to_json(match, "match")
+    if payloads.lone_surrogate(text) is not None:
+        raise ValueError("match contains a lone surrogate (not valid Unicode)")
+    return text
+
+
+def received_event(wait: dict[str, Any]) -> ReceivedEvent | None:
+    """What a recorded wait returns on replay: its event, None after a timeout; Suspend
+    while it still waits (or a cancel ended it: the next checkpoint says so)."""
+    status = wait["status"]
+    if status == waits.RECEIVED:
+        event = wait["event"]
+        return ReceivedEvent(id=event["id"], type=event["type"], source=event["source"],
+                             time=event["time"], data=models.loads(event["data"]))
+    if status == waits.TIMED_OUT:
+        return None
+    raise Suspend
+
+
+def child_result(key: str, wait: dict[str, Any]) -> Any:
+    """What a recorded invoke returns on replay: the child's output, or StepFailedError."""
+    if wait["status"] == waits.TIMED_OUT:
+        raise StepFailedError(key, 1, "StepTimeoutError",
+                              f"child execution {wait['child_id']} did not end in time")
+    if wait["status"] != waits.RECEIVED:
+        raise Suspend
+    ended = models.loads(wait["event"]["data"])
+    if ended["status"] == ExecutionStatus.COMPLETED.value:
+        return ended["output"]
+    error = ended.get("error") or {}
+    raise StepFailedError(key, 1, error.get("type", "WorkflowCancelled"),
+                          error.get("message") or f"child execution {ended['execution_id']} "
+                          f"was {ended['status']}")
 
 
 class ExecutionRunner:
@@ -166,6 +242,9 @@ class ExecutionRunner:
         self.workflow = workflow
         self.recorded = {s["key"]: s for s in steps if s["kind"] == "step"}
         self.sleeps = {s["key"]: s for s in steps if s["kind"] == "sleep"}
+        self.waits = {s["key"]: s for s in steps if s["kind"] in WAIT_KINDS}
+        self._opening = 0  # waits being opened (parallel invokes): the run ends after them
+        self._opened = asyncio.Event()
         # Log lines are keyed by where they were logged, so a replay records none twice
         # and drops none (a completed step's function does not run on replay).
         self.logged = {p for p in logged if p is not None}
@@ -244,19 +323,41 @@ class ExecutionRunner:
         try:
             end = await self._handle()
             if end is None:
+                await self._waits_opened()
                 return Outcome.PAUSED
             try:
-                await self._append(end)
+                await self._end(end)
             except LogUnavailable as exc:
                 if not exc.permanent or not isinstance(end, WorkflowCompleted):
                     raise
                 # The broker will never take this output: fail the execution, clearly.
                 refused = AppendError(self.runtime.log.topic, f"the output was refused: {exc}")
-                await self._append(WorkflowFailed(*error_fields(refused)))
+                await self._end(WorkflowFailed(*error_fields(refused)))
         except LogUnavailable as exc:
             logger.warning("execution %s: %s; it resumes later", self.id, exc)
             return Outcome.RETRY_LATER
         return Outcome.ENDED
+
+    async def _end(self, end: Body) -> None:
+        """Append the end event; a child first tells its parent (an event with the child's
+        result, idempotent by id), so that a crash in between repeats the notice, never
+        loses it: the replay reaches the same end and sends it again."""
+        if self.record.get("parent_id"):
+            try:
+                await self.runtime.notify_parent(self.record, end)
+            except AppendError as exc:
+                raise LogUnavailable(str(exc), exc.permanent) from exc
+        await self._append(end)
+
+    async def _waits_opened(self) -> None:
+        """Parallel waits (``asyncio.gather`` of invokes): the first to suspend ends the
+        handler; let the others finish appending what they wait for (bounded)."""
+        if self._opening:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    while self._opening:
+                        self._opened.clear()
+                        await self._opened.wait()
 
     async def _handle(self) -> Body | None:
         """Run the handler; the event that ends the execution, or None if it paused."""
@@ -418,6 +519,67 @@ class ExecutionRunner:
                 return
             raise Suspend  # still waiting for its timer
         await self._append(SleepScheduled(key, ms, self.runtime.clock.now() + ms))
+        raise Suspend
+
+    # -- ctx.step.wait_for_event and ctx.step.invoke ---------------------------------------
+
+    async def wait_for_event(self, name: str, event_type: str, match: dict[str, Any] | None,
+                             timeout: int | str | None,
+                             since: int | datetime | None) -> ReceivedEvent | None:
+        check_event_type(event_type)
+        match_json = match_text(match)
+        self._check_size(f"the match of wait '{name}'", match_json)
+        timeout_ms = None if timeout is None else parse_duration(timeout)
+        since_ms = self.record["created_at"] if since is None else _epoch_ms(since)
+        await self._checkpoint()
+        key = self._key(name)
+        wait = self.waits.get(key)
+        if wait is not None:
+            return received_event(wait)
+        await self._open_wait(WaitStarted(key, event_type, match_json, since_ms,
+                                          self._deadline(timeout_ms)))
+
+    async def invoke(self, name: str, binding: str, input: Any, timeout: int | str | None,
+                     cancel_with_parent: bool) -> Any:
+        timeout_ms = None if timeout is None else parse_duration(timeout)
+        target = self.runtime.env[binding]  # UnknownBindingError names the known ones
+        await self._checkpoint()
+        key = self._key(name)
+        wait = self.waits.get(key)
+        if wait is not None:
+            return child_result(key, wait)
+        child_id = self.runtime.child_id(self.id, key)
+
+        async def start_child() -> None:
+            try:
+                await self.runtime.trigger_child(target.workflow, input, child_id, self.id, key)
+            except AppendError as exc:
+                raise LogUnavailable(str(exc), exc.permanent) from exc
+            except PartitionStalledError as exc:  # until an operator skips its corrupt record
+                raise LogUnavailable(str(exc)) from exc
+
+        # The child first: a crash before the wait is recorded replays to here, and the
+        # second trigger of the same id changes nothing.
+        await self._open_wait(WaitStarted(
+            key, CHILD_ENDED, to_json({"execution_id": child_id}, "match"),
+            self.record["created_at"], self._deadline(timeout_ms), child_id, cancel_with_parent),
+            start_child)
+
+    def _deadline(self, timeout_ms: int | None) -> int | None:
+        return None if timeout_ms is None else self.runtime.clock.now() + timeout_ms
+
+    async def _open_wait(self, body: WaitStarted,
+                         first: Callable[[], Awaitable[None]] | None = None) -> NoReturn:
+        """Record the wait (after ``first``: starting a child) and suspend: the fold
+        delivers its event (or its timer fires)."""
+        self._opening += 1
+        try:
+            if first is not None:
+                await first()
+            await self._append(body)
+        finally:
+            self._opening -= 1
+            self._opened.set()
         raise Suspend
 
     # -- ctx.step.parallel ------------------------------------------------------

@@ -2,7 +2,7 @@
 
 =========================  ====================================================
 ``/...``                   the routes of ``ploy().get/post/...`` (``/orders/:id``)
-``/__ploy/api/...``        the engine's JSON API (list, get, history, cancel, trigger)
+``/__ploy/api/...``        the engine's JSON API (list, get, history, cancel, rerun, as-of, ...)
 ``/__ploy/``               the dashboard (``engine.dashboard``), behind the same guard
 =========================  ====================================================
 
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_jsonable_python
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -55,12 +55,13 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine import payloads
+from engine import asof, payloads, rerun
 from engine.actions import Actions, Csrf, form_fields
 from engine.bindings import workflow_named
 from engine.dashboard import DASHBOARD, Dashboard, redirect
 from engine.durations import parse_duration
 from engine.errors import (
+    CommandError,
     InvalidInputError,
     InvalidKeyError,
     NotFoldedHereError,
@@ -68,7 +69,9 @@ from engine.errors import (
     OwnerUnavailableError,
     PartitionStalledError,
     PayloadTooLargeError,
+    RerunError,
     UnknownBindingError,
+    UnknownExecutionError,
 )
 from engine.listing import Cursor
 from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
@@ -176,10 +179,14 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/executions/{{id}}/cancel", api.cancel, write=True),
         admin.route(f"{API}/partitions/{{partition:int}}/skip", api.skip, write=True),
         admin.route(f"{API}/trigger/{{binding}}", api.trigger, write=True),
+        admin.route(f"{API}/events", api.send_event, write=True),
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
         admin.route(f"{API}/workers", api.workers),
         admin.route(f"{API}/changes", api.changes),
+        admin.route(f"{API}/as-of", api.as_of),
+        admin.route(f"{API}/executions/{{id}}/rerun", api.rerun, write=True),
+        admin.route(f"{API}/rerun", api.rerun_many, write=True),
         Route(DASHBOARD, redirect),
         admin.route(f"{DASHBOARD}/", pages.index, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
@@ -554,6 +561,29 @@ class _TriggerBody(BaseModel):
 class _CancelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str | None = None
+    actor: str | None = None  # who, as the client says: kept only without an admin token
+
+
+class _RerunBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    from_step: str | None = None
+    dry_run: bool = False
+
+
+class _BulkRerunBody(_RerunBody):
+    workflow: str | None = None
+    status: str | None = None
+    since: str | int | None = None  # ISO-8601 or epoch ms
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+class _EventBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    data: Any = None
+    id: str | None = None
+    source: str | None = None
+    execution_id: str | None = None
 
 
 class _SkipBody(BaseModel):
@@ -661,8 +691,15 @@ class _Api:
         execution = await self._get(request)
         body = await _read_body(request, _CancelBody) if (await request.body()).strip() else None
         reason = body.reason if isinstance(body, _CancelBody) else None
-        cancelled = await self.engine.cancel(execution.execution_id, reason)
+        actor = self._actor(body.actor if isinstance(body, _CancelBody) else None)
+        cancelled = await self.engine.cancel(execution.execution_id, reason, actor)
         return _json(200, {"cancelled": cancelled})
+
+    def _actor(self, claimed: str | None) -> str:
+        """Who asks, for the audit trail: ``admin-token`` when a token guards the API (a
+        client cannot name itself then), else ``local:<what the client says>`` (the open
+        API answers loopback requests only)."""
+        return "admin-token" if self.token is not None else f"local:{claimed or 'unknown'}"
 
     async def trigger(self, request: Request) -> Response:
         binding = request.path_params["binding"]
@@ -687,6 +724,21 @@ class _Api:
         # answers once the view holds this trigger.
         return _json(201, {"execution_id": eid, "partition": partition,
                            "offset": self.engine.runtime.log.high_acked.get(partition)})
+
+    async def send_event(self, request: Request) -> Response:
+        """An event for waiting executions: every matching waiter, or ``execution_id`` only."""
+        body = await _read_body(request, _EventBody)
+        try:
+            sent = await self.engine.send_event(body.type, body.data, id=body.id,
+                                                source=body.source,
+                                                execution_id=body.execution_id)
+        except UnknownExecutionError as exc:
+            raise _Reject(404, {"error": str(exc)}) from None
+        except PayloadTooLargeError as exc:
+            raise _Reject(413, {"error": str(exc)}) from None
+        except (ValueError, TypeError) as exc:  # a bad type, id, or data
+            raise _Reject(422, {"error": str(exc)}) from None
+        return _json(202, sent)
 
     async def workflows(self, request: Request) -> Response:
         config = self.engine.config
@@ -719,6 +771,75 @@ class _Api:
         return StreamingResponse(_sse_changes(self.engine.runtime.changes()),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def as_of(self, request: Request) -> Response:
+        """The system as it stood at ``at`` (``engine.asof``): with ``id``, that execution and
+        its history then; else the list then (``workflow``, ``status``, ``limit``)."""
+        q = request.query_params
+        if not q.get("at"):
+            raise _Reject(422, {"error": "at: a point of the log is needed (p0:120,p1:88, an "
+                                         "offset of a one-partition topic, or a time)"})
+        status = q.get("status") or None
+        if status is not None and status not in _STATUSES:
+            raise _Reject(422, {"error": f"unknown status '{status}'", "statuses": _STATUSES})
+        workflow = q.get("workflow") or None
+        if workflow is not None:
+            workflow = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
+        limit = _int_param(q.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        try:
+            found = await asyncio.to_thread(
+                asof.answer, self.engine.runtime.log, q["at"], execution_id=q.get("id"),
+                workflow=workflow, status=status, limit=limit)
+        except CommandError as exc:
+            raise _Reject(422, {"error": str(exc)}) from None
+        if found is None:
+            raise _Reject(404, {"error": f"no execution '{q.get('id')}' as of {q['at']}"})
+        return _json(200, found)
+
+    async def rerun(self, request: Request) -> Response:
+        """A new execution replaying the source up to ``from_step``, running the rest with
+        today's code (``engine.rerun``); a dry run says what it would copy."""
+        execution = await self._get(request)
+        body = await _read_body(request, _RerunBody) if (await request.body()).strip() else None
+        asked = body if isinstance(body, _RerunBody) else _RerunBody()
+        try:
+            made = await rerun.rerun(self.engine.runtime, execution.execution_id,
+                                     asked.from_step, dry_run=asked.dry_run)
+        except RerunError as exc:  # not ended, not folded here: 409; no such step: 422
+            code = 409 if exc.steps is None else 422
+            raise _Reject(code, {"error": str(exc), "steps": exc.steps}) from None
+        assert made is not None  # _get found it
+        return _json(200 if asked.dry_run else 201, made.to_json())
+
+    async def rerun_many(self, request: Request) -> Response:
+        """Rerun every ended execution of ``workflow`` with ``status`` created since
+        ``since`` (newest first, at most ``limit``), or say which (``dry_run``)."""
+        body = await _read_body(request, _BulkRerunBody)
+        assert isinstance(body, _BulkRerunBody)
+        if body.status is not None and body.status not in _STATUSES:
+            raise _Reject(422, {"error": f"unknown status '{body.status}'",
+                                "statuses": _STATUSES})
+        workflow = body.workflow
+        if workflow is not None:
+            workflow = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
+        try:
+            since = None if body.since is None else asof.parse_time(str(body.since))
+        except CommandError as exc:
+            raise _Reject(422, {"error": f"since: {exc}"}) from None
+        sources = await rerun.select(self.engine.runtime, workflow=workflow,
+                                     status=body.status, since=since, limit=body.limit)
+        made, failed = [], []
+        for source in sources:
+            try:
+                one = await rerun.rerun(self.engine.runtime, source, body.from_step,
+                                        dry_run=body.dry_run)
+            except RerunError as exc:
+                failed.append({"source": source, "error": str(exc)})
+                continue
+            if one is not None:
+                made.append(one.to_json())
+        return _json(200 if body.dry_run else 201,
+                     {"dry_run": body.dry_run, "reruns": made, "failed": failed})
 
     async def _get(self, request: Request) -> Execution:
         eid = request.path_params["id"]

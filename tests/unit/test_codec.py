@@ -28,14 +28,20 @@ from engine.events import (
     BODY_TYPES,
     CancelRequested,
     Event,
+    EventSent,
     PartitionClaimed,
     PartitionReleased,
+    Patched,
     RecordSkipped,
+    ScheduleUpdated,
     SleepScheduled,
     StepCompleted,
     StepFailed,
+    StepResolved,
     StepStarted,
+    SubjectErased,
     TimerFired,
+    WaitStarted,
     WorkflowCancelled,
     WorkflowCompleted,
     WorkflowFailed,
@@ -65,6 +71,21 @@ EVERY_BODY = [
     PartitionClaimed(3, "host:42"),
     RecordSkipped(3, 17, "garbage from a test producer", "ops@host"),
     PartitionReleased(3, "host:42", 2),
+    WorkflowTriggered("{}", None, "parent-1", "charge", "00-abc-def-01", "src-1", 42, "user-7"),
+    WorkflowStarted("host:1", "v2"),
+    CancelRequested("ops asked", "admin"),
+    WaitStarted("payment", "payment.settled", '{"order_id":"o-1"}', 1_700_000_000_000,
+                1_700_003_600_000),
+    WaitStarted("charge", "ploy.execution.ended", '{"execution_id":"c-1"}', 5, None, "c-1",
+                False),
+    EventSent("evt-1", "payment.settled", "kafka://payments", 1_700_000_000_000,
+              '{"order_id":"o-1"}'),
+    EventSent("evt-2", "nudge", "api", 1, "null", "exec-9"),
+    Patched("new-refund-step"),
+    ScheduleUpdated("nightly", "pause", "admin", "maintenance", None),
+    StepResolved("charge", "complete", '{"ok":true}', "admin", "stuck"),
+    StepResolved("charge", "retry-now", None, "admin"),
+    SubjectErased("user-7", "admin", "GDPR request 12"),
 ]
 
 
@@ -96,7 +117,7 @@ def test_fingerprint_is_crc64_avro_of_the_canonical_form() -> None:
     from fastavro.schema import parse_schema, to_parsing_canonical_form
 
     canonical = to_parsing_canonical_form(
-        parse_schema(json.loads((schema_dir() / "event.v3.avsc").read_text()))
+        parse_schema(json.loads((schema_dir() / "event.v4.avsc").read_text()))
     ).encode()
     empty = 0xC15D213AA4D7A795
     table = []
@@ -139,20 +160,20 @@ def test_v1_events_stay_readable_by_the_current_codec(tmp_path: Path) -> None:
     event = Event("e", "w", 1, StepCompleted("s", 1, None, "{}", 1))
     assert current.decode(v1_writer.encode(event)) == event
     assert current.versions[v1_writer.writer_fingerprint] == 1
-    assert current.versions[current.writer_fingerprint] == 3
+    assert current.versions[current.writer_fingerprint] == 4
 
 
 def test_a_new_version_is_picked_up_from_the_schema_directory(tmp_path: Path) -> None:
-    latest = json.loads((schema_dir() / "event.v3.avsc").read_text())
-    (tmp_path / "event.v3.avsc").write_text(json.dumps(latest))
-    v4 = json.loads(json.dumps(latest))
-    v4["fields"].append({"name": "trace_id", "type": ["null", "string"], "default": None})
-    (tmp_path / "event.v4.avsc").write_text(json.dumps(v4))
+    latest = json.loads((schema_dir() / "event.v4.avsc").read_text())
+    (tmp_path / "event.v4.avsc").write_text(json.dumps(latest))
+    v5 = json.loads(json.dumps(latest))
+    v5["fields"].append({"name": "trace_id", "type": ["null", "string"], "default": None})
+    (tmp_path / "event.v5.avsc").write_text(json.dumps(v5))
     new = Codec(tmp_path)
     event = Event("e", "w", 1, WorkflowTriggered("{}"))
     assert new.decode(default_codec().encode(event)) == event
     assert new.decode(new.encode(event)) == event
-    assert new.versions[new.writer_fingerprint] == 4
+    assert new.versions[new.writer_fingerprint] == 5
 
 
 # -- the compiled writer and readers against fastavro ----------------------------------------
@@ -245,7 +266,7 @@ def _body_field_types(version: int) -> dict[str, list[tuple[str, Any]]]:
     return {r["name"]: [(f["name"], f["type"]) for f in r["fields"]] for r in body["type"]}
 
 
-def random_events(name: str, count: int, seed: int, version: int = 3) -> list[Event]:
+def random_events(name: str, count: int, seed: int, version: int = 4) -> list[Event]:
     """``count`` events of body type ``name`` with random field values (fixed seed)."""
     rng = random.Random(f"{seed}-{name}")
     fields = _body_field_types(version)[name]
@@ -264,7 +285,7 @@ def random_events(name: str, count: int, seed: int, version: int = 3) -> list[Ev
 
 
 def test_the_shipped_schemas_compile() -> None:
-    for version in (1, 2, 3):
+    for version in (1, 2, 3, 4):
         assert compile_writer(_parsed(version)) is not None
         assert compile_reader(_parsed(version)) is not None
     assert default_codec().compiled_writer is not None
@@ -272,7 +293,7 @@ def test_the_shipped_schemas_compile() -> None:
 
 @pytest.mark.parametrize("name", sorted(BODY_TYPES))
 def test_compiled_codec_matches_fastavro_byte_for_byte(name: str) -> None:
-    codec, schema = default_codec(), _parsed(3)
+    codec, schema = default_codec(), _parsed(4)
     for event in random_events(name, 300, seed=1):
         data = codec.encode(event)
         assert data[:HEADER_LEN] == MAGIC + codec.writer_fingerprint
@@ -312,15 +333,15 @@ def test_trailing_bytes_are_a_codec_error() -> None:
 
 
 def _envelope(body: bytes) -> bytes:
-    """A v3 record: event_id "a", execution_id "b", workflow "c", timestamp 0, epoch 0."""
+    """A v4 record: event_id "a", execution_id "b", workflow "c", timestamp 0, epoch 0."""
     return MAGIC + default_codec().writer_fingerprint + b"\x02a\x02b\x02c\x00\x00" + body
 
 
 @pytest.mark.parametrize(
     ("body", "match"),
     [
-        (b"\x1e\x02w", "union index 15 of 15"),  # one past PartitionReleased
-        (b"\x01\x02w", "union index -1 of 15"),
+        (b"\x2a\x02w", "union index 21 of 21"),  # one past SubjectErased
+        (b"\x01\x02w", "union index -1 of 21"),
         (b"\xff\xff\xff\xff\x0f", "union index"),
         (b"\x04\x02s\x02\x04", "union index 2 of 2"),  # StepStarted.input
         (b"\x04\x02s\x02\x03", "union index -2 of 2"),
@@ -387,7 +408,7 @@ def test_values_outside_the_schema_do_not_encode(body: Any, error: type[Exceptio
     with pytest.raises(error):
         default_codec().encode(event)
     with pytest.raises(error):
-        fastavro_encode(_parsed(3), event)
+        fastavro_encode(_parsed(4), event)
 
 
 @pytest.mark.parametrize("body", [
@@ -419,12 +440,12 @@ def test_v1_bytes_decode_with_the_current_codec(name: str, tmp_path: Path) -> No
         assert current.decode(header + body) == fastavro_decode(v1, body) == event
 
 
-def _with_v3(tmp_path: Path, change: Any) -> Codec:
-    latest = _raw_schema(3)
-    (tmp_path / "event.v3.avsc").write_text(json.dumps(latest))
-    v4 = json.loads(json.dumps(latest))
-    change(v4)
-    (tmp_path / "event.v4.avsc").write_text(json.dumps(v4))
+def _with_latest(tmp_path: Path, change: Any) -> Codec:
+    latest = _raw_schema(4)
+    (tmp_path / "event.v4.avsc").write_text(json.dumps(latest))
+    v5 = json.loads(json.dumps(latest))
+    change(v5)
+    (tmp_path / "event.v5.avsc").write_text(json.dumps(v5))
     return Codec(tmp_path)
 
 
@@ -432,7 +453,7 @@ def test_a_new_version_compiles_and_matches_fastavro(tmp_path: Path) -> None:
     def add_trace_id(v3: Any) -> None:
         v3["fields"].insert(2, {"name": "trace_id", "type": ["null", "string"], "default": None})
 
-    new = _with_v3(tmp_path, add_trace_id)
+    new = _with_latest(tmp_path, add_trace_id)
     assert new.compiled_writer is not None
     parsed = new.writer
     for event in random_events("StepFailed", 50, seed=6):
@@ -461,14 +482,14 @@ def _add_unknown_body(v3: Any) -> None:
 def test_a_version_the_compiler_cannot_handle_falls_back_to_fastavro(
     change: Any, tmp_path: Path
 ) -> None:
-    new = _with_v3(tmp_path, change)
+    new = _with_latest(tmp_path, change)
     assert compile_writer(new.writer) is None and compile_reader(new.writer) is None
     assert new.compiled_writer is None
     for event in random_events("StepCompleted", 20, seed=7):
         data = new.encode(event)
         assert data[HEADER_LEN:] == fastavro_encode(new.writer, event)
         assert new.decode(data) == event
-        assert new.decode(default_codec().encode(event)) == event  # v3: compiled
+        assert new.decode(default_codec().encode(event)) == event  # v4: compiled
     with pytest.raises(CodecError, match="trailing byte"):
         new.decode(data + b"\x00")
     with pytest.raises(CodecError, match="undecodable Avro body"):
