@@ -1,4 +1,4 @@
-"""What an operator does from the dashboard: cancel an execution, trigger a workflow.
+"""What an operator does from the dashboard: cancel, trigger, rerun, send an event.
 
 Each action is a plain HTML form POSTed to the server, which answers with a
 redirect to the execution (so a reload does not repeat it) or the form again
@@ -7,14 +7,16 @@ with one addition for browsers: a form carries a CSRF token (:class:`Csrf`),
 and a request with a valid token and a valid session (an open loopback server,
 or the cookie a token login set) may write without the bearer header.
 
-Every action is recorded on the log by the event it appends (the reason of a
-cancel says it came from the dashboard) and logged on ``ploy.dashboard``.
+Every action is recorded on the log by the event it appends (a cancel names
+its actor, ``dashboard:admin-token`` or ``dashboard:local``) and logged on
+``ploy.dashboard``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -23,12 +25,14 @@ from urllib.parse import parse_qsl, quote
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from engine import inputform
+from engine import inputform, rerun
 from engine.errors import (
     InvalidInputError,
     InvalidKeyError,
     PartitionStalledError,
     PayloadTooLargeError,
+    RerunError,
+    UnknownExecutionError,
 )
 
 if TYPE_CHECKING:
@@ -39,12 +43,16 @@ __all__ = ["NOTICES", "Actions", "Csrf", "form_fields"]
 
 logger = logging.getLogger("ploy.dashboard")
 
-VIA = "via dashboard"
 # What an action's redirect may tell the page (by code: the URL carries no text to show).
 NOTICES = {
-    "cancelled": ("ok", "Cancelled. The reason is recorded on the log."),
+    "cancelled": ("ok", "Cancelled. The reason and who asked are recorded on the log."),
     "not-cancelled": ("bad", "Not cancelled: the execution had already finished."),
     "triggered": ("ok", "Triggered from the dashboard."),
+    "rerun": ("ok", "A rerun of the execution this page links to as its source."),
+    "not-rerun": ("bad", "Not rerun: only an execution that has ended can be rerun, by the "
+                         "process that folds its partition, from a step it started."),
+    "event-sent": ("ok", "Event sent. A waiting step that matches it receives it once."),
+    "event-refused": ("bad", "Event not sent: its type, data (JSON) or size was refused."),
 }
 
 
@@ -91,19 +99,55 @@ class Actions:
 
     def __init__(self, engine: Engine, pages: Dashboard, csrf: Csrf):
         self.engine, self.pages, self.csrf = engine, pages, csrf
+        # Who acts, for the audit trail: a browser cannot name itself, only its way in.
+        self.actor = "dashboard:" + ("admin-token" if engine.config.http.admin_token
+                                     else "local")
 
     async def cancel(self, request: Request) -> Response:
-        """Cancel with the operator's reason, recorded as ``<reason> (via dashboard)``."""
+        """Cancel with the operator's reason, by actor ``dashboard:...``."""
         eid = request.path_params["id"]
         if await self.engine.get_execution(eid) is None:
             return self.pages.not_found(f"No execution with id {eid}.")
-        reason = (await form_fields(request)).get("reason", "").strip()
-        recorded = f"{reason} ({VIA})" if reason else VIA
-        cancelled = await self.engine.cancel(eid, recorded)
+        reason = (await form_fields(request)).get("reason", "").strip() or None
+        cancelled = await self.engine.cancel(eid, reason, self.actor)
         logger.info("execution %s: cancel from the dashboard (%s): %s", eid,
-                    "done" if cancelled else "it had already finished", recorded)
+                    "done" if cancelled else "it had already finished", reason)
         return RedirectResponse(execution_url(self.pages.base, eid,
                                               "cancelled" if cancelled else "not-cancelled"), 303)
+
+    async def rerun(self, request: Request) -> Response:
+        """Rerun an ended execution from a step (``engine.rerun``); open the rerun."""
+        eid = request.path_params["id"]
+        step = (await form_fields(request)).get("from_step", "") or None
+        try:
+            made = await rerun.rerun(self.engine.runtime, eid, step)
+        except RerunError as exc:
+            logger.info("execution %s: rerun from the dashboard refused: %s", eid, exc)
+            return RedirectResponse(execution_url(self.pages.base, eid, "not-rerun"), 303)
+        if made is None or made.execution_id is None:
+            return self.pages.not_found(f"No execution with id {eid}.")
+        logger.info("execution %s: rerun from the dashboard as %s (from step %s)", eid,
+                    made.execution_id, made.from_step)
+        return RedirectResponse(execution_url(self.pages.base, made.execution_id, "rerun"), 303)
+
+    async def send_event(self, request: Request) -> Response:
+        """Send an event (type and JSON data) to this execution's waits, or to every
+        matching waiter when the form says so."""
+        eid = request.path_params["id"]
+        form = await form_fields(request)
+        target = None if form.get("broadcast") else eid
+        try:
+            data = json.loads(form.get("data") or "null")
+            sent = await self.engine.send_event(form.get("type", "").strip(), data,
+                                                source="dashboard", execution_id=target)
+        except UnknownExecutionError:
+            return self.pages.not_found(f"No execution with id {eid}.")
+        except (ValueError, TypeError, PayloadTooLargeError) as exc:
+            logger.info("execution %s: event from the dashboard refused: %s", eid, exc)
+            return RedirectResponse(execution_url(self.pages.base, eid, "event-refused"), 303)
+        logger.info("execution %s: event %s sent from the dashboard (%s)", eid, sent.get("id"),
+                    "to every waiter" if target is None else "to it")
+        return RedirectResponse(execution_url(self.pages.base, eid, "event-sent"), 303)
 
     async def trigger_form(self, request: Request) -> Response:
         """The form generated from the binding's workflow input schema."""

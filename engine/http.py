@@ -191,6 +191,8 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{DASHBOARD}/", pages.index, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}/cancel", actions.cancel, form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/rerun", actions.rerun, form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/send-event", actions.send_event, form=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}/history.jsonl", pages.history_download,
                     page=True),
         admin.route(f"{DASHBOARD}/workflows", pages.workflows, page=True),

@@ -77,6 +77,13 @@ async def hostile(ctx: Any) -> None:
     await ctx.step.run(HOSTILE, explode, retries=1)
 
 
+@app.workflow("payment")
+async def payment(ctx: Any) -> Any:
+    event = await ctx.step.wait_for_event("paid", type="payment.received",
+                                          match={"order": ctx.input["order"]}, timeout="1h")
+    return None if event is None else event.data
+
+
 worker = app.build()
 
 
@@ -84,7 +91,7 @@ worker = app.build()
 async def engine(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Engine]:
     config = engine_config(kafka, unique_prefix("dash-operator"), tmp_path_factory.mktemp("state"),
                            workflow={"ORDER": "order", "OVERNIGHT": "overnight",
-                                     "HOSTILE": "hostile"},
+                                     "HOSTILE": "hostile", "PAYMENT": "payment"},
                            backoff={"initial_ms": 10})
     async with running_engine(worker, config) as eng:
         yield eng
@@ -212,12 +219,47 @@ async def test_cancel_with_a_reason_from_the_page(
         await page.get_by_test_id("cancel-confirm").click()
         await expect(page.get_by_test_id("notice")).to_contain_text("Cancelled")
         await expect(page.get_by_test_id("execution-status")).to_have_text("cancelled")
-        await expect(page.get_by_test_id("cancel-reason")).to_have_text(
-            "customer <b>asked</b> (via dashboard)")
+        await expect(page.get_by_test_id("cancel-reason")).to_have_text("customer <b>asked</b>")
+        await expect(page.get_by_test_id("cancel-actor")).to_have_text("dashboard:local")
         await expect(page.get_by_test_id("cancel")).to_have_count(0)
         await screenshot(page, "operator-cancelled")
     execution = await wait_for_status(engine, eid, "cancelled")
-    assert execution.cancel_reason == "customer <b>asked</b> (via dashboard)"
+    assert execution.cancel_reason == "customer <b>asked</b>"
+    assert execution.cancel_actor == "dashboard:local"
+
+
+async def test_rerun_from_a_step_from_the_page(
+        engine: Engine, base: str, browser: Browser) -> None:
+    source = await run_order(engine, "again")
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/executions/{source}")
+        await page.get_by_test_id("rerun").locator("summary").click()
+        await page.get_by_test_id("rerun-step").select_option("price")
+        await page.get_by_test_id("rerun-confirm").click()
+        await expect(page.get_by_test_id("notice")).to_contain_text("rerun")
+        await expect(page.get_by_test_id("rerun-of")).to_have_text(source[:12])
+        await expect(page.get_by_test_id("execution-status")).to_have_text("completed",
+                                                                         timeout=10_000)
+        assert page.url.split("/executions/")[1].split("?")[0] != source
+        await screenshot(page, "operator-rerun")
+
+
+async def test_send_an_event_to_a_waiting_execution_from_the_page(
+        engine: Engine, base: str, browser: Browser) -> None:
+    eid = (await engine.env.PAYMENT.trigger({"order": "o-9"}))["execution_id"]
+    await wait_for_status(engine, eid, "waiting")
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/executions/{eid}")
+        await expect(page.get_by_test_id("waiting-for")).to_contain_text("payment.received")
+        await page.get_by_test_id("send-event").locator("summary").click()
+        await expect(page.get_by_test_id("event-type")).to_have_value("payment.received")
+        await page.get_by_test_id("event-data").fill('{"order": "o-9", "amount": 7}')
+        await page.get_by_test_id("event-send").click()
+        await expect(page.get_by_test_id("notice")).to_contain_text("Event sent")
+        await expect(page.get_by_test_id("execution-status")).to_have_text("completed",
+                                                                         timeout=10_000)
+        await expect(page.get_by_test_id("execution-output")).to_contain_text('"amount": 7')
+        await screenshot(page, "operator-event-sent")
 
 
 async def test_trigger_from_the_generated_form_shows_errors_by_field(
@@ -310,7 +352,7 @@ async def test_the_workflows_and_workers_pages(
         order_hour = page.locator('[data-testid="workflow"][data-workflow="order"] '
                                   '[data-testid="activity"][data-window="last hour"]')
         assert int(await order_hour.get_attribute("data-total") or 0) >= 1
-        await expect(page.locator('[data-testid="trigger-link"]')).to_have_count(3)
+        await expect(page.locator('[data-testid="trigger-link"]')).to_have_count(4)
         await screenshot(page, "operator-workflows")
 
         await page.goto(f"{base}/__ploy/workers")
