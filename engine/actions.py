@@ -52,7 +52,8 @@ NOTICES = {
     "not-rerun": ("bad", "Not rerun: only an execution that has ended can be rerun, by the "
                          "process that folds its partition, from a step it started."),
     "event-sent": ("ok", "Event sent. A waiting step that matches it receives it once."),
-    "event-refused": ("bad", "Event not sent: its type, data (JSON) or size was refused."),
+    "event-refused": ("bad", "Event not sent: its type, id, data (JSON) or size was refused."),
+    "event-unknown": ("bad", "Event not sent: no execution has that id."),
 }
 
 
@@ -137,17 +138,37 @@ class Actions:
         form = await form_fields(request)
         target = None if form.get("broadcast") else eid
         try:
-            data = json.loads(form.get("data") or "null")
-            sent = await self.engine.send_event(form.get("type", "").strip(), data,
-                                                source="dashboard", execution_id=target)
+            await self._send(form, target)
         except UnknownExecutionError:
             return self.pages.not_found(f"No execution with id {eid}.")
-        except (ValueError, TypeError, PayloadTooLargeError) as exc:
-            logger.info("execution %s: event from the dashboard refused: %s", eid, exc)
+        except (ValueError, TypeError, PayloadTooLargeError):
             return RedirectResponse(execution_url(self.pages.base, eid, "event-refused"), 303)
-        logger.info("execution %s: event %s sent from the dashboard (%s)", eid, sent.get("id"),
-                    "to every waiter" if target is None else "to it")
         return RedirectResponse(execution_url(self.pages.base, eid, "event-sent"), 303)
+
+    async def send_any_event(self, request: Request) -> Response:
+        """The Events page's form: to every matching waiter, or to the execution named."""
+        form = await form_fields(request)
+        target = form.get("execution_id", "").strip() or None
+        try:
+            await self._send(form, target)
+        except UnknownExecutionError:
+            return RedirectResponse(f"{self.pages.base}/events?notice=event-unknown", 303)
+        except (ValueError, TypeError, PayloadTooLargeError):
+            return RedirectResponse(f"{self.pages.base}/events?notice=event-refused", 303)
+        return RedirectResponse(f"{self.pages.base}/events?notice=event-sent", 303)
+
+    async def _send(self, form: dict[str, str], target: str | None) -> None:
+        """``Engine.send_event`` with the form's type, JSON data and id (source: dashboard)."""
+        try:
+            data = json.loads(form.get("data") or "null")
+            sent = await self.engine.send_event(form.get("type", "").strip(), data,
+                                                id=form.get("id", "").strip() or None,
+                                                source="dashboard", execution_id=target)
+        except (ValueError, TypeError, PayloadTooLargeError) as exc:
+            logger.info("event from the dashboard refused: %s", exc)
+            raise
+        logger.info("event %s sent from the dashboard to %s", sent.get("id"),
+                    target or "every matching waiter")
 
     async def trigger_form(self, request: Request) -> Response:
         """The form generated from the binding's workflow input schema."""

@@ -151,10 +151,12 @@ class Dashboard:
     async def detail(self, request: Request) -> Response:
         """One execution: what it is doing or did, how long each part took, why it failed."""
         eid = request.path_params["id"]
-        execution = await self.engine.get_execution(eid)
-        if execution is None:
+        # The history first: the execution read after it is as new or newer, so the
+        # stream from the history's last offset brings whatever the page is missing.
+        history = await self.engine.history(eid)
+        execution = None if history is None else await self.engine.get_execution(eid)
+        if history is None or execution is None:
             return self.not_found(f"No execution with id {eid}.")
-        history = await self.engine.history(eid) or []
         now = self.engine.runtime.clock.now()
         origin = history[0].timestamp if history else execution.created_at
         return self.render(
@@ -206,6 +208,15 @@ class Dashboard:
         return self.render("workers.html", report=report, health=self.engine.health(),
                            title="Workers and partitions", nav="Workers",
                            live={"live": True, "refresh_ms": REFRESH_MS})
+
+
+    async def events(self, request: Request) -> Response:
+        """Send an event to waiting executions; what each partition did with events so far."""
+        report = await self.engine.workers()
+        return self.render("events.html", report=report, csrf=self.csrf.token(request),
+                           notice=NOTICES.get(request.query_params.get("notice", "")),
+                           title="Events", nav="Events",
+                           live={"live": False, "refresh_ms": 0})
 
 
 def _elapsed(execution: Execution | ExecutionSummary, now: int) -> int | None:

@@ -197,6 +197,8 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
                     page=True),
         admin.route(f"{DASHBOARD}/workflows", pages.workflows, page=True),
         admin.route(f"{DASHBOARD}/workers", pages.workers, page=True),
+        admin.route(f"{DASHBOARD}/events", pages.events, page=True),
+        admin.route(f"{DASHBOARD}/events", actions.send_any_event, form=True),
         admin.route(f"{DASHBOARD}/workflows/{{binding}}/trigger", actions.trigger_form, page=True),
         admin.route(f"{DASHBOARD}/workflows/{{binding}}/trigger", actions.trigger, form=True),
     ]

@@ -403,3 +403,18 @@ async def test_hostile_text_never_runs_and_the_csp_blocks_other_scripts(
         assert errors == []
     finally:
         await context.close()
+
+
+async def test_the_events_page_sends_to_every_matching_waiter(
+        engine: Engine, base: str, browser: Browser) -> None:
+    eid = (await engine.env.PAYMENT.trigger({"order": "o-10"}))["execution_id"]
+    await wait_for_status(engine, eid, "waiting")
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/events")
+        await page.get_by_test_id("event-type").fill("payment.received")
+        await page.get_by_test_id("event-data").fill('{"order": "o-10", "amount": 1}')
+        await page.get_by_test_id("event-send").click()
+        await expect(page.get_by_test_id("notice")).to_contain_text("Event sent")
+        await screenshot(page, "operator-events")
+    assert (await wait_for_status(engine, eid, "completed")).output == {"order": "o-10",
+                                                                         "amount": 1}
