@@ -75,6 +75,11 @@ async def test_a_cross_site_or_tokenless_form_post_is_refused(engine: Engine) ->
                                data={"f.customer": "x", "f.quantity": "1"},
                                headers={"Origin": ORIGIN})
         assert trigger.status_code == 403
+        for path in (f"/__ploy/executions/{eid}/rerun", f"/__ploy/executions/{eid}/send-event",
+                     "/__ploy/events"):  # every form route: no token, no write
+            for headers in ({"Origin": ORIGIN}, {"Origin": "https://evil.example"}):
+                refused = await c.post(path, data={"type": "x"}, headers=headers)
+                assert refused.status_code == 403, (path, headers)
         assert (await engine.get_execution(eid)).status.value == "sleeping"  # type: ignore[union-attr]
         assert await engine.list_executions(workflow="order") == []
 
