@@ -89,6 +89,7 @@ user_log = logging.getLogger("ploy.workflow")  # what the terminal of `ploy dev`
 
 ID_NAMESPACE = uuid.UUID("6f1c1d1e-9a43-4b8e-9a55-3e1f0c2b7d10")
 RUNNABLE = (ExecutionStatus.QUEUED.value, ExecutionStatus.RUNNING.value)
+RESERVED_EVENT_PREFIX = "ploy."  # event types only the engine sends (CHILD_ENDED)
 
 
 class Runtime(Queries):
@@ -551,6 +552,9 @@ class Runtime(Queries):
         partition, where each matching waiter receives it once. ``id`` makes a repeat a
         no-op (default: a new random id). Bad input raises before anything is appended."""
         check_event_type(event_type)
+        if event_type.startswith(RESERVED_EVENT_PREFIX):
+            raise ValueError(f"event type {event_type!r}: types starting with "
+                             f"'{RESERVED_EVENT_PREFIX}' are the engine's own (a child's end)")
         event_id = uuid.uuid4().hex if id is None else id
         source = source or "api"
         for what, value in (("event id", event_id), ("event source", source)):

@@ -231,6 +231,7 @@ async def test_bad_events_are_refused_and_nothing_is_appended(engine: Engine) ->
             ({"type": "t", "data": {}, "execution_id": "nope"}, 404),
             ({"type": "t", "data": "x" * 2_000_000}, 413),
             ({"type": "t\u0000x"}, 422),
+            ({"type": "ploy.execution.ended", "data": {"execution_id": "x"}}, 422),
         ]:
             response = await c.post("/__ploy/api/events", json=body)
             assert response.status_code == code, (body, response.text)
