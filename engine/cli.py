@@ -287,6 +287,30 @@ def _configure_logging(level: str) -> None:
                         datefmt="%H:%M:%S")
 
 
+class _DashboardLinks(logging.Filter):
+    """Ends each ``ploy.workflow`` line about an execution that failed or was cancelled
+    with that execution's dashboard URL, so the terminal of ``ploy dev`` links to it."""
+
+    def __init__(self, base: str):
+        super().__init__()
+        self.base = base
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        eid = getattr(record, "ended_execution", None)
+        if isinstance(eid, str):
+            record.msg = f"{record.getMessage()}  {self.base}/__ploy/executions/{quote(eid)}"
+            record.args = ()
+        return True
+
+
+def _link_dashboard(base: str) -> None:
+    """Install :class:`_DashboardLinks` for ``base`` (in place of an earlier run's)."""
+    workflow_log = logging.getLogger("ploy.workflow")
+    for old in [f for f in workflow_log.filters if isinstance(f, _DashboardLinks)]:
+        workflow_log.removeFilter(old)
+    workflow_log.addFilter(_DashboardLinks(base))
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """Bind the HTTP socket before anything starts, so a taken port fails fast and clearly."""
     try:
@@ -375,6 +399,7 @@ class _Run:
             lines.append(f"  app        {base}/")
             if admin_enabled(config.http.host, config.http.admin_token):
                 lines.append(f"  dashboard  {base}/__ploy/")
+                _link_dashboard(base)
                 lines.append(f"  api        {base}{API}/")
             else:
                 lines.append("  dashboard  off: a non-loopback address needs PLOY_ADMIN_TOKEN")

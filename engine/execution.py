@@ -372,10 +372,13 @@ class ExecutionRunner:
         except (Suspend, Shutdown):
             return None
         except Cancelled:
+            user_log.warning("[%s %s] cancelled: %s", self.workflow.name, self.id,
+                             self.cancel_reason or "no reason given",
+                             extra={"ended_execution": self.id})
             return WorkflowCancelled(self.cancel_reason)
         except Exception as exc:
             user_log.error("[%s %s] failed: %s: %s", self.workflow.name, self.id,
-                           type(exc).__name__, exc)
+                           type(exc).__name__, exc, extra={"ended_execution": self.id})
             return WorkflowFailed(*error_fields(exc))
 
     def _input(self) -> Any:

@@ -56,6 +56,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import asof, payloads, rerun
+from engine.actions import Actions, Csrf, form_fields
 from engine.bindings import workflow_named
 from engine.dashboard import DASHBOARD, Dashboard, redirect
 from engine.durations import parse_duration
@@ -164,9 +165,11 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
             and dashboard are served without a token (default ``config.http.host``).
     """
     http = engine.config.http
-    admin = _Admin(http.host if host is None else host, http.admin_token)
+    csrf = Csrf(COOKIE)
+    admin = _Admin(http.host if host is None else host, http.admin_token, csrf=csrf)
     api = _Api(engine, http.admin_token)
-    pages = Dashboard(engine)
+    pages = Dashboard(engine, csrf)
+    actions = Actions(engine, pages, csrf)
     routes: list[BaseRoute] = [
         admin.route(f"{API}/executions", api.executions),
         admin.route(f"{API}/executions/{{id}}", api.execution),
@@ -180,12 +183,24 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
         admin.route(f"{API}/workers", api.workers),
+        admin.route(f"{API}/changes", api.changes),
         admin.route(f"{API}/as-of", api.as_of),
         admin.route(f"{API}/executions/{{id}}/rerun", api.rerun, write=True),
         admin.route(f"{API}/rerun", api.rerun_many, write=True),
         Route(DASHBOARD, redirect),
         admin.route(f"{DASHBOARD}/", pages.index, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/cancel", actions.cancel, form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/rerun", actions.rerun, form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/send-event", actions.send_event, form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/history.jsonl", pages.history_download,
+                    page=True),
+        admin.route(f"{DASHBOARD}/workflows", pages.workflows, page=True),
+        admin.route(f"{DASHBOARD}/workers", pages.workers, page=True),
+        admin.route(f"{DASHBOARD}/events", pages.events, page=True),
+        admin.route(f"{DASHBOARD}/events", actions.send_any_event, form=True),
+        admin.route(f"{DASHBOARD}/workflows/{{binding}}/trigger", actions.trigger_form, page=True),
+        admin.route(f"{DASHBOARD}/workflows/{{binding}}/trigger", actions.trigger, form=True),
     ]
     for route in engine.worker.routes:
         path = starlette_path(route.path)
@@ -423,21 +438,27 @@ async def _read_body(request: Request, model: type[BaseModel] | None) -> Any:
 class _Admin:
     """Decides who may use the engine API and the dashboard (module docstring)."""
 
-    def __init__(self, host: str, token: str | None):
+    def __init__(self, host: str, token: str | None, *, csrf: Csrf | None = None):
         self.host, self.token = host, token or None
+        self.csrf = csrf or Csrf(COOKIE)
         self.enabled = admin_enabled(host, self.token)
         # The cookie holds a digest of the token, never the token itself.
         self.cookie = None if self.token is None else hmac.new(
             self.token.encode(), b"ploy-dashboard", hashlib.sha256).hexdigest()
 
     def route(self, path: str, handler: Endpoint, *, write: bool = False,
-              page: bool = False) -> Route:
-        """A Route running ``handler`` behind this guard, with errors answered as JSON."""
+              page: bool = False, form: bool = False) -> Route:
+        """A Route running ``handler`` behind this guard, with errors answered as JSON.
+
+        ``form``: a dashboard form's POST (see :meth:`refuse_form`).
+        """
+        write = write or form
 
         async def endpoint(request: Request) -> Response:
             if page and "token" in request.query_params:
                 return self._login(request)
-            refused = self.refuse(request, write=write)
+            refused = (await self.refuse_form(request)) if form else self.refuse(request,
+                                                                                 write=write)
             if refused is not None:
                 return refused
             try:
@@ -479,6 +500,30 @@ class _Admin:
         return _json(401, {"error": "unauthorized: send 'Authorization: Bearer <PLOY_ADMIN_TOKEN>'"
                                     f" (or open {DASHBOARD}/?token=<token> once in a browser)"},
                      headers={"WWW-Authenticate": 'Bearer realm="ploy"'})
+
+    async def refuse_form(self, request: Request) -> Response | None:
+        """The answer refusing a dashboard form's POST, or None to let it through.
+
+        The bearer header admits it as any write. A browser has no bearer: its form
+        must carry this process's CSRF token (``engine.actions.Csrf``), and then its
+        session admits it as a read would be, except that it may not come from
+        another site: an open loopback server, or the cookie of a token login.
+        """
+        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+        if self.token is not None and scheme.lower() == "bearer" and _same(supplied.strip(),
+                                                                          self.token):
+            return None
+        if not self.enabled or _cross_site(request):
+            return self.refuse(request, write=True)
+        fields = await form_fields(request)
+        if not self.csrf.valid(request, fields.get(self.csrf.FIELD, "")):
+            return _json(403, {"error": "the form's CSRF token is missing or stale: reload the "
+                                        "dashboard page and submit again"})
+        cookie = request.cookies.get(COOKIE)
+        if self.token is not None and cookie is not None and self.cookie and _same(cookie,
+                                                                                   self.cookie):
+            return None
+        return self.refuse(request, write=True)
 
     def _login(self, request: Request) -> Response:
         """``?token=``: keep it in a cookie, then show the page without it in the URL."""
@@ -723,6 +768,14 @@ class _Api:
         """Who runs each partition (its claim on the log) and how far behind it is."""
         return _json(200, await self.engine.workers())
 
+    async def changes(self, request: Request) -> Response:
+        """Server-Sent Events: ``{"executions": [id, ...]}`` each time the fold here
+        changes executions (a burst in one event), so a list can refresh when, and only
+        when, something changed. Partitions folded by another process are not seen."""
+        return StreamingResponse(_sse_changes(self.engine.runtime.changes()),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
     async def as_of(self, request: Request) -> Response:
         """The system as it stood at ``at`` (``engine.asof``): with ``id``, that execution and
         its history then; else the list then (``workflow``, ``status``, ``limit``)."""
@@ -824,7 +877,29 @@ async def _sse(entries: AsyncGenerator[HistoryEntry, None]) -> AsyncIterator[byt
     finally:
         if pending is not None:
             pending.cancel()
+            await asyncio.wait({pending})  # the generator ends (its finally) before aclose
         await entries.aclose()
+
+
+async def _sse_changes(changes: AsyncGenerator[list[str], None]) -> AsyncIterator[bytes]:
+    """Changed ids as Server-Sent Events; a comment every 15 s keeps proxies open."""
+    pending: asyncio.Task[list[str]] | None = None
+    try:
+        yield b": listening\n\n"  # the browser's EventSource opens now, not at the first change
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(changes.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=15)
+            if not done:
+                yield b": keep-alive\n\n"
+                continue
+            ids, pending = pending.result(), None
+            yield payloads.utf8(f"data: {json.dumps({'executions': ids})}\n\n")
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait({pending})  # the generator ends (its finally) before aclose
+        await changes.aclose()
 
 
 def _wait_param(raw: str | None) -> float:

@@ -79,12 +79,13 @@ from engine.log import EventLog
 from engine.models import ExecutionStatus
 from engine.ownership import Ownership
 from engine.partitions import Applied, Partitions
-from engine.queries import Queries, Seen
+from engine.queries import ChangeFeed, Queries, Seen
 from engine.threads import StepThreads
 from engine.timers import TimerSchedule
 from engine.view import PartitionView
 
 logger = logging.getLogger("ploy.runtime")
+user_log = logging.getLogger("ploy.workflow")  # what the terminal of `ploy dev` shows
 
 ID_NAMESPACE = uuid.UUID("6f1c1d1e-9a43-4b8e-9a55-3e1f0c2b7d10")
 RUNNABLE = (ExecutionStatus.QUEUED.value, ExecutionStatus.RUNNING.value)
@@ -122,6 +123,7 @@ class Runtime(Queries):
         self._tasks: set[asyncio.Task[None]] = set()
         # Who waits on an execution's events (a result, a stream): fed by the fold.
         self._watchers: dict[str, list[asyncio.Queue[Seen]]] = {}
+        self._listers: list[ChangeFeed] = []  # live lists (queries.Queries.changes)
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
         self._fired_here: set[tuple[str, str]] = set()  # woken here; skip its TimerFired
@@ -288,6 +290,7 @@ class Runtime(Queries):
     def _on_applied(self, partition: int, applied: Applied) -> None:
         """On the event loop: start what the fold made runnable, pass cancels on."""
         self.timers.on_folded(partition, applied)
+        self._tell_listers(applied)
         for offset, event in applied:
             watchers = self._watchers.get(event.execution_id)
             if watchers:
@@ -450,6 +453,9 @@ class Runtime(Queries):
             return  # its owner records the end
         record = self.views[partition].record(eid)
         if record is not None and record["status"] == ExecutionStatus.CANCELLED.value:
+            user_log.warning("[%s %s] cancelled: %s", record["workflow"], eid,
+                             record.get("cancel_reason") or "no reason given",
+                             extra={"ended_execution": eid})  # the ploy dev terminal shows it
             self._cancel_children(eid, partition)
             end = WorkflowCancelled(record.get("cancel_reason"))
             self._spawn(self._record_end(record, end), f"ploy-end-{eid}")
