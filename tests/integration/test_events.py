@@ -368,3 +368,27 @@ async def test_the_order_events_example(kafka: str, topic_prefix: str, state_dir
             # A payment sent before its order existed predates the order: not received.
             early = (await c.post("/orders", json={"order_id": "o-2", "amount": 5})).json()
             await _waiting(engine, early["execution_id"])
+
+
+async def test_the_dashboard_links_parent_and_child_and_shows_what_a_wait_received(
+        engine: Engine) -> None:
+    parent = await engine.env.PARENT.trigger({"kids": [{"n": 1}]})
+    assert await parent.result(timeout=30) == {"sum": 10}
+    execution = await engine.get_execution(parent.execution_id)
+    assert execution is not None
+    [child_id] = [s.child_id for s in execution.steps if s.kind == "invoke"]
+    assert child_id is not None
+    order = await engine.env.ORDER.trigger({"order_id": "dash-1"})
+    await _waiting(engine, order.execution_id)
+    transport = httpx.ASGITransport(app=create_app(engine))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8787") as c:
+        page = (await c.get(f"/__ploy/executions/{parent.execution_id}")).text
+        assert f'href="/__ploy/executions/{child_id}" data-testid="child-link"' in page
+        page = (await c.get(f"/__ploy/executions/{child_id}")).text
+        assert f'href="/__ploy/executions/{parent.execution_id}"' in page and "Started by" in page
+        page = (await c.get(f"/__ploy/executions/{order.execution_id}")).text
+        assert 'data-testid="waiting-for"' in page and "payment.settled" in page
+        await engine.send_event("payment.settled", {"order_id": "dash-1", "amount": 4})
+        await order.result(timeout=20)
+        page = (await c.get(f"/__ploy/executions/{order.execution_id}")).text
+        assert 'data-testid="step-output"' in page and "dash-1" in page
