@@ -1,4 +1,5 @@
-"""What an operator does from the dashboard: cancel, trigger, rerun, send an event.
+"""What an operator does from the dashboard: cancel, trigger, rerun, send an event, complete a
+stuck step, retry a step now.
 
 Each action is a plain HTML form POSTed to the server, which answers with a
 redirect to the execution (so a reload does not repeat it) or the form again
@@ -54,6 +55,10 @@ NOTICES = {
     "event-sent": ("ok", "Event sent. A waiting step that matches it receives it once."),
     "event-refused": ("bad", "Event not sent: its type, id, data (JSON) or size was refused."),
     "event-unknown": ("bad", "Event not sent: no execution has that id."),
+    "step-completed": ("ok", "The step is completed with your output; the execution goes on."),
+    "retry-now": ("ok", "The step's backoff wait is over: its next attempt starts now."),
+    "step-refused": ("bad", "Not done: a reason is required, the output must be JSON, and "
+                            "the step must still be running (or retrying, for retry now)."),
 }
 
 
@@ -144,6 +149,31 @@ class Actions:
         except (ValueError, TypeError, PayloadTooLargeError):
             return RedirectResponse(execution_url(self.pages.base, eid, "event-refused"), 303)
         return RedirectResponse(execution_url(self.pages.base, eid, "event-sent"), 303)
+
+    async def complete_step(self, request: Request) -> Response:
+        """Complete a stuck step with the operator's JSON output and reason."""
+        return await self._resolve(request, "complete")
+
+    async def retry_now(self, request: Request) -> Response:
+        """End a retrying step's backoff wait, with the operator's reason."""
+        return await self._resolve(request, "retry-now")
+
+    async def _resolve(self, request: Request, action: str) -> Response:
+        eid = request.path_params["id"]
+        form = await form_fields(request)
+        step = form.get("step", "")
+        try:
+            output = json.loads(form.get("output") or "null") if action == "complete" else None
+            await self.engine.resolve_step(eid, step, action, output=output,
+                                           reason=form.get("reason", ""), actor=self.actor)
+        except UnknownExecutionError:
+            return self.pages.not_found(f"No execution with id {eid}.")
+        except (ValueError, TypeError, PayloadTooLargeError) as exc:
+            logger.info("execution %s: %s of step %s refused: %s", eid, action, step, exc)
+            return RedirectResponse(execution_url(self.pages.base, eid, "step-refused"), 303)
+        logger.info("execution %s: %s of step %s from the dashboard", eid, action, step)
+        notice = "step-completed" if action == "complete" else "retry-now"
+        return RedirectResponse(execution_url(self.pages.base, eid, notice), 303)
 
     async def send_any_event(self, request: Request) -> Response:
         """The Events page's form: to every matching waiter, or to the execution named."""

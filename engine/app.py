@@ -224,6 +224,13 @@ class Engine:
         already finished."""
         return await self.runtime.cancel(execution_id, reason, actor)
 
+    async def resolve_step(self, execution_id: str, step: str, action: str, *,
+                           output: Any = None, reason: str, actor: str) -> bool:
+        """An operator completes a stuck step with ``output`` (``"complete"``) or ends its
+        backoff wait (``"retry-now"``), with who and why. See ``Runtime.resolve_step``."""
+        return await self.runtime.resolve_step(execution_id, step, action, output=output,
+                                               reason=reason, actor=actor)
+
     async def send_event(self, event_type: str, data: Any = None, *, id: str | None = None,
                          source: str | None = None,
                          execution_id: str | None = None) -> dict[str, Any]:

@@ -190,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="why (kept on the log with who asked)")
     _add_client(p)
 
+    p = command("complete-step", _cmd_complete_step, "complete a stuck (running or retrying) "
+                "step with an output you give; the execution goes on with it")
+    p.add_argument("id", metavar="ID", help="execution id")
+    p.add_argument("step", metavar="STEP", help="the step's key, as ploy status shows it")
+    p.add_argument("--output", default="null", metavar="JSON",
+                   help="the step's output as JSON, @FILE, or - for stdin (default: null)")
+    p.add_argument("--reason", required=True, help="why (kept on the log with who asked)")
+    _add_client(p)
+
+    p = command("retry-now", _cmd_retry_now, "end a retrying step's backoff wait: its next "
+                "attempt starts now")
+    p.add_argument("id", metavar="ID", help="execution id")
+    p.add_argument("step", metavar="STEP", help="the step's key, as ploy status shows it")
+    p.add_argument("--reason", required=True, help="why (kept on the log with who asked)")
+    _add_client(p)
+
     p = command("workers", _cmd_workers, "each partition's worker (its claim on the log), "
                 "epoch and lag")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
@@ -604,6 +620,30 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_complete_step(args: argparse.Namespace) -> int:
+    output = _read_input(args.output, "--output")
+    return _resolve_step(args, "complete-step", {"output": output})
+
+
+def _cmd_retry_now(args: argparse.Namespace) -> int:
+    return _resolve_step(args, "retry-now", {})
+
+
+def _resolve_step(args: argparse.Namespace, route: str, extra: dict[str, Any]) -> int:
+    from engine.skips import operator
+
+    client = _client(args)
+    body = {"step": args.step, "reason": args.reason, "actor": operator(), **extra}
+    status, payload = client.call("POST", f"/executions/{quote(args.id)}/{route}", body)
+    if status == 404:
+        raise CommandError(f"no execution '{args.id}' at {client.url}")
+    if status >= 400:
+        raise CommandError(error_message(payload))
+    done = "done" if payload.get("resolved") else "not taken (the step ended meanwhile)"
+    print(terminal_safe(f"{route} {args.id} step {args.step}: {done}"))
+    return 0
+
+
 def _cmd_skip(args: argparse.Namespace) -> int:
     from engine.skips import operator
 
@@ -739,6 +779,9 @@ def _step_detail(step: dict[str, Any]) -> str:
     if kind == "wait":
         got = step.get("output")
         return f"event {got['id']}" if isinstance(got, dict) else ""
+    resolved = step.get("resolved")
+    if resolved:
+        return f"{resolved['action']} by {resolved['actor']}: {resolved.get('reason') or ''}"
     return _error(step.get("error")) if step.get("error") else ""
 
 

@@ -91,6 +91,14 @@ class Cancelled(BaseException):  # noqa: N818
     """A cancel was requested; no further step starts."""
 
 
+class _OperatorCompleted(Exception):  # noqa: N818 - a signal inside _step
+    """An operator completed the step in flight (``StepResolved``): its output, as JSON."""
+
+    def __init__(self, output: str):
+        super().__init__(output)
+        self.output = output
+
+
 class Shutdown(BaseException):  # noqa: N818
     """The worker is stopping; the execution resumes elsewhere or on restart."""
 
@@ -244,6 +252,11 @@ class ExecutionRunner:
         self.sleeps = {s["key"]: s for s in steps if s["kind"] == "sleep"}
         self.waits = {s["key"]: s for s in steps if s["kind"] in WAIT_KINDS}
         self._opening = 0  # waits being opened (parallel invokes): the run ends after them
+        # Operator actions on steps in flight (StepResolved, once folded): step key -> output
+        # JSON of a completed one; keys whose backoff wait ends now; the task of each call.
+        self._operator_outputs: dict[str, str] = {}
+        self._retry_now: set[str] = set()
+        self._calls: dict[str, asyncio.Task[Any]] = {}
         self._opened = asyncio.Event()
         # Log lines are keyed by where they were logged, so a replay records none twice
         # and drops none (a completed step's function does not run on replay).
@@ -425,8 +438,10 @@ class ExecutionRunner:
             attempt = self._resume_attempt(key, recorded)
             retry_at = recorded["attempts"][-1]["retry_at"] if recorded["attempts"] else None
             if retry_at is not None:
-                await self._wait_until(retry_at)  # the backoff is durable: a restart keeps it
+                await self._wait_until(retry_at, key)  # durable: a restart keeps it
         while True:
+            if key in self._operator_outputs:
+                return json.loads(self._operator_outputs[key])
             started_at = self.runtime.clock.now()
             self._append_nowait(StepStarted(key, attempt, input_json))
             token = _IN_STEP.set((self, key, attempt))
@@ -434,6 +449,9 @@ class ExecutionRunner:
                 value = await self._call(key, fn, timeout_ms)
                 output = to_json(value, f"the result of step '{key}'")
                 self._check_size(f"the result of step '{key}'", output)
+            except _OperatorCompleted as done:  # the fold has it: nothing to append
+                _IN_STEP.reset(token)
+                return json.loads(done.output)
             except Exception as exc:
                 _IN_STEP.reset(token)
                 final = attempt > limit or isinstance(
@@ -451,7 +469,7 @@ class ExecutionRunner:
                 if final:
                     raise StepFailedError(key, attempt, type(exc).__name__, str(exc)) from exc
                 assert retry_at is not None
-                await self._wait_until(retry_at)
+                await self._wait_until(retry_at, key)
                 attempt += 1
                 continue
             _IN_STEP.reset(token)
@@ -475,12 +493,35 @@ class ExecutionRunner:
             work: Any = fn()
         else:
             work = self._in_thread(fn)
-        if timeout_ms is None:
-            return await work
+        task = asyncio.current_task()
+        if task is not None:
+            self._calls[key] = task  # an operator's completion cancels the call here
         try:
-            return await asyncio.wait_for(work, timeout_ms / 1000)
-        except TimeoutError:
-            raise StepTimeoutError(key, timeout_ms) from None
+            if timeout_ms is None:
+                return await work
+            try:
+                return await asyncio.wait_for(work, timeout_ms / 1000)
+            except TimeoutError:
+                raise StepTimeoutError(key, timeout_ms) from None
+        except asyncio.CancelledError:
+            output = self._operator_outputs.get(key)
+            if output is None or task is None:
+                raise
+            task.uncancel()  # the attempt is abandoned (a thread finishes on its own)
+            raise _OperatorCompleted(output) from None
+        finally:
+            self._calls.pop(key, None)
+
+    def resolve(self, key: str, action: str, output: str | None) -> None:
+        """An operator's ``StepResolved`` was folded: complete the step in flight with
+        ``output`` (its call is abandoned), or end its backoff wait now."""
+        if action == "complete" and output is not None:
+            self._operator_outputs[key] = output
+            task = self._calls.get(key)
+            if task is not None:
+                task.cancel()
+        elif action == "retry-now":
+            self._retry_now.add(key)
 
     async def _in_thread(self, fn: Callable[[], Any]) -> Any:
         value = await self.runtime.threads.call(fn)
@@ -492,12 +533,15 @@ class ExecutionRunner:
         b = self.runtime.config.backoff
         return backoff_ms(attempt, b.initial_ms, b.max_ms, b.multiplier)
 
-    async def _wait_until(self, at_ms: int) -> None:
-        """Wait for a retry (cancel and shutdown end the wait early)."""
+    async def _wait_until(self, at_ms: int, key: str) -> None:
+        """Wait for a retry (cancel, shutdown and an operator's action end the wait early)."""
         while True:
             await self._checkpoint()
             delay = (at_ms - self.runtime.clock.now()) / 1000
-            if delay <= 0:
+            if delay <= 0 or key in self._operator_outputs:
+                return
+            if key in self._retry_now:
+                self._retry_now.discard(key)
                 return
             try:
                 await asyncio.wait_for(self.cancel_requested.wait(), min(delay, 0.25))

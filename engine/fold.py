@@ -428,6 +428,29 @@ def _step_failed(tx: Tx, ex: Record, event: Event) -> None:
     tx.put(step_key, step)
 
 
+def _step_resolved(tx: Tx, ex: Record, event: Event) -> None:
+    """An operator completed a running or retrying step with an output, or ended its
+    backoff wait (the next attempt is due now). Anything else (a finished execution, a
+    step that already ended) changes nothing: the event stays in the history."""
+    body = event.body
+    assert isinstance(body, StepResolved)
+    step_key = keys.step(ex["id"], body.step)
+    step = tx.get(step_key)
+    if ex["status"] in TERMINAL or step is None or step["status"] not in (RUNNING, "retrying"):
+        return
+    resolved = {"action": body.action, "actor": body.actor, "reason": body.reason,
+                "at": event.timestamp}
+    if body.action == "complete" and body.output is not None:
+        step.update(status="completed", output=body.output, ended_at=event.timestamp,
+                    error=None, resolved=resolved)
+    elif body.action == "retry-now" and step["status"] == "retrying" and step["attempts"]:
+        step["attempts"][-1]["retry_at"] = event.timestamp
+        step["resolved"] = resolved
+    else:
+        return
+    tx.put(step_key, step)
+
+
 def _sleep_scheduled(tx: Tx, ex: Record, event: Event) -> None:
     body = event.body
     assert isinstance(body, SleepScheduled)
@@ -531,5 +554,5 @@ _FOLDS: dict[type, Callable[[Tx, Record, Event], None]] = {
     WorkflowFailed: _failed,
     WaitStarted: waits.wait_started,
     Patched: lambda tx, ex, event: None,  # kept in the history (engine.versioning reads it)
-    StepResolved: lambda tx, ex, event: None,  # kept in the history
+    StepResolved: lambda tx, ex, event: _step_resolved(tx, ex, event),
 }

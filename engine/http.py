@@ -180,6 +180,8 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/partitions/{{partition:int}}/skip", api.skip, write=True),
         admin.route(f"{API}/trigger/{{binding}}", api.trigger, write=True),
         admin.route(f"{API}/events", api.send_event, write=True),
+        admin.route(f"{API}/executions/{{id}}/complete-step", api.complete_step, write=True),
+        admin.route(f"{API}/executions/{{id}}/retry-now", api.retry_now, write=True),
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
         admin.route(f"{API}/workers", api.workers),
@@ -193,6 +195,9 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{DASHBOARD}/executions/{{id}}/cancel", actions.cancel, form=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}/rerun", actions.rerun, form=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}/send-event", actions.send_event, form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/complete-step", actions.complete_step,
+                    form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/retry-now", actions.retry_now, form=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}/history.jsonl", pages.history_download,
                     page=True),
         admin.route(f"{DASHBOARD}/workflows", pages.workflows, page=True),
@@ -568,6 +573,14 @@ class _CancelBody(BaseModel):
     actor: str | None = None  # who, as the client says: kept only without an admin token
 
 
+class _StepBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step: str
+    reason: str
+    output: Any = None
+    actor: str | None = None  # who, as the client says: kept only without an admin token
+
+
 class _RerunBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     from_step: str | None = None
@@ -698,6 +711,28 @@ class _Api:
         actor = self._actor(body.actor if isinstance(body, _CancelBody) else None)
         cancelled = await self.engine.cancel(execution.execution_id, reason, actor)
         return _json(200, {"cancelled": cancelled})
+
+    async def complete_step(self, request: Request) -> Response:
+        """Complete a running or retrying step with the operator's output (skip it)."""
+        return await self._resolve(request, "complete")
+
+    async def retry_now(self, request: Request) -> Response:
+        """End a retrying step's backoff wait: its next attempt starts now."""
+        return await self._resolve(request, "retry-now")
+
+    async def _resolve(self, request: Request, action: str) -> Response:
+        execution = await self._get(request)
+        body = await _read_body(request, _StepBody)
+        try:
+            done = await self.engine.resolve_step(
+                execution.execution_id, body.step, action, output=body.output,
+                reason=body.reason, actor=self._actor(body.actor))
+        except PayloadTooLargeError as exc:
+            raise _Reject(413, {"error": str(exc)}) from None
+        except ValueError as exc:
+            code = 422 if "reason" in str(exc) or "unknown step action" in str(exc) else 409
+            raise _Reject(code, {"error": str(exc)}) from None
+        return _json(200, {"resolved": done, "step": body.step, "action": action})
 
     def _actor(self, claimed: str | None) -> str:
         """Who asks, for the audit trail: ``admin-token`` when a token guards the API (a

@@ -84,6 +84,9 @@ class StepRecord(BaseModel):
     duration_ms: int | None = None
     wake_at: int | None = None
     child_id: str | None = None
+    resolved: dict[str, Any] | None = None
+    """An operator's action on the step: ``{action, actor, reason, at}`` (``complete``: its
+    output is the operator's; ``retry-now``: its backoff wait was ended)."""
 
 
 class WaitInfo(BaseModel):

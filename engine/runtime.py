@@ -59,6 +59,7 @@ from engine.events import (
     Event,
     EventSent,
     RecordSkipped,
+    StepResolved,
     TimerFired,
     WaitStarted,
     WorkflowCancelled,
@@ -306,6 +307,20 @@ class Runtime(Queries):
                 self._maybe_start(event.execution_id)  # (a wait its event ended: runnable)
             elif isinstance(body, CancelRequested):
                 self._on_cancel(event.execution_id)
+            elif isinstance(body, StepResolved):
+                self._on_resolved(partition, event.execution_id, body)
+
+    def _on_resolved(self, partition: int, eid: str, body: StepResolved) -> None:
+        """Pass an operator's action the fold took on to the step's runner, if it runs here
+        (else the next replay reads it from the view)."""
+        runner = self.runners.get(eid)
+        if runner is None:
+            return
+        step = self.views[partition].step(eid, body.step)
+        resolved = None if step is None else step.get("resolved")
+        if resolved is not None and resolved["action"] == body.action and (
+                body.action != "complete" or step["output"] == body.output):  # type: ignore[index]
+            runner.resolve(body.step, body.action, body.output)
 
     def _resume(self, partition: int) -> None:
         """Start every unfinished execution of a partition this process now runs
@@ -647,6 +662,45 @@ class Runtime(Queries):
         after = await self._record(execution_id)
         return after is not None and after["status"] == ExecutionStatus.CANCELLED.value and (
             after["ended_at"] is not None and after["cancel_reason"] == reason)
+
+    async def resolve_step(self, execution_id: str, step: str, action: str, *,
+                           output: Any = None, reason: str, actor: str) -> bool:
+        """An operator completes a running or retrying step with ``output`` (``action``
+        "complete": a stuck step is skipped, its call abandoned) or ends its backoff wait
+        (``"retry-now"``). Appends ``StepResolved`` with who and why; True if the fold took
+        it (False: the step had ended meanwhile).
+
+        Raises:
+            UnknownExecutionError: no such execution.
+            ValueError: no reason, an unknown action, or a step not in a state for it.
+        """
+        if action not in ("complete", "retry-now"):
+            raise ValueError(f"unknown step action {action!r}: complete or retry-now")
+        if not reason or not reason.strip():
+            raise ValueError("a reason is required (it is kept on the log for the audit)")
+        execution = await self.get_execution(execution_id)
+        if execution is None:
+            raise UnknownExecutionError(execution_id)
+        current = next((s for s in execution.steps if s.kind == "step" and s.key == step), None)
+        wanted = ("running", "retrying") if action == "complete" else ("retrying",)
+        if execution.status.terminal or current is None or current.status not in wanted:
+            state = "no such step" if current is None else f"step is {current.status}"
+            raise ValueError(f"cannot {action} step '{step}' of {execution_id}: {state}, "
+                             f"execution is {execution.status.value} (needs a "
+                             f"{' or '.join(wanted)} step of an unfinished execution)")
+        text = None
+        if action == "complete":
+            text = to_json(output, f"the output of step '{step}'")
+            payloads.check(text, f"the output of step '{step}'", self.config.max_payload_bytes)
+        _, offset = await self.log.append(Event(
+            execution_id, execution.workflow, self.clock.now(),
+            StepResolved(step, action, text, actor, reason.strip())))
+        after = await self.get_execution(execution_id, min_offset=offset)
+        done = next((s for s in after.steps if s.key == step), None) if after else None
+        return done is not None and (done.status == "completed" if action == "complete"
+                                     else bool(done.attempts) and
+                                     done.attempts[-1].retry_at is not None and
+                                     done.attempts[-1].retry_at <= self.clock.now())
 
     async def skip(self, partition: int, offset: int, reason: str, actor: str) -> int:
         """Append the marker that skips the corrupt record ``partition`` is stopped at

@@ -207,6 +207,11 @@ class PartitionView:
         items = self.db.items(from_key=from_key or prefix, read_opt=bound)
         yield from cast(Iterator[tuple[bytes, bytes]], iter(items))
 
+    def step(self, eid: str, key: str) -> dict[str, Any] | None:
+        """One step record (kind ``step``), or None."""
+        raw = self.db.get(keys.step(eid, key))
+        return None if raw is None else cast(dict[str, Any], json.loads(raw))
+
     def steps(self, eid: str) -> list[dict[str, Any]]:
         """Step and sleep records of an execution, in the order they began."""
         found = [json.loads(v) for _, v in self._scan(keys.prefix_of(keys.STEP, eid))]
@@ -403,7 +408,7 @@ def _step_record(rec: dict[str, Any]) -> StepRecord:
         input=loads(rec["input"]), output=loads(rec["output"]),
         error=ErrorInfo(**rec["error"]) if rec["error"] else None, attempts=attempts,
         started_at=rec["started_at"], ended_at=rec["ended_at"],
-        duration_ms=_duration(rec["started_at"], rec["ended_at"]),
+        duration_ms=_duration(rec["started_at"], rec["ended_at"]), resolved=rec.get("resolved"),
     )
 
 

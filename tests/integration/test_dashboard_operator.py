@@ -84,6 +84,14 @@ async def payment(ctx: Any) -> Any:
     return None if event is None else event.data
 
 
+@app.workflow("stuck")
+async def stuck(ctx: Any) -> Any:
+    async def forever() -> Any:
+        await asyncio.sleep(3600)
+
+    return await ctx.step.run("hang", forever)
+
+
 worker = app.build()
 
 
@@ -91,7 +99,8 @@ worker = app.build()
 async def engine(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Engine]:
     config = engine_config(kafka, unique_prefix("dash-operator"), tmp_path_factory.mktemp("state"),
                            workflow={"ORDER": "order", "OVERNIGHT": "overnight",
-                                     "HOSTILE": "hostile", "PAYMENT": "payment"},
+                                     "HOSTILE": "hostile", "PAYMENT": "payment",
+                                     "STUCK": "stuck"},
                            backoff={"initial_ms": 10})
     async with running_engine(worker, config) as eng:
         yield eng
@@ -228,6 +237,28 @@ async def test_cancel_with_a_reason_from_the_page(
     assert execution.cancel_actor == "dashboard:local"
 
 
+async def test_complete_a_stuck_step_from_the_page(
+        engine: Engine, base: str, browser: Browser) -> None:
+    eid = (await engine.env.STUCK.trigger({}))["execution_id"]
+    await wait_for_status(engine, eid, "running")
+    async with open_page(browser) as page:
+        await page.goto(f"{base}/__ploy/executions/{eid}")
+        await page.get_by_test_id("complete-step").locator("summary").click()
+        await page.get_by_test_id("complete-step-key").select_option("hang")
+        await page.get_by_test_id("complete-step-output").fill('{"skipped": true}')
+        await page.get_by_test_id("complete-step-reason").fill("the provider is down")
+        await page.get_by_test_id("complete-step-confirm").click()
+        await expect(page.get_by_test_id("notice")).to_contain_text("completed with your output")
+        await expect(page.get_by_test_id("execution-status")).to_have_text("completed",
+                                                                           timeout=10_000)
+        await page.reload()
+        await expect(page.get_by_test_id("step-resolved")).to_have_text(
+            "completed by dashboard:local: the provider is down")
+        await screenshot(page, "operator-step-completed")
+    execution = await wait_for_status(engine, eid, "completed")
+    assert execution.output == {"skipped": True}
+
+
 async def test_rerun_from_a_step_from_the_page(
         engine: Engine, base: str, browser: Browser) -> None:
     source = await run_order(engine, "again")
@@ -352,7 +383,7 @@ async def test_the_workflows_and_workers_pages(
         order_hour = page.locator('[data-testid="workflow"][data-workflow="order"] '
                                   '[data-testid="activity"][data-window="last hour"]')
         assert int(await order_hour.get_attribute("data-total") or 0) >= 1
-        await expect(page.locator('[data-testid="trigger-link"]')).to_have_count(4)
+        await expect(page.locator('[data-testid="trigger-link"]')).to_have_count(5)
         await screenshot(page, "operator-workflows")
 
         await page.goto(f"{base}/__ploy/workers")

@@ -76,6 +76,8 @@ async def test_a_cross_site_or_tokenless_form_post_is_refused(engine: Engine) ->
                                headers={"Origin": ORIGIN})
         assert trigger.status_code == 403
         for path in (f"/__ploy/executions/{eid}/rerun", f"/__ploy/executions/{eid}/send-event",
+                     f"/__ploy/executions/{eid}/complete-step",
+                     f"/__ploy/executions/{eid}/retry-now",
                      "/__ploy/events"):  # every form route: no token, no write
             for headers in ({"Origin": ORIGIN}, {"Origin": "https://evil.example"}):
                 refused = await c.post(path, data={"type": "x"}, headers=headers)
