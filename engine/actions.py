@@ -124,9 +124,11 @@ class Actions:
     async def rerun(self, request: Request) -> Response:
         """Rerun an ended execution from a step (``engine.rerun``); open the rerun."""
         eid = request.path_params["id"]
-        step = (await form_fields(request)).get("from_step", "") or None
+        form = await form_fields(request)
+        step = form.get("from_step", "") or None
         try:
-            made = await rerun.rerun(self.engine.runtime, eid, step)
+            made = await rerun.rerun(self.engine.runtime, eid, step, actor=self.actor,
+                                     reason=form.get("reason", "").strip() or None)
         except RerunError as exc:
             logger.info("execution %s: rerun from the dashboard refused: %s", eid, exc)
             return RedirectResponse(execution_url(self.pages.base, eid, "not-rerun"), 303)

@@ -112,6 +112,7 @@ def _add_rerun(commands: Any) -> None:
     p.add_argument("--limit", type=int, default=1000, metavar="N", help="bulk: at most N "
                    "(default: 1000)")
     p.add_argument("--dry-run", action="store_true", help="say what would be rerun, do nothing")
+    p.add_argument("--reason", help="why (kept on the log with who asked)")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     _add_client(p)
     p.set_defaults(run=_cmd_rerun)
@@ -239,7 +240,10 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
         raise CommandError("ploy rerun takes an execution ID or a selection "
                            "(--workflow, --status, --since), not both")
     client = _client(args)
-    body: dict[str, Any] = {"from_step": args.from_step, "dry_run": args.dry_run}
+    from engine.skips import operator
+
+    body: dict[str, Any] = {"from_step": args.from_step, "dry_run": args.dry_run,
+                            "reason": args.reason, "actor": operator()}
     if bulk:
         body.update(workflow=args.workflow, status=args.status, since=args.since,
                     limit=args.limit)

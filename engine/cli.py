@@ -762,8 +762,10 @@ def _links(ex: dict[str, Any]) -> list[str]:
         until = f" until {_iso(wait['until'])}" if wait.get("until") else ""
         lines.append(f"waiting    {wait['step']}: {what}{until}")
     if ex.get("rerun_of"):
+        by = (f", by {ex['rerun_actor']}" + (f": {ex['rerun_reason']}" if ex.get("rerun_reason")
+                                             else "")) if ex.get("rerun_actor") else ""
         lines.append(f"rerun of   {ex['rerun_of']} (its events before offset "
-                     f"{ex.get('rerun_offset')} replayed)")
+                     f"{ex.get('rerun_offset')} replayed{by})")
     if ex.get("reruns"):
         lines.append(f"reruns     {', '.join(ex['reruns'])}")
     return lines

@@ -24,6 +24,8 @@ class WorkflowTriggered:
     rerun_of: str | None = None  # lineage of a rerun (v4)
     rerun_offset: int | None = None
     subject: str | None = None  # the data subject whose key encrypts its payloads (v4)
+    actor: str | None = None  # who asked, for an operator's trigger: a rerun (v4)
+    reason: str | None = None  # ... and why
     NAME: ClassVar[str] = "WorkflowTriggered"
 
 

@@ -261,6 +261,8 @@ def _rerun_begins(tx: Tx, ex: Record, body: WorkflowTriggered, offset: int) -> N
     """Rule 8: a rerun records its source, is held while its copy is appended, and is
     listed among its source's reruns."""
     ex.update(rerun_of=body.rerun_of, rerun_offset=body.rerun_offset, held=True)
+    if body.actor is not None:  # who asked and why (written only when known)
+        ex.update(rerun_actor=body.actor, rerun_reason=body.reason)
     tx.put_raw(keys.rerun(body.rerun_of or "", offset), ex["id"].encode())
 
 

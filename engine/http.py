@@ -585,6 +585,8 @@ class _RerunBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     from_step: str | None = None
     dry_run: bool = False
+    reason: str | None = None
+    actor: str | None = None  # who, as the client says: kept only without an admin token
 
 
 class _BulkRerunBody(_RerunBody):
@@ -843,7 +845,8 @@ class _Api:
         asked = body if isinstance(body, _RerunBody) else _RerunBody()
         try:
             made = await rerun.rerun(self.engine.runtime, execution.execution_id,
-                                     asked.from_step, dry_run=asked.dry_run)
+                                     asked.from_step, dry_run=asked.dry_run,
+                                     actor=self._actor(asked.actor), reason=asked.reason)
         except RerunError as exc:  # not ended, not folded here: 409; no such step: 422
             code = 409 if exc.steps is None else 422
             raise _Reject(code, {"error": str(exc), "steps": exc.steps}) from None
@@ -871,7 +874,8 @@ class _Api:
         for source in sources:
             try:
                 one = await rerun.rerun(self.engine.runtime, source, body.from_step,
-                                        dry_run=body.dry_run)
+                                        dry_run=body.dry_run, actor=self._actor(body.actor),
+                                        reason=body.reason)
             except RerunError as exc:
                 failed.append({"source": source, "error": str(exc)})
                 continue

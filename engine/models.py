@@ -162,6 +162,9 @@ class Execution(BaseModel):
     """The execution this one reruns (``ploy rerun``), whose events before ``rerun_offset``
     (the source's offset of the step it reruns from) it began with."""
     rerun_offset: int | None = None
+    rerun_actor: str | None = None
+    """Who started the rerun, and why (``rerun_reason``)."""
+    rerun_reason: str | None = None
     reruns: list[str] = []
     """The reruns of this execution, oldest first."""
 

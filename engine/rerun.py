@@ -115,7 +115,8 @@ def colocated_id(runtime: Runtime, source: str) -> str:
 
 
 async def rerun(runtime: Runtime, source: str, from_step: str | None = None, *,
-                dry_run: bool = False) -> Rerun | None:
+                dry_run: bool = False, actor: str | None = None,
+                reason: str | None = None) -> Rerun | None:
     """Rerun ``source`` from ``from_step`` (the module docstring's protocol).
 
     Returns:
@@ -142,7 +143,8 @@ async def rerun(runtime: Runtime, source: str, from_step: str | None = None, *,
     # Step 3.
     eid = colocated_id(runtime, source)
     trigger = history[0].body
-    body = WorkflowTriggered(trigger["input"], rerun_of=source, rerun_offset=cut)
+    body = WorkflowTriggered(trigger["input"], rerun_of=source, rerun_offset=cut, actor=actor,
+                             reason=reason)
     workflow = record.workflow
     # Step 4.
     await runtime.log.append(Event(eid, workflow, runtime.clock.now(), body,

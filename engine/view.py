@@ -344,6 +344,8 @@ def build_execution(view: PartitionView, eid: str) -> Execution | None:
         cancel_actor=ex.get("cancel_actor"),
         rerun_of=ex.get("rerun_of"),
         rerun_offset=ex.get("rerun_offset"),
+        rerun_actor=ex.get("rerun_actor"),
+        rerun_reason=ex.get("rerun_reason"),
         reruns=view.reruns(eid),
     )
 

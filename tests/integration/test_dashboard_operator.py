@@ -266,9 +266,12 @@ async def test_rerun_from_a_step_from_the_page(
         await page.goto(f"{base}/__ploy/executions/{source}")
         await page.get_by_test_id("rerun").locator("summary").click()
         await page.get_by_test_id("rerun-step").select_option("price")
+        await page.get_by_test_id("rerun-reason").fill("price table fixed")
         await page.get_by_test_id("rerun-confirm").click()
         await expect(page.get_by_test_id("notice")).to_contain_text("rerun")
         await expect(page.get_by_test_id("rerun-of")).to_have_text(source[:12])
+        await expect(page.get_by_test_id("rerun-actor")).to_have_text(
+            "by dashboard:local: price table fixed")
         await expect(page.get_by_test_id("execution-status")).to_have_text("completed",
                                                                          timeout=10_000)
         assert page.url.split("/executions/")[1].split("?")[0] != source

@@ -69,7 +69,7 @@ async def test_rerun_from_the_third_of_five_steps_after_a_fix(
 
         fleet.broken = False  # the fix is deployed
         code, out, err = await ploy_cli(capsys, "rerun", source, "--from-step", "s3",
-                                        "--url", url, "--json")
+                                        "--url", url, "--json", "--reason", "s3 is fixed")
         assert code == 0, err
         (made,) = json.loads(out)["reruns"]
         rerun = await wait_for_status(engine, made["execution_id"])
@@ -87,6 +87,9 @@ async def test_rerun_from_the_third_of_five_steps_after_a_fix(
         replayed = await engine.runtime.history(rerun.execution_id) or []
         assert replayed[0].type == "WorkflowTriggered"
         assert replayed[0].body["rerun_of"] == source
+        assert replayed[0].body["reason"] == "s3 is fixed"
+        assert rerun.rerun_actor is not None and rerun.rerun_actor.startswith("local:")
+        assert rerun.rerun_reason == "s3 is fixed"
         assert [e.body["step"] for e in replayed if e.type == "StepCompleted"] == list(STEPS)
         code, out, _ = await ploy_cli(capsys, "status", source, "--url", url)
         assert f"reruns     {rerun.execution_id}" in out
