@@ -18,6 +18,7 @@ decided by the guard in ``engine.http``, which mounts them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -29,9 +30,10 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from engine import payloads, tracebacks
+from engine import asof, payloads, tracebacks
 from engine.actions import NOTICES, Csrf
 from engine.bindings import workflow_named
+from engine.errors import CommandError
 from engine.listing import Cursor
 from engine.models import (
     Execution,
@@ -113,6 +115,9 @@ class Dashboard:
         """The executions, newest first: filtered, counted, a page at a time (cursor in the URL)."""
         now = self.engine.runtime.clock.now()
         filters = Filters.from_query(request.query_params, _statuses(), now)
+        at = request.query_params.get("as_of", "").strip()
+        if at:
+            return await self._index_as_of(filters, at, now)
         found = await self._find(filters, request.query_params.get("before", ""))
         older = None if found.next is None else filters.query(before=str(found.next))
         return self.render(
@@ -121,6 +126,31 @@ class Dashboard:
             statuses=_statuses(), last_choices=LAST, older=older,
             paged="before" in request.query_params, newest=filters.query(),
             live=self._live_list(), title="Executions", nav="Executions")
+
+    async def _index_as_of(self, filters: Filters, at: str, now: int) -> Response:
+        """The newest executions (of a workflow, a status) as they stood at a point of the
+        log (``engine.asof``): read-only, not live."""
+        log = self.engine.runtime.log
+        named = workflow_named(filters.workflow, self.engine.env, self.engine.worker.workflows)
+
+        def read() -> list[ExecutionSummary]:
+            with asof.as_of(log, asof.parse_point(log, at)) as view:
+                page = view.page(workflow=named or None, status=filters.status or None,
+                                 limit=PAGE_SIZE)
+                return [ExecutionSummary.of(e) for e in page.executions]
+
+        try:
+            executions = await asyncio.to_thread(read)
+        except CommandError as exc:
+            return self.not_found(f"Not a point of the log: {exc}")
+        return self.render(
+            "executions.html", rows=[summary_json(s, now) for s in executions],
+            found=Found(executions, None, len(executions), len(executions) < PAGE_SIZE),
+            filters=filters, workflows=sorted(self.engine.worker.workflows),
+            statuses=_statuses(), last_choices=LAST, older=None, paged=False,
+            newest=filters.query(), as_of=at, live={"live": False, "refresh_ms": REFRESH_MS,
+                                                     "stream": None},
+            title=f"Executions as of {at}", nav="Executions")
 
     def _live_list(self) -> dict[str, Any]:
         """How a list page keeps up: pushed by the fold where this process folds every
@@ -149,8 +179,12 @@ class Dashboard:
                           before=before, limit=PAGE_SIZE)
 
     async def detail(self, request: Request) -> Response:
-        """One execution: what it is doing or did, how long each part took, why it failed."""
+        """One execution: what it is doing or did, how long each part took, why it failed.
+        With ``as_of`` (a point of the log, ``p3:120``, or a time): as it stood then."""
         eid = request.path_params["id"]
+        at = request.query_params.get("as_of", "").strip()
+        if at:
+            return await self._detail_as_of(eid, at)
         # The history first: the execution read after it is as new or newer, so the
         # stream from the history's last offset brings whatever the page is missing.
         history = await self.engine.history(eid)
@@ -171,6 +205,31 @@ class Dashboard:
                   "stream": f"{DASHBOARD}/api/executions/{execution.execution_id}/events"
                             f"?after={history[-1].offset if history else -1}"},
             title=f"{execution.workflow} · {execution.execution_id[:12]}")
+
+    async def _detail_as_of(self, eid: str, at: str) -> Response:
+        """The execution page as of a point: its partition's log folded into a scratch view
+        through that point (``engine.asof``); read-only, not live."""
+        log = self.engine.runtime.log
+
+        def read() -> tuple[Execution | None, list[HistoryEntry]]:
+            point = asof.parse_point(log, at)
+            with asof.as_of(log, point) as view:
+                return view.execution(eid), view.history(eid) or []
+
+        try:
+            execution, history = await asyncio.to_thread(read)
+        except CommandError as exc:
+            return self.not_found(f"Not a point of the log: {exc}")
+        if execution is None:
+            return self.not_found(f"No execution {eid} as of {at}: it did not exist yet.")
+        end = history[-1].timestamp if history else execution.updated_at
+        origin = history[0].timestamp if history else execution.created_at
+        return self.render(
+            "execution.html", ex=execution, elapsed_ms=_elapsed(execution, end), notice=None,
+            csrf="", timeline=timeline(execution, end), traces=_traces(execution),
+            events=[_event_row(e, origin) for e in history], as_of=at,
+            live={"live": False, "refresh_ms": REFRESH_MS, "stream": None},
+            title=f"{execution.workflow} · {execution.execution_id[:12]} as of {at}")
 
     async def history_download(self, request: Request) -> Response:
         """The execution's events as JSON lines, one history entry a line, as on the log."""

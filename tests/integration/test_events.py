@@ -392,3 +392,19 @@ async def test_the_dashboard_links_parent_and_child_and_shows_what_a_wait_receiv
         await order.result(timeout=20)
         page = (await c.get(f"/__ploy/executions/{order.execution_id}")).text
         assert 'data-testid="step-output"' in page and "dash-1" in page
+        # Click an event of the history: the execution as it stood after it.
+        history = await engine.history(order.execution_id)
+        assert history is not None
+        wait = next(e for e in history if e.type == "WaitStarted")
+        link = f"as_of=p{wait.partition}%3A{wait.offset}"
+        assert link in page
+        then = (await c.get(f"/__ploy/executions/{order.execution_id}?{link}")).text
+        assert 'data-testid="as-of"' in then and 'data-status="waiting"' in then
+        assert "Cancel this execution" not in then  # as of a point: read-only
+        listed = (await c.get(f"/__ploy/?{link}")).text
+        assert 'data-testid="as-of"' in listed and order.execution_id in listed
+        assert "Not a point of the log" in (await c.get("/__ploy/?as_of=yesterday")).text
+        if history[0].offset > 0:  # a point before its trigger
+            before = (await c.get(f"/__ploy/executions/{order.execution_id}"
+                                  f"?as_of=p{wait.partition}:{history[0].offset - 1}")).text
+            assert "did not exist yet" in before
