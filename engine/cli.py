@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the workflow input as JSON, @FILE, or - for stdin (default: {})")
     p.add_argument("--idempotency-key", metavar="K",
                    help="the same key gives the same execution")
+    p.add_argument("--subject", metavar="S", help="the data subject (a user id) whose key "
+                   "seals the execution's payloads; 'ploy erase S' makes them unreadable")
     _add_client(p)
 
     p = command("send-event", _cmd_send_event, "send an event to the executions waiting for "
@@ -481,7 +483,7 @@ def _read_input(text: str, source: str = "--input") -> Any:
 def _cmd_trigger(args: argparse.Namespace) -> int:
     value = _read_input(args.input)  # before any network: bad JSON costs nothing
     client = _client(args)
-    body = {"input": value, "idempotency_key": args.idempotency_key}
+    body = {"input": value, "idempotency_key": args.idempotency_key, "subject": args.subject}
     status, payload = client.call("POST", f"/trigger/{quote(args.binding)}", body)
     if status == 404:
         known = payload.get("bindings") if isinstance(payload, dict) else None

@@ -237,6 +237,14 @@ SINK_KINDS: dict[str, type[BaseModel]] = {
 }
 
 
+class ErasureConfig(BaseModel):
+    """Where the keys of data subjects live (``engine.erasure``): every worker must see
+    the same directory (a shared volume). Default ``<state_dir>/keys``."""
+
+    model_config = _MODEL
+    key_dir: str | None = Field(default=None, min_length=1)
+
+
 class Config(BaseModel):
     """Everything configurable, validated and frozen. Build it with :func:`load_config`."""
 
@@ -259,6 +267,7 @@ class Config(BaseModel):
     standby: bool = False
     sources: list[SourceConfig] = Field(default_factory=list)
     sinks: list[Sink] = Field(default_factory=list)
+    erasure: ErasureConfig = Field(default_factory=ErasureConfig)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
@@ -327,6 +336,13 @@ class Config(BaseModel):
         retries = self.workflow[binding].retries if binding is not None else None
         return self.retries if retries is None else retries
 
+    @property
+    def key_dir(self) -> Path:
+        """The key store's directory (a relative ``erasure.key_dir`` is under root)."""
+        if self.erasure.key_dir is None:
+            return self.state_dir / "keys"
+        return self.root / self.erasure.key_dir  # an absolute key_dir stays as is
+
     def line_of(self, key: str) -> int | None:
         """Return the ploy.yaml line of a dotted key (or of its nearest parent), if known."""
         while key:
@@ -349,6 +365,7 @@ ENV_VARS: dict[str, tuple[str, bool]] = {
     "PLOY_ADVERTISED_URL": ("http.advertised_url", False),
     "PLOY_RETRIES": ("retries", True),
     "PLOY_MAIN": ("main", False),
+    "PLOY_KEY_DIR": ("erasure.key_dir", False),
 }
 
 

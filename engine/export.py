@@ -33,6 +33,7 @@ from fastavro.write import Writer
 from connectors.kafka import Batch, make_producer
 from engine.asof import offsets_at
 from engine.codec import Codec
+from engine.erasure import KeyStore, reveal_fields
 from engine.errors import CodecError, CorruptEventError, ExportError
 from engine.events import BODY_TYPES, Event
 from engine.log import EventLog
@@ -129,8 +130,13 @@ class _File:
 
 def export_log(log: EventLog, out: Path, fmt: str = "avro", *, workflow: str | None = None,
                since: int | None = None, until: int | None = None,
-               on_progress: Progress | None = None) -> Exported:
+               on_progress: Progress | None = None, keys: KeyStore | None = None) -> Exported:
     """Write the events of ``log`` selected by workflow and time into ``out``.
+
+    Payloads sealed with a data subject's key (``engine.erasure``) stay sealed, as on
+    the log, unless ``keys`` is given: a readable export, whose sealed payloads are
+    opened (``[erased]`` once their key is gone). Such an export is a copy of
+    personal data that a later ``ploy erase`` cannot reach.
 
     1. Refuse an ``out`` that already holds an export (nothing is overwritten).
     2. Start each partition at ``since`` (the broker's offsets_for_times: no
@@ -163,7 +169,7 @@ def export_log(log: EventLog, out: Path, fmt: str = "avro", *, workflow: str | N
                 for offset, raw in records:
                     event = _decode(log, p, offset, raw)
                     if _selected(event, workflow, since, until):
-                        files[p].write(to_row(p, offset, event))
+                        files[p].write(_readable(to_row(p, offset, event), keys))
                 done += len(records)
             if on_progress is not None:
                 on_progress(done, max(done, total))
@@ -175,6 +181,12 @@ def export_log(log: EventLog, out: Path, fmt: str = "avro", *, workflow: str | N
                         workflow, since, until)
     (out / MANIFEST).write_text(json.dumps(asdict(exported), indent=2) + "\n", encoding="utf-8")
     return exported
+
+
+def _readable(row: dict[str, Any], keys: KeyStore | None) -> dict[str, Any]:
+    if keys is None:
+        return row
+    return {**row, "body": reveal_fields(keys, row["execution_id"], row["type"], row["body"])}
 
 
 def _decode(log: EventLog, partition: int, offset: int, raw: bytes) -> Event:

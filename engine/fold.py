@@ -322,6 +322,9 @@ def new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Reco
         "cancel_reason": None,
         "parent_id": body.parent_id,
         "parent_step": body.parent_step,
+        # engine.erasure: only executions with a subject have the key (older views stay
+        # byte-identical on a rebuild)
+        **({} if body.subject is None else {"subject": body.subject}),
     }
 
 

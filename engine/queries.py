@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from engine.directory import Directory
+from engine.erasure import KeyStore, reveal_entry, reveal_execution, reveal_history, reveal_summary
 from engine.errors import NotFoldedHereError, OwnerUnavailableError
 from engine.events import (
     CancelRequested,
@@ -41,6 +42,7 @@ class Queries:
     log: EventLog
     partitions: Partitions
     directory: Directory | None
+    key_store: KeyStore  # opens data subjects' sealed payloads for every answer
     _watchers: dict[str, list[asyncio.Queue[Seen]]]
 
     # -- queries: here if this process folds the partition, else at its owner ------------
@@ -83,7 +85,8 @@ class Queries:
         partition = self.log.partition_for(execution_id)
         view = await self._local_view(partition, min_offset)
         if view is not None:
-            return await asyncio.to_thread(build_execution, view, execution_id)
+            return await asyncio.to_thread(
+                lambda: reveal_execution(self.key_store, build_execution(view, execution_id)))
         if local:
             raise NotFoldedHereError(partition)
         status, payload = await self._ask(partition, f"/executions/{execution_id}", min_offset)
@@ -101,7 +104,8 @@ class Queries:
         if view is not None:
             if view.record(execution_id) is None:
                 return None
-            return await asyncio.to_thread(history_entries, view, execution_id)
+            return await asyncio.to_thread(lambda: reveal_history(
+                self.key_store, history_entries(view, execution_id), execution_id))
         if local:
             raise NotFoldedHereError(partition)
         status, payload = await self._ask(partition, f"/executions/{execution_id}/history",
@@ -223,7 +227,7 @@ class Queries:
                     continue
                 if offset > seen[0]:
                     seen[0] = offset
-                    yield _entry(p, offset, event)
+                    yield reveal_entry(self.key_store, _entry(p, offset, event), execution_id)
 
     async def _stream_at_owner(self, execution_id: str,
                                seen: list[int]) -> AsyncIterator[HistoryEntry]:
@@ -273,7 +277,8 @@ class Queries:
                 raise OwnerUnavailableError(owned[0], f"answered {code}: {payload}")
             pages.append(Page.from_json(payload))
         merged = merge(pages, offset + limit)
-        return Page(merged.executions[offset:], merged.next)
+        return Page([reveal_summary(self.key_store, e) for e in merged.executions[offset:]],
+                    merged.next)
 
 
 _END_TYPES = {"WorkflowCompleted", "WorkflowFailed", "WorkflowCancelled"}

@@ -340,6 +340,7 @@ def build_execution(view: PartitionView, eid: str) -> Execution | None:
         rerun_of=ex.get("rerun_of"),
         rerun_offset=ex.get("rerun_offset"),
         reruns=view.reruns(eid),
+        subject=ex.get("subject"),
     )
 
 
