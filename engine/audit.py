@@ -316,16 +316,18 @@ def _cmd_replay_check(args: argparse.Namespace) -> int:
     workflow = _workflow_name(config, args.workflow)
     with _histories(config, args.histories) as views:
         verdicts = asyncio.run(replay_check(views, worker, workflow=workflow,
-                                            limit=args.limit))
-    bad = [v for v in verdicts if v.outcome != "ok"]
+                                            limit=args.limit, keys=KeyStore(config.key_dir)))
+    bad = [v for v in verdicts if v.outcome not in ("ok", "erased")]
+    erased = sum(v.outcome == "erased" for v in verdicts)
     if args.json:
         print(_json([v.to_json() for v in verdicts], indent=2))
     else:
         if bad:
             _print_lines(_verdict_line(v) for v in bad)
-        print(f"replayed {len(verdicts)} executions: {len(verdicts) - len(bad)} ok, "
+        print(f"replayed {len(verdicts)} executions: {len(verdicts) - len(bad) - erased} ok, "
               f"{sum(v.outcome == 'diverged' for v in bad)} diverged, "
-              f"{sum(v.outcome == 'failed' for v in bad)} failed")
+              f"{sum(v.outcome == 'failed' for v in bad)} failed"
+              + (f", {erased} erased (not replayed)" if erased else ""))
     return 1 if bad else 0
 
 

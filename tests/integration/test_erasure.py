@@ -19,8 +19,10 @@ import pytest
 from engine import ploy
 from engine.app import serving_api
 from engine.cli import main
+from engine.erasure import KeyStore
 from engine.log import EventLog
 from engine.rebuild import rebuild
+from engine.replaycheck import replay_check
 from engine.testing import engine_config, running_engine, wait_for_status
 from engine.view import PartitionView
 
@@ -170,6 +172,12 @@ async def test_erase_makes_a_subjects_payloads_unreadable_everywhere(
         assert_absent(ALICE, files_bytes(state_dir), "the RocksDB files")
         assert b"nobody@example.com" in topic_bytes(kafka, topic_prefix)  # no subject: as is
         assert oct(keys.stat().st_mode & 0o777) == "0o700"
+        # A rerun's copies are sealed anew for the new id (a sealed value is bound to its id).
+        answer = await client.post(f"/__ploy/api/executions/{bob}/rerun",
+                                   json={"from_step": "send"})
+        assert answer.status_code == 201, answer.text
+        rerun = await wait_for_status(engine, answer.json()["execution_id"], "completed")
+        assert rerun.output["greeting"] == f"hello {BOB}" and rerun.subject == "user-bob"
 
         code, out, err = await ploy_cli(capsys, "erase", "user-alice", "--reason",
                                         "GDPR art. 17 request 12", "--url", url)
@@ -202,6 +210,9 @@ async def test_erase_makes_a_subjects_payloads_unreadable_everywhere(
         # The log: sealed bytes only, and the audit record of the erasure.
         records = topic_bytes(kafka, topic_prefix)
         assert_absent(ALICE, records, "the topic")
+        assert_absent(BOB, records, "the topic")  # Bob's are sealed too, not erased
+        answer = await client.post(f"/__ploy/api/executions/{alice}/rerun", json={})
+        assert answer.status_code == 409 and "was erased" in answer.text
         assert b"GDPR art. 17 request 12" in records and b"user-alice" in records
 
     # Exports (readable with the key store, and as on the log) and a rebuild.
@@ -257,6 +268,18 @@ async def test_an_execution_whose_key_is_erased_fails_at_its_next_step(
         resumed = await wait_for_status(engine, kept, "completed", timeout_s=30)
         assert resumed.output == f"done {BOB}" and resumed.steps[0].output == BOB
         assert_absent(ALICE, topic_bytes(kafka, topic_prefix), "the topic")
+
+    # ploy replay-check opens what it replays; an erased execution is not replayed.
+    topic = f"{topic_prefix}.events"
+    views = [PartitionView(db, topic, int(db.name[1:]))
+             for db in sorted((state_dir / topic).iterdir())]
+    try:
+        verdicts = await replay_check(views, worker(gate), keys=KeyStore(keys))
+    finally:
+        for view in views:
+            view.close()
+    assert {v.execution_id: v.outcome for v in verdicts} == {
+        live: "erased", asleep: "erased", kept: "ok"}
 
 
 async def test_bad_subjects_are_refused_with_nothing_appended(
