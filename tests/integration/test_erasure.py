@@ -13,9 +13,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import httpx
 import pytest
 
+from connectors.testing import running_connectors
 from engine import ploy
 from engine.app import serving_api
 from engine.cli import main
@@ -68,10 +70,10 @@ def worker(gate: threading.Event | None = None) -> Any:
     return app.build()
 
 
-def config_for(kafka: str, prefix: str, state_dir: Path, keys: Path) -> Any:
+def config_for(kafka: str, prefix: str, state_dir: Path, keys: Path, **fields: Any) -> Any:
     return engine_config(kafka, prefix, state_dir, partitions=PARTITIONS,
                          workflow={"PROFILE": "profile", "CARD": "card", "SLOW": "slow"},
-                         backoff={"initial_ms": 10}, erasure={"key_dir": str(keys)})
+                         backoff={"initial_ms": 10}, erasure={"key_dir": str(keys)}, **fields)
 
 
 def app_dir(tmp_path: Path, kafka: str, prefix: str, keys: Path) -> Path:
@@ -101,6 +103,20 @@ def topic_bytes(kafka: str, prefix: str) -> bytes:
 
 def files_bytes(directory: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file())
+
+
+def avro_bytes(directory: Path) -> bytes:
+    """What the Avro files under ``directory`` hold, decoded (their blocks are deflated)."""
+    out = []
+    for path in sorted(directory.rglob("*.avro")):
+        with path.open("rb") as fo:
+            out += [json.dumps(record, ensure_ascii=False) for record in fastavro.reader(fo)]
+    return "\n".join(out).encode()
+
+
+def view_bytes(state_path: Path, topic: str) -> bytes:
+    """Every key and value of the view, as stored (table files may be compressed)."""
+    return b"".join(k + v for rows in dump(state_path / topic, topic).values() for k, v in rows)
 
 
 def dump(state_path: Path, topic: str) -> dict[str, list[tuple[bytes, bytes]]]:
@@ -142,11 +158,12 @@ async def api_bytes(client: httpx.AsyncClient, eid: str) -> bytes:
 async def test_erase_makes_a_subjects_payloads_unreadable_everywhere(
         kafka: str, topic_prefix: str, state_dir: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    keys = tmp_path / "keys"
-    config = config_for(kafka, topic_prefix, state_dir, keys)
+    keys, archive = tmp_path / "keys", tmp_path / "archive"
+    config = config_for(kafka, topic_prefix, state_dir, keys,
+                        sinks=[{"kind": "archive", "dir": str(archive)}])
     app = app_dir(tmp_path, kafka, topic_prefix, keys)
-    async with running_engine(worker(), config) as engine, serving_api(engine) as url, \
-            httpx.AsyncClient(base_url=url, timeout=30) as client:
+    async with running_engine(worker(), config) as engine, running_connectors(engine), \
+            serving_api(engine) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
         alice = (await engine.env.PROFILE.trigger({"email": ALICE}, subject="user-alice")
                  )["execution_id"]
         answer = await client.post("/__ploy/api/trigger/PROFILE",
@@ -215,14 +232,19 @@ async def test_erase_makes_a_subjects_payloads_unreadable_everywhere(
         assert answer.status_code == 409 and "was erased" in answer.text
         assert b"GDPR art. 17 request 12" in records and b"user-alice" in records
 
-    # Exports (readable with the key store, and as on the log) and a rebuild.
+    # The archive sink's files (closed when the engine stopped), exports and a rebuild.
+    archived = avro_bytes(archive)
+    assert b"nobody@example.com" in archived  # decoded: a payload without a subject
+    assert b"GDPR art. 17 request 12" in archived
+    assert_absent(ALICE, archived + files_bytes(archive), "the archive")
     for fmt, extra in (("jsonl", ["--readable"]), ("avro", [])):
         out_dir = tmp_path / f"export-{fmt}"
         code, _, err = await ploy_cli(capsys, "export", "--format", fmt, "--out",
                                       str(out_dir), "--dir", str(app), *extra)
         assert code == 0, err
-        exported = files_bytes(out_dir)
+        exported = files_bytes(out_dir) + avro_bytes(out_dir)
         assert_absent(ALICE, exported, f"the {fmt} export")
+        assert b"greet" in exported  # the structure: step names
         if extra:
             assert BOB.encode() in exported  # readable: Bob's key is still there
             rows = [json.loads(line) for f in sorted(out_dir.glob("p*.jsonl"))
@@ -238,8 +260,10 @@ async def test_erase_makes_a_subjects_payloads_unreadable_everywhere(
         log.close()
     topic = f"{topic_prefix}.events"
     assert dump(tmp_path / "rebuilt", topic) == dump(state_dir / topic, topic)
-    assert_absent(ALICE, files_bytes(tmp_path / "rebuilt"), "the rebuilt view")
+    assert_absent(ALICE, files_bytes(tmp_path / "rebuilt"), "the rebuilt view's files")
     assert_absent(ALICE, files_bytes(state_dir), "the RocksDB files")
+    assert_absent(ALICE, view_bytes(state_dir, topic), "the view's keys and values")
+    assert_absent(BOB, view_bytes(state_dir, topic), "the view's keys and values")
 
 
 async def test_an_execution_whose_key_is_erased_fails_at_its_next_step(
