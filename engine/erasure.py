@@ -79,6 +79,13 @@ SEALED_FIELDS: dict[type[Body], tuple[str, ...]] = {
 _SEALED_BY_NAME = {kind.NAME: fields for kind, fields in SEALED_FIELDS.items()}
 
 
+def plaintext_limit(limit: int) -> int:
+    """The largest payload (bytes) whose sealed text fits ``limit``: base64 takes 4 bytes
+    for 3, plus the nonce, the tag and the prefix with the subject."""
+    overhead = NONCE_BYTES + 16
+    return max(0, (limit - len(PREFIX) - MAX_SUBJECT_BYTES - 1) // 4 * 3 - overhead)
+
+
 def check_subject(subject: str) -> None:
     """A subject is an opaque id: non-empty, at most 128 bytes, no '/' (it is one segment
     of the API's path) and no control characters.

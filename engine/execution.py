@@ -334,7 +334,10 @@ class ExecutionRunner:
 
     def _check_size(self, what: str, text: str | None) -> None:
         if text is not None:
-            payloads.check(text, what, self.runtime.config.max_payload_bytes)
+            limit = self.runtime.config.max_payload_bytes
+            if self.subject is not None:
+                limit = erasure.plaintext_limit(limit)  # it is sealed before it is appended
+            payloads.check(text, what, limit)
 
     # -- the handler ----------------------------------------------------------
 

@@ -502,6 +502,8 @@ class Runtime(Queries):
         if stalled is not None:  # accepted, it would vanish: nothing folds there
             raise PartitionStalledError(self.log.topic, stalled.partition, stalled.offset)
         if subject is not None:
+            payloads.check(text, "workflow input",
+                           erasure.plaintext_limit(self.config.max_payload_bytes))
             key = await asyncio.to_thread(self.key_store.ensure, subject)
             text = erasure.seal(key, subject, eid, text)
         await self._append_trigger(wf, eid, WorkflowTriggered(text, idempotency_key,

@@ -315,6 +315,10 @@ async def test_bad_subjects_are_refused_with_nothing_appended(
                      {"input": {"email": "x"}, "subject": ""}):
             answer = await client.post("/trigger/PROFILE", json=body)
             assert answer.status_code == 422, answer.text
+        # Sealed, a payload grows by a third: the limit for a subject's payloads is lower.
+        big = {"input": {"email": "x" * 700_000}, "subject": "u"}
+        answer = await client.post("/trigger/PROFILE", json=big)
+        assert answer.status_code == 413 and "workflow input" in answer.text
         answer = await client.post("/subjects/nobody/erase", json={"reason": " "})
         assert answer.status_code == 422
         answer = await client.post("/subjects/nobody/erase", json={"reason": "asked"})

@@ -138,3 +138,12 @@ def test_reveal_history_opens_the_sealed_fields_of_each_event(tmp_path: Path) ->
     store.destroy("u")
     [gone] = erasure.reveal_history(store, [entry], "e") or []
     assert gone.body["output"] == ERASED and gone.offset == 3
+
+
+@pytest.mark.parametrize("limit", [1000, 900_000, 1_048_576])
+def test_a_payload_under_the_plaintext_limit_fits_the_limit_once_sealed(
+        tmp_path: Path, limit: int) -> None:
+    key = KeyStore(tmp_path).ensure("s" * 128)
+    text = "é" * (erasure.plaintext_limit(limit) // 2)
+    sealed = erasure.seal(key, "s" * 128, "e", text)
+    assert len(sealed.encode()) <= limit < len(sealed.encode()) + 8
