@@ -781,7 +781,8 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
         # them too (refused while a worker holds one), they refold when claimed.
         for slot in sorted((config.state_dir / SLOTS_DIR).glob(f"*/{log.topic}")):
             clear_state(slot)
-        events, seconds = rebuild(log, config.state_dir / log.topic, _progress_bar())
+        events, seconds = rebuild(log, config.state_dir / log.topic, _progress_bar(),
+                                  retention_ms=config.retention_ms)
     finally:
         log.close()
     rate = events / seconds if seconds > 0 else 0.0

@@ -42,6 +42,7 @@ _YAML_NAME = {
     "max_ms": "max",
     "connect_timeout_s": "connect_timeout",
     "timeout_s": "timeout",
+    "retention_ms": "retention",
 }
 _NOT_IN_YAML = ("path", "root")
 
@@ -268,6 +269,9 @@ class Config(BaseModel):
     sources: list[SourceConfig] = Field(default_factory=list)
     sinks: list[Sink] = Field(default_factory=list)
     erasure: ErasureConfig = Field(default_factory=ErasureConfig)
+    # engine.retention: finished executions leave the view this long after they end
+    # (the log keeps them); None keeps every one.
+    retention_ms: int | None = Field(default=None, ge=1)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
@@ -625,6 +629,11 @@ class _Doc:
         self._duration(data, "backoff", "initial", "initial_ms", 1)
         self._duration(data, "backoff", "max", "max_ms", 1)
         self._duration(data, "kafka", "connect_timeout", "connect_timeout_s", 0.001)
+        if "retention" in data:
+            try:
+                data["retention_ms"] = parse_duration(data.pop("retention"))
+            except DurationError as exc:
+                raise self.error("retention", str(exc)) from None
         if "config" in data.get("kafka", {}):
             data["kafka"]["config"] = self._librdkafka(data["kafka"]["config"])
         if "workflow" in data:

@@ -597,10 +597,13 @@ class _Api:
         return _json(200, execution.model_dump(mode="json"))
 
     async def history(self, request: Request) -> Response:
-        execution = await self._get(request)
-        events = await self.engine.history(execution.execution_id,
-                                                   **_routed(request)) or []
-        return _json(200, {"execution_id": execution.execution_id,
+        """Every event of the execution; of one that retention removed from the view too
+        (read from its partition of the log: ``engine.retention``)."""
+        eid = request.path_params["id"]
+        events = await self.engine.history(eid, **_routed(request))
+        if events is None:
+            raise _Reject(404, {"error": f"unknown execution '{eid}'"})
+        return _json(200, {"execution_id": eid,
                            "events": [e.model_dump(mode="json") for e in events]})
 
     async def result(self, request: Request) -> Response:

@@ -112,7 +112,8 @@ class Runtime(Queries):
         self.key_store = erasure.KeyStore(config.key_dir)  # data subjects' keys
         self.threads = StepThreads(max_threads)
         self.stopping = False
-        self.partitions = Partitions(log, self.state_path, self._on_applied)
+        self.partitions = Partitions(log, self.state_path, self._on_applied,
+                                     config.retention_ms)
         self.ownership = Ownership(
             log, self.partitions, worker_id=self.worker_id, group_id=config.kafka.group_id,
             clock=self.clock, spawn=self._spawn, running_on=self._running_on,

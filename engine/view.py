@@ -59,7 +59,7 @@ class PartitionView:
     """The folded state of one partition of the events topic."""
 
     def __init__(self, path: Path, topic: str, partition: int, codec: Codec | None = None,
-                 *, wal: bool = True):
+                 *, wal: bool = True, retention_ms: int | None = None):
         """Open (or create) the partition's RocksDB at ``path``.
 
         ``wal=False`` writes without RocksDB's write-ahead log, for a rebuild: a
@@ -68,6 +68,7 @@ class PartitionView:
         :meth:`close` flushes.
         """
         self.path, self.topic, self.partition = path, topic, partition
+        self.retention_ms = retention_ms  # finished executions leave (engine.retention)
         self.codec = codec or default_codec()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = Rdict(str(path), _options())
@@ -109,7 +110,7 @@ class PartitionView:
         CorruptEventError names its topic, partition and offset. Nothing after
         it is folded; the caller stops the partition (never skips the record).
         """
-        tx = fold.Tx(self.db.get, self._range)
+        tx = fold.Tx(self.db.get, self._range, self.retention_ms)
         applied: list[tuple[int, Event]] = []
         next_offset = self.next_offset
         failure: CorruptEventError | None = None
@@ -135,6 +136,8 @@ class PartitionView:
                     batch.delete(key)
                 else:
                     batch.put(key, value)
+            for start, stop in tx.ranges:  # after the writes: it removes them too
+                batch.delete_range(start, stop)
             batch.put(keys.NEXT_OFFSET, keys.u64(next_offset))
             self.db.write(batch, self._write_options)
             self.next_offset = next_offset
@@ -178,6 +181,10 @@ class PartitionView:
         raw = self.db.get(keys.EVENT_STATS)
         return {"received": 0, "duplicates": 0, "delivered": 0, "dropped_unmatched": 0,
                 **({} if raw is None else json.loads(raw))}
+
+    def gone(self, eid: str) -> bool:
+        """Whether retention removed ``eid`` from this view (the log still has it)."""
+        return self.db.get(keys.gone(eid)) is not None
 
     def record(self, eid: str) -> dict[str, Any] | None:
         """The raw execution record (for the runtime), or None."""
