@@ -180,12 +180,12 @@ class Tx:
 
     def first(self, prefix: bytes, after: bytes, stop: bytes, n: int) -> list[bytes]:
         """The first ``n`` keys in (``after``, ``stop``) of the scanned keyspace ``prefix``,
-        with this batch's writes applied; the store is read lazily, from ``after`` on (so
-        a scan never walks what was deleted before it)."""
+        with this batch's writes applied; read lazily from ``after`` on, so a scan never
+        walks what was deleted before it (the caller deletes in key order)."""
         assert prefix[:2] in keys.SCANNED, prefix
         lo = max(prefix, after + b"\x00")
         pending = self._scanned_keys
-        i, end = bisect_left(pending, prefix), bisect_left(pending, stop)
+        i, end = bisect_left(pending, lo), bisect_left(pending, stop)
         stored = (k for k, _ in self._scan(lo, stop)) if self._scan is not None else iter(())
         found: list[bytes] = []
         stored_key = next(stored, None)
@@ -258,10 +258,17 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
     """Fold one event (found at ``partition``/``offset`` as ``raw``) into ``tx``.
 
     Returns False for an event that changes no execution (a claim, or fenced).
+    Then, with a retention, remove the executions that ended long enough before
+    it (``engine.retention``); an event the fold refuses removes none.
     """
+    changed = _apply(tx, event, partition, offset, raw)
+    retention.expire(tx, event.timestamp)
+    return changed
+
+
+def _apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool:
     eid = event.execution_id
     body = event.body
-    retention.expire(tx, event.timestamp)  # engine.retention: from event timestamps only
     if isinstance(body, PartitionReleased):
         _released(tx, event, body)
         return False

@@ -65,12 +65,15 @@ def expire(tx: Tx, timestamp: int) -> None:
     if state["next_at"] is None or state["next_at"] >= cutoff:
         return  # nothing due: no scan
     after = bytes.fromhex(state["after"])
-    found = tx.first(keys.ENDED, after, keys.ENDED + keys.u64(cutoff), PER_EVENT + 1)
-    for key in found[:PER_EVENT]:
+    # One scan: the due ones, and the first key after them (the oldest end left).
+    found = tx.first(keys.ENDED, after, keys.end_of(keys.ENDED), PER_EVENT + 1)
+    limit = keys.ENDED + keys.u64(cutoff)
+    due = [key for key in found[:PER_EVENT] if key < limit]
+    for key in due:
         remove(tx, key[10:].decode())
         tx.delete(key)
         after = key
-    rest = found[PER_EVENT:] or tx.first(keys.ENDED, after, keys.end_of(keys.ENDED), 1)
+    rest = found[len(due):]
     tx.put(keys.RETENTION, {"next_at": keys.read_u64(rest[0][2:10]) if rest else None,
                             "after": after.hex()})
 
