@@ -10,8 +10,8 @@
     ploy cancel ID           stop an execution
     ploy skip --partition P --offset O --reason R   step over a corrupt record (audited)
     ploy rebuild [DIR]       drop the view and refold it from the topic
-    ploy export / import / view --as-of / rerun / replay-check   audit and recovery
-                             (``engine.audit``)
+    ploy export / import / view --as-of / rerun / replay-check / erase   audit, recovery
+                             and erasure (``engine.audit``)
     ploy types [DIR]         write ploy_env.py, which types ``ctx.env``'s bindings
 
 A mistake the user can fix (no ploy.yaml, bad JSON, an unknown id, a server

@@ -79,6 +79,7 @@ class Exported:
     workflow: str | None = None
     since: int | None = None
     until: int | None = None
+    readable: bool = False  # subjects' payloads opened (engine.erasure): never imported
 
     @property
     def events(self) -> int:
@@ -178,7 +179,7 @@ def export_log(log: EventLog, out: Path, fmt: str = "avro", *, workflow: str | N
             file.close()
     # Step 4.
     exported = Exported(log.topic, log.partitions, fmt, {p: f.count for p, f in files.items()},
-                        workflow, since, until)
+                        workflow, since, until, keys is not None)
     (out / MANIFEST).write_text(json.dumps(asdict(exported), indent=2) + "\n", encoding="utf-8")
     return exported
 
@@ -274,12 +275,15 @@ def import_log(log: EventLog, directory: Path, *, on_progress: Progress | None =
        re-encoded with the codec, and wait for every acknowledgement.
 
     Raises:
-        ExportError: Not an export, cut by time, another partition count, or
-            the topic is not empty.
+        ExportError: Not an export, cut by time, readable, another partition count,
+            or the topic is not empty.
     """
     # Step 1.
     manifest = read_manifest(directory)
     _check_whole(manifest, directory)
+    if manifest.readable:
+        raise ExportError(directory, "is a readable export (--readable): importing it would "
+                          "put data subjects' payloads on the log unsealed")
     if manifest.partitions != log.partitions:
         raise ExportError(directory, f"was exported from {manifest.partitions} partitions, "
                           f"'{log.topic}' has {log.partitions}; an execution's partition "

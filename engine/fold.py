@@ -38,6 +38,10 @@ Rules the fold keeps:
    begins with is appended; the same trigger, repeated after the copy,
    releases it (rule 1 otherwise). The source's partition (a rerun's id is
    chosen to hash there) lists it under ``r:<source>``.
+9. Retention (``engine.retention``). A finished execution is indexed by its end
+   time; with a retention, each event folded removes the executions that ended
+   more than the retention before its timestamp, and the events of a removed
+   execution are ignored after that.
 """
 
 from __future__ import annotations
@@ -370,8 +374,8 @@ def new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Reco
         "cancel_reason": None,
         "parent_id": body.parent_id,
         "parent_step": body.parent_step,
-        # engine.erasure: only executions with a subject have the key (older views stay
-        # byte-identical on a rebuild)
+        # engine.erasure: only an execution with a data subject has the key, so the
+        # records of all others keep their bytes
         **({} if body.subject is None else {"subject": body.subject}),
     }
 

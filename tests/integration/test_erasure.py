@@ -78,7 +78,7 @@ def config_for(kafka: str, prefix: str, state_dir: Path, keys: Path, **fields: A
 
 def app_dir(tmp_path: Path, kafka: str, prefix: str, keys: Path) -> Path:
     app = tmp_path / "app"
-    app.mkdir()
+    app.mkdir(parents=True)
     (app / "ploy.yaml").write_text(
         f"kafka: {{bootstrap_servers: '{kafka}', topic_prefix: {prefix}, "
         f"partitions: {PARTITIONS}}}\nworkflow: {{PROFILE: profile}}\n"
@@ -253,6 +253,9 @@ async def test_erase_makes_a_subjects_payloads_unreadable_everywhere(
             assert [(r["body"]["subject"], r["body"]["reason"]) for r in erased] == [
                 ("user-alice", "GDPR art. 17 request 12")]
             assert erased[0]["body"]["actor"].startswith("local:")
+            fresh = app_dir(tmp_path / "fresh", kafka, f"{topic_prefix}-i", keys)
+            code, _, err = await ploy_cli(capsys, "import", str(out_dir), "--dir", str(fresh))
+            assert code == 2 and "readable export" in err
     log = EventLog(kafka, topic_prefix, PARTITIONS)
     try:
         rebuild(log, tmp_path / "rebuilt", workers=1)
