@@ -519,7 +519,7 @@ class Runtime(Queries):
         if (view is not None and view.next_offset <= offset and partition in self.owned
                 and partition not in self.stalled and not self.stopping
                 and eid not in self.runners and eid not in self._started_on_ack
-                and view.record(eid) is None):
+                and view.record(eid) is None and not view.gone(eid)):  # gone: retention
             self._started_on_ack.add(eid)
             self._run(ExecutionRunner(self, new_execution(event, body, partition), [], wf))
 

@@ -88,6 +88,19 @@ async def test_finished_executions_leave_the_view_and_the_log_keeps_them(
         assert json.loads(events[-1]["body"]["output"]) == 0
         code, out, err = await ploy_cli(capsys, "history", old[1], "--url", url)
         assert code == 0 and "WorkflowCompleted" in out, err
+        # Its idempotency key again: the same (removed) execution, nothing runs again.
+        keyed = (await engine.env.QUICK.trigger({"n": 5}, idempotency_key="k"))["execution_id"]
+        await wait_for_status(engine, keyed, "completed")
+        await asyncio.sleep(RETENTION_MS / 1000 + 0.3)
+        await wait_for_status(engine, (await engine.env.QUICK.trigger({"n": 6}))[
+            "execution_id"], "completed")
+        assert await engine.runtime.get_execution(keyed) is None
+        again = await engine.env.QUICK.trigger({"n": 5}, idempotency_key="k")
+        assert again["execution_id"] == keyed
+        await asyncio.sleep(0.5)
+        assert await engine.runtime.get_execution(keyed) is None
+        history = await engine.runtime.history(keyed) or []
+        assert [e.type for e in history].count("StepStarted") == 1  # it did not run again
         answer = await client.get("/executions/never-was/history")
         assert answer.status_code == 404
 
