@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine import erasure
+from engine.config import load_config
 from engine.erasure import ERASED, KeyStore, Opener, seal_body
 from engine.errors import SubjectErasedError
 from engine.events import StepCompleted, StepFailed, WorkflowFailed, WorkflowLog, WorkflowStarted
@@ -147,3 +148,12 @@ def test_a_payload_under_the_plaintext_limit_fits_the_limit_once_sealed(
     text = "é" * (erasure.plaintext_limit(limit) // 2)
     sealed = erasure.seal(key, "s" * 128, "e", text)
     assert len(sealed.encode()) <= limit < len(sealed.encode()) + 8
+
+
+def test_the_key_dir_defaults_to_the_state_dir_and_is_configurable(tmp_path: Path) -> None:
+    path = tmp_path / "ploy.yaml"
+    path.write_text("state_dir: st\n")
+    assert load_config(path, env={}).key_dir == tmp_path / "st" / "keys"
+    path.write_text("erasure: {key_dir: shared/keys}\n")
+    assert load_config(path, env={}).key_dir == tmp_path / "shared" / "keys"
+    assert load_config(path, env={"PLOY_KEY_DIR": "/mnt/keys"}).key_dir == Path("/mnt/keys")

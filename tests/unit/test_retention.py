@@ -6,8 +6,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
 from engine import keys, retention
 from engine.codec import default_codec
+from engine.config import load_config
+from engine.errors import ConfigError
 from engine.events import (
     Body,
     CancelRequested,
@@ -142,3 +146,15 @@ def test_a_random_log_folds_to_the_same_bytes_in_any_batches(tmp_path: Path) -> 
     finally:
         for view in views:
             view.close()
+
+
+def test_retention_in_ploy_yaml_is_a_duration_and_off_by_default(tmp_path: Path) -> None:
+    path = tmp_path / "ploy.yaml"
+    path.write_text("kafka: {partitions: 1}\n")
+    assert load_config(path, env={}).retention_ms is None
+    path.write_text("retention: 30d\n")
+    assert load_config(path, env={}).retention_ms == 30 * 24 * 3600 * 1000
+    path.write_text("kafka: {partitions: 1}\nretention: soon\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert (info.value.key, info.value.line) == ("retention", 2)
