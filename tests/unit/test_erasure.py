@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,11 @@ def test_the_key_dir_defaults_to_the_state_dir_and_is_configurable(tmp_path: Pat
     path.write_text("erasure: {key_dir: shared/keys}\n")
     assert load_config(path, env={}).key_dir == tmp_path / "shared" / "keys"
     assert load_config(path, env={"PLOY_KEY_DIR": "/mnt/keys"}).key_dir == Path("/mnt/keys")
+
+
+def test_concurrent_first_triggers_agree_on_one_key(tmp_path: Path) -> None:
+    stores = [KeyStore(tmp_path) for _ in range(8)]  # as if 8 processes
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda store: store.ensure("u"), stores))
+    assert len(set(found)) == 1 and found[0] == stores[0].get("u")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stores[0].path("u").name]

@@ -4,6 +4,7 @@ and that the view stays a function of the log however it is batched."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from engine.events import (
     WorkflowStarted,
     WorkflowTriggered,
 )
+from engine.fold import Tx
 from engine.view import PartitionView, build_execution
 
 CODEC = default_codec()
@@ -158,3 +160,29 @@ def test_retention_in_ploy_yaml_is_a_duration_and_off_by_default(tmp_path: Path)
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
     assert (info.value.key, info.value.line) == ("retention", 2)
+
+
+def test_tx_first_merges_the_store_and_the_batch_in_key_order() -> None:
+    rng = random.Random(3)
+    stored = {keys.ended(rng.randint(0, 50), f"s{n}"): b"" for n in range(40)}
+
+    def scan(start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return iter([(k, v) for k, v in sorted(stored.items()) if start <= k < stop])
+
+    tx = Tx(stored.get, scan)
+    live = set(stored)
+    for n in range(30):  # this batch's writes: new keys, and deletes of stored ones
+        if rng.random() < 0.5:
+            key = keys.ended(rng.randint(0, 50), f"p{n}")
+            tx.put_raw(key, b"")
+            live.add(key)
+        else:
+            key = rng.choice(sorted(stored))
+            tx.delete(key)
+            live.discard(key)
+    ordered = sorted(live)
+    for after in (b"", ordered[5], ordered[-2]):
+        for n in (1, 3, 100):
+            stop = keys.ENDED + keys.u64(40)
+            want = [k for k in ordered if k > after and k < stop][:n]
+            assert tx.first(keys.ENDED, after, stop, n) == want
