@@ -50,8 +50,8 @@ GONE = b"g:"  # g:<id>                         -> b"" (removed by retention; the
 RETENTION = b"m:retention"  # {"next_at": oldest end not removed (None: none), "after": key}
 SCANNED = (EVENT, WAITER, WAIT_SHAPE, ENDED)  # keyspaces the fold scans (engine.fold.Tx.scan)
 RERUN = b"r:"  # r:<source id>\0<offset u64>   -> the id of a rerun of it, triggered there
-INDEXES = b"m:indexes"  # the listing indexes' version: present once they cover every execution
-INDEXES_VERSION = b"1"
+INDEXES = b"m:indexes"  # the indexes' version: present once they cover every execution
+INDEXES_VERSION = b"2"  # 2: with the index of ended executions (engine.retention)
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")

@@ -84,19 +84,29 @@ class PartitionView:
             self._build_indexes()
 
     def _build_indexes(self) -> None:
-        """Give a view folded before the listing indexes existed its indexes (once).
+        """Give a view folded before the listing indexes (or the index of ended
+        executions, ``engine.retention``) existed its indexes (once).
 
         The indexes are a function of the execution records alone (the fold's
-        rule 7), so this writes the bytes a refold from offset 0 would write.
+        rules 7 and 9), so this writes the bytes a refold from offset 0 would write.
         An empty view only gets the version marker, which every view carries.
         """
         batch = WriteBatch(raw_mode=True)
+        oldest_end: int | None = None
+        ends = self.db.get(keys.RETENTION) is None  # a view folded before that index
         for key, value in self._scan(keys.EXECUTION):
             ex = json.loads(value)
             eid = key[len(keys.EXECUTION):].decode()
             for status in (None, ex["status"]):
                 for index in keys.listing_keys(ex["workflow"], status, ex["created_at"], eid):
                     batch.put(index, b"")
+            if ex["ended_at"] is not None and ends:
+                batch.put(keys.ended(ex["ended_at"], eid), b"")  # engine.retention, rule 1
+                at = ex["ended_at"]
+                oldest_end = at if oldest_end is None else min(oldest_end, at)
+        if oldest_end is not None:
+            batch.put(keys.RETENTION, json.dumps({"after": "", "next_at": oldest_end},
+                                                 sort_keys=True, separators=(",", ":")).encode())
         batch.put(keys.INDEXES, keys.INDEXES_VERSION)
         self.db.write(batch)
 

@@ -186,3 +186,19 @@ def test_tx_first_merges_the_store_and_the_batch_in_key_order() -> None:
             stop = keys.ENDED + keys.u64(40)
             want = [k for k in ordered if k > after and k < stop][:n]
             assert tx.first(keys.ENDED, after, stop, n) == want
+
+
+def test_a_view_folded_before_the_index_of_ended_executions_gets_it_on_open(
+        tmp_path: Path) -> None:
+    view = fold(tmp_path / "v", log_with_retention_due(), retention_ms=None)
+    expected = list(view.dump())
+    for key, _ in expected:  # what the previous version of the view did not have
+        if key.startswith(keys.ENDED) or key == keys.RETENTION:
+            view.db.delete(key)
+    view.db.put(keys.INDEXES, b"1")
+    view.close()
+    view = PartitionView(tmp_path / "v", "t.events", 0, CODEC)
+    try:
+        assert list(view.dump()) == expected
+    finally:
+        view.close()
