@@ -202,10 +202,15 @@ class Engine:
 
     # -- the facade: what the HTTP layer, the dashboard and embedding code call ----------
 
-    async def trigger(self, workflow: str, input: Any, *,
-                      idempotency_key: str | None = None) -> str:
+    async def trigger(self, workflow: str, input: Any, *, idempotency_key: str | None = None,
+                      subject: str | None = None) -> str:
         """Start an execution of ``workflow`` (its name); its id. See ``Runtime.trigger``."""
-        return await self.runtime.trigger(workflow, input, idempotency_key=idempotency_key)
+        return await self.runtime.trigger(workflow, input, idempotency_key=idempotency_key,
+                                          subject=subject)
+
+    async def erase(self, subject: str, reason: str, actor: str) -> dict[str, Any]:
+        """Destroy ``subject``'s key and record who and why. See ``Runtime.erase``."""
+        return await self.runtime.erase(subject, reason, actor)
 
     async def get_execution(self, execution_id: str, *, local: bool = False,
                             min_offset: int | None = None) -> Execution | None:

@@ -33,6 +33,7 @@ from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from engine.erasure import KeyStore, reveal_execution, reveal_history, reveal_summary
 from engine.errors import CommandError, PloyError
 from engine.listing import Page, list_page
 from engine.log import EventLog
@@ -153,8 +154,10 @@ def parse_point(log: EventLog, text: str) -> Point:
 class AsOf:
     """Queries on the view as of a point: one scratch view per partition."""
 
-    def __init__(self, log: EventLog, point: Mapping[int, int], path: Path):
+    def __init__(self, log: EventLog, point: Mapping[int, int], path: Path,
+                 keys: KeyStore | None = None):
         self.log, self.point, self.path = log, dict(point), path
+        self.keys = keys  # opens sealed payloads (engine.erasure); None: "[erased]"
         self.views = {p: PartitionView(path / f"p{p}", log.topic, p, log.codec)
                       for p, last in sorted(point.items()) if last >= 0}
 
@@ -164,20 +167,21 @@ class AsOf:
     def execution(self, eid: str) -> Execution | None:
         """The execution as it stood (None: not triggered yet, or unknown)."""
         view = self._view(eid)
-        return None if view is None else build_execution(view, eid)
+        return None if view is None else reveal_execution(self.keys, build_execution(view, eid))
 
     def history(self, eid: str) -> list[HistoryEntry] | None:
         """Its events up to the point (None: not triggered yet, or unknown)."""
         view = self._view(eid)
         if view is None or view.record(eid) is None:
             return None
-        return history_entries(view, eid)
+        return reveal_history(self.keys, history_entries(view, eid), eid)
 
     def page(self, *, workflow: str | None = None, status: str | None = None,
              limit: int = 50) -> Page:
         """Executions as they stood, newest first (as ``GET /executions``)."""
-        return list_page(list(self.views.values()), status=status, workflow=workflow,
+        page = list_page(list(self.views.values()), status=status, workflow=workflow,
                          limit=limit)
+        return Page([reveal_summary(self.keys, e) for e in page.executions], page.next)
 
     def close(self) -> None:
         for view in self.views.values():
@@ -187,12 +191,12 @@ class AsOf:
 
 @contextlib.contextmanager
 def as_of(log: EventLog, point: Mapping[int, int],
-          on_progress: Progress | None = None) -> Iterator[AsOf]:
+          on_progress: Progress | None = None, keys: KeyStore | None = None) -> Iterator[AsOf]:
     """Fold ``log`` through ``point`` into a scratch view; yield its queries; delete it."""
     path = Path(tempfile.mkdtemp(prefix="ploy-asof-"))
     try:
         fold_through(log, path, point, on_progress)
-        view = AsOf(log, point, path)
+        view = AsOf(log, point, path, keys)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
@@ -204,7 +208,7 @@ def as_of(log: EventLog, point: Mapping[int, int],
 
 def answer(log: EventLog, at: str, *, execution_id: str | None = None,
            workflow: str | None = None, status: str | None = None,
-           limit: int = 50) -> dict[str, Any] | None:
+           limit: int = 50, keys: KeyStore | None = None) -> dict[str, Any] | None:
     """The JSON answer of ``GET /__ploy/api/as-of`` (blocking: run it in a thread).
 
     With ``execution_id``: ``{at, execution, history}``, or None if it did not
@@ -213,7 +217,7 @@ def answer(log: EventLog, at: str, *, execution_id: str | None = None,
     """
     point = parse_point(log, at)
     shown = {str(p): last for p, last in point.items()}
-    with as_of(log, point) as view:
+    with as_of(log, point, keys=keys) as view:
         if execution_id is not None:
             execution = view.execution(execution_id)
             if execution is None:

@@ -5,11 +5,12 @@
     ploy view --as-of POINT status ID | list | history ID   (the API's GET /as-of)
     ploy rerun ID [--from-step NAME] | --workflow W --status S --since T [--dry-run]
     ploy replay-check --worker NEW_CODE_DIR   new code against recorded histories (CI)
+    ploy erase SUBJECT --reason TEXT   destroy a data subject's key (``engine.erasure``)
 
 ``engine.cli.build_parser`` calls :func:`add_commands` with its subparsers.
 ``export``, ``import`` and ``replay-check`` read and write the topic of the
 app's ploy.yaml (``--dir``) directly, as ``ploy rebuild`` does; ``view`` and
-``rerun`` ask a running server's engine API, as ``ploy status`` does. Errors
+``rerun`` and ``erase`` ask a running server's engine API, as ``ploy status`` does. Errors
 are ``PloyError`` subclasses, printed by ``engine.cli.main`` as one ``ploy:
 error: ...`` line (exit 2).
 """
@@ -29,6 +30,7 @@ from typing import Any
 from engine.asof import as_of, parse_time, to_the_end
 from engine.codec import default_codec
 from engine.config import Config, load_config
+from engine.erasure import KeyStore
 from engine.errors import CommandError
 from engine.export import FORMATS, export_log, fold_export, import_log
 from engine.log import EventLog
@@ -44,6 +46,7 @@ def add_commands(commands: Any) -> None:
     _add_view(commands)
     _add_rerun(commands)
     _add_replay_check(commands)
+    _add_erase(commands)
 
 
 def _add_export(commands: Any) -> None:
@@ -59,6 +62,9 @@ def _add_export(commands: Any) -> None:
     p.add_argument("--since", metavar="T", help="only events at or after T (ISO-8601 or "
                    "epoch ms)")
     p.add_argument("--until", metavar="T", help="only events before T")
+    p.add_argument("--readable", action="store_true", help="open payloads sealed with a data "
+                   "subject's key (needs the key store of ploy.yaml; the export then holds "
+                   "personal data that a later 'ploy erase' cannot reach)")
     p.add_argument("--dir", metavar="APP", help="the app's directory, holding ploy.yaml "
                    "(default: the current one)")
     p.set_defaults(run=_cmd_export)
@@ -116,6 +122,21 @@ def _add_rerun(commands: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     _add_client(p)
     p.set_defaults(run=_cmd_rerun)
+
+
+def _add_erase(commands: Any) -> None:
+    from engine.cli import _add_client
+
+    p = commands.add_parser(
+        "erase", help="destroy a data subject's key: its payloads become unreadable",
+        description="destroy the key that seals the payloads of every execution triggered "
+        "with --subject SUBJECT, and append a SubjectErased record (who and why) to the log: "
+        "from then on no view, history, rebuild, export or archive shows those payloads; "
+        "the structure of each history stays")
+    p.add_argument("subject", metavar="SUBJECT")
+    p.add_argument("--reason", required=True, help="why (kept on the log with who asked)")
+    _add_client(p)
+    p.set_defaults(run=_cmd_erase)
 
 
 def _add_view(commands: Any) -> None:
@@ -180,11 +201,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         exported = export_log(log, Path(args.out), args.format,
                               workflow=_workflow_name(config, args.workflow), since=since,
-                              until=until, on_progress=_progress_bar("exporting"))
+                              until=until, on_progress=_progress_bar("exporting"),
+                              keys=KeyStore(config.key_dir) if args.readable else None)
     finally:
         log.close()
     print(f"exported {exported.events} events of {log.topic} to {args.out} "
           f"({exported.format}, {exported.partitions} partitions)")
+    return 0
+
+
+def _cmd_erase(args: argparse.Namespace) -> int:
+    from engine.cli import _client, terminal_safe
+    from engine.client import quote
+    from engine.skips import operator
+
+    payload = _client(args).expect("POST", f"/subjects/{quote(args.subject)}/erase",
+                                   {"reason": args.reason, "actor": operator()})
+    key = "its key destroyed" if payload["key_destroyed"] else "its key was already gone"
+    print(terminal_safe(f"erased subject {args.subject}: {key}; recorded at partition "
+                        f"{payload['partition']} offset {payload['offset']}"))
     return 0
 
 
@@ -285,16 +320,18 @@ def _cmd_replay_check(args: argparse.Namespace) -> int:
     workflow = _workflow_name(config, args.workflow)
     with _histories(config, args.histories) as views:
         verdicts = asyncio.run(replay_check(views, worker, workflow=workflow,
-                                            limit=args.limit))
-    bad = [v for v in verdicts if v.outcome != "ok"]
+                                            limit=args.limit, keys=KeyStore(config.key_dir)))
+    bad = [v for v in verdicts if v.outcome not in ("ok", "erased")]
+    erased = sum(v.outcome == "erased" for v in verdicts)
     if args.json:
         print(_json([v.to_json() for v in verdicts], indent=2))
     else:
         if bad:
             _print_lines(_verdict_line(v) for v in bad)
-        print(f"replayed {len(verdicts)} executions: {len(verdicts) - len(bad)} ok, "
+        print(f"replayed {len(verdicts)} executions: {len(verdicts) - len(bad) - erased} ok, "
               f"{sum(v.outcome == 'diverged' for v in bad)} diverged, "
-              f"{sum(v.outcome == 'failed' for v in bad)} failed")
+              f"{sum(v.outcome == 'failed' for v in bad)} failed"
+              + (f", {erased} erased (not replayed)" if erased else ""))
     return 1 if bad else 0
 
 

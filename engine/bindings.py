@@ -46,7 +46,8 @@ class Client(Protocol):
     """What a binding needs from the engine (the runtime implements it)."""
 
     async def trigger(
-        self, workflow: str, input: Any, *, idempotency_key: str | None = None
+        self, workflow: str, input: Any, *, idempotency_key: str | None = None,
+        subject: str | None = None,
     ) -> str: ...
 
     async def get_execution(self, execution_id: str) -> Execution | None: ...
@@ -67,7 +68,7 @@ class WorkflowBinding(Generic[InputT, OutputT]):
         self._client, self.binding, self.workflow = client, binding, workflow
 
     async def trigger(
-        self, input: InputT, *, idempotency_key: str | None = None
+        self, input: InputT, *, idempotency_key: str | None = None, subject: str | None = None
     ) -> TriggerResult:
         """Validate ``input`` and start an execution; the same key gives the same execution.
 
@@ -75,11 +76,16 @@ class WorkflowBinding(Generic[InputT, OutputT]):
         validates as one (a dict). ``ploy types`` spells both in ``InputT``
         (``Model | ModelDict``); an untyped ``ctx.env`` takes anything.
 
+        ``subject`` (a user id) seals every payload of the execution with that data
+        subject's key, so that ``ploy erase SUBJECT`` makes them unreadable
+        everywhere (``engine.erasure``); a child of ``ctx.step.invoke`` inherits it.
+
         Raises:
             InvalidInputError: the input does not match the workflow's model;
                 nothing was appended.
         """
-        eid = await self._client.trigger(self.workflow, input, idempotency_key=idempotency_key)
+        eid = await self._client.trigger(self.workflow, input, idempotency_key=idempotency_key,
+                                         subject=subject)
         return TriggerResult(self, eid)
 
     async def result(self, execution_id: str, *, timeout: float = 60.0) -> Any:

@@ -10,8 +10,8 @@
     ploy cancel ID           stop an execution
     ploy skip --partition P --offset O --reason R   step over a corrupt record (audited)
     ploy rebuild [DIR]       drop the view and refold it from the topic
-    ploy export / import / view --as-of / rerun / replay-check   audit and recovery
-                             (``engine.audit``)
+    ploy export / import / view --as-of / rerun / replay-check / erase   audit, recovery
+                             and erasure (``engine.audit``)
     ploy types [DIR]         write ploy_env.py, which types ``ctx.env``'s bindings
 
 A mistake the user can fix (no ploy.yaml, bad JSON, an unknown id, a server
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the workflow input as JSON, @FILE, or - for stdin (default: {})")
     p.add_argument("--idempotency-key", metavar="K",
                    help="the same key gives the same execution")
+    p.add_argument("--subject", metavar="S", help="the data subject (a user id) whose key "
+                   "seals the execution's payloads; 'ploy erase S' makes them unreadable")
     _add_client(p)
 
     p = command("send-event", _cmd_send_event, "send an event to the executions waiting for "
@@ -522,7 +524,7 @@ def _read_input(text: str, source: str = "--input") -> Any:
 def _cmd_trigger(args: argparse.Namespace) -> int:
     value = _read_input(args.input)  # before any network: bad JSON costs nothing
     client = _client(args)
-    body = {"input": value, "idempotency_key": args.idempotency_key}
+    body = {"input": value, "idempotency_key": args.idempotency_key, "subject": args.subject}
     status, payload = client.call("POST", f"/trigger/{quote(args.binding)}", body)
     if status == 404:
         known = payload.get("bindings") if isinstance(payload, dict) else None
@@ -849,7 +851,8 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
         # them too (refused while a worker holds one), they refold when claimed.
         for slot in sorted((config.state_dir / SLOTS_DIR).glob(f"*/{log.topic}")):
             clear_state(slot)
-        events, seconds = rebuild(log, config.state_dir / log.topic, _progress_bar())
+        events, seconds = rebuild(log, config.state_dir / log.topic, _progress_bar(),
+                                  retention_ms=config.retention_ms)
     finally:
         log.close()
     rate = events / seconds if seconds > 0 else 0.0

@@ -42,6 +42,7 @@ _YAML_NAME = {
     "max_ms": "max",
     "connect_timeout_s": "connect_timeout",
     "timeout_s": "timeout",
+    "retention_ms": "retention",
 }
 _NOT_IN_YAML = ("path", "root")
 
@@ -237,6 +238,14 @@ SINK_KINDS: dict[str, type[BaseModel]] = {
 }
 
 
+class ErasureConfig(BaseModel):
+    """Where the keys of data subjects live (``engine.erasure``): every worker must see
+    the same directory (a shared volume). Default ``<state_dir>/keys``."""
+
+    model_config = _MODEL
+    key_dir: str | None = Field(default=None, min_length=1)
+
+
 class Config(BaseModel):
     """Everything configurable, validated and frozen. Build it with :func:`load_config`."""
 
@@ -259,6 +268,10 @@ class Config(BaseModel):
     standby: bool = False
     sources: list[SourceConfig] = Field(default_factory=list)
     sinks: list[Sink] = Field(default_factory=list)
+    erasure: ErasureConfig = Field(default_factory=ErasureConfig)
+    # engine.retention: finished executions leave the view this long after they end
+    # (the log keeps them); None keeps every one.
+    retention_ms: int | None = Field(default=None, ge=1)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
@@ -327,6 +340,13 @@ class Config(BaseModel):
         retries = self.workflow[binding].retries if binding is not None else None
         return self.retries if retries is None else retries
 
+    @property
+    def key_dir(self) -> Path:
+        """The key store's directory (a relative ``erasure.key_dir`` is under root)."""
+        if self.erasure.key_dir is None:
+            return self.state_dir / "keys"
+        return self.root / self.erasure.key_dir  # an absolute key_dir stays as is
+
     def line_of(self, key: str) -> int | None:
         """Return the ploy.yaml line of a dotted key (or of its nearest parent), if known."""
         while key:
@@ -349,6 +369,7 @@ ENV_VARS: dict[str, tuple[str, bool]] = {
     "PLOY_ADVERTISED_URL": ("http.advertised_url", False),
     "PLOY_RETRIES": ("retries", True),
     "PLOY_MAIN": ("main", False),
+    "PLOY_KEY_DIR": ("erasure.key_dir", False),
 }
 
 
@@ -608,6 +629,11 @@ class _Doc:
         self._duration(data, "backoff", "initial", "initial_ms", 1)
         self._duration(data, "backoff", "max", "max_ms", 1)
         self._duration(data, "kafka", "connect_timeout", "connect_timeout_s", 0.001)
+        if "retention" in data:
+            try:
+                data["retention_ms"] = parse_duration(data.pop("retention"))
+            except DurationError as exc:
+                raise self.error("retention", str(exc)) from None
         if "config" in data.get("kafka", {}):
             data["kafka"]["config"] = self._librdkafka(data["kafka"]["config"])
         if "workflow" in data:

@@ -130,11 +130,11 @@ class Dashboard:
     async def _index_as_of(self, filters: Filters, at: str, now: int) -> Response:
         """The newest executions (of a workflow, a status) as they stood at a point of the
         log (``engine.asof``): read-only, not live."""
-        log = self.engine.runtime.log
+        log, keys = self.engine.runtime.log, self.engine.runtime.key_store
         named = workflow_named(filters.workflow, self.engine.env, self.engine.worker.workflows)
 
         def read() -> list[ExecutionSummary]:
-            with asof.as_of(log, asof.parse_point(log, at)) as view:
+            with asof.as_of(log, asof.parse_point(log, at), keys=keys) as view:
                 page = view.page(workflow=named or None, status=filters.status or None,
                                  limit=PAGE_SIZE)
                 return [ExecutionSummary.of(e) for e in page.executions]
@@ -209,11 +209,11 @@ class Dashboard:
     async def _detail_as_of(self, eid: str, at: str) -> Response:
         """The execution page as of a point: its partition's log folded into a scratch view
         through that point (``engine.asof``); read-only, not live."""
-        log = self.engine.runtime.log
+        log, keys = self.engine.runtime.log, self.engine.runtime.key_store
 
         def read() -> tuple[Execution | None, list[HistoryEntry]]:
             point = asof.parse_point(log, at)
-            with asof.as_of(log, point) as view:
+            with asof.as_of(log, point, keys=keys) as view:
                 return view.execution(eid), view.history(eid) or []
 
         try:

@@ -28,6 +28,7 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── CommandError              a `ploy` command the user can fix (bad --input, no server)
     ├── ExportError               an export directory that cannot be written or imported
     ├── RerunError                a rerun of a live execution, or from a step it never ran
+    ├── SubjectErasedError        a payload sealed with a data subject's key that was erased
     ├── NonRetryableError         raised by user code: fail the step now
     ├── StepTimeoutError          one attempt ran past its timeout
     ├── StepFailedError           a step exhausted its retries
@@ -280,6 +281,17 @@ class RerunError(PloyError):
     def __init__(self, source: str, problem: str, steps: list[str] | None = None):
         self.source, self.problem, self.steps = source, problem, steps
         super().__init__(f"cannot rerun {source}: {problem}")
+
+
+class SubjectErasedError(PloyError):
+    """The key of data ``subject`` is gone (``ploy erase``): its payloads cannot be read
+    or written any more, so the execution ``execution_id`` cannot go on."""
+
+    def __init__(self, subject: str, execution_id: str | None = None):
+        self.subject, self.execution_id = subject, execution_id
+        of = f" (execution {execution_id})" if execution_id else ""
+        super().__init__(f"the key of data subject '{subject}' was erased{of}: its payloads "
+                         "can no longer be read")
 
 
 class NonRetryableError(PloyError):

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel
 
-from engine import models, payloads, waits
+from engine import erasure, models, payloads, waits
 from engine.context import Context
 from engine.durations import backoff_ms, parse_duration
 from engine.errors import (
@@ -47,6 +47,7 @@ from engine.errors import (
     SerializationError,
     StepFailedError,
     StepTimeoutError,
+    SubjectErasedError,
 )
 from engine.events import (
     Body,
@@ -210,6 +211,10 @@ def match_text(match: dict[str, Any] | None) -> str:
     return text
 
 
+def _as_is(text: str) -> str:
+    return text
+
+
 def received_event(wait: dict[str, Any]) -> ReceivedEvent | None:
     """What a recorded wait returns on replay: its event, None after a timeout; Suspend
     while it still waits (or a cancel ended it: the next checkpoint says so)."""
@@ -223,14 +228,20 @@ def received_event(wait: dict[str, Any]) -> ReceivedEvent | None:
     raise Suspend
 
 
-def child_result(key: str, wait: dict[str, Any]) -> Any:
-    """What a recorded invoke returns on replay: the child's output, or StepFailedError."""
+def child_result(key: str, wait: dict[str, Any],
+                 open_text: Callable[[str], str] = _as_is) -> Any:
+    """What a recorded invoke returns on replay: the child's output, or StepFailedError.
+
+    ``open_text`` opens the part of the child's notice sealed with its subject's key.
+    """
     if wait["status"] == waits.TIMED_OUT:
         raise StepFailedError(key, 1, "StepTimeoutError",
                               f"child execution {wait['child_id']} did not end in time")
     if wait["status"] != waits.RECEIVED:
         raise Suspend
     ended = models.loads(wait["event"]["data"])
+    if "sealed" in ended:
+        ended.update(json.loads(open_text(ended.pop("sealed"))))
     if ended["status"] == ExecutionStatus.COMPLETED.value:
         return ended["output"]
     error = ended.get("error") or {}
@@ -270,6 +281,9 @@ class ExecutionRunner:
         self._step_logs: dict[tuple[str, int], int] = {}
         self.cancel_reason: str | None = None
         self.partition = runtime.log.partition_for(self.id)
+        # engine.erasure: a subject's payloads are sealed on the way out, opened on replay.
+        self.subject: str | None = record.get("subject")
+        self._opener = erasure.Opener(runtime.key_store, self.id)
         # The claim this runner was started under: it writes with it, and it stops
         # when its process no longer holds it (even if it claims the partition anew:
         # a runner of the new claim then replays from the view).
@@ -278,8 +292,18 @@ class ExecutionRunner:
     # -- plumbing ----------------------------------------------------------
 
     def _event(self, body: Body) -> Event:
+        if self.subject is not None:
+            body = erasure.seal_body(self.runtime.key_store, self.subject, self.id, body)
         return Event(self.id, self.workflow.name, self.runtime.clock.now(), body,
                      epoch=self.epoch)
+
+    def _open(self, text: str) -> str:
+        """A recorded payload as plaintext; SubjectErasedError once its key is gone."""
+        if self.subject is None:
+            return text
+        if text == erasure.ERASED:  # written after its key was gone
+            raise SubjectErasedError(self.subject, self.id)
+        return self._opener.open(text)
 
     async def _append(self, body: Body) -> None:
         try:
@@ -300,6 +324,8 @@ class ExecutionRunner:
         runtime = self.runtime
         if runtime.stopping:
             raise Shutdown
+        if self.subject is not None and runtime.key_store.get(self.subject) is None:
+            raise SubjectErasedError(self.subject, self.id)  # erased while it ran
         if runtime.scale_out:
             await runtime.ensure_lease()
             if not runtime.may_run(self.partition) or runtime.epoch_of(self.id) != self.epoch:
@@ -321,7 +347,10 @@ class ExecutionRunner:
 
     def _check_size(self, what: str, text: str | None) -> None:
         if text is not None:
-            payloads.check(text, what, self.runtime.config.max_payload_bytes)
+            limit = self.runtime.config.max_payload_bytes
+            if self.subject is not None:
+                limit = erasure.plaintext_limit(limit)  # it is sealed before it is appended
+            payloads.check(text, what, limit)
 
     # -- the handler ----------------------------------------------------------
 
@@ -395,7 +424,7 @@ class ExecutionRunner:
             return WorkflowFailed(*error_fields(exc))
 
     def _input(self) -> Any:
-        data = json.loads(self.record["input"])
+        data = json.loads(self._open(self.record["input"]))
         model = self.workflow.input
         return model.model_validate(data) if model is not None else data
 
@@ -434,7 +463,7 @@ class ExecutionRunner:
         recorded = self.recorded.get(key)
         if recorded is not None:
             if recorded["status"] == "completed":
-                return json.loads(recorded["output"])
+                return json.loads(self._open(recorded["output"]))
             attempt = self._resume_attempt(key, recorded)
             retry_at = recorded["attempts"][-1]["retry_at"] if recorded["attempts"] else None
             if retry_at is not None:
@@ -481,7 +510,7 @@ class ExecutionRunner:
         last = recorded["attempts"][-1] if recorded["attempts"] else None
         if recorded["status"] == "failed" and last is not None and last["error"]:
             err = last["error"]
-            raise StepFailedError(key, last["attempt"], err["type"], err["message"])
+            raise StepFailedError(key, last["attempt"], err["type"], self._open(err["message"]))
         if last is None:
             return 1
         # The last attempt failed, or it never finished (its worker died): either
@@ -591,12 +620,13 @@ class ExecutionRunner:
         key = self._key(name)
         wait = self.waits.get(key)
         if wait is not None:
-            return child_result(key, wait)
+            return child_result(key, wait, self._open)
         child_id = self.runtime.child_id(self.id, key)
 
         async def start_child() -> None:
             try:
-                await self.runtime.trigger_child(target.workflow, input, child_id, self.id, key)
+                await self.runtime.trigger_child(target.workflow, input, child_id, self.id, key,
+                                                 self.subject)
             except AppendError as exc:
                 raise LogUnavailable(str(exc), exc.permanent) from exc
             except PartitionStalledError as exc:  # until an operator skips its corrupt record

@@ -33,6 +33,7 @@ from fastavro.write import Writer
 from connectors.kafka import Batch, make_producer
 from engine.asof import offsets_at
 from engine.codec import Codec
+from engine.erasure import KeyStore, reveal_fields
 from engine.errors import CodecError, CorruptEventError, ExportError
 from engine.events import BODY_TYPES, Event
 from engine.log import EventLog
@@ -78,6 +79,7 @@ class Exported:
     workflow: str | None = None
     since: int | None = None
     until: int | None = None
+    readable: bool = False  # subjects' payloads opened (engine.erasure): never imported
 
     @property
     def events(self) -> int:
@@ -129,8 +131,13 @@ class _File:
 
 def export_log(log: EventLog, out: Path, fmt: str = "avro", *, workflow: str | None = None,
                since: int | None = None, until: int | None = None,
-               on_progress: Progress | None = None) -> Exported:
+               on_progress: Progress | None = None, keys: KeyStore | None = None) -> Exported:
     """Write the events of ``log`` selected by workflow and time into ``out``.
+
+    Payloads sealed with a data subject's key (``engine.erasure``) stay sealed, as on
+    the log, unless ``keys`` is given: a readable export, whose sealed payloads are
+    opened (``[erased]`` once their key is gone). Such an export is a copy of
+    personal data that a later ``ploy erase`` cannot reach.
 
     1. Refuse an ``out`` that already holds an export (nothing is overwritten).
     2. Start each partition at ``since`` (the broker's offsets_for_times: no
@@ -163,7 +170,7 @@ def export_log(log: EventLog, out: Path, fmt: str = "avro", *, workflow: str | N
                 for offset, raw in records:
                     event = _decode(log, p, offset, raw)
                     if _selected(event, workflow, since, until):
-                        files[p].write(to_row(p, offset, event))
+                        files[p].write(_readable(to_row(p, offset, event), keys))
                 done += len(records)
             if on_progress is not None:
                 on_progress(done, max(done, total))
@@ -172,9 +179,15 @@ def export_log(log: EventLog, out: Path, fmt: str = "avro", *, workflow: str | N
             file.close()
     # Step 4.
     exported = Exported(log.topic, log.partitions, fmt, {p: f.count for p, f in files.items()},
-                        workflow, since, until)
+                        workflow, since, until, keys is not None)
     (out / MANIFEST).write_text(json.dumps(asdict(exported), indent=2) + "\n", encoding="utf-8")
     return exported
+
+
+def _readable(row: dict[str, Any], keys: KeyStore | None) -> dict[str, Any]:
+    if keys is None:
+        return row
+    return {**row, "body": reveal_fields(keys, row["execution_id"], row["type"], row["body"])}
 
 
 def _decode(log: EventLog, partition: int, offset: int, raw: bytes) -> Event:
@@ -262,12 +275,15 @@ def import_log(log: EventLog, directory: Path, *, on_progress: Progress | None =
        re-encoded with the codec, and wait for every acknowledgement.
 
     Raises:
-        ExportError: Not an export, cut by time, another partition count, or
-            the topic is not empty.
+        ExportError: Not an export, cut by time, readable, another partition count,
+            or the topic is not empty.
     """
     # Step 1.
     manifest = read_manifest(directory)
     _check_whole(manifest, directory)
+    if manifest.readable:
+        raise ExportError(directory, "is a readable export (--readable): importing it would "
+                          "put data subjects' payloads on the log unsealed")
     if manifest.partitions != log.partitions:
         raise ExportError(directory, f"was exported from {manifest.partitions} partitions, "
                           f"'{log.topic}' has {log.partitions}; an execution's partition "

@@ -38,6 +38,10 @@ Rules the fold keeps:
    begins with is appended; the same trigger, repeated after the copy,
    releases it (rule 1 otherwise). The source's partition (a rerun's id is
    chosen to hash there) lists it under ``r:<source>``.
+9. Retention (``engine.retention``). A finished execution is indexed by its end
+   time; with a retention, each event folded removes the executions that ended
+   more than the retention before its timestamp, and the events of a removed
+   execution are ignored after that.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from typing import Any, cast
 
 from orjson import OPT_SORT_KEYS, dumps, loads
 
-from engine import keys, waits
+from engine import keys, retention, waits
 from engine.errors import InvalidTransitionError
 from engine.events import (
     CLIENT_EVENTS,
@@ -100,11 +104,14 @@ class Tx:
     """
 
     __slots__ = ("_read", "_scan", "_records", "_raw", "_scanned", "_scanned_keys", "_began",
-                 "woken")
+                 "woken", "retention_ms", "ranges")
 
-    def __init__(self, read: Callable[[bytes], bytes | None], scan: Scan | None = None):
+    def __init__(self, read: Callable[[bytes], bytes | None], scan: Scan | None = None,
+                 retention_ms: int | None = None):
         self._read = read
         self._scan = scan
+        self.retention_ms = retention_ms  # engine.retention: None keeps every execution
+        self.ranges: list[tuple[bytes, bytes]] = []  # range deletes, applied after the writes
         self._records: dict[bytes, Record | None] = {}  # decoded; None: absent or deleted
         self._raw: dict[bytes, bytes | None] = {}  # raw values; None deletes
         self._scanned: dict[bytes, bytes | None] = {}  # the raw writes of keys.SCANNED spaces
@@ -115,6 +122,10 @@ class Tx:
     def touch(self, eid: str, status: str | None) -> None:
         """Note the status ``eid`` had before this batch (None: it did not exist)."""
         self._began.setdefault(eid, status)
+
+    def status_before(self, eid: str) -> str | None:
+        """The status ``eid`` had before this batch, if the batch touched it."""
+        return self._began.get(eid)
 
     def is_new(self, eid: str) -> bool:
         """Whether this batch created ``eid`` (touched, and absent from the view before it).
@@ -171,6 +182,37 @@ class Tx:
                 found[key] = value
         return sorted(found.items())
 
+    def first(self, prefix: bytes, after: bytes, stop: bytes, n: int) -> list[bytes]:
+        """The first ``n`` keys in (``after``, ``stop``) of the scanned keyspace ``prefix``,
+        with this batch's writes applied; read lazily from ``after`` on, so a scan never
+        walks what was deleted before it (the caller deletes in key order)."""
+        assert prefix[:2] in keys.SCANNED, prefix
+        lo = max(prefix, after + b"\x00")
+        pending = self._scanned_keys
+        i, end = bisect_left(pending, lo), bisect_left(pending, stop)
+        stored = (k for k, _ in self._scan(lo, stop)) if self._scan is not None else iter(())
+        found: list[bytes] = []
+        stored_key = next(stored, None)
+        while len(found) < n:
+            if i < end and (stored_key is None or pending[i] <= stored_key):
+                candidate = pending[i]  # written in this batch: its value decides
+                i += 1
+                if candidate == stored_key:
+                    stored_key = next(stored, None)
+                if self._scanned[candidate] is not None:
+                    found.append(candidate)
+            elif stored_key is not None:
+                found.append(stored_key)  # not written in this batch (else pending had it)
+                stored_key = next(stored, None)
+            else:
+                break
+        return found
+
+    def delete_range(self, start: bytes, stop: bytes) -> None:
+        """Delete every key in [start, stop), in the store and as written by this batch:
+        the view applies range deletes after the batch's writes."""
+        self.ranges.append((start, stop))
+
     def delete(self, key: bytes, new: bool = False) -> None:
         """Delete ``key``. ``new``: it belongs to an execution this batch created, so only
         this batch put it: the put is dropped and no tombstone is written."""
@@ -220,7 +262,15 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
     """Fold one event (found at ``partition``/``offset`` as ``raw``) into ``tx``.
 
     Returns False for an event that changes no execution (a claim, or fenced).
+    Then, with a retention, remove the executions that ended long enough before
+    it (``engine.retention``); an event the fold refuses removes none.
     """
+    changed = _apply(tx, event, partition, offset, raw)
+    retention.expire(tx, event.timestamp)
+    return changed
+
+
+def _apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool:
     eid = event.execution_id
     body = event.body
     if isinstance(body, PartitionReleased):
@@ -236,6 +286,8 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
     eid_key = eid.encode()
     ex_key = keys.EXECUTION + eid_key
     ex = tx.get(ex_key)
+    if ex is None and retention.is_gone(tx, eid):
+        return False  # removed from the view by retention: the log keeps its events
     tx.touch(eid, None if ex is None else ex["status"])
     if isinstance(body, WorkflowTriggered):
         if ex is None:
@@ -324,6 +376,9 @@ def new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Reco
         "cancel_reason": None,
         "parent_id": body.parent_id,
         "parent_step": body.parent_step,
+        # engine.erasure: only an execution with a data subject has the key, so the
+        # records of all others keep their bytes
+        **({} if body.subject is None else {"subject": body.subject}),
     }
 
 
@@ -344,6 +399,7 @@ def _finish(tx: Tx, ex: Record, status: str, ts: int) -> bool:
     ex["status"] = status
     ex["ended_at"] = ts
     tx.delete(keys.active(ex["id"]), tx.is_new(ex["id"]))
+    retention.ended(tx, ex["id"], ts)
     if ex["sleeping_on"] is not None:
         sleep_key = keys.sleep(ex["id"], ex["sleeping_on"])
         sleep = tx.get(sleep_key)

@@ -189,6 +189,7 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/as-of", api.as_of),
         admin.route(f"{API}/executions/{{id}}/rerun", api.rerun, write=True),
         admin.route(f"{API}/rerun", api.rerun_many, write=True),
+        admin.route(f"{API}/subjects/{{subject}}/erase", api.erase, write=True),
         Route(DASHBOARD, redirect),
         admin.route(f"{DASHBOARD}/", pages.index, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
@@ -565,6 +566,13 @@ class _TriggerBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: Any = None
     idempotency_key: str | None = None
+    subject: str | None = None  # the data subject whose key seals its payloads
+
+
+class _EraseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str
+    actor: str | None = None  # who, as the client says: kept only without an admin token
 
 
 class _CancelBody(BaseModel):
@@ -649,10 +657,13 @@ class _Api:
         return _json(200, execution.model_dump(mode="json"))
 
     async def history(self, request: Request) -> Response:
-        execution = await self._get(request)
-        events = await self.engine.history(execution.execution_id,
-                                                   **_routed(request)) or []
-        return _json(200, {"execution_id": execution.execution_id,
+        """Every event of the execution; of one that retention removed from the view too
+        (read from its partition of the log: ``engine.retention``)."""
+        eid = request.path_params["id"]
+        events = await self.engine.history(eid, **_routed(request))
+        if events is None:
+            raise _Reject(404, {"error": f"unknown execution '{eid}'"})
+        return _json(200, {"execution_id": eid,
                            "events": [e.model_dump(mode="json") for e in events]})
 
     async def result(self, request: Request) -> Response:
@@ -750,7 +761,8 @@ class _Api:
             raise _Reject(404, {"error": f"unknown binding '{binding}'", "bindings": known})
         body = await _read_body(request, _TriggerBody)
         try:
-            result = await env[binding].trigger(body.input, idempotency_key=body.idempotency_key)
+            result = await env[binding].trigger(body.input, idempotency_key=body.idempotency_key,
+                                                subject=body.subject)
         except InvalidInputError as exc:
             raise _Reject(422, {"error": str(exc), "details": exc.errors}) from None
         except InvalidKeyError as exc:
@@ -759,12 +771,25 @@ class _Api:
             raise _Reject(413, {"error": str(exc)}) from None
         except PartitionStalledError as exc:
             raise _Reject(503, {"error": str(exc)}) from None
+        except ValueError as exc:  # a bad subject
+            raise _Reject(422, {"error": str(exc)}) from None
         eid = result["execution_id"]
         partition = self.engine.runtime.log.partition_for(eid)
         # Read-your-writes from anywhere: GET .../executions/{id}?min_offset=<offset>
         # answers once the view holds this trigger.
         return _json(201, {"execution_id": eid, "partition": partition,
                            "offset": self.engine.runtime.log.high_acked.get(partition)})
+
+    async def erase(self, request: Request) -> Response:
+        """Destroy a data subject's key and record who and why (``ploy erase``)."""
+        body = await _read_body(request, _EraseBody)
+        assert isinstance(body, _EraseBody)
+        try:
+            erased = await self.engine.erase(request.path_params["subject"],
+                                             body.reason, self._actor(body.actor))
+        except ValueError as exc:  # a bad subject, no reason
+            raise _Reject(422, {"error": str(exc)}) from None
+        return _json(200, erased)
 
     async def send_event(self, request: Request) -> Response:
         """An event for waiting executions: every matching waiter, or ``execution_id`` only."""
@@ -830,7 +855,8 @@ class _Api:
         try:
             found = await asyncio.to_thread(
                 asof.answer, self.engine.runtime.log, q["at"], execution_id=q.get("id"),
-                workflow=workflow, status=status, limit=limit)
+                workflow=workflow, status=status, limit=limit,
+                keys=self.engine.runtime.key_store)
         except CommandError as exc:
             raise _Reject(422, {"error": str(exc)}) from None
         if found is None:

@@ -43,10 +43,15 @@ WAITER = b"W:"  # W:<type>\0<paths>\0<values>\0<id>\0<wait> -> b"" (who waits fo
 WAIT_SHAPE = b"V:"  # V:<type>\0<paths>              -> count of waiters matching on those paths
 RECEIVED = b"R:"  # R:<id>\0<source>\0<event id>  -> b"" (an execution received this event)
 EVENT_STATS = b"m:events"  # {"received", "duplicates", "delivered", "dropped_unmatched"} (JSON)
-SCANNED = (EVENT, WAITER, WAIT_SHAPE)  # keyspaces the fold scans (engine.fold.Tx.scan)
+# Retention of the view (``engine.retention``): finished executions by end time, a
+# tombstone per execution it removed, and where its removal stands.
+ENDED = b"u:"  # u:<ended_at u64><id>          -> b"" (finished executions, oldest end first)
+GONE = b"g:"  # g:<id>                         -> b"" (removed by retention; the log has it)
+RETENTION = b"m:retention"  # {"next_at": oldest end not removed (None: none), "after": key}
+SCANNED = (EVENT, WAITER, WAIT_SHAPE, ENDED)  # keyspaces the fold scans (engine.fold.Tx.scan)
 RERUN = b"r:"  # r:<source id>\0<offset u64>   -> the id of a rerun of it, triggered there
-INDEXES = b"m:indexes"  # the listing indexes' version: present once they cover every execution
-INDEXES_VERSION = b"1"
+INDEXES = b"m:indexes"  # the indexes' version: present once they cover every execution
+INDEXES_VERSION = b"2"  # 2: with the index of ended executions (engine.retention)
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
@@ -127,6 +132,14 @@ def skipped(offset: int) -> bytes:
 
 def rerun(source: str, offset: int) -> bytes:
     return RERUN + source.encode() + SEP + u64(offset)
+
+
+def ended(ended_at: int, eid: str) -> bytes:
+    return ENDED + u64(ended_at) + eid.encode()
+
+
+def gone(eid: str) -> bytes:
+    return GONE + eid.encode()
 
 
 def active(eid: str) -> bytes:

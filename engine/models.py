@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.payloads import scrub
+from engine.payloads import ERASED, SEALED, scrub
 
 
 class ExecutionStatus(StrEnum):
@@ -167,6 +167,8 @@ class Execution(BaseModel):
     rerun_reason: str | None = None
     reruns: list[str] = []
     """The reruns of this execution, oldest first."""
+    subject: str | None = None
+    """The data subject whose key seals its payloads (``trigger(..., subject=)``)."""
 
 
 class ExecutionSummary(BaseModel):
@@ -226,5 +228,7 @@ def loads(text: str | None) -> Any:
     """
     if text is None:
         return None
+    if text.startswith(SEALED) or text == ERASED:
+        return text  # a subject's sealed payload: engine.erasure opens it, or shows "[erased]"
     value = json.loads(text)
     return scrub(value) if "\\ud" in text or "\\uD" in text else value

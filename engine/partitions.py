@@ -46,9 +46,10 @@ class Partitions:
     """Views of every partition; the fold thread for those followed."""
 
     def __init__(self, log: EventLog, state_path: Path,
-                 on_applied: Callable[[int, Applied], None]):
+                 on_applied: Callable[[int, Applied], None], retention_ms: int | None = None):
         self.log = log
         self.state_path = state_path
+        self.retention_ms = retention_ms  # engine.retention
         self.on_applied = on_applied
         self.views: dict[int, PartitionView] = {}
         self.following: set[int] = set()
@@ -70,7 +71,7 @@ class Partitions:
         """Open the view of every partition (cheap; only followed ones are folded)."""
         for p in range(self.log.partitions):
             self.views[p] = PartitionView(self.state_path / f"p{p}", self.log.topic, p,
-                                          self.log.codec)
+                                          self.log.codec, retention_ms=self.retention_ms)
             self._waiters[p] = []
 
     async def start(self, follow: Iterable[int]) -> None:

@@ -25,6 +25,8 @@ from engine.errors import InvalidKeyError, PayloadTooDeepError, PayloadTooLargeE
 
 MAX_DEPTH = 100  # arrays and objects inside each other
 MAX_KEY_BYTES = 1024  # an idempotency key is an id, not a payload
+SEALED = "ploy-enc:v1:"  # a payload sealed with a data subject's key (engine.erasure)
+ERASED = "[erased]"  # ... or written after that key was gone (never valid JSON)
 
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
 _BRACKETS = re.compile(r"[\[\]{}]")

@@ -15,7 +15,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from engine.directory import Directory
-from engine.errors import NotFoldedHereError, OwnerUnavailableError
+from engine.erasure import KeyStore, reveal_entry, reveal_execution, reveal_history, reveal_summary
+from engine.errors import CodecError, NotFoldedHereError, OwnerUnavailableError
 from engine.events import (
     CancelRequested,
     Event,
@@ -41,6 +42,7 @@ class Queries:
     log: EventLog
     partitions: Partitions
     directory: Directory | None
+    key_store: KeyStore  # opens data subjects' sealed payloads for every answer
     _watchers: dict[str, list[asyncio.Queue[Seen]]]
     _listers: list[ChangeFeed]
 
@@ -84,7 +86,8 @@ class Queries:
         partition = self.log.partition_for(execution_id)
         view = await self._local_view(partition, min_offset)
         if view is not None:
-            return await asyncio.to_thread(build_execution, view, execution_id)
+            return await asyncio.to_thread(
+                lambda: reveal_execution(self.key_store, build_execution(view, execution_id)))
         if local:
             raise NotFoldedHereError(partition)
         status, payload = await self._ask(partition, f"/executions/{execution_id}", min_offset)
@@ -101,8 +104,11 @@ class Queries:
         view = await self._local_view(partition, min_offset)
         if view is not None:
             if view.record(execution_id) is None:
-                return None
-            return await asyncio.to_thread(history_entries, view, execution_id)
+                if not view.gone(execution_id):
+                    return None
+                return await asyncio.to_thread(self._history_in_log, execution_id, partition)
+            return await asyncio.to_thread(lambda: reveal_history(
+                self.key_store, history_entries(view, execution_id), execution_id))
         if local:
             raise NotFoldedHereError(partition)
         status, payload = await self._ask(partition, f"/executions/{execution_id}/history",
@@ -112,6 +118,24 @@ class Queries:
         if status != 200:
             raise OwnerUnavailableError(partition, f"answered {status}: {payload}")
         return [HistoryEntry.model_validate(e) for e in payload["events"]]
+
+    def _history_in_log(self, execution_id: str, partition: int) -> list[HistoryEntry]:
+        """The history of an execution that retention removed from the view (``engine.
+        retention``): a read of its whole partition of the log, filtered by id. It costs
+        a scan of the partition (seconds for millions of events): for audits, not polling."""
+        wanted = execution_id.encode()
+        entries = []
+        for batches in self.log.read_until_end({partition: 0}):
+            for offset, raw in batches.get(partition, []):
+                if wanted not in raw:
+                    continue  # cheaper than decoding: most records are of other executions
+                try:
+                    event = self.log.codec.decode(raw)
+                except CodecError:
+                    continue  # the fold stopped there; the id is not its concern
+                if event.execution_id == execution_id:
+                    entries.append(_entry(partition, offset, event))
+        return reveal_history(self.key_store, entries, execution_id) or []
 
     # -- results pushed, not polled ----------------------------------------------------
 
@@ -244,7 +268,7 @@ class Queries:
                     continue
                 if offset > seen[0]:
                     seen[0] = offset
-                    yield _entry(p, offset, event)
+                    yield reveal_entry(self.key_store, _entry(p, offset, event), execution_id)
 
     async def _stream_at_owner(self, execution_id: str,
                                seen: list[int]) -> AsyncIterator[HistoryEntry]:
@@ -294,7 +318,8 @@ class Queries:
                 raise OwnerUnavailableError(owned[0], f"answered {code}: {payload}")
             pages.append(Page.from_json(payload))
         merged = merge(pages, offset + limit)
-        return Page(merged.executions[offset:], merged.next)
+        return Page([reveal_summary(self.key_store, e) for e in merged.executions[offset:]],
+                    merged.next)
 
 
 class ChangeFeed:

@@ -70,6 +70,7 @@ def rebuild(
     state_path: Path,
     on_progress: Progress | None = None,
     workers: int | None = None,
+    retention_ms: int | None = None,
 ) -> tuple[int, float]:
     """Delete the view of ``log.topic`` under ``state_path`` and refold every partition.
 
@@ -89,6 +90,8 @@ def rebuild(
         on_progress: Called after each folded batch with (done, estimated total).
         workers: Processes that fold in parallel (default: one per CPU, at most
             one per partition).
+        retention_ms: The ``retention`` of ploy.yaml (``engine.retention``): the live
+            view's, so that the rebuilt one is byte-identical to it.
 
     Returns:
         (events folded, seconds taken).
@@ -115,9 +118,10 @@ def rebuild(
         on_progress(0, total)
     # Step 3.
     if workers == 1:
-        done = _fold(log, state_path, groups[0], lambda n: _report(on_progress, n, total))
+        done = _fold(log, state_path, groups[0], lambda n: _report(on_progress, n, total),
+                     retention_ms=retention_ms)
     else:
-        done = _fold_in_processes(log, state_path, groups, on_progress, total)
+        done = _fold_in_processes(log, state_path, groups, on_progress, total, retention_ms)
     if on_progress is not None:
         on_progress(done, done)
     return done, time.perf_counter() - started
@@ -162,11 +166,13 @@ def fold_through(log: EventLog, state_path: Path, last: Mapping[int, int],
 
 
 def _fold(log: EventLog, state_path: Path, partitions: list[int],
-          folded: Callable[[int], None], last: Mapping[int, int] | None = None) -> int:
+          folded: Callable[[int], None], last: Mapping[int, int] | None = None,
+          retention_ms: int | None = None) -> int:
     """Fold ``partitions`` from offset 0 to their end (or through ``last[p]``);
     ``folded(total so far)`` per batch."""
     # No write-ahead log: a rebuild that dies starts over (see PartitionView).
-    views = {p: PartitionView(state_path / f"p{p}", log.topic, p, log.codec, wal=False)
+    views = {p: PartitionView(state_path / f"p{p}", log.topic, p, log.codec, wal=False,
+                              retention_ms=retention_ms)
              for p in partitions}
     done = 0
     stopped: set[int] = set()  # partitions folded through their last offset
@@ -197,12 +203,14 @@ def _through(records: list[tuple[int, bytes]], last: int, partition: int,
 
 
 def _fold_in_processes(log: EventLog, state_path: Path, groups: list[list[int]],
-                       on_progress: Progress | None, total: int) -> int:
+                       on_progress: Progress | None, total: int,
+                       retention_ms: int | None = None) -> int:
     # spawn, not fork: a forked librdkafka client (its threads) is not safe to use.
     context = multiprocessing.get_context("spawn")
     queue: Any = context.Queue()
     prefix = log.topic.removesuffix(".events")
-    args = (log.bootstrap_servers, prefix, log.partitions, log.extra, str(state_path))
+    args = (log.bootstrap_servers, prefix, log.partitions, log.extra, str(state_path),
+            retention_ms)
     procs = [context.Process(target=_child, args=(*args, group, i, queue), daemon=True)
              for i, group in enumerate(groups)]
     for proc in procs:
@@ -226,11 +234,12 @@ def _fold_in_processes(log: EventLog, state_path: Path, groups: list[list[int]],
 
 
 def _child(servers: str, prefix: str, partitions: int, extra: dict[str, Any], state: str,
-           group: list[int], index: int, queue: Any) -> None:
+           retention_ms: int | None, group: list[int], index: int, queue: Any) -> None:
     """A rebuild process: fold one group of partitions, report counts on ``queue``."""
     log = EventLog(servers, prefix, partitions, extra=extra)
     try:
-        done = _fold(log, Path(state), group, lambda n: queue.put(("progress", index, n)))
+        done = _fold(log, Path(state), group, lambda n: queue.put(("progress", index, n)),
+                     retention_ms=retention_ms)
         queue.put(("done", index, done))
     except CorruptEventError as exc:
         queue.put(("error", index, (exc.topic, exc.partition, exc.offset, exc.cause)))

@@ -11,6 +11,8 @@ moved), or when the new code ends while recorded steps remain. It *fails*
 when the new code raises where the recorded run did not (a recorded output
 it no longer reads, say). Replay stops, with no verdict against the code,
 where the history stops (a step still running, a sleep still pending).
+An execution whose data subject's key was erased (``engine.erasure``) cannot
+be replayed: its verdict is ``erased``, which fails no check.
 
 The histories come from a scratch fold of the whole log (as ``ploy view
 --as-of``), so a running worker is neither read from nor disturbed.
@@ -27,7 +29,8 @@ from typing import Any
 from engine.builder import Worker, WorkflowDef
 from engine.context import Context
 from engine.durations import parse_duration
-from engine.errors import StepFailedError
+from engine.erasure import PREFIX, KeyStore, Opener
+from engine.errors import StepFailedError, SubjectErasedError
 from engine.execution import Suspend, child_result, received_event
 from engine.listing import list_page
 from engine.view import PartitionView
@@ -44,7 +47,8 @@ class Verdict:
 
     ``outcome``: ``ok``, ``diverged`` (at step position ``position``: the recorded
     key ``recorded``, the key the new code asked for ``asked``, None when the
-    new code ended there), or ``failed`` (``error``: what the new code raised).
+    new code ended there), ``failed`` (``error``: what the new code raised), or
+    ``erased`` (its payloads are unreadable: not replayed).
     """
 
     execution_id: str
@@ -167,13 +171,42 @@ def _outcome(step: dict[str, Any]) -> Any:
     raise _HistoryEnds
 
 
-async def check_execution(view: PartitionView, eid: str, workflow: WorkflowDef) -> Verdict:
+def _opened(opener: Opener, record: dict[str, Any], steps: list[dict[str, Any]]
+            ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The record and steps of a data subject's execution with what replay reads opened
+    (its input, step outputs, error messages, children's notices)."""
+    return {**record, "input": opener.open(record["input"])}, [_opened_step(opener, s)
+                                                               for s in steps]
+
+
+def _opened_step(opener: Opener, step: dict[str, Any]) -> dict[str, Any]:
+    if step["kind"] == "step":
+        output = step["output"]
+        attempts = [{**a, "error": a["error"] and {
+            **a["error"], "message": opener.open(a["error"]["message"])}}
+            for a in step["attempts"]]
+        return {**step, "output": output and opener.open(output), "attempts": attempts}
+    event = step.get("event")
+    if step["kind"] in WAIT_KINDS and event and PREFIX in event["data"]:
+        data = json.loads(event["data"])
+        data.update(json.loads(opener.open(data.pop("sealed"))))
+        return {**step, "event": {**event, "data": json.dumps(data)}}
+    return step
+
+
+async def check_execution(view: PartitionView, eid: str, workflow: WorkflowDef,
+                          keys: KeyStore | None = None) -> Verdict:
     """Replay one recorded execution on ``workflow``'s handler; its verdict."""
     record = view.record(eid)
     assert record is not None
     status = record["status"]
     ended = status in ("completed", "failed", "cancelled")
     steps = view.steps(eid)
+    if record.get("subject") is not None:
+        try:
+            record, steps = _opened(Opener(keys, eid), record, steps)
+        except SubjectErasedError:
+            return Verdict(eid, record["workflow"], status, "erased")
     runner = ReplayRunner(steps, ended and status != "cancelled")
     verdict = Verdict(eid, record["workflow"], status, "ok")
     try:
@@ -199,8 +232,10 @@ async def check_execution(view: PartitionView, eid: str, workflow: WorkflowDef) 
 
 
 async def replay_check(views: list[PartitionView], worker: Worker, *,
-                       workflow: str | None = None, limit: int = 1000) -> list[Verdict]:
-    """Replay the ``limit`` newest executions (of ``workflow``) on ``worker``'s code."""
+                       workflow: str | None = None, limit: int = 1000,
+                       keys: KeyStore | None = None) -> list[Verdict]:
+    """Replay the ``limit`` newest executions (of ``workflow``) on ``worker``'s code
+    (``keys`` opens data subjects' payloads)."""
     page = list_page(views, workflow=workflow, limit=limit)
     verdicts = []
     for summary in page.executions:
@@ -211,5 +246,5 @@ async def replay_check(views: list[PartitionView], worker: Worker, *,
                                     summary.status.value, "failed",
                                     error=f"the new code has no workflow '{summary.workflow}'"))
             continue
-        verdicts.append(await check_execution(view, summary.execution_id, definition))
+        verdicts.append(await check_execution(view, summary.execution_id, definition, keys))
     return verdicts

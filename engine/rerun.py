@@ -37,9 +37,11 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from engine import erasure
 from engine.errors import RerunError
 from engine.events import (
     BODY_TYPES,
+    Body,
     CancelRequested,
     Event,
     WorkflowCancelled,
@@ -143,8 +145,12 @@ async def rerun(runtime: Runtime, source: str, from_step: str | None = None, *,
     # Step 3.
     eid = colocated_id(runtime, source)
     trigger = history[0].body
-    body = WorkflowTriggered(trigger["input"], rerun_of=source, rerun_offset=cut, actor=actor,
-                             reason=reason)
+    subject = trigger.get("subject")
+    if subject is not None and runtime.key_store.get(subject) is None:
+        raise RerunError(source, f"the key of its data subject '{subject}' was erased")
+    body = _sealed(runtime, subject, eid, WorkflowTriggered(
+        trigger["input"], rerun_of=source, rerun_offset=cut, subject=subject, actor=actor,
+        reason=reason))
     workflow = record.workflow
     # Step 4.
     await runtime.log.append(Event(eid, workflow, runtime.clock.now(), body,
@@ -152,12 +158,18 @@ async def rerun(runtime: Runtime, source: str, from_step: str | None = None, *,
     # Step 5.
     epoch = _epoch(runtime, eid)
     for entry in copies:
-        copied = BODY_TYPES[entry.type](**entry.body)
+        copied = _sealed(runtime, subject, eid, BODY_TYPES[entry.type](**entry.body))
         await runtime.log.append(Event(eid, workflow, runtime.clock.now(), copied, epoch=epoch))
     # Step 6.
     await runtime.log.append(Event(eid, workflow, runtime.clock.now(), body,
                                    epoch=runtime.epoch_of(eid)))
     return Rerun(source, eid, step, cut, len(copies))
+
+
+def _sealed(runtime: Runtime, subject: str | None, eid: str, body: Body) -> Body:
+    """A copy sealed anew for the rerun: the history read opened the source's payloads,
+    and a sealed value is bound to its execution's id (``engine.erasure``)."""
+    return erasure.seal_body(runtime.key_store, subject, eid, body)
 
 
 def _epoch(runtime: Runtime, eid: str) -> int:

@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from engine import payloads, waits
+from engine import erasure, payloads, waits
 from engine.bindings import Env, WorkflowBinding
 from engine.builder import Worker, WorkflowDef
 from engine.clock import Clock
@@ -60,6 +60,7 @@ from engine.events import (
     EventSent,
     RecordSkipped,
     StepResolved,
+    SubjectErased,
     TimerFired,
     WaitStarted,
     WorkflowCancelled,
@@ -111,9 +112,11 @@ class Runtime(Queries):
             for name, binding in config.workflow.items()
         }, self)
         self.runners: dict[str, ExecutionRunner] = {}
+        self.key_store = erasure.KeyStore(config.key_dir)  # data subjects' keys
         self.threads = StepThreads(max_threads)
         self.stopping = False
-        self.partitions = Partitions(log, self.state_path, self._on_applied)
+        self.partitions = Partitions(log, self.state_path, self._on_applied,
+                                     config.retention_ms)
         self.ownership = Ownership(
             log, self.partitions, worker_id=self.worker_id, group_id=config.kafka.group_id,
             clock=self.clock, spawn=self._spawn, running_on=self._running_on,
@@ -484,7 +487,7 @@ class Runtime(Queries):
         return workflow
 
     async def trigger(self, workflow: str, input: Any, *,
-                      idempotency_key: str | None = None) -> str:
+                      idempotency_key: str | None = None, subject: str | None = None) -> str:
         """Validate, then append ``WorkflowTriggered``; return the execution id.
 
         1. Validate ``input`` against the workflow's input model (nothing is
@@ -497,12 +500,18 @@ class Runtime(Queries):
            value in hand (as a step goes on after its ack): the fold's
            ``WorkflowTriggered`` then starts nothing. If the fold got there
            first, it has started it already.
+
+        With a ``subject`` the input is sealed with that subject's key (created on
+        its first trigger) before step 4, and so is every payload the execution
+        records (``engine.erasure``).
         """
         wf = self._workflow(workflow)
         # Step 1.
         text = self._input_json(wf, input)
         if idempotency_key is not None:
             payloads.check_key(idempotency_key)
+        if subject is not None:
+            erasure.check_subject(subject)
         # Step 2.
         if idempotency_key is None:
             eid = uuid.uuid4().hex
@@ -515,7 +524,13 @@ class Runtime(Queries):
         stalled = self.stalled.get(self.log.partition_for(eid))
         if stalled is not None:  # accepted, it would vanish: nothing folds there
             raise PartitionStalledError(self.log.topic, stalled.partition, stalled.offset)
-        await self._append_trigger(wf, eid, WorkflowTriggered(text, idempotency_key))
+        if subject is not None:
+            payloads.check(text, "workflow input",
+                           erasure.plaintext_limit(self.config.max_payload_bytes))
+            key = await asyncio.to_thread(self.key_store.ensure, subject)
+            text = erasure.seal(key, subject, eid, text)
+        await self._append_trigger(wf, eid, WorkflowTriggered(text, idempotency_key,
+                                                              subject=subject))
         return eid
 
     async def _append_trigger(self, wf: WorkflowDef, eid: str, body: WorkflowTriggered) -> None:
@@ -526,7 +541,7 @@ class Runtime(Queries):
         if (view is not None and view.next_offset <= offset and partition in self.owned
                 and partition not in self.stalled and not self.stopping
                 and eid not in self.runners and eid not in self._started_on_ack
-                and view.record(eid) is None):
+                and view.record(eid) is None and not view.gone(eid)):  # gone: retention
             self._started_on_ack.add(eid)
             self._run(ExecutionRunner(self, new_execution(event, body, partition), [], wf))
 
@@ -538,16 +553,18 @@ class Runtime(Queries):
         return uuid.uuid5(ID_NAMESPACE, f"{parent_id}\x00child\x00{step_key}").hex
 
     async def trigger_child(self, workflow: str, input: Any, child_id: str, parent_id: str,
-                            parent_step: str) -> None:
+                            parent_step: str, subject: str | None = None) -> None:
         """Start the child of a ``ctx.step.invoke`` (a second trigger of its id changes
-        nothing: the fold keeps the first)."""
+        nothing: the fold keeps the first); it inherits its parent's ``subject``."""
         wf = self._workflow(workflow)
         text = self._input_json(wf, input)
+        if subject is not None:
+            text = erasure.seal_text(self.key_store, subject, child_id, text)
         stalled = self.stalled.get(self.log.partition_for(child_id))
         if stalled is not None:
             raise PartitionStalledError(self.log.topic, stalled.partition, stalled.offset)
         await self._append_trigger(wf, child_id, WorkflowTriggered(
-            text, None, parent_id=parent_id, parent_step=parent_step))
+            text, None, parent_id=parent_id, parent_step=parent_step, subject=subject))
 
     async def notify_parent(self, record: dict[str, Any], end: Any) -> None:
         """Tell a child's parent how it ended: an event to the parent alone, whose id is
@@ -556,6 +573,7 @@ class Runtime(Queries):
         data = {"execution_id": record["id"], "workflow": record["workflow"], "status": status,
                 "output": None if output is None else json.loads(output), "error": error}
         parent = record["parent_id"]
+        data = erasure.seal_notice(self.key_store, record.get("subject"), parent, data)
         await self.log.append(Event(parent, "", self.clock.now(), EventSent(
             f"{record['id']}/ended", CHILD_ENDED, f"ploy/{record['workflow']}",
             self.clock.now(), json.dumps(data, separators=(",", ":")), target=parent)))
@@ -720,6 +738,21 @@ class Runtime(Queries):
                       RecordSkipped(partition, offset, reason, actor))
         _, at = await self.log.append(event, partition=partition)
         return at
+
+    async def erase(self, subject: str, reason: str, actor: str) -> dict[str, Any]:
+        """Destroy ``subject``'s key, then append ``SubjectErased`` (who and why) to
+        partition 0 under ``subject-<subject>``: from then on no read, rebuild, export or
+        archive can open that subject's payloads. Repeating it is harmless (the key is
+        already gone; another audit record is appended)."""
+        erasure.check_subject(subject)
+        if not reason.strip():
+            raise ValueError("an erasure needs a reason (it is kept on the log for the audit)")
+        destroyed = await asyncio.to_thread(self.key_store.destroy, subject)
+        event = Event(f"subject-{subject}", "", self.clock.now(),
+                      SubjectErased(subject, actor, reason))
+        partition, offset = await self.log.append(event, partition=0)
+        return {"subject": subject, "key_destroyed": destroyed, "partition": partition,
+                "offset": offset}
 
 
 def _ending(end: Any) -> tuple[str, str | None, dict[str, str] | None]:

@@ -59,7 +59,7 @@ class PartitionView:
     """The folded state of one partition of the events topic."""
 
     def __init__(self, path: Path, topic: str, partition: int, codec: Codec | None = None,
-                 *, wal: bool = True):
+                 *, wal: bool = True, retention_ms: int | None = None):
         """Open (or create) the partition's RocksDB at ``path``.
 
         ``wal=False`` writes without RocksDB's write-ahead log, for a rebuild: a
@@ -68,6 +68,7 @@ class PartitionView:
         :meth:`close` flushes.
         """
         self.path, self.topic, self.partition = path, topic, partition
+        self.retention_ms = retention_ms  # finished executions leave (engine.retention)
         self.codec = codec or default_codec()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = Rdict(str(path), _options())
@@ -83,19 +84,29 @@ class PartitionView:
             self._build_indexes()
 
     def _build_indexes(self) -> None:
-        """Give a view folded before the listing indexes existed its indexes (once).
+        """Give a view folded before the listing indexes (or the index of ended
+        executions, ``engine.retention``) existed its indexes (once).
 
         The indexes are a function of the execution records alone (the fold's
-        rule 7), so this writes the bytes a refold from offset 0 would write.
+        rules 7 and 9), so this writes the bytes a refold from offset 0 would write.
         An empty view only gets the version marker, which every view carries.
         """
         batch = WriteBatch(raw_mode=True)
+        oldest_end: int | None = None
+        ends = self.db.get(keys.RETENTION) is None  # a view folded before that index
         for key, value in self._scan(keys.EXECUTION):
             ex = json.loads(value)
             eid = key[len(keys.EXECUTION):].decode()
             for status in (None, ex["status"]):
                 for index in keys.listing_keys(ex["workflow"], status, ex["created_at"], eid):
                     batch.put(index, b"")
+            if ex["ended_at"] is not None and ends:
+                batch.put(keys.ended(ex["ended_at"], eid), b"")  # engine.retention, rule 1
+                at = ex["ended_at"]
+                oldest_end = at if oldest_end is None else min(oldest_end, at)
+        if oldest_end is not None:
+            batch.put(keys.RETENTION, json.dumps({"after": "", "next_at": oldest_end},
+                                                 sort_keys=True, separators=(",", ":")).encode())
         batch.put(keys.INDEXES, keys.INDEXES_VERSION)
         self.db.write(batch)
 
@@ -109,7 +120,7 @@ class PartitionView:
         CorruptEventError names its topic, partition and offset. Nothing after
         it is folded; the caller stops the partition (never skips the record).
         """
-        tx = fold.Tx(self.db.get, self._range)
+        tx = fold.Tx(self.db.get, self._range, self.retention_ms)
         applied: list[tuple[int, Event]] = []
         next_offset = self.next_offset
         failure: CorruptEventError | None = None
@@ -135,6 +146,8 @@ class PartitionView:
                     batch.delete(key)
                 else:
                     batch.put(key, value)
+            for start, stop in tx.ranges:  # after the writes: it removes them too
+                batch.delete_range(start, stop)
             batch.put(keys.NEXT_OFFSET, keys.u64(next_offset))
             self.db.write(batch, self._write_options)
             self.next_offset = next_offset
@@ -178,6 +191,10 @@ class PartitionView:
         raw = self.db.get(keys.EVENT_STATS)
         return {"received": 0, "duplicates": 0, "delivered": 0, "dropped_unmatched": 0,
                 **({} if raw is None else json.loads(raw))}
+
+    def gone(self, eid: str) -> bool:
+        """Whether retention removed ``eid`` from this view (the log still has it)."""
+        return self.db.get(keys.gone(eid)) is not None
 
     def record(self, eid: str) -> dict[str, Any] | None:
         """The raw execution record (for the runtime), or None."""
@@ -347,6 +364,7 @@ def build_execution(view: PartitionView, eid: str) -> Execution | None:
         rerun_actor=ex.get("rerun_actor"),
         rerun_reason=ex.get("rerun_reason"),
         reruns=view.reruns(eid),
+        subject=ex.get("subject"),
     )
 
 
