@@ -181,7 +181,8 @@ async def test_children_in_parallel_one_fails_and_a_replay_starts_no_second_chil
         child = await engine.get_execution(child_id)
         assert child is not None and child.parent_id == ok.execution_id
         assert CALLS[child_id] == 1
-    bad = await engine.env.PARENT.trigger({"kids": [{"n": 1}, {"n": 2, "fail": True}]})
+    bad = await engine.env.PARENT.trigger({"kids": [{"n": 1}, {"n": 2, "fail": True},
+                                                    {"n": 3}]})
     result = await bad.result(timeout=30)
     assert result["failed"] == "kid-1" and "child 2 failed" in result["error"]
 
