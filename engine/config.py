@@ -18,6 +18,7 @@ from keyword import iskeyword
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -31,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from engine.cron import Cron, Timing
 from engine.durations import parse_duration
 from engine.errors import ConfigError, DurationError
 
@@ -42,6 +44,7 @@ _YAML_NAME = {
     "max_ms": "max",
     "connect_timeout_s": "connect_timeout",
     "timeout_s": "timeout",
+    "every_ms": "every",
 }
 _NOT_IN_YAML = ("path", "root")
 
@@ -229,6 +232,56 @@ SINK_KINDS: dict[str, type[BaseModel]] = {
 }
 
 
+class ScheduleConfig(BaseModel):
+    """``schedules:`` entry: start the workflow of ``binding`` on a cron or an interval.
+
+    ``catchup`` decides what a firing that is late by more than ``LATE_MS`` (the
+    engine was down, the schedule's partition was moving) does: ``skip`` it,
+    run ``once`` for the latest missed fire time, or run ``all`` of them (the
+    latest ``catchup_limit``). ``overlap: skip`` starts nothing while the
+    schedule's previous execution has not ended.
+    """
+
+    model_config = _MODEL
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
+    binding: str = Field(min_length=1)
+    cron: str | None = None
+    every_ms: int | None = Field(default=None, ge=1000)
+    input: Any = None
+    timezone: str = "UTC"
+    catchup: Literal["skip", "once", "all"] = "once"
+    catchup_limit: int = Field(default=100, ge=1)
+    overlap: Literal["skip", "allow"] = "skip"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            Cron.parse(value)  # CronError is a ValueError: pydantic reports its message
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as "
+                             "'Europe/Paris')") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_timing(self) -> ScheduleConfig:
+        if (self.cron is None) == (self.every_ms is None):
+            raise ValueError("needs exactly one of 'cron' and 'every'")
+        return self
+
+    @property
+    def timing(self) -> Timing:
+        cron = None if self.cron is None else Cron.parse(self.cron)
+        return Timing(cron=cron, every_ms=self.every_ms, zone=self.timezone)
+
+
 class Config(BaseModel):
     """Everything configurable, validated and frozen. Build it with :func:`load_config`."""
 
@@ -251,6 +304,7 @@ class Config(BaseModel):
     standby: bool = False
     sources: list[SourceConfig] = Field(default_factory=list)
     sinks: list[Sink] = Field(default_factory=list)
+    schedules: list[ScheduleConfig] = Field(default_factory=list)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
@@ -305,6 +359,25 @@ class Config(BaseModel):
                 raise self._error(f"sinks.{i}", f"a second {sink.kind} sink to {target}")
             seen.add(f"{sink.kind}:{target}")
         return self
+
+    @model_validator(mode="after")
+    def _check_schedules(self) -> Config:
+        """Schedules name a binding that exists, each name once (ConfigError with the line)."""
+        names: set[str] = set()
+        for i, schedule in enumerate(self.schedules):
+            if schedule.binding not in self.workflow:
+                bound = ", ".join(sorted(self.workflow)) or "none"
+                raise self._error(f"schedules.{i}.binding", f"names binding "
+                                  f"'{schedule.binding}' which 'workflow:' does not define "
+                                  f"(bound: {bound})")
+            if schedule.name in names:
+                raise self._error(f"schedules.{i}.name", f"a second schedule '{schedule.name}'")
+            names.add(schedule.name)
+        return self
+
+    def schedule(self, name: str) -> ScheduleConfig | None:
+        """The schedule called ``name``, if ploy.yaml has one."""
+        return next((s for s in self.schedules if s.name == name), None)
 
     def _error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(str(self.path or FILENAME), key, problem, self.line_of(key))
@@ -608,7 +681,24 @@ class _Doc:
             data["sources"] = self._sources(data["sources"])
         if "sinks" in data:
             data["sinks"] = self._sinks(data["sinks"])
+        if "schedules" in data:
+            data["schedules"] = self._schedules(data["schedules"])
         return data
+
+    def _schedules(self, value: object) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error("schedules", "must be a list of {name, binding, cron or every, ...}")
+        schedules = []
+        for i, item in enumerate(value):
+            key = f"schedules.{i}"
+            if not isinstance(item, dict):
+                raise self.error(key, "must be a mapping with name, binding and cron or every")
+            schedule = self._mapping(item, key, ScheduleConfig)
+            self._duration({key: schedule}, key, "every", "every_ms", 1)
+            schedules.append(schedule)
+        return schedules
 
     def _librdkafka(self, value: object) -> dict[str, str]:
         if not isinstance(value, dict):

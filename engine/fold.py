@@ -41,7 +41,7 @@ from typing import Any, cast
 
 from orjson import OPT_SORT_KEYS, dumps, loads
 
-from engine import keys
+from engine import keys, schedules
 from engine.errors import InvalidTransitionError
 from engine.events import (
     CLIENT_EVENTS,
@@ -50,6 +50,7 @@ from engine.events import (
     PartitionClaimed,
     PartitionReleased,
     RecordSkipped,
+    ScheduleUpdated,
     SleepScheduled,
     StepCompleted,
     StepFailed,
@@ -174,6 +175,9 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
         return False
     if isinstance(body, RecordSkipped):
         return False
+    if isinstance(body, ScheduleUpdated):
+        schedules.fold_update(tx, event)
+        return True
     if _fenced(tx, event, offset):
         return False
     eid_key = eid.encode()

@@ -176,6 +176,9 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
         admin.route(f"{API}/workers", api.workers),
+        admin.route(f"{API}/schedules", api.schedules),
+        admin.route(f"{API}/schedules/{{name}}", api.schedule),
+        admin.route(f"{API}/schedules/{{name}}/{{action}}", api.schedule_action, write=True),
         Route(DASHBOARD, redirect),
         admin.route(f"{DASHBOARD}/", pages.index, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
@@ -522,6 +525,15 @@ class _SkipBody(BaseModel):
     actor: str | None = None  # who, as the client says: kept only without an admin token
 
 
+class _ScheduleBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = None
+    actor: str | None = None  # who, as the client says: kept only without an admin token
+
+
+_SCHEDULE_ACTIONS = {"pause": "paused", "resume": "resumed"}
+
+
 class _Api:
     """``/__ploy/api``: JSON over the runtime's queries and commands."""
 
@@ -670,6 +682,41 @@ class _Api:
     async def workers(self, request: Request) -> Response:
         """Who runs each partition (its claim on the log) and how far behind it is."""
         return _json(200, await self.engine.workers())
+
+    async def schedules(self, request: Request) -> Response:
+        """Every schedule of ploy.yaml as configured and as the log has it."""
+        return _json(200, {"schedules": await self.engine.runtime.schedules.states()})
+
+    async def schedule(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            state = await self.engine.runtime.schedules.state(
+                name, local=bool(request.query_params.get("local")))
+        except KeyError:
+            raise _Reject(404, {"error": f"unknown schedule '{name}'"}) from None
+        return _json(200, state)
+
+    async def schedule_action(self, request: Request) -> Response:
+        """``pause``, ``resume`` or ``trigger`` (now) a schedule, with who and why (the
+        actor as for ``skip``)."""
+        name, action = request.path_params["name"], request.path_params["action"]
+        if action not in (*_SCHEDULE_ACTIONS, "trigger"):
+            raise _Reject(404, {"error": f"unknown schedule action '{action}'",
+                                "actions": [*_SCHEDULE_ACTIONS, "trigger"]})
+        schedules = self.engine.runtime.schedules
+        if self.engine.config.schedule(name) is None:
+            raise _Reject(404, {"error": f"unknown schedule '{name}'"})
+        raw = (await request.body()).strip()
+        body = await _read_body(request, _ScheduleBody) if raw else _ScheduleBody()
+        assert isinstance(body, _ScheduleBody)
+        actor = "admin-token" if self.token is not None else f"local:{body.actor or 'unknown'}"
+        if action == "trigger":
+            eid = await schedules.trigger_now(name, actor, body.reason)
+            partition = self.engine.runtime.log.partition_for(eid)
+            return _json(201, {"execution_id": eid, "partition": partition,
+                               "offset": self.engine.runtime.log.high_acked.get(partition)})
+        await schedules.update(name, _SCHEDULE_ACTIONS[action], actor, body.reason)
+        return _json(200, await schedules.state(name))
 
     async def _get(self, request: Request) -> Execution:
         eid = request.path_params["id"]

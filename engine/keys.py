@@ -36,6 +36,7 @@ LISTED = b"n:"  # n:<~created u64><id>          -> b"" (every execution, newest 
 BY_STATUS = b"x:"  # x:<status>\0<~created u64><id>            -> b"" (the fold keeps it exact)
 BY_WORKFLOW = b"w:"  # w:<workflow>\0<~created u64><id>        -> b""
 BY_WORKFLOW_STATUS = b"y:"  # y:<workflow>\0<status>\0<~created u64><id> -> b""
+SCHEDULE = b"S:"  # S:<schedule name>             -> the schedule's record (JSON, engine.schedules)
 INDEXES = b"m:indexes"  # the listing indexes' version: present once they cover every execution
 INDEXES_VERSION = b"1"
 
@@ -83,6 +84,10 @@ def parse_timer(key: bytes) -> tuple[int, str, str]:
     wake_at = read_u64(key[2:10])
     eid, sleep_key = key[10:].split(SEP, 1)
     return wake_at, eid.decode(), sleep_key.decode()
+
+
+def schedule(name: str) -> bytes:
+    return SCHEDULE + name.encode()
 
 
 def skipped(offset: int) -> bytes:

@@ -69,6 +69,7 @@ from engine.models import ExecutionStatus
 from engine.ownership import Ownership
 from engine.partitions import Applied, Partitions
 from engine.queries import Queries, Seen
+from engine.schedules import Scheduler
 from engine.threads import StepThreads
 from engine.timers import TimerSchedule
 from engine.view import PartitionView
@@ -106,6 +107,7 @@ class Runtime(Queries):
             resume=self._resume, standby=self.replica, instance_id=instance_id)
         self.directory: Directory | None = None
         self.timers = TimerSchedule(self.clock, self._append_fired, self.may_run)
+        self.schedules = Scheduler(self)
         self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
         self._tasks: set[asyncio.Task[None]] = set()
         # Who waits on an execution's events (a result, a stream): fed by the fold.
@@ -186,6 +188,7 @@ class Runtime(Queries):
             self.ownership.start_group()
         if self.runs:
             self.timers.start()
+            self.schedules.start()
         self._spawn(self.partitions.watch_stalled(lambda: self.stopping), "ploy-watch-stalled")
 
     def _schedule_timers(self, owned: frozenset[int]) -> None:
@@ -249,6 +252,7 @@ class Runtime(Queries):
         """Stop starting steps, let running ones finish (up to ``grace_s``), release all."""
         self.stopping = True
         self.ownership.stopping = True
+        await self.schedules.stop()
         await self.timers.stop()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
