@@ -70,6 +70,7 @@ from engine.errors import (
     UnknownBindingError,
 )
 from engine.listing import Cursor
+from engine.metrics import CONTENT_TYPE
 from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ __all__ = [
 logger = logging.getLogger("ploy.http")
 
 API = "/__ploy/api"
+METRICS = "/__ploy/metrics"  # also /metrics, unless a route of the app has that path
 COOKIE = "ploy_admin"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -179,10 +181,13 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/schedules", api.schedules),
         admin.route(f"{API}/schedules/{{name}}", api.schedule),
         admin.route(f"{API}/schedules/{{name}}/{{action}}", api.schedule_action, write=True),
+        admin.route(METRICS, api.metrics),
         Route(DASHBOARD, redirect),
         admin.route(f"{DASHBOARD}/", pages.index, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
     ]
+    if not any(starlette_path(r.path) == "/metrics" for r in engine.worker.routes):
+        routes.append(admin.route("/metrics", api.metrics))  # where scrapers look first
     for route in engine.worker.routes:
         path = starlette_path(route.path)
         if path == DASHBOARD or path.startswith(DASHBOARD + "/"):
@@ -682,6 +687,11 @@ class _Api:
     async def workers(self, request: Request) -> Response:
         """Who runs each partition (its claim on the log) and how far behind it is."""
         return _json(200, await self.engine.workers())
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format 0.0.4 (``engine.metrics``)."""
+        text = await self.engine.runtime.metrics.render(self.engine.runtime)
+        return Response(text, headers={"Content-Type": CONTENT_TYPE})
 
     async def schedules(self, request: Request) -> Response:
         """Every schedule of ploy.yaml as configured and as the log has it."""

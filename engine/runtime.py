@@ -65,6 +65,7 @@ from engine.events import (
 from engine.execution import ExecutionRunner, Outcome, to_json
 from engine.fold import new_execution
 from engine.log import EventLog
+from engine.metrics import Metrics
 from engine.models import ExecutionStatus
 from engine.ownership import Ownership
 from engine.partitions import Applied, Partitions
@@ -108,6 +109,7 @@ class Runtime(Queries):
         self.directory: Directory | None = None
         self.timers = TimerSchedule(self.clock, self._append_fired, self.may_run)
         self.schedules = Scheduler(self)
+        self.metrics = Metrics()
         self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
         self._tasks: set[asyncio.Task[None]] = set()
         # Who waits on an execution's events (a result, a stream): fed by the fold.
@@ -275,6 +277,7 @@ class Runtime(Queries):
     def _on_applied(self, partition: int, applied: Applied) -> None:
         """On the event loop: start what the fold made runnable, pass cancels on."""
         self.timers.on_folded(partition, applied)
+        self.metrics.observe(applied)
         for offset, event in applied:
             watchers = self._watchers.get(event.execution_id)
             if watchers:
