@@ -55,6 +55,7 @@ class WorkflowBinding(BaseModel):
     model_config = _MODEL
     name: str = Field(min_length=1)
     retries: int | None = Field(default=None, ge=0)
+    version: str | None = Field(default=None, min_length=1, max_length=200)
 
 
 class Backoff(BaseModel):
@@ -294,6 +295,9 @@ class Config(BaseModel):
     out: str | None = None
     workflow: dict[str, WorkflowBinding] = Field(default_factory=dict)
     retries: int = Field(default=3, ge=0)
+    # The code version recorded on each execution a worker starts (WorkflowStarted.version);
+    # a binding's own ``version`` wins.
+    version: str | None = Field(default=None, min_length=1, max_length=200)
     backoff: Backoff = Field(default_factory=Backoff)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
@@ -392,6 +396,12 @@ class Config(BaseModel):
         retries = self.workflow[binding].retries if binding is not None else None
         return self.retries if retries is None else retries
 
+    def version_for(self, workflow_name: str) -> str | None:
+        """Return the code version of ``workflow_name``: its binding's, else the worker's."""
+        binding = self.binding_for(workflow_name)
+        version = self.workflow[binding].version if binding is not None else None
+        return self.version if version is None else version
+
     def line_of(self, key: str) -> int | None:
         """Return the ploy.yaml line of a dotted key (or of its nearest parent), if known."""
         while key:
@@ -413,6 +423,7 @@ ENV_VARS: dict[str, tuple[str, bool]] = {
     "PLOY_ADMIN_TOKEN": ("http.admin_token", False),
     "PLOY_ADVERTISED_URL": ("http.advertised_url", False),
     "PLOY_RETRIES": ("retries", True),
+    "PLOY_VERSION": ("version", False),
     "PLOY_MAIN": ("main", False),
 }
 
@@ -723,7 +734,8 @@ class _Doc:
             if isinstance(target, str):
                 target = {"name": target}
             elif not isinstance(target, dict) or "name" not in target:
-                problem = "must be a workflow name or a mapping with 'name' (and 'retries')"
+                problem = ("must be a workflow name or a mapping with 'name' (and 'retries', "
+                           "'version')")
                 raise self.error(key, problem)
             bindings[binding] = self._mapping(target, key, WorkflowBinding)
         return bindings

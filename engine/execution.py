@@ -48,6 +48,7 @@ from engine.errors import (
 from engine.events import (
     Body,
     Event,
+    Patched,
     SleepScheduled,
     StepCompleted,
     StepFailed,
@@ -58,6 +59,7 @@ from engine.events import (
     WorkflowLog,
     WorkflowStarted,
 )
+from engine.versioning import Diverged, Replay
 
 if TYPE_CHECKING:
     from engine.builder import WorkflowDef
@@ -166,6 +168,7 @@ class ExecutionRunner:
         self.workflow = workflow
         self.recorded = {s["key"]: s for s in steps if s["kind"] == "step"}
         self.sleeps = {s["key"]: s for s in steps if s["kind"] == "sleep"}
+        self.replay = Replay(steps, record.get("patches") or [])  # engine.versioning
         # Log lines are keyed by where they were logged, so a replay records none twice
         # and drops none (a completed step's function does not run on replay).
         self.logged = {p for p in logged if p is not None}
@@ -262,16 +265,21 @@ class ExecutionRunner:
         """Run the handler; the event that ends the execution, or None if it paused."""
         try:
             if self.record["status"] == "queued":
-                self._append_nowait(WorkflowStarted(self.runtime.worker_id))
+                version = self.runtime.config.version_for(self.workflow.name)
+                self._append_nowait(WorkflowStarted(self.runtime.worker_id, version))
             ctx = Context(input=self._input(), env=self.runtime.env, execution_id=self.id,
                           workflow=self.workflow.name, runner=self)
             result = await self.workflow.handler(ctx)
+            self.replay.end()
             await self._checkpoint()
             return WorkflowCompleted(self._output(result))
         except (Suspend, Shutdown):
             return None
         except Cancelled:
             return WorkflowCancelled(self.cancel_reason)
+        except Diverged as diverged:  # new code that does not fit this history: stop it here
+            user_log.error("[%s %s] failed: %s", self.workflow.name, self.id, diverged.error)
+            return WorkflowFailed(*error_fields(diverged.error))
         except Exception as exc:
             user_log.error("[%s %s] failed: %s: %s", self.workflow.name, self.id,
                            type(exc).__name__, exc)
@@ -303,7 +311,9 @@ class ExecutionRunner:
     async def run_step(self, name: str, fn: Callable[[], Any], *, input: Any,
                        retries: int | None, timeout: int | str | None) -> Any:
         await self._checkpoint()
-        return await self._step(self._key(name), fn, input, retries, timeout)
+        key = self._key(name)
+        self.replay.meet(key)
+        return await self._step(key, fn, input, retries, timeout)
 
     async def _step(self, key: str, fn: Callable[[], Any], input: Any, retries: int | None,
                     timeout: int | str | None) -> Any:
@@ -409,6 +419,7 @@ class ExecutionRunner:
         self._since_boundary = 0
         self._sleep_count += 1
         key = f"sleep#{self._sleep_count}"
+        self.replay.meet(key, "sleep")
         recorded = self.sleeps.get(key)
         if recorded is not None:
             if recorded["status"] == "completed":
@@ -422,6 +433,7 @@ class ExecutionRunner:
     async def parallel(self, name: str, fns: Sequence[Callable[[], Any]]) -> list[Any]:
         await self._checkpoint()
         key = self._key(name)
+        self.replay.meet(key, "parallel")
         results = await asyncio.gather(
             *(self._step(f"{key}[{i}]", fn, None, None, None) for i, fn in enumerate(fns)),
             return_exceptions=True,
@@ -433,6 +445,19 @@ class ExecutionRunner:
             if isinstance(result, Exception):
                 raise result
         return list(results)
+
+    # -- ctx.patched ----------------------------------------------------------
+
+    def patched(self, name: str) -> bool:
+        """See ``engine.versioning``: the recorded answer, or True with a ``Patched``
+        marker (produced before any event of the new branch, on the same partition)."""
+        check_name(name, "patch")
+        taken = self.replay.patched(name)
+        if taken is None:
+            self._append_nowait(Patched(name))
+            self.replay.patches.add(name)
+            taken = True
+        return taken
 
     # -- ctx.log --------------------------------------------------------------
 

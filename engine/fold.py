@@ -49,6 +49,7 @@ from engine.events import (
     Event,
     PartitionClaimed,
     PartitionReleased,
+    Patched,
     RecordSkipped,
     ScheduleUpdated,
     SleepScheduled,
@@ -287,6 +288,16 @@ def _finish(tx: Tx, ex: Record, status: str, ts: int) -> bool:
 def _started(tx: Tx, ex: Record, event: Event) -> None:
     assert isinstance(event.body, WorkflowStarted)
     _run(ex, event.timestamp)
+    if event.body.version is not None:
+        ex["version"] = event.body.version
+
+
+def _patched(tx: Tx, ex: Record, event: Event) -> None:
+    """``ctx.patched``: the execution took the new branch of a change (engine.versioning)."""
+    assert isinstance(event.body, Patched)
+    patches = ex.setdefault("patches", [])
+    if event.body.patch not in patches:
+        patches.append(event.body.patch)
 
 
 def _step(tx: Tx, ex: Record, key: str, input_: str | None, ts: int) -> tuple[bytes, Record]:
@@ -453,4 +464,5 @@ _FOLDS: dict[type, Callable[[Tx, Record, Event], None]] = {
     WorkflowCancelled: _cancelled,
     WorkflowCompleted: _completed,
     WorkflowFailed: _failed,
+    Patched: _patched,
 }
