@@ -38,14 +38,17 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from engine import keys
-from engine.config import Config, ScheduleConfig
+from engine.config import FILENAME, Config, ScheduleConfig
 from engine.cron import iso
-from engine.errors import OwnerUnavailableError, PloyError
+from engine.errors import ConfigError, OwnerUnavailableError, PloyError
 from engine.events import Event, ScheduleUpdated
 from engine.models import ExecutionStatus
 
 if TYPE_CHECKING:
+    from engine.builder import Worker
     from engine.fold import Record, Tx
     from engine.runtime import Runtime
     from engine.view import PartitionView
@@ -71,6 +74,28 @@ def fire_key(name: str, fire_at: int) -> str:
 def spec_of(schedule: ScheduleConfig) -> str:
     """The configured spec as recorded in ``registered`` (a change is registered again)."""
     return json.dumps(schedule.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def check_schedules(config: Config, worker: Worker) -> None:
+    """Fail start-up if a schedule's ``input`` does not fit its workflow's input model
+    (else each firing would be refused), naming the key and line.
+
+    Raises:
+        ConfigError: For the first such schedule.
+    """
+    for i, schedule in enumerate(config.schedules):
+        workflow = worker.workflow(config.workflow[schedule.binding].name)
+        if workflow is None or workflow.input is None:
+            continue  # an unknown workflow is check_bindings' to report
+        try:
+            workflow.input.model_validate(schedule.input)
+        except ValidationError as exc:
+            key = f"schedules.{i}.input"
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "input"
+            raise ConfigError(str(config.path or FILENAME), key,
+                              f"does not fit the input of workflow '{workflow.name}': "
+                              f"{where}: {first['msg']}", config.line_of(key)) from None
 
 
 # -- the fold's part: pure ------------------------------------------------------------

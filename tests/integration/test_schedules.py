@@ -160,3 +160,34 @@ async def test_the_cli_lists_pauses_resumes_and_triggers_now(
         assert out == "daily resumed\n"
         code = await asyncio.to_thread(main, ["schedule", "pause", "nope", "--url", url])
         assert code == 2 and "unknown schedule 'nope'" in capsys.readouterr().err
+
+
+async def test_an_input_the_workflow_refuses_fails_start_up_with_key_and_line(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    import pytest
+    from pydantic import BaseModel
+
+    from engine.config import load_config
+    from engine.errors import ConfigError
+
+    class Order(BaseModel):
+        order_id: str
+
+    app = ploy()
+
+    @app.workflow("order", input=Order)
+    async def order(ctx: Any) -> Any:
+        return 1
+
+    (tmp_path / "ploy.yaml").write_text(
+        "workflow:\n  ORDER: order\nschedules:\n"
+        "  - name: o\n    binding: ORDER\n    every: 1m\n    input: {id: 1}\n")
+    cfg = load_config(tmp_path, env={"KAFKA_BOOTSTRAP_SERVERS": kafka,
+                                     "PLOY_TOPIC_PREFIX": topic_prefix})
+    with pytest.raises(ConfigError) as caught:
+        async with running_engine(app.build(), cfg):
+            pass
+    assert (caught.value.key, caught.value.line) == ("schedules.0.input", 7)
+    assert "does not fit the input of workflow 'order': order_id: Field required" in str(
+        caught.value)
