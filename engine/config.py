@@ -49,6 +49,16 @@ _YAML_NAME = {
 _NOT_IN_YAML = ("path", "root")
 
 
+class Concurrency(BaseModel):
+    """``concurrency:`` of a workflow: at most ``limit`` executions hold a slot at once per
+    value of ``key`` (a dotted path into the trigger, ``input.customer_id``; none: one
+    group for the whole workflow), cluster-wide (``engine.flow``)."""
+
+    model_config = _MODEL
+    limit: int = Field(ge=1)
+    key: str | None = Field(default=None, pattern=r"^input(\.[A-Za-z0-9_-]+)+$")
+
+
 class WorkflowBinding(BaseModel):
     """One ``workflow:`` entry: the workflow a binding name (``ctx.env.NAME``) calls."""
 
@@ -56,6 +66,7 @@ class WorkflowBinding(BaseModel):
     name: str = Field(min_length=1)
     retries: int | None = Field(default=None, ge=0)
     version: str | None = Field(default=None, min_length=1, max_length=200)
+    concurrency: Concurrency | None = None
 
 
 class Backoff(BaseModel):
@@ -395,6 +406,11 @@ class Config(BaseModel):
         binding = self.binding_for(workflow_name)
         retries = self.workflow[binding].retries if binding is not None else None
         return self.retries if retries is None else retries
+
+    def concurrency_for(self, workflow_name: str) -> Concurrency | None:
+        """Return the concurrency limit of ``workflow_name`` (its binding's), if any."""
+        binding = self.binding_for(workflow_name)
+        return self.workflow[binding].concurrency if binding is not None else None
 
     def version_for(self, workflow_name: str) -> str | None:
         """Return the code version of ``workflow_name``: its binding's, else the worker's."""
@@ -738,4 +754,7 @@ class _Doc:
                            "'version')")
                 raise self.error(key, problem)
             bindings[binding] = self._mapping(target, key, WorkflowBinding)
+            if "concurrency" in bindings[binding]:
+                bindings[binding]["concurrency"] = self._mapping(
+                    bindings[binding]["concurrency"], f"{key}.concurrency", Concurrency)
         return bindings

@@ -58,11 +58,14 @@ from engine.events import (
     RecordSkipped,
     TimerFired,
     WorkflowCancelled,
+    WorkflowCompleted,
     WorkflowFailed,
+    WorkflowLog,
     WorkflowTriggered,
     claim_id,
 )
 from engine.execution import ExecutionRunner, Outcome, to_json
+from engine.flow import WHY_POSITION, FlowControl
 from engine.fold import new_execution
 from engine.log import EventLog
 from engine.metrics import Metrics
@@ -110,6 +113,7 @@ class Runtime(Queries):
         self.timers = TimerSchedule(self.clock, self._append_fired, self.may_run)
         self.schedules = Scheduler(self)
         self.metrics = Metrics()
+        self.flow = FlowControl(config, log.partition_for, self._maybe_start, self._explain_wait)
         self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
         self._tasks: set[asyncio.Task[None]] = set()
         # Who waits on an execution's events (a result, a stream): fed by the fold.
@@ -284,6 +288,10 @@ class Runtime(Queries):
                 for queue in watchers:
                     queue.put_nowait((partition, offset, event))
             body = event.body
+            if isinstance(body, WorkflowCompleted | WorkflowFailed | WorkflowCancelled
+                          | CancelRequested):
+                self.flow.release(partition, event.execution_id,
+                                  queued_only=isinstance(body, CancelRequested))
             if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
                 self._started_on_ack.discard(event.execution_id)  # trigger() started it
             elif isinstance(body, TimerFired) and (event.execution_id, body.sleep) in (
@@ -370,6 +378,8 @@ class Runtime(Queries):
         if workflow is None:
             self._fail_unknown(record)
             return
+        if not self.flow.admit(partition, self.ownership.epoch_of(partition), view, record):
+            return  # queued behind a concurrency limit (engine.flow): started on a release
         self._run_recorded(view, record, workflow, view.steps(eid))
 
     def _run_recorded(self, view: PartitionView, record: dict[str, Any], workflow: WorkflowDef,
@@ -420,6 +430,12 @@ class Runtime(Queries):
             if runner.id in self._resume_after:
                 self._resume_after.discard(runner.id)
                 self._maybe_start(runner.id)
+
+    def _explain_wait(self, eid: str, workflow: str, text: str) -> None:
+        """Record on a queued execution why it waits (engine.flow), as a log line."""
+        self.log.append_nowait(Event(eid, workflow, self.clock.now(),
+                                     WorkflowLog("info", text, None, WHY_POSITION),
+                                     epoch=self.epoch_of(eid)))
 
     def _fail_unknown(self, record: dict[str, Any]) -> None:
         error = UnknownWorkflowError(record["workflow"], list(self.worker.workflows))
@@ -472,9 +488,10 @@ class Runtime(Queries):
             payloads.check_key(idempotency_key)
         # Step 2.
         if idempotency_key is None:
-            eid = uuid.uuid4().hex
+            eid = self.flow.place(workflow, text, uuid.uuid4().hex)
         else:
             eid = uuid.uuid5(ID_NAMESPACE, f"{workflow}\x00{idempotency_key}").hex
+            eid = self.flow.place(workflow, text, eid)  # a limited workflow: its key's partition
             # Step 3.
             if await self._record(eid) is not None:
                 return eid
@@ -492,8 +509,10 @@ class Runtime(Queries):
                 and eid not in self.runners and eid not in self._started_on_ack
                 and view.record(eid) is None):
             assert isinstance(event.body, WorkflowTriggered)
-            self._started_on_ack.add(eid)
-            self._run(ExecutionRunner(self, new_execution(event, event.body, partition), [], wf))
+            record = new_execution(event, event.body, partition)
+            if self.flow.admit(partition, self.ownership.epoch_of(partition), view, record):
+                self._started_on_ack.add(eid)
+                self._run(ExecutionRunner(self, record, [], wf))
         return eid
 
     def _input_json(self, wf: WorkflowDef, input: Any) -> str:
