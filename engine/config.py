@@ -317,6 +317,9 @@ class Config(BaseModel):
     # A standby folds every partition, not only those it owns: a failover then
     # starts from a warm view, and it answers any query without asking the owner.
     standby: bool = False
+    # OpenTelemetry spans of triggers, step attempts and sleeps (engine.tracing); needs
+    # the ``otel`` extra.
+    otel: bool = False
     sources: list[SourceConfig] = Field(default_factory=list)
     sinks: list[Sink] = Field(default_factory=list)
     schedules: list[ScheduleConfig] = Field(default_factory=list)

@@ -197,6 +197,8 @@ class ExecutionRunner:
             await self.runtime.log.append(self._event(body))
         except AppendError as exc:
             raise LogUnavailable(str(exc), exc.permanent) from exc
+        self.runtime.tracing.recorded(self.record, self.workflow.name, body,
+                                      self.runtime.clock.now())
 
     def _append_nowait(self, body: Body) -> None:
         try:

@@ -238,6 +238,13 @@ def skip_record(offset: int, marker: Event, marker_offset: int) -> Record:
 
 
 def new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Record:
+    record = _new_execution(event, body, partition)
+    if body.trace_parent is not None:  # engine.tracing: the parent of the execution's spans
+        record["trace_parent"] = body.trace_parent
+    return record
+
+
+def _new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Record:
     return {
         "id": event.execution_id,
         "workflow": event.workflow,

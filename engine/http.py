@@ -72,6 +72,7 @@ from engine.errors import (
 from engine.listing import Cursor
 from engine.metrics import CONTENT_TYPE
 from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
+from engine.tracing import TraceparentMiddleware
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -195,7 +196,8 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         routes.append(Route(path, _UserRoute(route, engine).handle, methods=[route.method]))
     return Starlette(
         routes=routes,
-        middleware=[Middleware(_BodyLimit, limit=http.max_body_bytes)],
+        middleware=[Middleware(_BodyLimit, limit=http.max_body_bytes),
+                    Middleware(TraceparentMiddleware)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
 

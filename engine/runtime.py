@@ -76,6 +76,7 @@ from engine.queries import Queries, Seen
 from engine.schedules import Scheduler
 from engine.threads import StepThreads
 from engine.timers import TimerSchedule
+from engine.tracing import Tracing
 from engine.view import PartitionView
 
 logger = logging.getLogger("ploy.runtime")
@@ -113,6 +114,7 @@ class Runtime(Queries):
         self.timers = TimerSchedule(self.clock, self._append_fired, self.may_run)
         self.schedules = Scheduler(self)
         self.metrics = Metrics()
+        self.tracing = Tracing(config.otel)
         self.flow = FlowControl(config, log.partition_for, self._maybe_start, self._explain_wait)
         self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
         self._tasks: set[asyncio.Task[None]] = set()
@@ -213,6 +215,7 @@ class Runtime(Queries):
         _, offset = await self.log.append(Event(
             eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
             epoch=self.ownership.epoch_of(partition)))
+        self.tracing.slept(self.views.get(partition), eid, workflow, sleep_key, self.clock.now())
         self._spawn(self._resume_fired(eid, sleep_key, partition, offset), f"ploy-woke-{eid}")
 
     async def _resume_fired(self, eid: str, sleep_key: str, partition: int, offset: int) -> None:
@@ -499,9 +502,11 @@ class Runtime(Queries):
         stalled = self.stalled.get(self.log.partition_for(eid))
         if stalled is not None:  # accepted, it would vanish: nothing folds there
             raise PartitionStalledError(self.log.topic, stalled.partition, stalled.offset)
-        event = Event(eid, workflow, self.clock.now(), WorkflowTriggered(text, idempotency_key),
-                      epoch=self.epoch_of(eid))
-        partition, offset = await self.log.append(event)
+        with self.tracing.trigger(workflow, eid) as trace_parent:  # engine.tracing
+            event = Event(eid, workflow, self.clock.now(),
+                          WorkflowTriggered(text, idempotency_key, trace_parent=trace_parent),
+                          epoch=self.epoch_of(eid))
+            partition, offset = await self.log.append(event)
         # Step 5.
         view = self.views.get(partition)
         if (view is not None and view.next_offset <= offset and partition in self.owned
