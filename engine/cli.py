@@ -664,6 +664,9 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
         lines.append(f"error      {_error(ex['error'])}")
     if ex.get("cancel_reason"):
         lines.append(f"reason     {ex['cancel_reason']}")
+    if ex.get("version") or ex.get("patches"):
+        patched = f" (patched: {', '.join(ex['patches'])})" if ex.get("patches") else ""
+        lines.append(f"version    {ex.get('version') or '-'}{patched}")
     lines.append(f"input      {_compact(ex.get('input'))}")
     if ex.get("status") == "completed":
         lines.append(f"output     {_compact(ex.get('output'))}")

@@ -51,3 +51,13 @@ def test_patched_is_new_fresh_old_on_replay_and_kept_once_recorded() -> None:
     replay = Replay(history("charge"), [])
     replay.meet("charge")
     assert replay.patched("p") is None  # reached fresh after the replayed part
+
+
+def test_ploy_status_shows_the_version_and_the_patches() -> None:
+    from engine.cli import format_execution
+
+    lines = format_execution({"execution_id": "x", "workflow": "w", "status": "running",
+                              "version": "v2", "patches": ["new-refund-step"], "input": {}})
+    assert "version    v2 (patched: new-refund-step)" in lines
+    assert not any(line.startswith("version") for line in format_execution(
+        {"execution_id": "x", "workflow": "w", "status": "running", "input": {}}))
