@@ -43,7 +43,14 @@ from pydantic import ValidationError
 from engine import keys
 from engine.config import FILENAME, Config, ScheduleConfig
 from engine.cron import iso
-from engine.errors import ConfigError, OwnerUnavailableError, PloyError
+from engine.errors import (
+    ConfigError,
+    InvalidInputError,
+    NotFoldedHereError,
+    OwnerUnavailableError,
+    PayloadTooLargeError,
+    PloyError,
+)
 from engine.events import Event, ScheduleUpdated
 from engine.models import ExecutionStatus
 
@@ -185,8 +192,8 @@ class Scheduler:
             for schedule in self.config.schedules:
                 try:
                     wake = min(wake, await self._look(schedule))
-                except asyncio.CancelledError:
-                    raise
+                except PloyError as exc:  # no owner answers, a stalled partition: next look
+                    logger.warning("schedule %s: %s; trying again", schedule.name, exc)
                 except Exception:
                     logger.exception("schedule %s: firing failed; trying again", schedule.name)
             self._wake.clear()
@@ -208,7 +215,6 @@ class Scheduler:
         view = await runtime.partitions.caught_up(partition)
         if view is None:
             return later
-        # Step 1.
         record = read(view, schedule.name)
         if record is None or record["spec"] != json.loads(spec_of(schedule)):
             await self._append(schedule, "registered", "config", None, spec_of(schedule))
@@ -264,7 +270,7 @@ class Scheduler:
         try:
             eid = await runtime.trigger(workflow, schedule.input,
                                         idempotency_key=fire_key(schedule.name, fire_at))
-        except PloyError as exc:  # an input the workflow refuses: recorded, not retried
+        except (InvalidInputError, PayloadTooLargeError) as exc:  # recorded, not retried
             logger.error("schedule %s: trigger at %s refused: %s", schedule.name,
                          iso(fire_at), exc)
             await self._append(schedule, "skipped", runtime.worker_id, str(exc), json.dumps(
@@ -314,7 +320,6 @@ class Scheduler:
         if view is not None:
             record = read(view, name)
         elif local:
-            from engine.errors import NotFoldedHereError
             raise NotFoldedHereError(partition)
         else:
             status, payload = await runtime._ask(partition, f"/schedules/{name}")  # noqa: SLF001
