@@ -702,8 +702,7 @@ class _Api:
     async def schedule(self, request: Request) -> Response:
         name = request.path_params["name"]
         try:
-            state = await self.engine.runtime.schedules.state(
-                name, local=bool(request.query_params.get("local")))
+            state = await self.engine.runtime.schedules.state(name, **_routed(request))
         except KeyError:
             raise _Reject(404, {"error": f"unknown schedule '{name}'"}) from None
         return _json(200, state)

@@ -311,12 +311,15 @@ class Scheduler:
             raise KeyError(name)
         return schedule
 
-    async def state(self, name: str, *, local: bool = False) -> dict[str, Any]:
-        """The schedule as configured and as the log has it (paused, last and next fire)."""
+    async def state(self, name: str, *, local: bool = False,
+                    min_offset: int | None = None) -> dict[str, Any]:
+        """The schedule as configured and as the log has it (paused, last and next fire),
+        here or at its partition's owner, once it holds ``min_offset`` and this process's
+        own writes there."""
         schedule = self._schedule(name)
         runtime = self.runtime
         partition = runtime.log.partition_for(schedule_id(name))
-        view = await runtime.partitions.caught_up(partition)
+        view = await runtime.partitions.caught_up(partition, min_offset)
         if view is not None:
             record = read(view, name)
         elif local:

@@ -137,3 +137,47 @@ def _second(iso_time: str) -> int:
 def _covers(by_time: dict[str, list[str]], until: float, after_kill: float) -> bool:
     times = {_second(t) for t in by_time if t}
     return bool(times) and max(times) >= max(until, after_kill)
+
+
+async def test_any_worker_answers_and_pauses_a_schedule_another_one_fires(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    import asyncio
+
+    import httpx
+
+    from engine import ploy
+    from engine.http import create_app
+    from engine.testing import engine_config, running_engine
+
+    app = ploy()
+
+    @app.workflow("tick")
+    async def tick(ctx: object) -> int:
+        return 1
+
+    worker = app.build()
+    schedules = [{"name": "tick", "binding": "TICK", "every_ms": 1000}]
+    one, two = (engine_config(kafka, topic_prefix, tmp_path / name, workflow={"TICK": "tick"},
+                              schedules=schedules) for name in ("one", "two"))
+    async with running_engine(worker, one, scale_out=True) as a, \
+            running_engine(worker, two, scale_out=True) as b:
+        partition = a.runtime.log.partition_for(schedule_id("tick"))
+        while partition not in a.runtime.owned | b.runtime.owned \
+                or not a.runtime.owned or not b.runtime.owned:
+            await asyncio.sleep(0.1)
+        owner, other = (a, b) if partition in a.runtime.owned else (b, a)
+        await asyncio.sleep(2.5)
+        here, there = await owner.runtime.schedules.states(), await other.runtime.schedules.states()
+        assert here[0]["fired"] >= 1 and there[0]["fired"] >= here[0]["fired"]  # asked the owner
+        transport = httpx.ASGITransport(app=create_app(other))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            paused = await http.post("/__ploy/api/schedules/tick/pause",
+                                     json={"reason": "quiet"})
+        assert paused.status_code == 200 and paused.json()["paused"] is True
+        await asyncio.sleep(1.2)  # the owner looks again within a second
+        before = (await owner.runtime.schedules.state("tick"))["fired"]
+        await asyncio.sleep(2)
+        after = await owner.runtime.schedules.state("tick")
+    assert after["paused"] and after["fired"] == before
+    assert after["recent"][-1]["reason"] == "quiet"
