@@ -64,7 +64,7 @@ async def test_catch_up_after_downtime_follows_each_policy(
 ) -> None:
     cfg = config(kafka, topic_prefix, tmp_path / "state",
                  {"name": "all", "binding": "TICK", "every_ms": 1000, "catchup": "all",
-                  "input": {"n": 1}},
+                  "overlap": "allow", "input": {"n": 1}},
                  {"name": "once", "binding": "TICK", "every_ms": 1000, "catchup": "once"},
                  {"name": "skip", "binding": "TICK", "every_ms": 1000, "catchup": "skip"})
     worker = tick_worker()
