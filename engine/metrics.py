@@ -18,6 +18,8 @@ the engine already keeps.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import re
 import time
 from collections import defaultdict
@@ -61,21 +63,24 @@ _COUNTED: dict[type, tuple[str, str]] = {
 
 
 class Histogram:
-    """Cumulative buckets, sum and count of one label set."""
+    """Buckets, sum and count of one label set; each value counted in its own bucket
+    only (one bisect), made cumulative when rendered."""
 
     __slots__ = ("counts", "sum", "count")
 
     def __init__(self) -> None:
-        self.counts = [0] * len(BUCKETS_S)
+        self.counts = [0] * (len(BUCKETS_S) + 1)  # the last one: above every bound
         self.sum = 0.0
         self.count = 0
 
     def observe(self, value: float) -> None:
-        for i, bound in enumerate(BUCKETS_S):
-            if value <= bound:
-                self.counts[i] += 1
+        self.counts[bisect.bisect_left(BUCKETS_S, value)] += 1
         self.sum += value
         self.count += 1
+
+    def cumulative(self) -> list[int]:
+        """The count at or below each bound of BUCKETS_S, as the format wants it."""
+        return list(itertools.accumulate(self.counts[:-1]))
 
 
 class Metrics:
@@ -151,7 +156,7 @@ class Metrics:
         yield f"# HELP {name} Duration of step attempts, from StepStarted to its outcome.\n"
         yield f"# TYPE {name} histogram\n"
         for labels, hist in sorted(self.steps.items()):
-            for bound, count in zip(BUCKETS_S, hist.counts, strict=True):
+            for bound, count in zip(BUCKETS_S, hist.cumulative(), strict=True):
                 yield f"{name}_bucket{_labels((*labels, ('le', repr(bound))))} {count}\n"
             yield f"{name}_bucket{_labels((*labels, ('le', '+Inf')))} {hist.count}\n"
             yield f"{name}_sum{_labels(labels)} {hist.sum!r}\n"
