@@ -93,3 +93,27 @@ async def test_the_limit_holds_across_two_workers(
         spans[d.output].append((events["WorkflowStarted"], events["WorkflowCompleted"]))
     assert {d.status.value for d in done} == {"completed"}
     assert all(max_overlap(s) == 1 for s in spans.values()), spans
+
+
+async def test_a_restart_rebuilds_the_slots_and_queue_from_the_view(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    limit = {"limit": 1, "key": "input.customer_id"}
+    cfg = engine_config(kafka, topic_prefix, tmp_path / "state",
+                        workflow={"BILL": {"name": "bill", "concurrency": limit}})
+    async with running_engine(limited_worker(), cfg) as a:
+        ids = [(await a.env.BILL.trigger({"customer_id": "c"}))["execution_id"]
+               for _ in range(6)]
+        await wait_for_status(a, ids[0])
+    async with running_engine(limited_worker(), cfg) as b:  # the rest were queued
+        done = [await wait_for_status(b, eid, timeout_s=30) for eid in ids]
+        histories = {eid: await b.history(eid) for eid in ids}
+    spans, created = [], []
+    for d in done:
+        events = {e.type: e.timestamp for e in histories[d.execution_id] or []}
+        spans.append((events["WorkflowStarted"], events["WorkflowCompleted"]))
+        created.append((events["WorkflowStarted"], d.created_at))
+    assert {d.status.value for d in done} == {"completed"}
+    assert max_overlap(spans) == 1
+    in_start_order = [c for _, c in sorted(created)]
+    assert in_start_order == sorted(in_start_order)  # in trigger order
