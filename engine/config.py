@@ -57,6 +57,8 @@ class Concurrency(BaseModel):
     model_config = _MODEL
     limit: int = Field(ge=1)
     key: str | None = Field(default=None, pattern=r"^input(\.[A-Za-z0-9_-]+)+$")
+    # A number in the input: among the queued, higher first (default 0), then trigger order.
+    priority: str | None = Field(default=None, pattern=r"^input(\.[A-Za-z0-9_-]+)+$")
 
 
 class WorkflowBinding(BaseModel):

@@ -2,8 +2,9 @@
 
 A limit counts executions that hold a slot: from the moment one is admitted
 (it starts running) to its end; a sleeping execution keeps its slot. The
-others stay ``queued`` and are admitted in trigger order (trigger time, then
-id) as slots free up.
+others stay ``queued`` and are admitted as slots free up: higher ``priority``
+first (a number at a path of the input, default 0), then in trigger order
+(trigger time, then id).
 
 Cluster-wide without a coordinator: ``trigger`` places every execution of one
 key value on one partition (:meth:`FlowControl.place` picks its id so that it
@@ -50,6 +51,7 @@ _PLACE_NS = uuid.UUID("0d3c1c5e-5b8a-4f0e-8d7e-3a51f7b2c4a9")
 _MAX_PLACE_TRIES = 10_000  # ids tried before giving up placement (never reached: ~P tries)
 
 Group = tuple[str, str]  # (workflow, key value)
+Place = tuple[float, int, str]  # a queued execution: (-priority, created_at, id), first first
 
 
 def key_value(limit: Concurrency, input_json: str) -> str:
@@ -65,13 +67,25 @@ def key_value(limit: Concurrency, input_json: str) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
+def place(limit: Concurrency, record: dict[str, Any]) -> Place:
+    """Where a queued execution stands: higher ``priority`` first, then trigger order."""
+    priority = 0.0
+    if limit.priority is not None:
+        value: Any = json.loads(record["input"])
+        for part in limit.priority.split(".")[1:]:
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            priority = float(value)
+    return (-priority, int(record["created_at"]), record["id"])
+
+
 @dataclass
 class _Partition:
     """The slots and queues of one partition under one claim epoch."""
 
     epoch: int
     holding: dict[Group, set[str]] = field(default_factory=dict)
-    queues: dict[Group, list[tuple[int, str]]] = field(default_factory=dict)
+    queues: dict[Group, list[Place]] = field(default_factory=dict)
     group_of: dict[str, Group] = field(default_factory=dict)
     explained: set[str] = field(default_factory=set)  # told why they wait (not yet folded)
 
@@ -125,7 +139,7 @@ class FlowControl:
             return True
         queue = state.queues.setdefault(group, [])
         if eid not in state.group_of:
-            bisect.insort(queue, (record["created_at"], eid))
+            bisect.insort(queue, place(limit, record))
             state.group_of[eid] = group
         admitted = self._admit_heads(state, group, limit)
         for other in admitted:
@@ -157,7 +171,7 @@ class FlowControl:
         state.explained.discard(eid)
         state.holding.get(group, set()).discard(eid)
         queue = state.queues.get(group, [])
-        queue[:] = [(at, e) for at, e in queue if e != eid]
+        queue[:] = [entry for entry in queue if entry[2] != eid]
         limit = self.limit_of(group[0])
         if limit is not None:
             for head in self._admit_heads(state, group, limit):
@@ -168,7 +182,7 @@ class FlowControl:
         holding, queue = state.holding.setdefault(group, set()), state.queues.get(group, [])
         admitted = []
         while queue and len(holding) < limit.limit:
-            _, head = queue.pop(0)
+            head = queue.pop(0)[2]
             holding.add(head)
             admitted.append(head)
         return admitted
@@ -192,7 +206,7 @@ class FlowControl:
             if record["status"] in HOLDING:
                 self._hold(state, group, eid)
             elif record["status"] == QUEUED:
-                bisect.insort(state.queues.setdefault(group, []), (record["created_at"], eid))
+                bisect.insort(state.queues.setdefault(group, []), place(limit, record))
                 state.group_of[eid] = group
         return state
 
