@@ -103,9 +103,13 @@ class FlowControl:
         self.start = start
         self.explain = explain
         self._partitions: dict[int, _Partition] = {}
+        self._limits: dict[str, Concurrency | None] = {}
 
     def limit_of(self, workflow: str) -> Concurrency | None:
-        return self.config.concurrency_for(workflow)
+        """The workflow's limit (looked up once: every start asks)."""
+        if workflow not in self._limits:
+            self._limits[workflow] = self.config.concurrency_for(workflow)
+        return self._limits[workflow]
 
     def place(self, workflow: str, input_json: str, eid: str) -> str:
         """The execution id to use: ``eid`` itself, or for a limited workflow the first of
