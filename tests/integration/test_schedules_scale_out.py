@@ -75,9 +75,16 @@ def test_every_second_for_ten_seconds_two_workers_one_killed_one_execution_per_f
         wait_until(lambda: len(scheduled(kafka, topic_prefix, tmp_path)[0]) >= 4, 30,
                    "the schedule to fire")
         partition = _partition_of(kafka, topic_prefix)
-        owner = owners(kafka, topic_prefix, tmp_path)[partition]
         pids = {name: str(proc.pid) for name, proc in workers.items()}
-        victim = next(name for name, pid in pids.items() if f":{pid}:" in owner)
+
+        def firing_worker() -> str | None:
+            owner = owners(kafka, topic_prefix, tmp_path)[partition]
+            return next((name for name, pid in pids.items() if f":{pid}:" in owner), None)
+
+        wait_until(lambda: firing_worker() is not None, 30, "an owner of the schedule")
+        owner = owners(kafka, topic_prefix, tmp_path)[partition]
+        victim = firing_worker()
+        assert victim is not None
         workers[victim].send_signal(signal.SIGKILL)
         workers[victim].wait()
         killed_at = time.time()
@@ -93,12 +100,13 @@ def test_every_second_for_ten_seconds_two_workers_one_killed_one_execution_per_f
     by_time, record = scheduled(kafka, topic_prefix, tmp_path)
     by_time.pop("", None)  # executions of no schedule: none here
     times = sorted(_second(t) for t in by_time)
-    assert times == list(range(times[0], times[-1] + 1))  # no fire time missed
-    assert all(len(ids) == 1 for ids in by_time.values())  # one execution each
-    assert times[-1] - times[0] >= 10
-    assert record["fired"] >= len(times) and record["skipped"] == 0
     firers = _firers(kafka, topic_prefix)
-    assert len(set(firers)) == 2 and firers[-1] != owner  # the survivor took over
+    seen = (times, record, firers, owner)
+    assert times == list(range(times[0], times[-1] + 1)), seen  # no fire time missed
+    assert all(len(ids) == 1 for ids in by_time.values()), seen  # one execution each
+    assert times[-1] - times[0] >= 10, seen
+    assert record["fired"] >= len(times) and record["skipped"] == 0, seen
+    assert len(set(firers)) == 2 and firers[-1] != owner, seen  # the survivor took over
 
 
 def _firers(kafka: str, prefix: str) -> list[str]:
