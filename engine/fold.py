@@ -177,8 +177,8 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
     if isinstance(body, RecordSkipped):
         return False
     if isinstance(body, ScheduleUpdated):
-        schedules.fold_update(tx, event)
-        return True
+        schedules.fold_update(tx, event)  # the schedule's record; no execution changes
+        return False
     if _fenced(tx, event, offset):
         return False
     eid_key = eid.encode()

@@ -30,7 +30,6 @@ from confluent_kafka import TopicPartition
 
 from engine.events import (
     Event,
-    ScheduleUpdated,
     StepCompleted,
     StepFailed,
     WorkflowCancelled,
@@ -103,8 +102,11 @@ class Metrics:
                 self.counters[counted[0]][workflow] += 1
             elif isinstance(body, StepCompleted | StepFailed):
                 self._step(event, body)
-            elif isinstance(body, ScheduleUpdated) and body.action in ("fired", "skipped"):
-                self.counters[f"ploy_schedule_{body.action}"][(("schedule", body.schedule),)] += 1
+
+    def schedule(self, action: str, name: str, count: int = 1) -> None:
+        """A schedule fired or gave fire times up (counted by the worker that did it:
+        the fold's ``ScheduleUpdated`` changes no execution, so it is not passed on)."""
+        self.counters[f"ploy_schedule_{action}"][(("schedule", name),)] += count
 
     def _step(self, event: Event, body: StepCompleted | StepFailed) -> None:
         step = _STEP_SUFFIX.sub("", body.step)

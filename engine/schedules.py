@@ -299,6 +299,9 @@ class Scheduler:
                       ScheduleUpdated(schedule.name, action, actor, reason, spec),
                       epoch=runtime.epoch_of(sid))
         partition, offset = await runtime.log.append(event)
+        if action in ("fired", "skipped"):
+            count = json.loads(spec or "{}").get("count", 1)
+            runtime.metrics.schedule(action, schedule.name, count)
         if runtime.partitions.folds(partition):
             await runtime.partitions.folded(partition, offset)
         return offset

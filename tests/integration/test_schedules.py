@@ -79,6 +79,7 @@ async def test_catch_up_after_downtime_follows_each_policy(
         once = seconds(list(await fired(engine, "once")))
         skip = seconds(list(await fired(engine, "skip")))
         states = {s["name"]: s for s in await engine.runtime.schedules.states()}
+        counted = engine.runtime.metrics.counters
         some = await wait_for_status(engine, next(iter((await fired(engine, "all")).values())))
     gap = [s for s in range(int(down_from) + 1, int(back_at) - 2)]  # surely missed times
     assert len(gap) >= 2
@@ -90,6 +91,8 @@ async def test_catch_up_after_downtime_follows_each_policy(
     assert states["once"]["skipped"] >= len(gap) - 1
     # skip: none of the missed times ran
     assert not set(gap) & set(skip) and states["skip"]["skipped"] >= len(gap)
+    assert counted["ploy_schedule_skipped"][(("schedule", "skip"),)] >= len(gap)  # /metrics
+    assert counted["ploy_schedule_fired"][(("schedule", "all"),)] >= len(gap)
     assert some.output == {"n": 1}
 
 
