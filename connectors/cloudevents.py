@@ -138,7 +138,13 @@ def header_map(headers: object) -> dict[str, str]:
 
 
 def data_of(value: bytes | None, headers: dict[str, str]) -> Any:
-    """The ``data`` of the CloudEvent in a Kafka record, as a JSON value.
+    """The ``data`` of the CloudEvent in a Kafka record, as a JSON value (see :func:`event_of`)."""
+    return event_of(value, headers)[1]
+
+
+def event_of(value: bytes | None, headers: dict[str, str]) -> tuple[dict[str, Any], Any]:
+    """The attributes (``id``, ``source``, ``type``, ...) and the ``data`` of the CloudEvent
+    in a Kafka record, the data as a JSON value.
 
     Binary mode when a ``ce_specversion`` header is present; structured mode
     when the content type is ``application/cloudevents+json`` or the value is
@@ -155,7 +161,7 @@ def data_of(value: bytes | None, headers: dict[str, str]) -> Any:
         if not _is_json(content_type):
             raise NotACloudEventError(f"binary-mode data of content type '{content_type}' "
                                       "is not JSON")
-        return _parse(value, "binary-mode data")
+        return attributes, _parse(value, "binary-mode data")
     content_type = headers.get("content-type", "")
     event = _parse(value, "structured-mode CloudEvent")
     if not isinstance(event, dict) or (
@@ -168,11 +174,11 @@ def data_of(value: bytes | None, headers: dict[str, str]) -> Any:
             raw = base64.b64decode(str(event["data_base64"]), validate=True)
         except (binascii.Error, ValueError):
             raise NotACloudEventError("data_base64 is not base64") from None
-        return _parse(raw, "data_base64")
+        return event, _parse(raw, "data_base64")
     if not _is_json(str(event.get("datacontenttype", "application/json"))):
         raise NotACloudEventError(f"data of content type '{event['datacontenttype']}' "
                                   "is not JSON")
-    return event.get("data")
+    return event, event.get("data")
 
 
 def _check(attributes: dict[str, Any], what: str) -> None:

@@ -1,6 +1,9 @@
-"""Source: the records of a topic trigger executions of a binding's workflow.
+"""Source: the records of a topic trigger executions of a binding's workflow, or are
+events for waiting executions.
 
 ``sources: [{topic: orders.created, binding: ORDER_FLOW, format: json}]``
+``sources: [{topic: payments, event: payment.settled, format: json}]`` (or ``event: "*"``
+with format cloudevents: each CloudEvent's own type)
 
 Formats (the record's value becomes the workflow input):
 - ``json``: the value is the input as JSON.
@@ -21,6 +24,11 @@ records are new records, not the old ones. A record that cannot be an input (not
 JSON, not a CloudEvent, unknown schema, rejected by the workflow's input
 model, too large) goes to the dead-letter topic with the reason in headers,
 and the source moves on: nothing is dropped silently.
+
+An event source sends each record as an event (``Runtime.send_event``) whose
+source and id are the CloudEvent's (format cloudevents: a producer's retry is
+one event), or ``kafka://<topic>`` and the record's coordinates as above: a
+record read again is the same event, which the fold ignores.
 
 Offsets are this source's own (``assign``, no consumer group), stored in the
 state directory with the topic id after the batch's triggers and dead letters
@@ -43,7 +51,7 @@ from typing import TYPE_CHECKING, Any, cast
 from confluent_kafka import KafkaError, TopicPartition
 from fastavro import parse_schema, schemaless_reader
 
-from connectors.cloudevents import NotACloudEventError, data_of, header_map, utf8
+from connectors.cloudevents import NotACloudEventError, data_of, event_of, header_map, utf8
 from connectors.kafka import (
     DeadLetter,
     Headers,
@@ -56,7 +64,12 @@ from connectors.kafka import (
 )
 from connectors.state import StateFile, connectors_dir, int_keys, str_keys
 from engine.config import SourceConfig
-from engine.errors import InvalidInputError, PayloadTooLargeError, SerializationError
+from engine.errors import (
+    InvalidInputError,
+    InvalidKeyError,
+    PayloadTooLargeError,
+    SerializationError,
+)
 
 if TYPE_CHECKING:
     from confluent_kafka import Message
@@ -69,7 +82,8 @@ BATCH = 500
 METADATA_EVERY_S = 10.0
 RETRY_PAUSE_S = 1.0
 # What a record may be rejected for: reasons of the record, never of the broker.
-REJECTED = (InvalidInputError, PayloadTooLargeError, SerializationError)
+REJECTED = (InvalidInputError, PayloadTooLargeError, SerializationError, InvalidKeyError,
+            ValueError)  # (ValueError: an event's type or data the engine refuses)
 # Headers a dead letter carries besides the record's own.
 H_ERROR, H_TOPIC, H_PARTITION, H_OFFSET = (
     "ploy.error", "ploy.source.topic", "ploy.source.partition", "ploy.source.offset")
@@ -93,6 +107,14 @@ def decode_json(value: bytes | None, headers: dict[str, str]) -> Any:
 def decode_cloudevent(value: bytes | None, headers: dict[str, str]) -> Any:
     try:
         return data_of(value, headers)
+    except NotACloudEventError as exc:
+        raise InvalidRecordError(str(exc)) from None
+
+
+def decode_cloudevent_whole(value: bytes | None, headers: dict[str, str]) -> Any:
+    """(attributes, data): an event source needs the CloudEvent's id, source and type."""
+    try:
+        return event_of(value, headers)
     except NotACloudEventError as exc:
         raise InvalidRecordError(str(exc)) from None
 
@@ -133,7 +155,9 @@ def decoder_for(source: SourceConfig) -> Decoder:
     if source.format == "avro":
         assert source.schema_dir is not None  # the config requires it
         return AvroDecoder(source.schema_dir)
-    return decode_cloudevent if source.format == "cloudevents" else decode_json
+    if source.format == "cloudevents":
+        return decode_cloudevent if source.event is None else decode_cloudevent_whole
+    return decode_json
 
 
 class TopicSource:
@@ -153,7 +177,8 @@ class TopicSource:
     def __init__(self, engine: Engine, source: SourceConfig):
         self.engine, self.source = engine, source
         self.name = f"source {source.topic}"
-        self.workflow = engine.config.workflow[source.binding].name
+        self.workflow = (None if source.binding is None
+                         else engine.config.workflow[source.binding].name)
         self.decode = decoder_for(source)
         self.state = StateFile(connectors_dir(engine.config) / f"source-{source.topic}.json")
         saved = self.state.load()
@@ -271,9 +296,8 @@ class TopicSource:
                 reasons[i] = str(exc)
         # Step 3.
         results = await asyncio.gather(*(
-            self.engine.runtime.trigger(self.workflow, value, idempotency_key=self.key(
-                cast(int, records[i].partition()), cast(int, records[i].offset())))
-            for i, value in inputs.items()), return_exceptions=True)
+            self._deliver(records[i], value) for i, value in inputs.items()),
+            return_exceptions=True)
         for i, result in zip(inputs, results, strict=True):
             if isinstance(result, REJECTED):
                 reasons[i] = str(result)
@@ -292,6 +316,22 @@ class TopicSource:
         self.offsets = offsets
         self.triggered += len(inputs) - sum(i in reasons for i in inputs)
         self.dead_lettered += len(reasons)
+
+    async def _deliver(self, msg: Message, value: Any) -> None:
+        """Trigger the binding's workflow with the record, or send it as an event."""
+        key = self.key(cast(int, msg.partition()), cast(int, msg.offset()))
+        if self.workflow is not None:
+            await self.engine.runtime.trigger(self.workflow, value, idempotency_key=key)
+            return
+        event_type, event_id, data = self.source.event, key, value
+        source = f"kafka://{self.source.topic}"
+        if self.source.format == "cloudevents":
+            attributes, data = value
+            event_id, source = str(attributes["id"]), str(attributes["source"])
+            if event_type == "*":
+                event_type = str(attributes["type"])
+        assert event_type is not None  # the config requires binding or event
+        await self.engine.runtime.send_event(event_type, data, id=event_id, source=source)
 
     def _dead_letter(self, rejected: list[tuple[Message, str]]) -> None:
         topic = self.source.dead_letters

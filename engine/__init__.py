@@ -26,9 +26,18 @@ if TYPE_CHECKING:
         StepFailedError,
         StepTimeoutError,
         UnknownBindingError,
+        UnknownExecutionError,
     )
     from engine.http import RequestContext
-    from engine.models import Attempt, Execution, ExecutionStatus, LogEntry, StepRecord
+    from engine.models import (
+        Attempt,
+        Execution,
+        ExecutionStatus,
+        LogEntry,
+        ReceivedEvent,
+        StepRecord,
+        WaitInfo,
+    )
 
 _WHERE = {
     "Attempt": "engine.models",
@@ -46,6 +55,7 @@ _WHERE = {
     "NonRetryableError": "engine.errors",
     "Ploy": "engine.builder",
     "PloyError": "engine.errors",
+    "ReceivedEvent": "engine.models",
     "RequestContext": "engine.http",
     "Step": "engine.context",
     "StepFailedError": "engine.errors",
@@ -53,6 +63,8 @@ _WHERE = {
     "StepTimeoutError": "engine.errors",
     "TriggerResult": "engine.bindings",
     "UnknownBindingError": "engine.errors",
+    "UnknownExecutionError": "engine.errors",
+    "WaitInfo": "engine.models",
     "Worker": "engine.builder",
     "WorkflowBinding": "engine.bindings",
     "load_app": "engine.app",
@@ -87,6 +99,7 @@ __all__ = [
     "NonRetryableError",
     "Ploy",
     "PloyError",
+    "ReceivedEvent",
     "RequestContext",
     "Step",
     "StepFailedError",
@@ -94,6 +107,8 @@ __all__ = [
     "StepTimeoutError",
     "TriggerResult",
     "UnknownBindingError",
+    "UnknownExecutionError",
+    "WaitInfo",
     "Worker",
     "WorkflowBinding",
     "load_app",

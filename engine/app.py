@@ -220,9 +220,26 @@ class Engine:
         """Every event of the execution with its partition and offset (the audit trail)."""
         return await self.runtime.history(execution_id, local=local, min_offset=min_offset)
 
-    async def cancel(self, execution_id: str, reason: str | None = None) -> bool:
-        """Stop the execution; False if it had already finished."""
-        return await self.runtime.cancel(execution_id, reason)
+    async def cancel(self, execution_id: str, reason: str | None = None,
+                     actor: str | None = None) -> bool:
+        """Stop the execution (``actor``: who asked, for the audit); False if it had
+        already finished."""
+        return await self.runtime.cancel(execution_id, reason, actor)
+
+    async def resolve_step(self, execution_id: str, step: str, action: str, *,
+                           output: Any = None, reason: str, actor: str) -> bool:
+        """An operator completes a stuck step with ``output`` (``"complete"``) or ends its
+        backoff wait (``"retry-now"``), with who and why. See ``Runtime.resolve_step``."""
+        return await self.runtime.resolve_step(execution_id, step, action, output=output,
+                                               reason=reason, actor=actor)
+
+    async def send_event(self, event_type: str, data: Any = None, *, id: str | None = None,
+                         source: str | None = None,
+                         execution_id: str | None = None) -> dict[str, Any]:
+        """An event for waiting executions (``ctx.step.wait_for_event``): every matching
+        waiter receives it once, or only ``execution_id``. See ``Runtime.send_event``."""
+        return await self.runtime.send_event(event_type, data, id=id, source=source,
+                                             execution_id=execution_id)
 
     async def list_page(self, **filters: Any) -> Page:
         """A page of executions newest first (``workflow``, ``status``, ``before``,

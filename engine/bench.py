@@ -19,6 +19,10 @@ sequential  3-step executions one after another, trigger to completed (get_execu
 throughput  3-step executions all triggered at once: executions/s, steps/s, CPU
 rebuild     refold a log of many executions from offset 0 into an empty view
 sleepers    executions durably asleep until one wake time: RSS, and wake to all done
+events      executions waiting for an event (ctx.step.wait_for_event): latency from an event's
+            append (send_event) to the waiting execution's next step, p50/p99, one at a
+            time; then 10,000 waiters at once: RSS while they wait, and time until all
+            completed once their events are sent
 timers      sleepers due one after another over 3 s, on an idle engine and then under a
             steady 3-step load: how late each TimerFired is (and each handler resumes)
 long        a 500-step execution: per-step time near step 10 vs near step 500
@@ -125,11 +129,11 @@ from engine.view import PartitionView
 
 __all__ = ["FULL", "QUICK", "SCENARIOS", "Figure", "Sizes", "Target", "main", "parse_line"]
 
-SCENARIOS = ("floor", "log", "step", "sequential", "throughput", "rebuild", "sleepers", "timers",
-             "long", "peer", "scale", "failover", "churn", "rolling", "flat")
+SCENARIOS = ("floor", "log", "step", "sequential", "throughput", "rebuild", "sleepers", "events",
+             "timers", "long", "peer", "scale", "failover", "churn", "rolling", "flat")
 NEEDS_FLOOR = ("log", "step", "peer")
 # Measures this process's memory: run in a fresh process when other scenarios run too.
-ISOLATED = ("sleepers",)
+ISOLATED = ("sleepers", "events")
 LINE_FIELDS = ("scenario", "metric", "value", "unit")
 SETTLE_TIMEOUT_S = 300.0
 TIMERS_LEAD_MS = 2_000  # timers: the first sleeper is due this long after the bench asks
@@ -171,6 +175,8 @@ class Sizes:
     peer_sequential: int = 200
     peer_at_once: int = 1_000
     peer_sleepers: int = 20
+    event_latency: int = 200  # events sent one at a time to waiting executions
+    event_waiters: int = 10_000  # executions waiting at once
 
 
 FULL = Sizes(floor_samples=500, log_events=50_000, log_executions=200, step_executions=50,
@@ -182,7 +188,8 @@ QUICK = Sizes(floor_samples=50, log_events=5_000, log_executions=20, step_execut
               long_steps=50, repeats=1, scale=300, failover_executions=40,
               failover_steps=20, failover_step_ms=50, flat=(2_000, 50_000),
               churn_executions=100, churn_s=15.0, rolling_rounds=1, rolling_timeout_s=60.0,
-              timers=50, peer_sequential=20, peer_at_once=100, peer_sleepers=5)
+              timers=50, peer_sequential=20, peer_at_once=100, peer_sleepers=5,
+              event_latency=20, event_waiters=1_000)
 
 
 @dataclass(frozen=True)
@@ -739,6 +746,72 @@ async def sleepers(bench: Bench) -> None:
     bench.add("sleepers", "rss_while_asleep", rss, "MB", Target("<=", 300))
     bench.add("sleepers", "rss_growth_while_asleep", rss - baseline, "MB")
     bench.add("sleepers", "wake_to_all_completed", done_s, "s", Target("<=", 5))
+
+
+def event_worker(probe: Probe, resumed: asyncio.Queue[float]) -> Worker:
+    """``waiter``: wait for ``bench.event`` matched on ``k``, then a step that notes how long
+    after the event's append (its data's ``sent``, wall clock) it began."""
+
+    async def waiter(ctx: Any) -> bool:
+        probe.entered += 1
+        event = await ctx.step.wait_for_event("e", type="bench.event",
+                                              match={"k": ctx.input["k"]})
+
+        async def after() -> None:
+            resumed.put_nowait(time.time() * 1000 - event.data["sent"])
+
+        await ctx.step.run("after", after)
+        probe.returned += 1
+        return True
+
+    return ploy().workflow("waiter", None, waiter).build()
+
+
+async def events(bench: Bench) -> None:
+    """Event append -> the waiter's next step, one at a time; then many waiters at once."""
+    probe, resumed = Probe(), asyncio.Queue[float]()
+    baseline = rss_mb()
+    async with engine_on(bench, "events", event_worker(probe, resumed)) as engine:
+        n = bench.sizes.event_latency
+        ids = await trigger_all(engine, "waiter", [{"k": f"l{i}"} for i in range(n)])
+        await _all_waiting(engine, probe, ids)
+        latencies = []
+        for i in range(n):
+            await engine.send_event("bench.event", {"k": f"l{i}", "sent": time.time() * 1000})
+            latencies.append(await asyncio.wait_for(resumed.get(), 30))
+        await settle(engine, probe, n, ids)
+        bench.add("events", "event_to_next_step_p50", percentile(latencies, 50), "ms")
+        bench.add("events", "event_to_next_step_p99", percentile(latencies, 99), "ms")
+        probe.reset()
+        n = bench.sizes.event_waiters
+        started = time.perf_counter()
+        ids = await trigger_all(engine, "waiter", [{"k": f"w{i}"} for i in range(n)])
+        await _all_waiting(engine, probe, ids)
+        waiting_s = time.perf_counter() - started
+        rss = rss_mb()
+        sent = time.perf_counter()
+        for first in range(0, n, 1_000):
+            chunk = range(first, min(first + 1_000, n))
+            await asyncio.gather(*(engine.send_event(
+                "bench.event", {"k": f"w{i}", "sent": time.time() * 1000}) for i in chunk))
+        await settle(engine, probe, n, ids)
+        done_s = time.perf_counter() - sent
+        expect(engine, ids, "completed")
+    bench.add("events", "waiters", n, "count")
+    bench.add("events", "all_waiting_after", waiting_s, "s")
+    bench.add("events", "rss_while_waiting", rss, "MB", Target("<=", 300))
+    bench.add("events", "rss_growth_while_waiting", rss - baseline, "MB")
+    bench.add("events", "send_to_all_completed", done_s, "s")
+
+
+async def _all_waiting(engine: Engine, probe: Probe, ids: Sequence[str]) -> None:
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while probe.entered < len(ids) or engine.runtime.runners:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{probe.entered} of {len(ids)} waiters began to wait")
+        await asyncio.sleep(0.01)
+    await settle(engine, probe, 0, ids)
+    expect(engine, ids, "waiting")
 
 
 async def timers(bench: Bench) -> None:
@@ -1965,6 +2038,7 @@ RUNNERS: dict[str, Callable[[Bench], Awaitable[None]]] = {
     "throughput": throughput,
     "rebuild": rebuild,
     "sleepers": sleepers,
+    "events": events,
     "timers": timers,
     "long": long,
     "peer": peer,

@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Container, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
-from engine.errors import UnknownBindingError, WorkflowCancelledError, WorkflowFailedError
+from engine.errors import (
+    UnknownBindingError,
+    UnknownExecutionError,
+    WorkflowCancelledError,
+    WorkflowFailedError,
+)
 from engine.models import Execution, ExecutionStatus
 
 InputT = TypeVar("InputT")
@@ -49,6 +54,10 @@ class Client(Protocol):
     async def cancel(self, execution_id: str, reason: str | None = None) -> bool: ...
 
     async def wait_for_end(self, execution_id: str, timeout_s: float) -> Execution | None: ...
+
+    async def send_event(self, event_type: str, data: Any = None, *, id: str | None = None,
+                         source: str | None = None,
+                         execution_id: str | None = None) -> dict[str, Any]: ...
 
 
 class WorkflowBinding(Generic[InputT, OutputT]):
@@ -112,6 +121,24 @@ class WorkflowBinding(Generic[InputT, OutputT]):
         """
         return await self._client.cancel(execution_id, reason)
 
+    async def send_event(self, execution_id: str, type: str, data: Any = None, *,
+                         id: str | None = None) -> str:
+        """Send an event to one execution of this workflow (Cloudflare's ``sendEvent``):
+        its ``ctx.step.wait_for_event`` of that ``type`` receives it, now or, if it is not
+        waiting yet, when it begins to (the lookback). ``id`` makes a repeat a no-op.
+        Returns the event's id.
+
+        Raises:
+            UnknownExecutionError: no execution of this workflow has that id (nothing sent).
+            ValueError: a bad type, id or data (nothing sent).
+        """
+        execution = await self._client.get_execution(execution_id)
+        if execution is None or execution.workflow != self.workflow:
+            raise UnknownExecutionError(execution_id, self.workflow)
+        sent = await self._client.send_event(type, data, id=id, source=f"binding/{self.binding}",
+                                             execution_id=execution_id)
+        return str(sent["id"])
+
     def __repr__(self) -> str:
         return f"<WorkflowBinding {self.binding} -> {self.workflow}>"
 
@@ -119,8 +146,26 @@ class WorkflowBinding(Generic[InputT, OutputT]):
 class Env:
     """``ctx.env``: attribute access by binding name; unknown names fail clearly."""
 
-    def __init__(self, bindings: Mapping[str, WorkflowBinding[Any, Any]]):
+    def __init__(self, bindings: Mapping[str, WorkflowBinding[Any, Any]],
+                 client: Client | None = None):
         self._bindings = dict(bindings)
+        self._client = client
+
+    async def send_event(self, type: str, data: Any = None, *, id: str | None = None,
+                         source: str | None = None) -> str:
+        """Send an event to every execution waiting for it (``ctx.step.wait_for_event``
+        with this ``type`` and a ``match`` its data meets), now or within their lookback.
+        ``id`` (with ``source``) makes a repeat a no-op. Returns the event's id.
+
+        From a workflow, call it inside a step: sending is a side effect.
+
+        Raises:
+            ValueError: a bad type, id, source or data (nothing sent).
+        """
+        if self._client is None:
+            raise RuntimeError("this env is not connected to an engine")
+        sent = await self._client.send_event(type, data, id=id, source=source or "app")
+        return str(sent["id"])
 
     def __getattr__(self, name: str) -> WorkflowBinding[Any, Any]:
         if name.startswith("_"):

@@ -11,6 +11,8 @@
     ploy skip --partition P --offset O --reason R   step over a corrupt record (audited)
     ploy schedule list|pause|resume|trigger-now [NAME]   the schedules of ploy.yaml
     ploy rebuild [DIR]       drop the view and refold it from the topic
+    ploy export / import / view --as-of / rerun / replay-check   audit and recovery
+                             (``engine.audit``)
     ploy types [DIR]         write ploy_env.py, which types ``ctx.env``'s bindings
 
 A mistake the user can fix (no ploy.yaml, bad JSON, an unknown id, a server
@@ -53,6 +55,7 @@ from typing import Any, NoReturn
 from connectors import dev_archive_dir, dev_restore
 from connectors.cli import add_commands as add_connector_commands
 from engine.app import SLOTS_DIR, Engine, http_server, load_app
+from engine.audit import add_commands as add_audit_commands
 from engine.builder import Worker
 from engine.client import ApiClient, error_message, quote
 from engine.config import Config, load_config
@@ -152,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same key gives the same execution")
     _add_client(p)
 
+    p = command("send-event", _cmd_send_event, "send an event to the executions waiting for "
+                "it (ctx.step.wait_for_event), or to one execution; prints its id")
+    p.add_argument("type", metavar="TYPE", help="the event type, e.g. payment.settled")
+    p.add_argument("--data", default="null", metavar="JSON",
+                   help="the event's data as JSON, @FILE, or - for stdin (default: null)")
+    p.add_argument("--id", metavar="ID", help="the event's id: a repeat with the same source "
+                   "and id is ignored (default: a new one)")
+    p.add_argument("--source", metavar="S", help="who sends it (default: cli)")
+    p.add_argument("--execution", metavar="EXECUTION_ID",
+                   help="only this execution (else every matching waiter)")
+    _add_client(p)
+
     p = command("status", _cmd_status, "show one execution: status, steps, attempts, error")
     p.add_argument("id", metavar="ID", help="execution id")
     p.add_argument("--json", action="store_true", help="print the execution as JSON")
@@ -160,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("list", _cmd_list, "list executions, newest first")
     p.add_argument("--workflow", metavar="W", help="only this workflow")
     p.add_argument("--status", metavar="S", help="only this status (queued, running, "
-                   "sleeping, completed, failed, cancelled)")
+                   "sleeping, waiting, completed, failed, cancelled)")
     p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N (default: 20)")
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     _add_client(p)
@@ -173,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("cancel", _cmd_cancel, "cancel a queued, running or sleeping execution")
     p.add_argument("id", metavar="ID", help="execution id")
+    p.add_argument("--reason", help="why (kept on the log with who asked)")
+    _add_client(p)
+
+    p = command("complete-step", _cmd_complete_step, "complete a stuck (running or retrying) "
+                "step with an output you give; the execution goes on with it")
+    p.add_argument("id", metavar="ID", help="execution id")
+    p.add_argument("step", metavar="STEP", help="the step's key, as ploy status shows it")
+    p.add_argument("--output", default="null", metavar="JSON",
+                   help="the step's output as JSON, @FILE, or - for stdin (default: null)")
+    p.add_argument("--reason", required=True, help="why (kept on the log with who asked)")
+    _add_client(p)
+
+    p = command("retry-now", _cmd_retry_now, "end a retrying step's backoff wait: its next "
+                "attempt starts now")
+    p.add_argument("id", metavar="ID", help="execution id")
+    p.add_argument("step", metavar="STEP", help="the step's key, as ploy status shows it")
+    p.add_argument("--reason", required=True, help="why (kept on the log with who asked)")
     _add_client(p)
 
     p = command("workers", _cmd_workers, "each partition's worker (its claim on the log), "
@@ -206,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="ploy_env.py", metavar="FILE",
                    help="output file, relative to DIR (default: ploy_env.py)")
     add_connector_commands(commands)
+    add_audit_commands(commands)
     return parser
 
 
@@ -277,6 +310,30 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+
+
+class _DashboardLinks(logging.Filter):
+    """Ends each ``ploy.workflow`` line about an execution that failed or was cancelled
+    with that execution's dashboard URL, so the terminal of ``ploy dev`` links to it."""
+
+    def __init__(self, base: str):
+        super().__init__()
+        self.base = base
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        eid = getattr(record, "ended_execution", None)
+        if isinstance(eid, str):
+            record.msg = f"{record.getMessage()}  {self.base}/__ploy/executions/{quote(eid)}"
+            record.args = ()
+        return True
+
+
+def _link_dashboard(base: str) -> None:
+    """Install :class:`_DashboardLinks` for ``base`` (in place of an earlier run's)."""
+    workflow_log = logging.getLogger("ploy.workflow")
+    for old in [f for f in workflow_log.filters if isinstance(f, _DashboardLinks)]:
+        workflow_log.removeFilter(old)
+    workflow_log.addFilter(_DashboardLinks(base))
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -367,6 +424,7 @@ class _Run:
             lines.append(f"  app        {base}/")
             if admin_enabled(config.http.host, config.http.admin_token):
                 lines.append(f"  dashboard  {base}/__ploy/")
+                _link_dashboard(base)
                 lines.append(f"  api        {base}{API}/")
             else:
                 lines.append("  dashboard  off: a non-loopback address needs PLOY_ADMIN_TOKEN")
@@ -456,8 +514,7 @@ def _client(args: argparse.Namespace) -> ApiClient:
     return ApiClient(url, token or config.http.admin_token, args.timeout)
 
 
-def _read_input(text: str) -> Any:
-    source = "--input"
+def _read_input(text: str, source: str = "--input") -> Any:
     if text == "-":
         text, source = sys.stdin.read(), "stdin"
     elif text.startswith("@"):
@@ -485,6 +542,19 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
     if status >= 400:
         raise CommandError(f"trigger failed ({status}): {error_message(payload)}")
     print(terminal_safe(str(payload["execution_id"])))
+    return 0
+
+
+def _cmd_send_event(args: argparse.Namespace) -> int:
+    data = _read_input(args.data, "--data")
+    body = {"type": args.type, "data": data, "id": args.id, "source": args.source or "cli",
+            "execution_id": args.execution}
+    status, payload = _client(args).call("POST", "/events", body)
+    if status == 404:
+        raise CommandError(f"no execution '{args.execution}'")
+    if status >= 400:
+        raise CommandError(f"send-event failed ({status}): {error_message(payload)}")
+    print(terminal_safe(str(payload["id"])))
     return 0
 
 
@@ -544,15 +614,42 @@ def _decoded(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
+    from engine.skips import operator
+
     client = _client(args)
     not_found = f"no execution '{args.id}' at {client.url}"
-    payload = client.expect("POST", f"/executions/{quote(args.id)}/cancel", {},
-                            not_found=not_found)
-    if payload.get("cancelled"):
-        print(terminal_safe(f"cancelled {args.id}"))
-        return 0
+    payload = client.expect("POST", f"/executions/{quote(args.id)}/cancel",
+                            {"reason": args.reason, "actor": operator()}, not_found=not_found)
     execution = _get_execution(client, args.id)  # an unknown id is an error, a finished one not
+    if payload.get("cancelled"):
+        by = f" (by {execution['cancel_actor']})" if execution.get("cancel_actor") else ""
+        print(terminal_safe(f"cancelled {args.id}{by}"))
+        return 0
     print(terminal_safe(f"{args.id} already finished ({execution.get('status')})"))
+    return 0
+
+
+def _cmd_complete_step(args: argparse.Namespace) -> int:
+    output = _read_input(args.output, "--output")
+    return _resolve_step(args, "complete-step", {"output": output})
+
+
+def _cmd_retry_now(args: argparse.Namespace) -> int:
+    return _resolve_step(args, "retry-now", {})
+
+
+def _resolve_step(args: argparse.Namespace, route: str, extra: dict[str, Any]) -> int:
+    from engine.skips import operator
+
+    client = _client(args)
+    body = {"step": args.step, "reason": args.reason, "actor": operator(), **extra}
+    status, payload = client.call("POST", f"/executions/{quote(args.id)}/{route}", body)
+    if status == 404:
+        raise CommandError(f"no execution '{args.id}' at {client.url}")
+    if status >= 400:
+        raise CommandError(error_message(payload))
+    done = "done" if payload.get("resolved") else "not taken (the step ended meanwhile)"
+    print(terminal_safe(f"{route} {args.id} step {args.step}: {done}"))
     return 0
 
 
@@ -667,6 +764,7 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
     if ex.get("version") or ex.get("patches"):
         patched = f" (patched: {', '.join(ex['patches'])})" if ex.get("patches") else ""
         lines.append(f"version    {ex.get('version') or '-'}{patched}")
+    lines += _links(ex)
     lines.append(f"input      {_compact(ex.get('input'))}")
     if ex.get("status") == "completed":
         lines.append(f"output     {_compact(ex.get('output'))}")
@@ -676,11 +774,11 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
         rows = []
         for step in steps:
             attempts = step.get("attempts") or []
-            count = "" if step.get("kind") == "sleep" else str(len(attempts))
-            detail = _iso(step.get("wake_at")) if step.get("kind") == "sleep" else \
-                _error(step.get("error")) if step.get("error") else ""
+            kind = step.get("kind")
+            count = str(len(attempts)) if kind == "step" else ""
+            detail = _step_detail(step)
             rows.append([step["key"], step["status"], count, _duration(step.get("duration_ms")),
-                         detail if step.get("kind") != "sleep" else f"until {detail}"])
+                         detail])
             if len(attempts) > 1 or step.get("status") == "failed":
                 rows += [[f"  attempt {a['attempt']}", "failed" if a.get("error") else "ok", "",
                           _duration(a.get("duration_ms")), _error(a.get("error"))
@@ -694,12 +792,49 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
     return [terminal_safe(line) for line in lines]
 
 
+def _links(ex: dict[str, Any]) -> list[str]:
+    """Who cancelled it, its parent, what it waits for, its rerun lineage."""
+    lines = []
+    if ex.get("cancel_actor"):
+        lines.append(f"cancelled  by {ex['cancel_actor']}")
+    if ex.get("parent_id"):
+        lines.append(f"parent     {ex['parent_id']} (step {ex.get('parent_step')})")
+    for wait in ex.get("waiting_for") or []:
+        what = (f"child {wait['child_id']}" if wait.get("child_id") else
+                f"event {wait['event_type']} {_compact(wait.get('match') or {})}")
+        until = f" until {_iso(wait['until'])}" if wait.get("until") else ""
+        lines.append(f"waiting    {wait['step']}: {what}{until}")
+    if ex.get("rerun_of"):
+        lines.append(f"rerun of   {ex['rerun_of']} (its events before offset "
+                     f"{ex.get('rerun_offset')} replayed)")
+    if ex.get("reruns"):
+        lines.append(f"reruns     {', '.join(ex['reruns'])}")
+    return lines
+
+
+def _step_detail(step: dict[str, Any]) -> str:
+    """The last column of a step's row: its error, a sleep's wake time, what a wait got."""
+    kind = step.get("kind")
+    if kind == "sleep":
+        return f"until {_iso(step.get('wake_at'))}"
+    if kind == "invoke":
+        return f"child {step.get('child_id')}"
+    if kind == "wait":
+        got = step.get("output")
+        return f"event {got['id']}" if isinstance(got, dict) else ""
+    resolved = step.get("resolved")
+    if resolved:
+        return f"{resolved['action']} by {resolved['actor']}: {resolved.get('reason') or ''}"
+    return _error(step.get("error")) if step.get("error") else ""
+
+
 # -- rebuild and types ------------------------------------------------------------
 
 
-def _progress_bar() -> Callable[[int, int], None]:
-    """A progress bar on stderr when it is a terminal, else silence: events folded of the
-    estimated total, the rate over the last few seconds, and the time left at that rate."""
+def _progress_bar(doing: str = "rebuilding") -> Callable[[int, int], None]:
+    """A progress bar on stderr when it is a terminal, else silence: events done (folded,
+    exported, ...: ``doing``) of the estimated total, the rate over the last few seconds,
+    and the time left at that rate."""
     tty = sys.stderr.isatty()
     window: list[tuple[float, int]] = []  # (when, done) of the last RATE_WINDOW_S seconds
     state = {"shown_at": 0.0, "finished": False}
@@ -719,7 +854,7 @@ def _progress_bar() -> Callable[[int, int], None]:
         rate = (done - before) / (now - since) if now > since else 0.0
         left = "" if finished or rate <= 0 else f" ETA {_clock(max(total - done, 0) / rate)}"
         end = "\n" if finished else ""
-        sys.stderr.write(f"\rrebuilding [{bar:<30}] {done:,}/{total:,} events {share:4.0%} "
+        sys.stderr.write(f"\r{doing} [{bar:<30}] {done:,}/{total:,} events {share:4.0%} "
                          f"{rate:,.0f} events/s{left}\x1b[K{end}")
         sys.stderr.flush()
 

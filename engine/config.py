@@ -145,11 +145,14 @@ CLOUDEVENTS_TYPE_PREFIX = "dev.ploy."
 
 
 class SourceConfig(BaseModel):
-    """``sources:`` entry: records of ``topic`` trigger the workflow of ``binding``."""
+    """``sources:`` entry: records of ``topic`` trigger the workflow of ``binding``, or
+    (with ``event:`` instead) are events for waiting executions (``wait_for_event``)."""
 
     model_config = _MODEL
     topic: str = Field(min_length=1, pattern=_TOPIC)
-    binding: str = Field(min_length=1)
+    binding: str | None = Field(default=None, min_length=1)
+    event: str | None = Field(default=None, min_length=1, max_length=256)
+    """The events' type; ``"*"``: each CloudEvent's own ``type`` (format cloudevents)."""
     format: Literal["json", "cloudevents", "avro"] = "json"
     schema_dir: Path | None = None
     dead_letter_topic: str | None = Field(default=None, min_length=1, pattern=_TOPIC)
@@ -158,6 +161,11 @@ class SourceConfig(BaseModel):
     def _avro_needs_schemas(self) -> SourceConfig:
         if self.format == "avro" and self.schema_dir is None:
             raise ValueError("format avro needs schema_dir (a directory of <schema id>.avsc)")
+        if (self.binding is None) == (self.event is None):
+            raise ValueError("a source has either binding: (records trigger executions) or "
+                             "event: (records are events for waiting executions), not both")
+        if self.event == "*" and self.format != "cloudevents":
+            raise ValueError("event: '*' (each CloudEvent's own type) needs format cloudevents")
         return self
 
     @property
@@ -361,7 +369,7 @@ class Config(BaseModel):
         """
         topics: set[str] = set()
         for i, source in enumerate(self.sources):
-            if source.binding not in self.workflow:
+            if source.binding is not None and source.binding not in self.workflow:
                 bound = ", ".join(sorted(self.workflow)) or "none"
                 raise self._error(f"sources.{i}.binding", f"names binding '{source.binding}' "
                                   f"which 'workflow:' does not define (bound: {bound})")

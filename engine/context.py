@@ -18,7 +18,10 @@ The machinery behind these methods lives in ``engine.execution``.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
+
+from engine.models import ReceivedEvent
 
 EnvT = TypeVar("EnvT")
 InputT = TypeVar("InputT")
@@ -42,6 +45,11 @@ class StepRunner(Protocol):
     def log(self, message: str, data: Any, level: str) -> None: ...
 
     def patched(self, name: str) -> bool: ...
+    async def wait_for_event(self, name: str, event_type: str, match: dict[str, Any] | None,
+                             timeout: int | str | None, since: int | datetime | None) -> Any: ...
+
+    async def invoke(self, name: str, binding: str, input: Any, timeout: int | str | None,
+                     cancel_with_parent: bool) -> Any: ...
 
 
 class Step:
@@ -94,6 +102,59 @@ class Step:
         finish and are recorded, then its StepFailedError is raised.
         """
         return await self._runner.parallel(name, fns)
+
+    async def wait_for_event(
+        self,
+        name: str,
+        *,
+        type: str,
+        match: dict[str, Any] | None = None,
+        timeout: int | str | None = None,
+        since: int | datetime | None = None,
+    ) -> ReceivedEvent | None:
+        """Wait durably for an event of ``type`` whose data matches ``match``.
+
+        Like a sleep, a waiting execution holds no task: it shows as ``waiting``,
+        survives restarts and partition moves, and a cancel ends it.
+
+        Args:
+            name: unique within the workflow, like a step's.
+            type: the event type (a CloudEvents ``type``, or what ``send_event`` names).
+            match: dotted paths into the event's data -> the values they must equal,
+                e.g. ``{"order_id": ctx.input.order_id}``; None matches any event of the type.
+            timeout: ms or a duration string; None waits for ever.
+            since: ms since the epoch or a datetime; events appended from then on count
+                (default: the execution's start), so an event that came before the wait
+                began is still received.
+
+        Returns:
+            The event (``id``, ``type``, ``source``, ``time``, ``data``), or None on timeout.
+        """
+        result: ReceivedEvent | None = await self._runner.wait_for_event(
+            name, type, match, timeout, since)
+        return result
+
+    async def invoke(
+        self,
+        name: str,
+        *,
+        binding: str,
+        input: Any = None,
+        timeout: int | str | None = None,
+        cancel_with_parent: bool = True,
+    ) -> Any:
+        """Start a child execution of the workflow ``binding`` names and wait durably for
+        its output.
+
+        The child's id is derived from this execution and ``name``, so a replay never
+        starts a second child. A cancel of this execution cancels the child too, unless
+        ``cancel_with_parent=False``. Run several at once with ``asyncio.gather``.
+
+        Raises:
+            StepFailedError: the child failed, was cancelled, or did not end in ``timeout``.
+            InvalidInputError: ``input`` does not match the child's input model.
+        """
+        return await self._runner.invoke(name, binding, input, timeout, cancel_with_parent)
 
 
 class Context(Generic[EnvT, InputT]):

@@ -1,16 +1,25 @@
-"""The dashboard at ``/__ploy/``: executions, and one execution in detail.
+"""The dashboard at ``/__ploy/``: the pages an operator reads (README, "Dashboard").
 
-Server-rendered Jinja pages (``templates/`` beside this module) that re-fetch
-themselves while an execution is live. Everything they show from an
-execution is untrusted text: Jinja's autoescape escapes it, and the
-Content-Security-Policy of every page runs only the page's own script (by
-nonce). Who may see the pages is decided by the guard in ``engine.http``,
-which mounts them.
+=============================================  =========================================
+``/``                                          executions: search, counts, cursor pages
+``/executions/{id}``                           one execution: timeline, steps, history
+``/executions/{id}/history.jsonl``             its events, to download
+``/workflows``, ``/workers``                   workflows and their recent runs; partitions
+=============================================  =========================================
+
+Server-rendered Jinja pages (``templates/`` beside this module) that refresh
+their live regions when the server pushes (an execution's event stream, the
+fold's change feed). The forms that act (cancel, trigger) are in
+``engine.actions``. Everything the pages show from an execution is untrusted
+text: Jinja's autoescape escapes it, and the Content-Security-Policy of every
+page runs only the page's own script (by nonce). Who may see the pages is
+decided by the guard in ``engine.http``, which mounts them.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,16 +29,19 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from engine import payloads
+from engine import payloads, tracebacks
+from engine.actions import NOTICES, Csrf
 from engine.bindings import workflow_named
+from engine.listing import Cursor
 from engine.models import (
     Execution,
     ExecutionStatus,
     ExecutionSummary,
     HistoryEntry,
-    StepRecord,
     loads,
 )
+from engine.search import LAST, Filters, Found, activity, find, summary_json
+from engine.timeline import timeline
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -40,7 +52,12 @@ DASHBOARD = "/__ploy"
 PAGE_SIZE = 50
 REFRESH_MS = 2000
 TEMPLATES = Path(__file__).parent / "templates"
-_STATUSES = [s.value for s in ExecutionStatus]
+
+
+def _statuses() -> list[str]:
+    """Every execution status, read when asked: a status added to the enum shows up."""
+    return [s.value for s in ExecutionStatus]
+
 
 
 def _templates() -> jinja2.Environment:
@@ -67,12 +84,19 @@ async def redirect(request: Request) -> Response:
 class Dashboard:
     """The pages' endpoints (``index``, ``detail``); ``engine.http`` guards and mounts them."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, csrf: Csrf | None = None):
         self.engine = engine
         self.env = _templates()
+        self.base = DASHBOARD
+        self.csrf = csrf or Csrf("ploy_admin")
+
+    def not_found(self, message: str) -> Response:
+        return self.render("message.html", code=404, title="Not found", message=message,
+                           live={"live": False, "refresh_ms": REFRESH_MS})
 
     def render(self, name: str, code: int = 200, **context: Any) -> Response:
         nonce = secrets.token_urlsafe(16)
+        context.setdefault("nav", "")
         html = self.env.get_template(name).render(nonce=nonce, base=DASHBOARD, **context)
         return HTMLResponse(payloads.utf8(html), status_code=code, headers={
             "Content-Security-Policy": (
@@ -80,45 +104,119 @@ class Dashboard:
                 "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
                 "form-action 'self'; frame-ancestors 'none'"),
             "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
+            # Same-origin: a form's POST then carries its Origin, which the guard checks.
+            "Referrer-Policy": "same-origin",
             "Cache-Control": "no-store",
         })
 
     async def index(self, request: Request) -> Response:
-        q = request.query_params
-        workflow = q.get("workflow") or ""
-        status = q.get("status") or ""
-        status = status if status in _STATUSES else ""
-        offset_text = q.get("offset") or ""
-        offset = int(offset_text) if offset_text.isdecimal() else 0
-        named = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
-        found = await self.engine.list_executions(workflow=named or None, status=status or None,
-                                                  limit=PAGE_SIZE + 1, offset=offset)
+        """The executions, newest first: filtered, counted, a page at a time (cursor in the URL)."""
         now = self.engine.runtime.clock.now()
-        rows = [{**summary.model_dump(mode="json"), "elapsed_ms": _elapsed(summary, now)}
-                for summary in map(ExecutionSummary.of, found[:PAGE_SIZE])]
+        filters = Filters.from_query(request.query_params, _statuses(), now)
+        found = await self._find(filters, request.query_params.get("before", ""))
+        older = None if found.next is None else filters.query(before=str(found.next))
         return self.render(
-            "executions.html", rows=rows, workflows=sorted(self.engine.worker.workflows),
-            statuses=_STATUSES, workflow=workflow, status=status, offset=offset,
-            page_size=PAGE_SIZE, has_more=len(found) > PAGE_SIZE,
-            live={"live": True, "refresh_ms": REFRESH_MS}, title="Executions")
+            "executions.html", rows=[summary_json(s, now) for s in found.executions],
+            found=found, filters=filters, workflows=sorted(self.engine.worker.workflows),
+            statuses=_statuses(), last_choices=LAST, older=older,
+            paged="before" in request.query_params, newest=filters.query(),
+            live=self._live_list(), title="Executions", nav="Executions")
+
+    def _live_list(self) -> dict[str, Any]:
+        """How a list page keeps up: pushed by the fold where this process folds every
+        partition (the change feed sees only those), else re-fetched every REFRESH_MS."""
+        runtime = self.engine.runtime
+        folds_all = all(runtime.partitions.folds(p) for p in range(runtime.log.partitions))
+        return {"live": True, "refresh_ms": REFRESH_MS,
+                "stream": f"{DASHBOARD}/api/changes" if folds_all else None}
+
+    async def _find(self, filters: Filters, before_text: str) -> Found:
+        """The page of executions the filters select (an exact id is one point read)."""
+        try:
+            before = Cursor.parse(before_text) if before_text else None
+        except ValueError:
+            before = None
+        named = workflow_named(filters.workflow, self.engine.env, self.engine.worker.workflows)
+        if filters.id and before is None:
+            exact = await self.engine.get_execution(filters.id)
+            if exact is not None:
+                summary = ExecutionSummary.of(exact)
+                listed = (not filters.status or summary.status.value == filters.status) and (
+                    not named or summary.workflow == named)
+                hits = [summary] if listed and filters.matches(summary) else []
+                return Found(hits, None, len(hits), True)
+        return await find(self.engine.list_page, filters, workflow=named or None,
+                          before=before, limit=PAGE_SIZE)
 
     async def detail(self, request: Request) -> Response:
+        """One execution: what it is doing or did, how long each part took, why it failed."""
         eid = request.path_params["id"]
-        execution = await self.engine.get_execution(eid)
-        if execution is None:
-            return self.render("message.html", code=404, title="Not found",
-                               message=f"No execution with id {eid}.",
-                               live={"live": False, "refresh_ms": REFRESH_MS})
-        history = await self.engine.history(eid) or []
+        # The history first: the execution read after it is as new or newer, so the
+        # stream from the history's last offset brings whatever the page is missing.
+        history = await self.engine.history(eid)
+        execution = None if history is None else await self.engine.get_execution(eid)
+        if history is None or execution is None:
+            return self.not_found(f"No execution with id {eid}.")
         now = self.engine.runtime.clock.now()
+        origin = history[0].timestamp if history else execution.created_at
         return self.render(
             "execution.html", ex=execution, elapsed_ms=_elapsed(execution, now),
-            timeline=timeline(execution, now), events=[_event_row(e) for e in history],
+            notice=NOTICES.get(request.query_params.get("notice", "")),
+            csrf=self.csrf.token(request),
+            timeline=timeline(execution, now), traces=_traces(execution),
+            events=[_event_row(e, origin) for e in history],
             live={"live": not execution.status.terminal, "refresh_ms": REFRESH_MS,
                   # Pushed: the page refreshes when the execution's partition folds an event.
-                  "stream": f"{DASHBOARD}/api/executions/{execution.execution_id}/events"},
+                  # Only events after those on this page, so that opening it does not refresh it.
+                  "stream": f"{DASHBOARD}/api/executions/{execution.execution_id}/events"
+                            f"?after={history[-1].offset if history else -1}"},
             title=f"{execution.workflow} · {execution.execution_id[:12]}")
+
+    async def history_download(self, request: Request) -> Response:
+        """The execution's events as JSON lines, one history entry a line, as on the log."""
+        eid = request.path_params["id"]
+        history = await self.engine.history(eid)
+        if history is None:
+            return self.not_found(f"No execution with id {eid}.")
+        lines = "".join(json.dumps(e.model_dump(mode="json"), ensure_ascii=False) + "\n"
+                        for e in history)
+        filename = re.sub(r"[^A-Za-z0-9_.-]", "_", eid)[:80]
+        return Response(payloads.utf8(lines), media_type="application/x-ndjson", headers={
+            "Content-Disposition": f'attachment; filename="{filename}.history.jsonl"',
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+
+    async def workflows(self, request: Request) -> Response:
+        """Every workflow: its bindings (each with its trigger form), schemas and recent runs."""
+        now = self.engine.runtime.clock.now()
+        config = self.engine.config
+        rows = []
+        for name, wf in sorted(self.engine.worker.workflows.items()):
+            bindings = [(b, config.retries if t.retries is None else t.retries)
+                        for b, t in sorted(config.workflow.items()) if t.name == name]
+            rows.append({
+                "name": name, "bindings": bindings,
+                "input_schema": wf.input.model_json_schema() if wf.input else None,
+                "output_schema": wf.output.model_json_schema() if wf.output else None,
+                "activity": await activity(self.engine.list_page, name, now),
+            })
+        return self.render("workflows.html", workflows=rows, title="Workflows", nav="Workflows",
+                           live=self._live_list())
+
+    async def workers(self, request: Request) -> Response:
+        """Who runs each partition, how far behind it is, and what stopped it."""
+        report = await self.engine.workers()
+        return self.render("workers.html", report=report, health=self.engine.health(),
+                           title="Workers and partitions", nav="Workers",
+                           live={"live": True, "refresh_ms": REFRESH_MS})
+
+
+    async def events(self, request: Request) -> Response:
+        """Send an event to waiting executions; what each partition did with events so far."""
+        report = await self.engine.workers()
+        return self.render("events.html", report=report, csrf=self.csrf.token(request),
+                           notice=NOTICES.get(request.query_params.get("notice", "")),
+                           title="Events", nav="Events",
+                           live={"live": False, "refresh_ms": 0})
 
 
 def _elapsed(execution: Execution | ExecutionSummary, now: int) -> int | None:
@@ -130,86 +228,67 @@ def _elapsed(execution: Execution | ExecutionSummary, now: int) -> int | None:
     return max(now - (execution.started_at or execution.created_at), 0)
 
 
-def _event_row(entry: HistoryEntry) -> dict[str, Any]:
-    """An event for display: user payloads (JSON text in the event) decoded."""
-    body: dict[str, Any] = {}
-    for key, value in entry.body.items():
-        if key in ("input", "output", "data") and isinstance(value, str):
-            try:
-                value = loads(value)
-            except ValueError:
-                pass
-        elif key == "traceback" and isinstance(value, str) and value:
-            value = f"({value.count(chr(10))} lines: shown with the attempt or the error)"
-        body[key] = value
+_PAYLOADS = ("input", "output", "data")  # JSON text inside events: decoded for display
+_UNSUMMARIZED = {"traceback", "started_at"}  # in the expanded event only
+
+
+def _event_row(entry: HistoryEntry, origin: int) -> dict[str, Any]:
+    """An event for display: a one-line summary, its time since the execution's first
+    event, how long a step's attempt took, and the whole entry (payloads decoded)."""
+    body = {key: _decoded(key, value) for key, value in entry.body.items()}
+    started = body.get("started_at")
     return {"offset": entry.offset, "partition": entry.partition, "timestamp": entry.timestamp,
-            "type": entry.type, "epoch": entry.epoch, "body": body}
+            "type": entry.type, "epoch": entry.epoch, "since_ms": entry.timestamp - origin,
+            "took_ms": entry.timestamp - started if isinstance(started, int) else None,
+            "summary": _summary(body, entry.timestamp),
+            "entry": {**entry.model_dump(mode="json"), "body": body}}
 
 
-MIN_BAR_PCT = 0.6
+def _decoded(key: str, value: Any) -> Any:
+    if key in _PAYLOADS and isinstance(value, str):
+        try:
+            return loads(value)
+        except ValueError:
+            return value
+    return value
 
 
-def timeline(execution: Execution, now: int) -> dict[str, Any]:
-    """Bars of the steps and sleeps, to scale: percentages of the execution's span.
-
-    A bar runs from a step's first attempt to its end (now, while it runs); its
-    attempts are segments inside it, placed relative to the bar, so retries and
-    the backoff waits between them are visible.
-    """
-    origin = execution.started_at or execution.created_at
-    spans = [(s, *_span(s, execution, now)) for s in execution.steps]
-    spans = [(s, start, end) for s, start, end in spans if start is not None]
-    last = execution.ended_at or (now if not execution.status.terminal else origin)
-    end_all = max([last, origin] + [end for _, _, end in spans])
-    total = max(end_all - origin, 1)
-    bars = []
-    for step, start, end in spans:
-        assert start is not None
-        width = max((end - start) / total * 100, MIN_BAR_PCT)
-        left = min(max((start - origin) / total * 100, 0.0), 100 - width)
-        bars.append({
-            "key": step.key, "name": step.name, "kind": step.kind, "status": step.status,
-            "left": round(left, 3), "width": round(width, 3), "duration_ms": end - start,
-            "running": step.ended_at is None, "wake_at": step.wake_at,
-            "attempts": _segments(step, start, end, now),
-        })
-    ticks = [{"pct": pct, "label": format_duration(round(total * pct / 100))}
-             for pct in (0, 25, 50, 75, 100)]
-    return {"bars": bars, "total_ms": total, "ticks": ticks}
-
-
-def _span(step: StepRecord, execution: Execution, now: int) -> tuple[int | None, int]:
-    start = step.started_at
-    if step.attempts and step.attempts[0].started_at is not None:
-        start = min(start or step.attempts[0].started_at, step.attempts[0].started_at)
-    if start is None:
-        return None, 0
-    if step.ended_at is not None:
-        end = step.ended_at
-    elif execution.status.terminal:  # ended by a cancel or a crash while the step waited
-        ends = [a.ended_at for a in step.attempts if a.ended_at is not None]
-        end = execution.ended_at or max(ends, default=start)
-    elif step.kind == "sleep" and step.wake_at is not None:
-        end = max(step.wake_at, now)
-    else:
-        end = now
-    return start, max(end, start)
-
-
-def _segments(step: StepRecord, start: int, end: int, now: int) -> list[dict[str, Any]]:
-    span = max(end - start, 1)
-    segments = []
-    for attempt in step.attempts:
-        if attempt.started_at is None:
+def _summary(body: dict[str, Any], at: int) -> str:
+    """``step charge · attempt 2 · retry_at in 2.00 s``: the fields that are set, short."""
+    parts = []
+    for key, value in body.items():
+        if value is None or value == "" or key in _UNSUMMARIZED:
             continue
-        a_end = min(attempt.ended_at if attempt.ended_at is not None else now, end)
-        width = max((a_end - attempt.started_at) / span * 100, 1.0)
-        left = min(max((attempt.started_at - start) / span * 100, 0.0), 100 - width)
-        outcome = ("failed" if attempt.error else
-                   "running" if attempt.ended_at is None else "completed")
-        segments.append({"attempt": attempt.attempt, "left": round(left, 3),
-                         "width": round(width, 3), "status": outcome})
-    return segments
+        if isinstance(value, bool):
+            parts.append(key if value else "")
+        elif key.endswith("_at") and isinstance(value, int):
+            parts.append(f"{key} {'in ' + format_duration(value - at) if value >= at else 'at'}"
+                         f"{'' if value >= at else ' ' + _utc(value)}")
+        elif key.endswith("_ms") and isinstance(value, int):
+            parts.append(f"{key} {format_duration(value)}")
+        else:
+            text = value if isinstance(value, str) and key not in _PAYLOADS else _compact(value)
+            parts.append(f"{key} {text if len(text) <= 90 else text[:89] + '…'}")
+    return " · ".join(p for p in parts if p)
+
+
+def _traces(execution: Execution) -> dict[str, dict[str, Any]]:
+    """Each recorded traceback parsed, keyed ``<step key>#<attempt>`` (and ``execution``);
+    one that repeats an earlier attempt's (same frames) names that attempt instead."""
+    found: dict[str, dict[str, Any]] = {}
+    for step in execution.steps:
+        seen: dict[tuple[tuple[str, int, str], ...], int] = {}
+        for attempt in step.attempts:
+            if attempt.error is None or not attempt.error.traceback:
+                continue
+            trace = tracebacks.parse(attempt.error.traceback)
+            first = seen.setdefault(trace.signature, attempt.attempt)
+            found[f"{step.key}#{attempt.attempt}"] = {
+                "trace": trace, "same_as": None if first == attempt.attempt else first}
+    if execution.error is not None and execution.error.traceback:
+        found["execution"] = {"trace": tracebacks.parse(execution.error.traceback),
+                              "same_as": None}
+    return found
 
 
 def format_duration(ms: int | None) -> str:

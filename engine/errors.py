@@ -10,6 +10,7 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── InvalidInputError         trigger input fails the workflow's input model
     ├── PayloadTooLargeError      an event would not fit a Kafka record
     ├── PayloadTooDeepError       JSON nested deeper than readers take
+    ├── UnknownExecutionError     send_event to an id no execution has
     ├── InvalidKeyError           an idempotency key that is not valid Unicode
     ├── DurationError (ValueError) "5 parsecs"
     ├── SerializationError        a step result that is not JSON
@@ -25,6 +26,8 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── StateLockedError          a rebuild met a view a running worker holds
     ├── RebuildError              the log no longer holds every event (retention)
     ├── CommandError              a `ploy` command the user can fix (bad --input, no server)
+    ├── ExportError               an export directory that cannot be written or imported
+    ├── RerunError                a rerun of a live execution, or from a step it never ran
     ├── NonRetryableError         raised by user code: fail the step now
     ├── StepTimeoutError          one attempt ran past its timeout
     ├── StepFailedError           a step exhausted its retries
@@ -93,6 +96,18 @@ class PayloadTooLargeError(PloyError, ValueError):
     def __init__(self, what: str, size: int, limit: int):
         self.what, self.size, self.limit = what, size, limit
         super().__init__(f"{what} is {size} bytes, over the limit of {limit} bytes")
+
+
+class UnknownExecutionError(PloyError, KeyError):
+    """An id no execution has (of that workflow, when one is named); nothing was appended."""
+
+    def __init__(self, execution_id: str, workflow: str | None = None):
+        self.execution_id, self.workflow = execution_id, workflow
+        of = f" of workflow '{workflow}'" if workflow else ""
+        super().__init__(f"no execution '{execution_id}'{of}")
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 class InvalidKeyError(PloyError, ValueError):
@@ -249,6 +264,23 @@ class CommandError(PloyError):
     def __init__(self, problem: str):
         self.problem = problem
         super().__init__(problem)
+
+
+class ExportError(PloyError):
+    """``ploy export``/``ploy import`` cannot use ``directory`` (see ``engine.export``)."""
+
+    def __init__(self, directory: Path, problem: str):
+        self.directory, self.problem = directory, problem
+        super().__init__(f"export {directory}: {problem}")
+
+
+class RerunError(PloyError):
+    """A rerun that cannot be made as asked (``engine.rerun``): the source has not
+    ended, or never started ``steps``' missing step."""
+
+    def __init__(self, source: str, problem: str, steps: list[str] | None = None):
+        self.source, self.problem, self.steps = source, problem, steps
+        super().__init__(f"cannot rerun {source}: {problem}")
 
 
 class NonRetryableError(PloyError):

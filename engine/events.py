@@ -314,7 +314,7 @@ BODY_TYPES: dict[str, type[Body]] = {
 PARTITION_EVENTS = (PartitionClaimed, RecordSkipped, PartitionReleased)
 
 # What clients append (any process may): never fenced by epoch.
-CLIENT_EVENTS = (WorkflowTriggered, CancelRequested)
+CLIENT_EVENTS = (WorkflowTriggered, CancelRequested, StepResolved)
 
 
 def claim_id(partition: int) -> str:

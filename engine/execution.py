@@ -22,23 +22,26 @@ replay. A cancel takes effect at the next step boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import json
 import logging
 import traceback as tb
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel
 
-from engine import payloads
+from engine import models, payloads, waits
 from engine.context import Context
 from engine.durations import backoff_ms, parse_duration
 from engine.errors import (
     AppendError,
     NonRetryableError,
+    PartitionStalledError,
     PayloadTooDeepError,
     PayloadTooLargeError,
     SerializationError,
@@ -53,13 +56,16 @@ from engine.events import (
     StepCompleted,
     StepFailed,
     StepStarted,
+    WaitStarted,
     WorkflowCancelled,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowLog,
     WorkflowStarted,
 )
+from engine.models import ExecutionStatus, ReceivedEvent
 from engine.versioning import Diverged, Replay
+from engine.waits import WAIT_KINDS
 
 if TYPE_CHECKING:
     from engine.builder import WorkflowDef
@@ -87,6 +93,14 @@ class Cancelled(BaseException):  # noqa: N818
     """A cancel was requested; no further step starts."""
 
 
+class _OperatorCompleted(Exception):  # noqa: N818 - a signal inside _step
+    """An operator completed the step in flight (``StepResolved``): its output, as JSON."""
+
+    def __init__(self, output: str):
+        super().__init__(output)
+        self.output = output
+
+
 class Shutdown(BaseException):  # noqa: N818
     """The worker is stopping; the execution resumes elsewhere or on restart."""
 
@@ -109,7 +123,7 @@ class LogUnavailable(BaseException):  # noqa: N818
 # and parallel branches each see their own.
 _IN_STEP: contextvars.ContextVar[tuple[ExecutionRunner, str, int] | None] = (
     contextvars.ContextVar("ploy_in_step", default=None))
-RESERVED = ("#", "[", "]")  # the engine's own key syntax: name#2, name[0]
+RESERVED = ("#", "[", "]", "\x00")  # the engine's own key syntax: name#2, name[0]; NUL
 
 
 def to_json(value: Any, what: str) -> str:
@@ -153,8 +167,78 @@ def check_name(name: str, what: str = "step") -> None:
         raise ValueError(f"{what} name {name!r} contains a lone surrogate (not valid Unicode)")
     if any(c in name for c in RESERVED):
         raise ValueError(
-            f"{what} name {name!r}: '#', '[' and ']' are reserved for the engine's own "
+            f"{what} name {name!r}: '#', '[', ']' and NUL are reserved for the engine's own "
             "step keys (a repeated name is keyed 'name#2', parallel branches 'name[0]')")
+
+
+CHILD_ENDED = "ploy.execution.ended"  # the event a child sends its parent when it ends
+EVENT_TYPE_LIMIT = 256  # bytes of UTF-8
+
+
+def check_event_type(event_type: str) -> None:
+    """An event type is a non-empty string of valid Unicode, at most 256 bytes, no NUL."""
+    if not isinstance(event_type, str) or not event_type.strip():
+        raise ValueError(f"an event type must be a non-empty string, got {event_type!r}")
+    if payloads.has_lone_surrogate(event_type) or "\x00" in event_type:
+        raise ValueError(f"event type {event_type!r} contains a NUL or a lone surrogate")
+    if len(event_type.encode()) > EVENT_TYPE_LIMIT:
+        raise ValueError(f"an event type is at most {EVENT_TYPE_LIMIT} bytes, got "
+                         f"{len(event_type.encode())}")
+
+
+def _epoch_ms(since: int | datetime) -> int:
+    """``since`` as ms since the epoch (a datetime without a zone is taken as UTC)."""
+    if isinstance(since, datetime):
+        aware = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+        return int(aware.timestamp() * 1000)
+    if isinstance(since, int) and not isinstance(since, bool):
+        return since
+    raise TypeError(f"since must be ms since the epoch (int) or a datetime, got {since!r}")
+
+
+def match_text(match: dict[str, Any] | None) -> str:
+    """The JSON text of a match: an object of dotted paths into the event's data -> values."""
+    if match is None:
+        return "{}"
+    if not isinstance(match, dict):
+        raise TypeError(f"match must be a dict of dotted paths to values, got {match!r}")
+    for path in match:
+        if (not isinstance(path, str) or not path or "\x00" in path
+                or any(not part for part in path.split("."))):
+            raise ValueError(f"match key {path!r} is not a dotted path like 'order.id'")
+    text = to_json(match, "match")
+    if payloads.lone_surrogate(text) is not None:
+        raise ValueError("match contains a lone surrogate (not valid Unicode)")
+    return text
+
+
+def received_event(wait: dict[str, Any]) -> ReceivedEvent | None:
+    """What a recorded wait returns on replay: its event, None after a timeout; Suspend
+    while it still waits (or a cancel ended it: the next checkpoint says so)."""
+    status = wait["status"]
+    if status == waits.RECEIVED:
+        event = wait["event"]
+        return ReceivedEvent(id=event["id"], type=event["type"], source=event["source"],
+                             time=event["time"], data=models.loads(event["data"]))
+    if status == waits.TIMED_OUT:
+        return None
+    raise Suspend
+
+
+def child_result(key: str, wait: dict[str, Any]) -> Any:
+    """What a recorded invoke returns on replay: the child's output, or StepFailedError."""
+    if wait["status"] == waits.TIMED_OUT:
+        raise StepFailedError(key, 1, "StepTimeoutError",
+                              f"child execution {wait['child_id']} did not end in time")
+    if wait["status"] != waits.RECEIVED:
+        raise Suspend
+    ended = models.loads(wait["event"]["data"])
+    if ended["status"] == ExecutionStatus.COMPLETED.value:
+        return ended["output"]
+    error = ended.get("error") or {}
+    raise StepFailedError(key, 1, error.get("type", "WorkflowCancelled"),
+                          error.get("message") or f"child execution {ended['execution_id']} "
+                          f"was {ended['status']}")
 
 
 class ExecutionRunner:
@@ -168,6 +252,14 @@ class ExecutionRunner:
         self.workflow = workflow
         self.recorded = {s["key"]: s for s in steps if s["kind"] == "step"}
         self.sleeps = {s["key"]: s for s in steps if s["kind"] == "sleep"}
+        self.waits = {s["key"]: s for s in steps if s["kind"] in WAIT_KINDS}
+        self._opening = 0  # waits being opened (parallel invokes): the run ends after them
+        # Operator actions on steps in flight (StepResolved, once folded): step key -> output
+        # JSON of a completed one; keys whose backoff wait ends now; the task of each call.
+        self._operator_outputs: dict[str, str] = {}
+        self._retry_now: set[str] = set()
+        self._calls: dict[str, asyncio.Task[Any]] = {}
+        self._opened = asyncio.Event()
         self.replay = Replay(steps, record.get("patches") or [])  # engine.versioning
         # Log lines are keyed by where they were logged, so a replay records none twice
         # and drops none (a completed step's function does not run on replay).
@@ -249,19 +341,41 @@ class ExecutionRunner:
         try:
             end = await self._handle()
             if end is None:
+                await self._waits_opened()
                 return Outcome.PAUSED
             try:
-                await self._append(end)
+                await self._end(end)
             except LogUnavailable as exc:
                 if not exc.permanent or not isinstance(end, WorkflowCompleted):
                     raise
                 # The broker will never take this output: fail the execution, clearly.
                 refused = AppendError(self.runtime.log.topic, f"the output was refused: {exc}")
-                await self._append(WorkflowFailed(*error_fields(refused)))
+                await self._end(WorkflowFailed(*error_fields(refused)))
         except LogUnavailable as exc:
             logger.warning("execution %s: %s; it resumes later", self.id, exc)
             return Outcome.RETRY_LATER
         return Outcome.ENDED
+
+    async def _end(self, end: Body) -> None:
+        """Append the end event; a child first tells its parent (an event with the child's
+        result, idempotent by id), so that a crash in between repeats the notice, never
+        loses it: the replay reaches the same end and sends it again."""
+        if self.record.get("parent_id"):
+            try:
+                await self.runtime.notify_parent(self.record, end)
+            except AppendError as exc:
+                raise LogUnavailable(str(exc), exc.permanent) from exc
+        await self._append(end)
+
+    async def _waits_opened(self) -> None:
+        """Parallel waits (``asyncio.gather`` of invokes): the first to suspend ends the
+        handler; let the others finish appending what they wait for (bounded)."""
+        if self._opening:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    while self._opening:
+                        self._opened.clear()
+                        await self._opened.wait()
 
     async def _handle(self) -> Body | None:
         """Run the handler; the event that ends the execution, or None if it paused."""
@@ -278,13 +392,16 @@ class ExecutionRunner:
         except (Suspend, Shutdown):
             return None
         except Cancelled:
+            user_log.warning("[%s %s] cancelled: %s", self.workflow.name, self.id,
+                             self.cancel_reason or "no reason given",
+                             extra={"ended_execution": self.id})
             return WorkflowCancelled(self.cancel_reason)
         except Diverged as diverged:  # new code that does not fit this history: stop it here
             user_log.error("[%s %s] failed: %s", self.workflow.name, self.id, diverged.error)
             return WorkflowFailed(*error_fields(diverged.error))
         except Exception as exc:
             user_log.error("[%s %s] failed: %s: %s", self.workflow.name, self.id,
-                           type(exc).__name__, exc)
+                           type(exc).__name__, exc, extra={"ended_execution": self.id})
             return WorkflowFailed(*error_fields(exc))
 
     def _input(self) -> Any:
@@ -333,8 +450,10 @@ class ExecutionRunner:
             attempt = self._resume_attempt(key, recorded)
             retry_at = recorded["attempts"][-1]["retry_at"] if recorded["attempts"] else None
             if retry_at is not None:
-                await self._wait_until(retry_at)  # the backoff is durable: a restart keeps it
+                await self._wait_until(retry_at, key)  # durable: a restart keeps it
         while True:
+            if key in self._operator_outputs:
+                return json.loads(self._operator_outputs[key])
             started_at = self.runtime.clock.now()
             self._append_nowait(StepStarted(key, attempt, input_json))
             token = _IN_STEP.set((self, key, attempt))
@@ -342,6 +461,9 @@ class ExecutionRunner:
                 value = await self._call(key, fn, timeout_ms)
                 output = to_json(value, f"the result of step '{key}'")
                 self._check_size(f"the result of step '{key}'", output)
+            except _OperatorCompleted as done:  # the fold has it: nothing to append
+                _IN_STEP.reset(token)
+                return json.loads(done.output)
             except Exception as exc:
                 _IN_STEP.reset(token)
                 final = attempt > limit or isinstance(
@@ -359,7 +481,7 @@ class ExecutionRunner:
                 if final:
                     raise StepFailedError(key, attempt, type(exc).__name__, str(exc)) from exc
                 assert retry_at is not None
-                await self._wait_until(retry_at)
+                await self._wait_until(retry_at, key)
                 attempt += 1
                 continue
             _IN_STEP.reset(token)
@@ -383,12 +505,35 @@ class ExecutionRunner:
             work: Any = fn()
         else:
             work = self._in_thread(fn)
-        if timeout_ms is None:
-            return await work
+        task = asyncio.current_task()
+        if task is not None:
+            self._calls[key] = task  # an operator's completion cancels the call here
         try:
-            return await asyncio.wait_for(work, timeout_ms / 1000)
-        except TimeoutError:
-            raise StepTimeoutError(key, timeout_ms) from None
+            if timeout_ms is None:
+                return await work
+            try:
+                return await asyncio.wait_for(work, timeout_ms / 1000)
+            except TimeoutError:
+                raise StepTimeoutError(key, timeout_ms) from None
+        except asyncio.CancelledError:
+            output = self._operator_outputs.get(key)
+            if output is None or task is None:
+                raise
+            task.uncancel()  # the attempt is abandoned (a thread finishes on its own)
+            raise _OperatorCompleted(output) from None
+        finally:
+            self._calls.pop(key, None)
+
+    def resolve(self, key: str, action: str, output: str | None) -> None:
+        """An operator's ``StepResolved`` was folded: complete the step in flight with
+        ``output`` (its call is abandoned), or end its backoff wait now."""
+        if action == "complete" and output is not None:
+            self._operator_outputs[key] = output
+            task = self._calls.get(key)
+            if task is not None:
+                task.cancel()
+        elif action == "retry-now":
+            self._retry_now.add(key)
 
     async def _in_thread(self, fn: Callable[[], Any]) -> Any:
         value = await self.runtime.threads.call(fn)
@@ -400,12 +545,15 @@ class ExecutionRunner:
         b = self.runtime.config.backoff
         return backoff_ms(attempt, b.initial_ms, b.max_ms, b.multiplier)
 
-    async def _wait_until(self, at_ms: int) -> None:
-        """Wait for a retry (cancel and shutdown end the wait early)."""
+    async def _wait_until(self, at_ms: int, key: str) -> None:
+        """Wait for a retry (cancel, shutdown and an operator's action end the wait early)."""
         while True:
             await self._checkpoint()
             delay = (at_ms - self.runtime.clock.now()) / 1000
-            if delay <= 0:
+            if delay <= 0 or key in self._operator_outputs:
+                return
+            if key in self._retry_now:
+                self._retry_now.discard(key)
                 return
             try:
                 await asyncio.wait_for(self.cancel_requested.wait(), min(delay, 0.25))
@@ -428,6 +576,67 @@ class ExecutionRunner:
                 return
             raise Suspend  # still waiting for its timer
         await self._append(SleepScheduled(key, ms, self.runtime.clock.now() + ms))
+        raise Suspend
+
+    # -- ctx.step.wait_for_event and ctx.step.invoke ---------------------------------------
+
+    async def wait_for_event(self, name: str, event_type: str, match: dict[str, Any] | None,
+                             timeout: int | str | None,
+                             since: int | datetime | None) -> ReceivedEvent | None:
+        check_event_type(event_type)
+        match_json = match_text(match)
+        self._check_size(f"the match of wait '{name}'", match_json)
+        timeout_ms = None if timeout is None else parse_duration(timeout)
+        since_ms = self.record["created_at"] if since is None else _epoch_ms(since)
+        await self._checkpoint()
+        key = self._key(name)
+        wait = self.waits.get(key)
+        if wait is not None:
+            return received_event(wait)
+        await self._open_wait(WaitStarted(key, event_type, match_json, since_ms,
+                                          self._deadline(timeout_ms)))
+
+    async def invoke(self, name: str, binding: str, input: Any, timeout: int | str | None,
+                     cancel_with_parent: bool) -> Any:
+        timeout_ms = None if timeout is None else parse_duration(timeout)
+        target = self.runtime.env[binding]  # UnknownBindingError names the known ones
+        await self._checkpoint()
+        key = self._key(name)
+        wait = self.waits.get(key)
+        if wait is not None:
+            return child_result(key, wait)
+        child_id = self.runtime.child_id(self.id, key)
+
+        async def start_child() -> None:
+            try:
+                await self.runtime.trigger_child(target.workflow, input, child_id, self.id, key)
+            except AppendError as exc:
+                raise LogUnavailable(str(exc), exc.permanent) from exc
+            except PartitionStalledError as exc:  # until an operator skips its corrupt record
+                raise LogUnavailable(str(exc)) from exc
+
+        # The child first: a crash before the wait is recorded replays to here, and the
+        # second trigger of the same id changes nothing.
+        await self._open_wait(WaitStarted(
+            key, CHILD_ENDED, to_json({"execution_id": child_id}, "match"),
+            self.record["created_at"], self._deadline(timeout_ms), child_id, cancel_with_parent),
+            start_child)
+
+    def _deadline(self, timeout_ms: int | None) -> int | None:
+        return None if timeout_ms is None else self.runtime.clock.now() + timeout_ms
+
+    async def _open_wait(self, body: WaitStarted,
+                         first: Callable[[], Awaitable[None]] | None = None) -> NoReturn:
+        """Record the wait (after ``first``: starting a child) and suspend: the fold
+        delivers its event (or its timer fires)."""
+        self._opening += 1
+        try:
+            if first is not None:
+                await first()
+            await self._append(body)
+        finally:
+            self._opening -= 1
+            self._opened.set()
         raise Suspend
 
     # -- ctx.step.parallel ------------------------------------------------------

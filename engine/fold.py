@@ -32,21 +32,29 @@ Rules the fold keeps:
    from the status before the batch and the status after it, so an execution
    that passes through several statuses inside one batch leaves no deleted
    keys behind in the indexes of the statuses it only passed through.
+8. Reruns (``engine.rerun``). A ``WorkflowTriggered`` with ``rerun_of`` creates
+   an execution that records its source and offset and is ``held`` (the
+   runtime does not run it) while the copy of the source's events that it
+   begins with is appended; the same trigger, repeated after the copy,
+   releases it (rule 1 otherwise). The source's partition (a rerun's id is
+   chosen to hash there) lists it under ``r:<source>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left, insort
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 from orjson import OPT_SORT_KEYS, dumps, loads
 
-from engine import keys, schedules
+from engine import keys, schedules, waits
 from engine.errors import InvalidTransitionError
 from engine.events import (
     CLIENT_EVENTS,
     CancelRequested,
     Event,
+    EventSent,
     PartitionClaimed,
     PartitionReleased,
     Patched,
@@ -55,8 +63,11 @@ from engine.events import (
     SleepScheduled,
     StepCompleted,
     StepFailed,
+    StepResolved,
     StepStarted,
+    SubjectErased,
     TimerFired,
+    WaitStarted,
     WorkflowCancelled,
     WorkflowCompleted,
     WorkflowFailed,
@@ -67,11 +78,14 @@ from engine.events import (
 from engine.models import ExecutionStatus
 
 Record = dict[str, Any]
+Scan = Callable[[bytes, bytes], Iterable[tuple[bytes, bytes]]]
+"""``scan(start, stop)``: the stored raw (key, value) pairs in [start, stop), in key order."""
 _UNREAD: Any = object()
 
 QUEUED = ExecutionStatus.QUEUED.value
 RUNNING = ExecutionStatus.RUNNING.value
 SLEEPING = ExecutionStatus.SLEEPING.value
+WAITING = ExecutionStatus.WAITING.value
 TERMINAL = {s.value for s in ExecutionStatus if s.terminal}
 
 
@@ -85,13 +99,18 @@ class Tx:
     never both: ``engine.keys`` gives each keyspace one kind.
     """
 
-    __slots__ = ("_read", "_records", "_raw", "_began")
+    __slots__ = ("_read", "_scan", "_records", "_raw", "_scanned", "_scanned_keys", "_began",
+                 "woken")
 
-    def __init__(self, read: Callable[[bytes], bytes | None]):
+    def __init__(self, read: Callable[[bytes], bytes | None], scan: Scan | None = None):
         self._read = read
+        self._scan = scan
         self._records: dict[bytes, Record | None] = {}  # decoded; None: absent or deleted
         self._raw: dict[bytes, bytes | None] = {}  # raw values; None deletes
+        self._scanned: dict[bytes, bytes | None] = {}  # the raw writes of keys.SCANNED spaces
+        self._scanned_keys: list[bytes] = []  # ... their keys, sorted (a scan bisects)
         self._began: dict[str, str | None] = {}  # execution id -> status before the batch
+        self.woken: list[str] = []  # executions an event woke (engine.waits), for the runtime
 
     def touch(self, eid: str, status: str | None) -> None:
         """Note the status ``eid`` had before this batch (None: it did not exist)."""
@@ -120,6 +139,37 @@ class Tx:
 
     def put_raw(self, key: bytes, value: bytes) -> None:
         self._raw[key] = value
+        if key[:2] in keys.SCANNED:
+            self._note_scanned(key, value)
+
+    def _note_scanned(self, key: bytes, value: bytes | None) -> None:
+        if key not in self._scanned:
+            insort(self._scanned_keys, key)
+        self._scanned[key] = value
+
+    def raw(self, key: bytes) -> bytes | None:
+        """The raw value at ``key``, with this batch's writes applied."""
+        if key in self._raw:
+            return self._raw[key]
+        return self._read(key)
+
+    def scan(self, prefix: bytes, start: bytes | None = None,
+             stop: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """Raw (key, value) pairs with ``prefix`` in [start, stop), in key order, with this
+        batch's writes applied. Only the ``keys.SCANNED`` keyspaces (what the fold looks
+        up by prefix: kept events, waiters) can be scanned."""
+        assert prefix[:2] in keys.SCANNED, prefix
+        lo, hi = start or prefix, stop or keys.end_of(prefix)
+        found = dict(self._scan(lo, hi)) if self._scan is not None else {}
+        pending = self._scanned_keys
+        for i in range(bisect_left(pending, lo), bisect_left(pending, hi)):
+            key = pending[i]
+            value = self._scanned[key]
+            if value is None:
+                found.pop(key, None)
+            else:
+                found[key] = value
+        return sorted(found.items())
 
     def delete(self, key: bytes, new: bool = False) -> None:
         """Delete ``key``. ``new``: it belongs to an execution this batch created, so only
@@ -130,6 +180,8 @@ class Tx:
         else:
             self._raw[key] = None
             self._records[key] = None
+        if key[:2] in keys.SCANNED:
+            self._note_scanned(key, None)
 
     def encoded(self) -> Iterator[tuple[bytes, bytes | None]]:
         """Every write as bytes (``None`` deletes), deterministic JSON, listing indexes included.
@@ -174,11 +226,14 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
     if isinstance(body, PartitionReleased):
         _released(tx, event, body)
         return False
-    if isinstance(body, RecordSkipped):
-        return False
+    if isinstance(body, RecordSkipped | SubjectErased):
+        return False  # audit records (their modules read them from the log)
     if isinstance(body, ScheduleUpdated):
         schedules.fold_update(tx, event)  # the schedule's record; no execution changes
         return False
+    if isinstance(body, EventSent):
+        waits.event_sent(tx, event, offset, raw)
+        return False  # the executions it woke are in ``tx.woken``
     if _fenced(tx, event, offset):
         return False
     eid_key = eid.encode()
@@ -190,6 +245,10 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
             ex = new_execution(event, body, partition)
             tx.put_raw(keys.ACTIVE + eid_key, b"")
             tx.put_raw(keys.CREATED + keys.u64(event.timestamp) + eid_key, b"")
+            if body.rerun_of is not None:
+                _rerun_begins(tx, ex, body, offset)
+        elif body.rerun_of is not None and ex.get("held"):
+            del ex["held"]  # rule 8: the copy is complete
     elif ex is None:
         raise InvalidTransitionError(eid, None, event.type)
     else:
@@ -199,6 +258,13 @@ def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool
     tx.put(ex_key, ex)
     tx.put_raw(keys.HISTORY + eid_key + keys.SEP + keys.u64(offset), raw)
     return True
+
+
+def _rerun_begins(tx: Tx, ex: Record, body: WorkflowTriggered, offset: int) -> None:
+    """Rule 8: a rerun records its source, is held while its copy is appended, and is
+    listed among its source's reruns."""
+    ex.update(rerun_of=body.rerun_of, rerun_offset=body.rerun_offset, held=True)
+    tx.put_raw(keys.rerun(body.rerun_of or "", offset), ex["id"].encode())
 
 
 def _fenced(tx: Tx, event: Event, offset: int) -> bool:
@@ -262,13 +328,18 @@ def _new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Rec
         "seq": 0,
         "logs": 0,
         "sleeping_on": None,
+        "waits": [],
         "cancel_reason": None,
+        "parent_id": body.parent_id,
+        "parent_step": body.parent_step,
     }
 
 
 def _run(ex: Record, ts: int) -> None:
-    """queued/sleeping -> running; a terminal execution stays as it is."""
-    if ex["status"] in (QUEUED, SLEEPING):
+    """queued/sleeping -> running; a terminal execution stays as it is (and one still
+    waiting for an event, a parallel branch's step notwithstanding, stays waiting)."""
+    if ex["status"] in (QUEUED, SLEEPING) or (ex["status"] == WAITING
+                                               and not waits.open_waits(ex)):
         ex["status"] = RUNNING
     if ex["started_at"] is None:
         ex["started_at"] = ts
@@ -289,6 +360,7 @@ def _finish(tx: Tx, ex: Record, status: str, ts: int) -> bool:
             sleep.update(status=status, ended_at=ts)
             tx.put(sleep_key, sleep)
         ex["sleeping_on"] = None
+    waits.end_all(tx, ex, status, ts)
     return True
 
 
@@ -376,6 +448,29 @@ def _step_failed(tx: Tx, ex: Record, event: Event) -> None:
     tx.put(step_key, step)
 
 
+def _step_resolved(tx: Tx, ex: Record, event: Event) -> None:
+    """An operator completed a running or retrying step with an output, or ended its
+    backoff wait (the next attempt is due now). Anything else (a finished execution, a
+    step that already ended) changes nothing: the event stays in the history."""
+    body = event.body
+    assert isinstance(body, StepResolved)
+    step_key = keys.step(ex["id"], body.step)
+    step = tx.get(step_key)
+    if ex["status"] in TERMINAL or step is None or step["status"] not in (RUNNING, "retrying"):
+        return
+    resolved = {"action": body.action, "actor": body.actor, "reason": body.reason,
+                "at": event.timestamp}
+    if body.action == "complete" and body.output is not None:
+        step.update(status="completed", output=body.output, ended_at=event.timestamp,
+                    error=None, resolved=resolved)
+    elif body.action == "retry-now" and step["status"] == "retrying" and step["attempts"]:
+        step["attempts"][-1]["retry_at"] = event.timestamp
+        step["resolved"] = resolved
+    else:
+        return
+    tx.put(step_key, step)
+
+
 def _sleep_scheduled(tx: Tx, ex: Record, event: Event) -> None:
     body = event.body
     assert isinstance(body, SleepScheduled)
@@ -405,6 +500,10 @@ def _timer_fired(tx: Tx, ex: Record, event: Event) -> None:
     assert isinstance(body, TimerFired)
     key = keys.sleep(ex["id"], body.sleep)
     sleep = tx.get(key)
+    if sleep is not None and sleep["kind"] in waits.WAIT_KINDS:
+        if sleep["status"] == WAITING:  # else an event came first, or a cancel
+            waits.timed_out(tx, ex, sleep, event.timestamp)
+        return
     if sleep is None or sleep["status"] != SLEEPING:
         return  # a duplicate firing, or a sleep a cancel already ended
     sleep.update(status="completed", ended_at=event.timestamp)
@@ -435,6 +534,8 @@ def _cancel_requested(tx: Tx, ex: Record, event: Event) -> None:
     assert isinstance(body, CancelRequested)
     if _finish(tx, ex, ExecutionStatus.CANCELLED.value, event.timestamp):
         ex["cancel_reason"] = body.reason
+        if body.actor is not None:  # v4: who asked (absent from records cancelled before)
+            ex["cancel_actor"] = body.actor
 
 
 def _cancelled(tx: Tx, ex: Record, event: Event) -> None:
@@ -471,5 +572,7 @@ _FOLDS: dict[type, Callable[[Tx, Record, Event], None]] = {
     WorkflowCancelled: _cancelled,
     WorkflowCompleted: _completed,
     WorkflowFailed: _failed,
+    WaitStarted: waits.wait_started,
     Patched: _patched,
+    StepResolved: lambda tx, ex, event: None,  # kept in the history
 }

@@ -2,7 +2,7 @@
 
 =========================  ====================================================
 ``/...``                   the routes of ``ploy().get/post/...`` (``/orders/:id``)
-``/__ploy/api/...``        the engine's JSON API (list, get, history, cancel, trigger)
+``/__ploy/api/...``        the engine's JSON API (list, get, history, cancel, rerun, as-of, ...)
 ``/__ploy/``               the dashboard (``engine.dashboard``), behind the same guard
 =========================  ====================================================
 
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_jsonable_python
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -55,11 +55,13 @@ from starlette.responses import JSONResponse, RedirectResponse, Response, Stream
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine import payloads
+from engine import asof, payloads, rerun
+from engine.actions import Actions, Csrf, form_fields
 from engine.bindings import workflow_named
 from engine.dashboard import DASHBOARD, Dashboard, redirect
 from engine.durations import parse_duration
 from engine.errors import (
+    CommandError,
     InvalidInputError,
     InvalidKeyError,
     NotFoldedHereError,
@@ -67,7 +69,9 @@ from engine.errors import (
     OwnerUnavailableError,
     PartitionStalledError,
     PayloadTooLargeError,
+    RerunError,
     UnknownBindingError,
+    UnknownExecutionError,
 )
 from engine.listing import Cursor
 from engine.metrics import CONTENT_TYPE
@@ -164,9 +168,11 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
             and dashboard are served without a token (default ``config.http.host``).
     """
     http = engine.config.http
-    admin = _Admin(http.host if host is None else host, http.admin_token)
+    csrf = Csrf(COOKIE)
+    admin = _Admin(http.host if host is None else host, http.admin_token, csrf=csrf)
     api = _Api(engine, http.admin_token)
-    pages = Dashboard(engine)
+    pages = Dashboard(engine, csrf)
+    actions = Actions(engine, pages, csrf)
     routes: list[BaseRoute] = [
         admin.route(f"{API}/executions", api.executions),
         admin.route(f"{API}/executions/{{id}}", api.execution),
@@ -176,6 +182,9 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/executions/{{id}}/cancel", api.cancel, write=True),
         admin.route(f"{API}/partitions/{{partition:int}}/skip", api.skip, write=True),
         admin.route(f"{API}/trigger/{{binding}}", api.trigger, write=True),
+        admin.route(f"{API}/events", api.send_event, write=True),
+        admin.route(f"{API}/executions/{{id}}/complete-step", api.complete_step, write=True),
+        admin.route(f"{API}/executions/{{id}}/retry-now", api.retry_now, write=True),
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
         admin.route(f"{API}/workers", api.workers),
@@ -183,9 +192,27 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/schedules/{{name}}", api.schedule),
         admin.route(f"{API}/schedules/{{name}}/{{action}}", api.schedule_action, write=True),
         admin.route(METRICS, api.metrics),
+        admin.route(f"{API}/changes", api.changes),
+        admin.route(f"{API}/as-of", api.as_of),
+        admin.route(f"{API}/executions/{{id}}/rerun", api.rerun, write=True),
+        admin.route(f"{API}/rerun", api.rerun_many, write=True),
         Route(DASHBOARD, redirect),
         admin.route(f"{DASHBOARD}/", pages.index, page=True),
         admin.route(f"{DASHBOARD}/executions/{{id}}", pages.detail, page=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/cancel", actions.cancel, form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/rerun", actions.rerun, form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/send-event", actions.send_event, form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/complete-step", actions.complete_step,
+                    form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/retry-now", actions.retry_now, form=True),
+        admin.route(f"{DASHBOARD}/executions/{{id}}/history.jsonl", pages.history_download,
+                    page=True),
+        admin.route(f"{DASHBOARD}/workflows", pages.workflows, page=True),
+        admin.route(f"{DASHBOARD}/workers", pages.workers, page=True),
+        admin.route(f"{DASHBOARD}/events", pages.events, page=True),
+        admin.route(f"{DASHBOARD}/events", actions.send_any_event, form=True),
+        admin.route(f"{DASHBOARD}/workflows/{{binding}}/trigger", actions.trigger_form, page=True),
+        admin.route(f"{DASHBOARD}/workflows/{{binding}}/trigger", actions.trigger, form=True),
     ]
     if not any(starlette_path(r.path) == "/metrics" for r in engine.worker.routes):
         routes.append(admin.route("/metrics", api.metrics))  # where scrapers look first
@@ -426,21 +453,27 @@ async def _read_body(request: Request, model: type[BaseModel] | None) -> Any:
 class _Admin:
     """Decides who may use the engine API and the dashboard (module docstring)."""
 
-    def __init__(self, host: str, token: str | None):
+    def __init__(self, host: str, token: str | None, *, csrf: Csrf | None = None):
         self.host, self.token = host, token or None
+        self.csrf = csrf or Csrf(COOKIE)
         self.enabled = admin_enabled(host, self.token)
         # The cookie holds a digest of the token, never the token itself.
         self.cookie = None if self.token is None else hmac.new(
             self.token.encode(), b"ploy-dashboard", hashlib.sha256).hexdigest()
 
     def route(self, path: str, handler: Endpoint, *, write: bool = False,
-              page: bool = False) -> Route:
-        """A Route running ``handler`` behind this guard, with errors answered as JSON."""
+              page: bool = False, form: bool = False) -> Route:
+        """A Route running ``handler`` behind this guard, with errors answered as JSON.
+
+        ``form``: a dashboard form's POST (see :meth:`refuse_form`).
+        """
+        write = write or form
 
         async def endpoint(request: Request) -> Response:
             if page and "token" in request.query_params:
                 return self._login(request)
-            refused = self.refuse(request, write=write)
+            refused = (await self.refuse_form(request)) if form else self.refuse(request,
+                                                                                 write=write)
             if refused is not None:
                 return refused
             try:
@@ -483,6 +516,30 @@ class _Admin:
                                     f" (or open {DASHBOARD}/?token=<token> once in a browser)"},
                      headers={"WWW-Authenticate": 'Bearer realm="ploy"'})
 
+    async def refuse_form(self, request: Request) -> Response | None:
+        """The answer refusing a dashboard form's POST, or None to let it through.
+
+        The bearer header admits it as any write. A browser has no bearer: its form
+        must carry this process's CSRF token (``engine.actions.Csrf``), and then its
+        session admits it as a read would be, except that it may not come from
+        another site: an open loopback server, or the cookie of a token login.
+        """
+        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+        if self.token is not None and scheme.lower() == "bearer" and _same(supplied.strip(),
+                                                                          self.token):
+            return None
+        if not self.enabled or _cross_site(request):
+            return self.refuse(request, write=True)
+        fields = await form_fields(request)
+        if not self.csrf.valid(request, fields.get(self.csrf.FIELD, "")):
+            return _json(403, {"error": "the form's CSRF token is missing or stale: reload the "
+                                        "dashboard page and submit again"})
+        cookie = request.cookies.get(COOKIE)
+        if self.token is not None and cookie is not None and self.cookie and _same(cookie,
+                                                                                   self.cookie):
+            return None
+        return self.refuse(request, write=True)
+
     def _login(self, request: Request) -> Response:
         """``?token=``: keep it in a cookie, then show the page without it in the URL."""
         if self.token is None or not self.enabled:  # no token to keep
@@ -523,6 +580,37 @@ class _TriggerBody(BaseModel):
 class _CancelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str | None = None
+    actor: str | None = None  # who, as the client says: kept only without an admin token
+
+
+class _StepBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    step: str
+    reason: str
+    output: Any = None
+    actor: str | None = None  # who, as the client says: kept only without an admin token
+
+
+class _RerunBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    from_step: str | None = None
+    dry_run: bool = False
+
+
+class _BulkRerunBody(_RerunBody):
+    workflow: str | None = None
+    status: str | None = None
+    since: str | int | None = None  # ISO-8601 or epoch ms
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+class _EventBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: str
+    data: Any = None
+    id: str | None = None
+    source: str | None = None
+    execution_id: str | None = None
 
 
 class _SkipBody(BaseModel):
@@ -639,8 +727,37 @@ class _Api:
         execution = await self._get(request)
         body = await _read_body(request, _CancelBody) if (await request.body()).strip() else None
         reason = body.reason if isinstance(body, _CancelBody) else None
-        cancelled = await self.engine.cancel(execution.execution_id, reason)
+        actor = self._actor(body.actor if isinstance(body, _CancelBody) else None)
+        cancelled = await self.engine.cancel(execution.execution_id, reason, actor)
         return _json(200, {"cancelled": cancelled})
+
+    async def complete_step(self, request: Request) -> Response:
+        """Complete a running or retrying step with the operator's output (skip it)."""
+        return await self._resolve(request, "complete")
+
+    async def retry_now(self, request: Request) -> Response:
+        """End a retrying step's backoff wait: its next attempt starts now."""
+        return await self._resolve(request, "retry-now")
+
+    async def _resolve(self, request: Request, action: str) -> Response:
+        execution = await self._get(request)
+        body = await _read_body(request, _StepBody)
+        try:
+            done = await self.engine.resolve_step(
+                execution.execution_id, body.step, action, output=body.output,
+                reason=body.reason, actor=self._actor(body.actor))
+        except PayloadTooLargeError as exc:
+            raise _Reject(413, {"error": str(exc)}) from None
+        except ValueError as exc:
+            code = 422 if "reason" in str(exc) or "unknown step action" in str(exc) else 409
+            raise _Reject(code, {"error": str(exc)}) from None
+        return _json(200, {"resolved": done, "step": body.step, "action": action})
+
+    def _actor(self, claimed: str | None) -> str:
+        """Who asks, for the audit trail: ``admin-token`` when a token guards the API (a
+        client cannot name itself then), else ``local:<what the client says>`` (the open
+        API answers loopback requests only)."""
+        return "admin-token" if self.token is not None else f"local:{claimed or 'unknown'}"
 
     async def trigger(self, request: Request) -> Response:
         binding = request.path_params["binding"]
@@ -665,6 +782,21 @@ class _Api:
         # answers once the view holds this trigger.
         return _json(201, {"execution_id": eid, "partition": partition,
                            "offset": self.engine.runtime.log.high_acked.get(partition)})
+
+    async def send_event(self, request: Request) -> Response:
+        """An event for waiting executions: every matching waiter, or ``execution_id`` only."""
+        body = await _read_body(request, _EventBody)
+        try:
+            sent = await self.engine.send_event(body.type, body.data, id=body.id,
+                                                source=body.source,
+                                                execution_id=body.execution_id)
+        except UnknownExecutionError as exc:
+            raise _Reject(404, {"error": str(exc)}) from None
+        except PayloadTooLargeError as exc:
+            raise _Reject(413, {"error": str(exc)}) from None
+        except (ValueError, TypeError) as exc:  # a bad type, id, or data
+            raise _Reject(422, {"error": str(exc)}) from None
+        return _json(202, sent)
 
     async def workflows(self, request: Request) -> Response:
         config = self.engine.config
@@ -728,6 +860,82 @@ class _Api:
                                "offset": self.engine.runtime.log.high_acked.get(partition)})
         await schedules.update(name, _SCHEDULE_ACTIONS[action], actor, body.reason)
         return _json(200, await schedules.state(name))
+    async def changes(self, request: Request) -> Response:
+        """Server-Sent Events: ``{"executions": [id, ...]}`` each time the fold here
+        changes executions (a burst in one event), so a list can refresh when, and only
+        when, something changed. Partitions folded by another process are not seen."""
+        return StreamingResponse(_sse_changes(self.engine.runtime.changes()),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def as_of(self, request: Request) -> Response:
+        """The system as it stood at ``at`` (``engine.asof``): with ``id``, that execution and
+        its history then; else the list then (``workflow``, ``status``, ``limit``)."""
+        q = request.query_params
+        if not q.get("at"):
+            raise _Reject(422, {"error": "at: a point of the log is needed (p0:120,p1:88, an "
+                                         "offset of a one-partition topic, or a time)"})
+        status = q.get("status") or None
+        if status is not None and status not in _STATUSES:
+            raise _Reject(422, {"error": f"unknown status '{status}'", "statuses": _STATUSES})
+        workflow = q.get("workflow") or None
+        if workflow is not None:
+            workflow = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
+        limit = _int_param(q.get("limit"), "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        try:
+            found = await asyncio.to_thread(
+                asof.answer, self.engine.runtime.log, q["at"], execution_id=q.get("id"),
+                workflow=workflow, status=status, limit=limit)
+        except CommandError as exc:
+            raise _Reject(422, {"error": str(exc)}) from None
+        if found is None:
+            raise _Reject(404, {"error": f"no execution '{q.get('id')}' as of {q['at']}"})
+        return _json(200, found)
+
+    async def rerun(self, request: Request) -> Response:
+        """A new execution replaying the source up to ``from_step``, running the rest with
+        today's code (``engine.rerun``); a dry run says what it would copy."""
+        execution = await self._get(request)
+        body = await _read_body(request, _RerunBody) if (await request.body()).strip() else None
+        asked = body if isinstance(body, _RerunBody) else _RerunBody()
+        try:
+            made = await rerun.rerun(self.engine.runtime, execution.execution_id,
+                                     asked.from_step, dry_run=asked.dry_run)
+        except RerunError as exc:  # not ended, not folded here: 409; no such step: 422
+            code = 409 if exc.steps is None else 422
+            raise _Reject(code, {"error": str(exc), "steps": exc.steps}) from None
+        assert made is not None  # _get found it
+        return _json(200 if asked.dry_run else 201, made.to_json())
+
+    async def rerun_many(self, request: Request) -> Response:
+        """Rerun every ended execution of ``workflow`` with ``status`` created since
+        ``since`` (newest first, at most ``limit``), or say which (``dry_run``)."""
+        body = await _read_body(request, _BulkRerunBody)
+        assert isinstance(body, _BulkRerunBody)
+        if body.status is not None and body.status not in _STATUSES:
+            raise _Reject(422, {"error": f"unknown status '{body.status}'",
+                                "statuses": _STATUSES})
+        workflow = body.workflow
+        if workflow is not None:
+            workflow = workflow_named(workflow, self.engine.env, self.engine.worker.workflows)
+        try:
+            since = None if body.since is None else asof.parse_time(str(body.since))
+        except CommandError as exc:
+            raise _Reject(422, {"error": f"since: {exc}"}) from None
+        sources = await rerun.select(self.engine.runtime, workflow=workflow,
+                                     status=body.status, since=since, limit=body.limit)
+        made, failed = [], []
+        for source in sources:
+            try:
+                one = await rerun.rerun(self.engine.runtime, source, body.from_step,
+                                        dry_run=body.dry_run)
+            except RerunError as exc:
+                failed.append({"source": source, "error": str(exc)})
+                continue
+            if one is not None:
+                made.append(one.to_json())
+        return _json(200 if body.dry_run else 201,
+                     {"dry_run": body.dry_run, "reruns": made, "failed": failed})
 
     async def _get(self, request: Request) -> Execution:
         eid = request.path_params["id"]
@@ -761,7 +969,29 @@ async def _sse(entries: AsyncGenerator[HistoryEntry, None]) -> AsyncIterator[byt
     finally:
         if pending is not None:
             pending.cancel()
+            await asyncio.wait({pending})  # the generator ends (its finally) before aclose
         await entries.aclose()
+
+
+async def _sse_changes(changes: AsyncGenerator[list[str], None]) -> AsyncIterator[bytes]:
+    """Changed ids as Server-Sent Events; a comment every 15 s keeps proxies open."""
+    pending: asyncio.Task[list[str]] | None = None
+    try:
+        yield b": listening\n\n"  # the browser's EventSource opens now, not at the first change
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(changes.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=15)
+            if not done:
+                yield b": keep-alive\n\n"
+                continue
+            ids, pending = pending.result(), None
+            yield payloads.utf8(f"data: {json.dumps({'executions': ids})}\n\n")
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait({pending})  # the generator ends (its finally) before aclose
+        await changes.aclose()
 
 
 def _wait_param(raw: str | None) -> float:

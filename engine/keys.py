@@ -37,6 +37,15 @@ BY_STATUS = b"x:"  # x:<status>\0<~created u64><id>            -> b"" (the fold 
 BY_WORKFLOW = b"w:"  # w:<workflow>\0<~created u64><id>        -> b""
 BY_WORKFLOW_STATUS = b"y:"  # y:<workflow>\0<status>\0<~created u64><id> -> b""
 SCHEDULE = b"S:"  # S:<schedule name>             -> the schedule's record (JSON, engine.schedules)
+# Events for waiting executions (``engine.events_in``): the lookback, the waiters, dedup.
+EVENT = b"E:"  # E:<type>\0<time u64><offset u64>      -> an event kept for the lookback (JSON)
+EVENT_ID = b"D:"  # D:<source>\0<event id>         -> b"" (seen: a repeat is ignored)
+WAITER = b"W:"  # W:<type>\0<paths>\0<values>\0<id>\0<wait> -> b"" (who waits for what)
+WAIT_SHAPE = b"V:"  # V:<type>\0<paths>              -> count of waiters matching on those paths
+RECEIVED = b"R:"  # R:<id>\0<source>\0<event id>  -> b"" (an execution received this event)
+EVENT_STATS = b"m:events"  # {"received", "duplicates", "delivered", "dropped_unmatched"} (JSON)
+SCANNED = (EVENT, WAITER, WAIT_SHAPE)  # keyspaces the fold scans (engine.fold.Tx.scan)
+RERUN = b"r:"  # r:<source id>\0<offset u64>   -> the id of a rerun of it, triggered there
 INDEXES = b"m:indexes"  # the listing indexes' version: present once they cover every execution
 INDEXES_VERSION = b"1"
 
@@ -88,10 +97,39 @@ def parse_timer(key: bytes) -> tuple[int, str, str]:
 
 def schedule(name: str) -> bytes:
     return SCHEDULE + name.encode()
+def event(event_type: str, timestamp: int, offset: int) -> bytes:
+    return EVENT + event_type.encode() + SEP + u64(timestamp) + u64(offset)
+
+
+def waiter(event_type: str, paths: bytes, values: bytes, eid: str, wait: str) -> bytes:
+    return (WAITER + event_type.encode() + SEP + paths + SEP + values + SEP + eid.encode()
+            + SEP + wait.encode())
+
+
+def parse_waiter(key: bytes) -> tuple[str, str]:
+    """(execution id, wait key) of a waiter key (the last two NUL-separated parts)."""
+    eid, wait = key.rsplit(SEP, 2)[1:]
+    return eid.decode(), wait.decode()
+
+
+def wait_shape(event_type: str, paths: bytes) -> bytes:
+    return WAIT_SHAPE + event_type.encode() + SEP + paths
+
+
+def event_id(source: str, event_id: str) -> bytes:
+    return EVENT_ID + source.encode() + SEP + event_id.encode()
+
+
+def received(eid: str, source: str, event_id: str) -> bytes:
+    return RECEIVED + eid.encode() + SEP + source.encode() + SEP + event_id.encode()
 
 
 def skipped(offset: int) -> bytes:
     return SKIPPED + u64(offset)
+
+
+def rerun(source: str, offset: int) -> bytes:
+    return RERUN + source.encode() + SEP + u64(offset)
 
 
 def active(eid: str) -> bytes:

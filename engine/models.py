@@ -22,6 +22,7 @@ class ExecutionStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SLEEPING = "sleeping"
+    WAITING = "waiting"  # for an event or a child execution (ctx.step.wait_for_event, invoke)
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -59,7 +60,13 @@ class Attempt(BaseModel):
 
 
 class StepRecord(BaseModel):
-    """A step (``kind="step"``) or durable sleep (``kind="sleep"``) of an execution."""
+    """A step (``kind="step"``), durable sleep (``"sleep"``), wait for an event (``"wait"``)
+    or child execution (``"invoke"``) of an execution.
+
+    A wait's ``input`` is what it waits for (type, match, since, timeout), its
+    ``output`` the event it received (None while waiting or after a timeout: status
+    ``timed_out``); an invoke's ``child_id`` is the child execution.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -76,6 +83,36 @@ class StepRecord(BaseModel):
     ended_at: int | None = None
     duration_ms: int | None = None
     wake_at: int | None = None
+    child_id: str | None = None
+    resolved: dict[str, Any] | None = None
+    """An operator's action on the step: ``{action, actor, reason, at}`` (``complete``: its
+    output is the operator's; ``retry-now``: its backoff wait was ended)."""
+
+
+class WaitInfo(BaseModel):
+    """What a ``waiting`` execution waits for, and until when (None: no timeout)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    step: str
+    event_type: str
+    match: dict[str, Any] = {}
+    since: int
+    until: int | None = None
+    child_id: str | None = None
+
+
+class ReceivedEvent(BaseModel):
+    """An event as ``ctx.step.wait_for_event`` returns it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    type: str
+    source: str
+    time: int
+    """When the sender says it happened, ms since the epoch."""
+    data: Any = None
 
 
 class LogEntry(BaseModel):
@@ -118,6 +155,19 @@ class Execution(BaseModel):
     """The workflow code version that started it (``version:`` in ploy.yaml)."""
     patches: list[str] = []
     """The ``ctx.patched`` changes whose new branch it took."""
+    parent_id: str | None = None
+    """The execution that started this one with ``ctx.step.invoke``."""
+    parent_step: str | None = None
+    waiting_for: list[WaitInfo] = []
+    """While ``waiting``: each open wait (several for parallel invokes)."""
+    cancel_actor: str | None = None
+    """Who cancelled it (``admin-token``, ``local:user@host``), when the cancel said so."""
+    rerun_of: str | None = None
+    """The execution this one reruns (``ploy rerun``), whose events before ``rerun_offset``
+    (the source's offset of the step it reruns from) it began with."""
+    rerun_offset: int | None = None
+    reruns: list[str] = []
+    """The reruns of this execution, oldest first."""
 
 
 class ExecutionSummary(BaseModel):

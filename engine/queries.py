@@ -42,6 +42,7 @@ class Queries:
     partitions: Partitions
     directory: Directory | None
     _watchers: dict[str, list[asyncio.Queue[Seen]]]
+    _listers: list[ChangeFeed]
 
     # -- queries: here if this process folds the partition, else at its owner ------------
 
@@ -127,6 +128,26 @@ class Queries:
                 queues.remove(queue)
             if not queues:
                 self._watchers.pop(execution_id, None)
+
+    # -- what changed, for live lists ---------------------------------------------------
+
+    def _tell_listers(self, applied: Iterable[tuple[int, Event]]) -> None:
+        """On the event loop, after a fold: tell every live list which executions changed."""
+        if self._listers:
+            changed = {event.execution_id for _, event in applied}
+            for feed in self._listers:
+                feed.add(changed)
+
+    async def changes(self) -> AsyncGenerator[list[str], None]:
+        """The ids of the executions each fold here changed (a burst coalesced into one
+        item), for as long as the caller listens. Silent for partitions folded elsewhere."""
+        feed = ChangeFeed()
+        self._listers.append(feed)
+        try:
+            while True:
+                yield await feed.take()
+        finally:
+            self._listers.remove(feed)
 
     async def wait_for_end(self, execution_id: str, timeout_s: float, *, local: bool = False,
                            min_offset: int | None = None) -> Execution | None:
@@ -274,6 +295,28 @@ class Queries:
             pages.append(Page.from_json(payload))
         merged = merge(pages, offset + limit)
         return Page(merged.executions[offset:], merged.next)
+
+
+class ChangeFeed:
+    """Execution ids changed since the listener last took them: a set, so a slow
+    listener costs at most ``LIMIT`` ids however much the fold applies."""
+
+    LIMIT = 1000
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.ready = asyncio.Event()
+
+    def add(self, ids: set[str]) -> None:
+        if len(self.ids) < self.LIMIT:
+            self.ids |= ids
+        self.ready.set()
+
+    async def take(self) -> list[str]:
+        await self.ready.wait()
+        self.ready.clear()
+        taken, self.ids = sorted(self.ids), set()
+        return taken
 
 
 _END_TYPES = {"WorkflowCompleted", "WorkflowFailed", "WorkflowCancelled"}

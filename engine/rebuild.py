@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from engine.log import EventLog
 from engine.skips import apply_or_skip
 from engine.view import PartitionView
 
-__all__ = ["clear_state", "rebuild"]
+__all__ = ["clear_state", "fold_through", "rebuild"]
 
 Progress = Callable[[int, int], None]
 """``on_progress(events folded so far, events to fold)``."""
@@ -149,17 +149,33 @@ def _rare_collections() -> Iterator[None]:
 _GC_THRESHOLD = 100_000
 
 
+def fold_through(log: EventLog, state_path: Path, last: Mapping[int, int],
+                 on_progress: Progress | None = None) -> int:
+    """Fold each partition ``p`` of ``last`` from offset 0 through offset ``last[p]`` into
+    a new view at ``state_path`` (``ploy view --as-of``: the view as the log stood then).
+
+    The same fold loop as :func:`rebuild`, stopped at a point of the log; a
+    partition whose last offset is below 0 is left empty. Returns events folded.
+    """
+    partitions = sorted(p for p, o in last.items() if o >= 0)
+    return _fold(log, state_path, partitions, lambda n: _report(on_progress, n, n), last)
+
+
 def _fold(log: EventLog, state_path: Path, partitions: list[int],
-          folded: Callable[[int], None]) -> int:
-    """Fold ``partitions`` from offset 0 to their end; ``folded(total so far)`` per batch."""
+          folded: Callable[[int], None], last: Mapping[int, int] | None = None) -> int:
+    """Fold ``partitions`` from offset 0 to their end (or through ``last[p]``);
+    ``folded(total so far)`` per batch."""
     # No write-ahead log: a rebuild that dies starts over (see PartitionView).
     views = {p: PartitionView(state_path / f"p{p}", log.topic, p, log.codec, wal=False)
              for p in partitions}
     done = 0
+    stopped: set[int] = set()  # partitions folded through their last offset
     try:
         with _rare_collections():
-            for batches in log.read_until_end(dict.fromkeys(views, 0)):
+            for batches in log.read_until_end(dict.fromkeys(views, 0), stopped=stopped):
                 for p, records in batches.items():
+                    if last is not None:
+                        records = _through(records, last[p], p, stopped)
                     applied, failure = apply_or_skip(log, views[p], records)
                     done += len(applied)
                     if failure is not None:
@@ -169,6 +185,15 @@ def _fold(log: EventLog, state_path: Path, partitions: list[int],
         for view in views.values():
             view.close()
     return done
+
+
+def _through(records: list[tuple[int, bytes]], last: int, partition: int,
+             stopped: set[int]) -> list[tuple[int, bytes]]:
+    """The records up to offset ``last``; the partition is done once it is reached."""
+    if records and records[-1][0] >= last:
+        stopped.add(partition)
+        return [r for r in records if r[0] <= last]
+    return records
 
 
 def _fold_in_processes(log: EventLog, state_path: Path, groups: list[list[int]],

@@ -22,6 +22,7 @@ partition, and asks no one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from engine import payloads
+from engine import payloads, waits
 from engine.bindings import Env, WorkflowBinding
 from engine.builder import Worker, WorkflowDef
 from engine.clock import Clock
@@ -46,17 +47,22 @@ from engine.directory import Directory
 from engine.errors import (
     CorruptEventError,
     InvalidInputError,
+    InvalidKeyError,
     NotStalledError,
     PartitionStalledError,
     PayloadTooDeepError,
     SerializationError,
+    UnknownExecutionError,
     UnknownWorkflowError,
 )
 from engine.events import (
     CancelRequested,
     Event,
+    EventSent,
     RecordSkipped,
+    StepResolved,
     TimerFired,
+    WaitStarted,
     WorkflowCancelled,
     WorkflowCompleted,
     WorkflowFailed,
@@ -64,7 +70,13 @@ from engine.events import (
     WorkflowTriggered,
     claim_id,
 )
-from engine.execution import ExecutionRunner, Outcome, to_json
+from engine.execution import (
+    CHILD_ENDED,
+    ExecutionRunner,
+    Outcome,
+    check_event_type,
+    to_json,
+)
 from engine.flow import WHY_POSITION, FlowControl
 from engine.fold import new_execution
 from engine.log import EventLog
@@ -72,7 +84,7 @@ from engine.metrics import Metrics
 from engine.models import ExecutionStatus
 from engine.ownership import Ownership
 from engine.partitions import Applied, Partitions
-from engine.queries import Queries, Seen
+from engine.queries import ChangeFeed, Queries, Seen
 from engine.schedules import Scheduler
 from engine.threads import StepThreads
 from engine.timers import TimerSchedule
@@ -80,9 +92,11 @@ from engine.tracing import Tracing
 from engine.view import PartitionView
 
 logger = logging.getLogger("ploy.runtime")
+user_log = logging.getLogger("ploy.workflow")  # what the terminal of `ploy dev` shows
 
 ID_NAMESPACE = uuid.UUID("6f1c1d1e-9a43-4b8e-9a55-3e1f0c2b7d10")
 RUNNABLE = (ExecutionStatus.QUEUED.value, ExecutionStatus.RUNNING.value)
+RESERVED_EVENT_PREFIX = "ploy."  # event types only the engine sends (CHILD_ENDED)
 
 
 class Runtime(Queries):
@@ -101,7 +115,7 @@ class Runtime(Queries):
         self.env = Env({
             name: WorkflowBinding(self, name, binding.name)
             for name, binding in config.workflow.items()
-        })
+        }, self)
         self.runners: dict[str, ExecutionRunner] = {}
         self.threads = StepThreads(max_threads)
         self.stopping = False
@@ -120,6 +134,7 @@ class Runtime(Queries):
         self._tasks: set[asyncio.Task[None]] = set()
         # Who waits on an execution's events (a result, a stream): fed by the fold.
         self._watchers: dict[str, list[asyncio.Queue[Seen]]] = {}
+        self._listers: list[ChangeFeed] = []  # live lists (queries.Queries.changes)
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
         self._fired_here: set[tuple[str, str]] = set()  # woken here; skip its TimerFired
@@ -227,15 +242,20 @@ class Runtime(Queries):
                 or not self.may_run(partition)):
             return  # the fold got there first (and started it), or it is not ours to run
         record = view.record(eid)
-        if record is None or record["sleeping_on"] != sleep_key:
-            return  # cancelled meanwhile, say: the fold decides
+        if record is None or (record["sleeping_on"] != sleep_key
+                              and sleep_key not in waits.open_waits(record)):
+            return  # cancelled meanwhile, or an event came first: the fold decides
+        if [w for w in waits.open_waits(record) if w != sleep_key]:
+            return  # parallel waits: it runs once the fold has ended the last of them
         workflow = self.worker.workflow(record["workflow"])
         if workflow is None:
             return
         steps = view.steps(eid)
         for step in steps:
-            if step["kind"] == "sleep" and step["key"] == sleep_key:
+            if step["key"] == sleep_key and step["kind"] == "sleep":
                 step["status"] = ExecutionStatus.COMPLETED.value
+            elif step["key"] == sleep_key and step["kind"] in waits.WAIT_KINDS:
+                step["status"] = waits.TIMED_OUT
         self._fired_here.add((eid, sleep_key))
         self._run_recorded(view, record, workflow, steps)
 
@@ -285,6 +305,7 @@ class Runtime(Queries):
         """On the event loop: start what the fold made runnable, pass cancels on."""
         self.timers.on_folded(partition, applied)
         self.metrics.observe(applied)
+        self._tell_listers(applied)
         for offset, event in applied:
             watchers = self._watchers.get(event.execution_id)
             if watchers:
@@ -300,10 +321,24 @@ class Runtime(Queries):
             elif isinstance(body, TimerFired) and (event.execution_id, body.sleep) in (
                     self._fired_here):
                 self._fired_here.discard((event.execution_id, body.sleep))  # woken on its ack
-            elif isinstance(body, WorkflowTriggered | TimerFired):
-                self._maybe_start(event.execution_id)
+            elif isinstance(body, WorkflowTriggered | TimerFired | WaitStarted | EventSent):
+                self._maybe_start(event.execution_id)  # (a wait its event ended: runnable)
             elif isinstance(body, CancelRequested):
                 self._on_cancel(event.execution_id)
+            elif isinstance(body, StepResolved):
+                self._on_resolved(partition, event.execution_id, body)
+
+    def _on_resolved(self, partition: int, eid: str, body: StepResolved) -> None:
+        """Pass an operator's action the fold took on to the step's runner, if it runs here
+        (else the next replay reads it from the view)."""
+        runner = self.runners.get(eid)
+        if runner is None:
+            return
+        step = self.views[partition].step(eid, body.step)
+        resolved = None if step is None else step.get("resolved")
+        if resolved is not None and resolved["action"] == body.action and (
+                body.action != "complete" or step["output"] == body.output):  # type: ignore[index]
+            runner.resolve(body.step, body.action, body.output)
 
     def _resume(self, partition: int) -> None:
         """Start every unfinished execution of a partition this process now runs
@@ -349,6 +384,7 @@ class Runtime(Queries):
                 "lag": None if position is None or end is None else max(end - position, 0),
                 "stalled": str(self.stalled[p]) if p in self.stalled else None,
                 "skipped": view.skipped() if folded else [],
+                "events": view.event_stats() if folded else None,
                 "here": p in self.owned,
                 "folded_here": folded,
                 # Assigned to this process by the group, its claim not (yet) on the log.
@@ -375,8 +411,8 @@ class Runtime(Queries):
             self._spawn(self._start_when_folded(eid, partition, target), f"ploy-wait-{eid}")
             return
         record = view.record(eid)
-        if record is None or record["status"] not in RUNNABLE:
-            return
+        if record is None or record["status"] not in RUNNABLE or record.get("held"):
+            return  # held: a rerun whose copy of its source is being appended (engine.rerun)
         workflow = self.worker.workflow(record["workflow"])
         if workflow is None:
             self._fail_unknown(record)
@@ -442,24 +478,28 @@ class Runtime(Queries):
 
     def _fail_unknown(self, record: dict[str, Any]) -> None:
         error = UnknownWorkflowError(record["workflow"], list(self.worker.workflows))
-        self.log.append_nowait(Event(record["id"], record["workflow"], self.clock.now(),
-                                     WorkflowFailed(type(error).__name__, str(error), ""),
-                                     epoch=self.epoch_of(record["id"])))
+        end = WorkflowFailed(type(error).__name__, str(error), "")
+        self._spawn(self._record_end(record, end), f"ploy-end-{record['id']}")
 
     def _on_cancel(self, eid: str) -> None:
+        partition = self.log.partition_for(eid)
         runner = self.runners.get(eid)
         if runner is not None:
             cancelled = self.views[runner.partition].record(eid) or {}
             runner.cancel_reason = cancelled.get("cancel_reason")
             runner.cancel_requested.set()
+            self._cancel_children(eid, partition)
             return
-        if self.log.partition_for(eid) not in self.owned:
+        if partition not in self.owned:
             return  # its owner records the end
-        record = self.views[self.log.partition_for(eid)].record(eid)
+        record = self.views[partition].record(eid)
         if record is not None and record["status"] == ExecutionStatus.CANCELLED.value:
-            self.log.append_nowait(Event(eid, record["workflow"], self.clock.now(),
-                                         WorkflowCancelled(record.get("cancel_reason")),
-                                         epoch=self.epoch_of(eid)))
+            user_log.warning("[%s %s] cancelled: %s", record["workflow"], eid,
+                             record.get("cancel_reason") or "no reason given",
+                             extra={"ended_execution": eid})  # the ploy dev terminal shows it
+            self._cancel_children(eid, partition)
+            end = WorkflowCancelled(record.get("cancel_reason"))
+            self._spawn(self._record_end(record, end), f"ploy-end-{eid}")
 
     # -- the client API (bindings, HTTP, CLI) -----------------------------------------
 
@@ -502,23 +542,108 @@ class Runtime(Queries):
         stalled = self.stalled.get(self.log.partition_for(eid))
         if stalled is not None:  # accepted, it would vanish: nothing folds there
             raise PartitionStalledError(self.log.topic, stalled.partition, stalled.offset)
-        with self.tracing.trigger(workflow, eid) as trace_parent:  # engine.tracing
-            event = Event(eid, workflow, self.clock.now(),
-                          WorkflowTriggered(text, idempotency_key, trace_parent=trace_parent),
-                          epoch=self.epoch_of(eid))
+        await self._append_trigger(wf, eid, WorkflowTriggered(text, idempotency_key))
+        return eid
+
+    async def _append_trigger(self, wf: WorkflowDef, eid: str, body: WorkflowTriggered) -> None:
+        """Steps 4 and 5 of :meth:`trigger`."""
+        with self.tracing.trigger(wf.name, eid, body.trace_parent) as trace_parent:
+            body = dataclasses.replace(body, trace_parent=trace_parent)  # engine.tracing
+            event = Event(eid, wf.name, self.clock.now(), body, epoch=self.epoch_of(eid))
             partition, offset = await self.log.append(event)
-        # Step 5.
         view = self.views.get(partition)
         if (view is not None and view.next_offset <= offset and partition in self.owned
                 and partition not in self.stalled and not self.stopping
                 and eid not in self.runners and eid not in self._started_on_ack
                 and view.record(eid) is None):
-            assert isinstance(event.body, WorkflowTriggered)
-            record = new_execution(event, event.body, partition)
+            record = new_execution(event, body, partition)
             if self.flow.admit(partition, self.ownership.epoch_of(partition), view, record):
                 self._started_on_ack.add(eid)
                 self._run(ExecutionRunner(self, record, [], wf))
-        return eid
+
+    # -- child executions and events for waiting executions ------------------------------
+
+    @staticmethod
+    def child_id(parent_id: str, step_key: str) -> str:
+        """The id of the child ``step_key`` of ``parent_id`` starts: the same on every replay."""
+        return uuid.uuid5(ID_NAMESPACE, f"{parent_id}\x00child\x00{step_key}").hex
+
+    async def trigger_child(self, workflow: str, input: Any, child_id: str, parent_id: str,
+                            parent_step: str) -> None:
+        """Start the child of a ``ctx.step.invoke`` (a second trigger of its id changes
+        nothing: the fold keeps the first)."""
+        wf = self._workflow(workflow)
+        text = self._input_json(wf, input)
+        stalled = self.stalled.get(self.log.partition_for(child_id))
+        if stalled is not None:
+            raise PartitionStalledError(self.log.topic, stalled.partition, stalled.offset)
+        await self._append_trigger(wf, child_id, WorkflowTriggered(
+            text, None, parent_id=parent_id, parent_step=parent_step))
+
+    async def notify_parent(self, record: dict[str, Any], end: Any) -> None:
+        """Tell a child's parent how it ended: an event to the parent alone, whose id is
+        the child's, so a repeat (a replay reaching the same end) is ignored."""
+        status, output, error = _ending(end)
+        data = {"execution_id": record["id"], "workflow": record["workflow"], "status": status,
+                "output": None if output is None else json.loads(output), "error": error}
+        parent = record["parent_id"]
+        await self.log.append(Event(parent, "", self.clock.now(), EventSent(
+            f"{record['id']}/ended", CHILD_ENDED, f"ploy/{record['workflow']}",
+            self.clock.now(), json.dumps(data, separators=(",", ":")), target=parent)))
+
+    async def send_event(self, event_type: str, data: Any = None, *, id: str | None = None,
+                         source: str | None = None,
+                         execution_id: str | None = None) -> dict[str, Any]:
+        """Append an event for waiting executions: to ``execution_id`` only, or to every
+        partition, where each matching waiter receives it once. ``id`` makes a repeat a
+        no-op (default: a new random id). Bad input raises before anything is appended."""
+        check_event_type(event_type)
+        if event_type.startswith(RESERVED_EVENT_PREFIX):
+            raise ValueError(f"event type {event_type!r}: types starting with "
+                             f"'{RESERVED_EVENT_PREFIX}' are the engine's own (a child's end)")
+        event_id = uuid.uuid4().hex if id is None else id
+        source = source or "api"
+        for what, value in (("event id", event_id), ("event source", source)):
+            payloads.check_key(value)  # bounded, valid Unicode
+            if "\x00" in value:
+                raise InvalidKeyError(what, "contains NUL")
+        text = to_json(data, "event data")
+        surrogate = payloads.lone_surrogate(text)
+        if surrogate is not None:
+            raise ValueError(f"event data contains a lone surrogate ({surrogate}): not valid "
+                             "Unicode")
+        payloads.check(text, "event data", self.config.max_payload_bytes)
+        body = EventSent(event_id, event_type, source, self.clock.now(), text, execution_id)
+        if execution_id is not None:
+            if await self._record(execution_id) is None:
+                raise UnknownExecutionError(execution_id)
+            partition, offset = await self.log.append(Event(execution_id, "", body.time, body))
+            return {"id": event_id, "offsets": {str(partition): offset}}
+        appended = await asyncio.gather(*(
+            self.log.append(Event(f"event-{event_id}", "", body.time, body), partition=p)
+            for p in range(self.log.partitions)))
+        return {"id": event_id, "offsets": {str(p): o for p, o in appended}}
+
+    def _cancel_children(self, eid: str, partition: int) -> None:
+        """A cancelled parent cancels the children it waits for (unless told not to)."""
+        for step in self.views[partition].steps(eid):
+            if (step["kind"] == "invoke" and step["cancel_child"]
+                    and step["status"] not in (waits.RECEIVED, waits.TIMED_OUT)):
+                self._spawn(self._cancel_child(step["child_id"], eid), f"ploy-cancel-{eid}")
+
+    async def _cancel_child(self, child_id: str, parent_id: str) -> None:
+        try:
+            await self.cancel(child_id, f"its parent execution {parent_id} was cancelled")
+        except Exception as exc:  # its owner may be unreachable: the child ends on its own
+            logger.warning("cancelling child %s of %s: %s", child_id, parent_id, exc)
+
+    async def _record_end(self, record: dict[str, Any], end: Any) -> None:
+        """Append an end event the runtime writes itself (an unknown workflow, a cancel of
+        an execution with no runner): a child tells its parent first."""
+        if record.get("parent_id"):
+            await self.notify_parent(record, end)
+        await self.log.append(Event(record["id"], record["workflow"], self.clock.now(), end,
+                                    epoch=self.epoch_of(record["id"])))
 
     def _input_json(self, wf: WorkflowDef, input: Any) -> str:
         """The input as JSON text, or InvalidInputError / PayloadTooLargeError (nothing appended).
@@ -555,16 +680,58 @@ class Runtime(Queries):
                                                "msg": str(exc)}]) from None
         return text
 
-    async def cancel(self, execution_id: str, reason: str | None = None) -> bool:
-        """Append ``CancelRequested``; True if it ended the execution, False if already over."""
+    async def cancel(self, execution_id: str, reason: str | None = None,
+                     actor: str | None = None) -> bool:
+        """Append ``CancelRequested`` (why, and who asked); True if it ended the execution,
+        False if already over."""
         record = await self._record(execution_id)
         if record is None or ExecutionStatus(record["status"]).terminal:
             return False
         await self.log.append(Event(execution_id, record["workflow"], self.clock.now(),
-                                    CancelRequested(reason), epoch=self.epoch_of(execution_id)))
+                                    CancelRequested(reason, actor),
+                                    epoch=self.epoch_of(execution_id)))
         after = await self._record(execution_id)
         return after is not None and after["status"] == ExecutionStatus.CANCELLED.value and (
             after["ended_at"] is not None and after["cancel_reason"] == reason)
+
+    async def resolve_step(self, execution_id: str, step: str, action: str, *,
+                           output: Any = None, reason: str, actor: str) -> bool:
+        """An operator completes a running or retrying step with ``output`` (``action``
+        "complete": a stuck step is skipped, its call abandoned) or ends its backoff wait
+        (``"retry-now"``). Appends ``StepResolved`` with who and why; True if the fold took
+        it (False: the step had ended meanwhile).
+
+        Raises:
+            UnknownExecutionError: no such execution.
+            ValueError: no reason, an unknown action, or a step not in a state for it.
+        """
+        if action not in ("complete", "retry-now"):
+            raise ValueError(f"unknown step action {action!r}: complete or retry-now")
+        if not reason or not reason.strip():
+            raise ValueError("a reason is required (it is kept on the log for the audit)")
+        execution = await self.get_execution(execution_id)
+        if execution is None:
+            raise UnknownExecutionError(execution_id)
+        current = next((s for s in execution.steps if s.kind == "step" and s.key == step), None)
+        wanted = ("running", "retrying") if action == "complete" else ("retrying",)
+        if execution.status.terminal or current is None or current.status not in wanted:
+            state = "no such step" if current is None else f"step is {current.status}"
+            raise ValueError(f"cannot {action} step '{step}' of {execution_id}: {state}, "
+                             f"execution is {execution.status.value} (needs a "
+                             f"{' or '.join(wanted)} step of an unfinished execution)")
+        text = None
+        if action == "complete":
+            text = to_json(output, f"the output of step '{step}'")
+            payloads.check(text, f"the output of step '{step}'", self.config.max_payload_bytes)
+        _, offset = await self.log.append(Event(
+            execution_id, execution.workflow, self.clock.now(),
+            StepResolved(step, action, text, actor, reason.strip())))
+        after = await self.get_execution(execution_id, min_offset=offset)
+        done = next((s for s in after.steps if s.key == step), None) if after else None
+        return done is not None and (done.status == "completed" if action == "complete"
+                                     else bool(done.attempts) and
+                                     done.attempts[-1].retry_at is not None and
+                                     done.attempts[-1].retry_at <= self.clock.now())
 
     async def skip(self, partition: int, offset: int, reason: str, actor: str) -> int:
         """Append the marker that skips the corrupt record ``partition`` is stopped at
@@ -584,3 +751,15 @@ class Runtime(Queries):
                       RecordSkipped(partition, offset, reason, actor))
         _, at = await self.log.append(event, partition=partition)
         return at
+
+
+def _ending(end: Any) -> tuple[str, str | None, dict[str, str] | None]:
+    """(status, output JSON, error) of an end event, as a child reports it to its parent."""
+    if isinstance(end, WorkflowCompleted):
+        return ExecutionStatus.COMPLETED.value, end.output, None
+    if isinstance(end, WorkflowFailed):
+        return ExecutionStatus.FAILED.value, None, {"type": end.error_type,
+                                                    "message": end.message}
+    reason = getattr(end, "reason", None)
+    return ExecutionStatus.CANCELLED.value, None, {
+        "type": "WorkflowCancelled", "message": f"cancelled: {reason}" if reason else "cancelled"}

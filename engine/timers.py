@@ -20,7 +20,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from engine.clock import Clock
-from engine.events import Event, SleepScheduled, TimerFired
+from engine.events import Event, SleepScheduled, TimerFired, WaitStarted
 
 if TYPE_CHECKING:
     from engine.view import PartitionView
@@ -167,9 +167,9 @@ class TimerSchedule:
         earliest = part.heap[0] if part.heap else None
         for _, event in applied:
             body = event.body
-            if isinstance(body, SleepScheduled):
-                timer = (body.wake_at, event.execution_id, body.sleep)
-                if part.covers(timer):
+            if isinstance(body, SleepScheduled | WaitStarted):
+                timer = _timer_of(event.execution_id, body)
+                if timer is not None and part.covers(timer):
                     part.add(timer)
             elif isinstance(body, TimerFired):
                 self._in_flight.pop((event.execution_id, body.sleep), None)
@@ -307,6 +307,13 @@ class TimerSchedule:
                 self.kick()
 
         asyncio.get_running_loop().call_later(RETRY_S, retry)
+
+
+def _timer_of(eid: str, body: SleepScheduled | WaitStarted) -> Timer | None:
+    """The timer a sleep or a wait with a timeout sets (a wait's ``TimerFired`` times it out)."""
+    if isinstance(body, SleepScheduled):
+        return body.wake_at, eid, body.sleep
+    return None if body.timeout_at is None else (body.timeout_at, eid, body.wait)
 
 
 def _still_pending(due: list[tuple[int, PartitionView, Timer]]) -> dict[tuple[int, Timer], str]:

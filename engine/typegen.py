@@ -27,7 +27,6 @@ from __future__ import annotations
 import enum
 import json
 import keyword
-import re
 import sys
 import types
 import typing
@@ -172,10 +171,12 @@ def render_env_module(worker: Worker, config: Config) -> str:
         fields.append(f"    {binding}: WorkflowBinding[{input_type}, {output_type}]\n"
                       f'    """ploy.yaml binding {binding} -> workflow {target.name!r}."""\n')
     protocol = ('class PloyEnv(Protocol):\n'
-                '    """``ctx.env``: the workflow bindings of ploy.yaml."""\n')
+                '    """``ctx.env``: the workflow bindings of ploy.yaml."""\n\n'
+                '    async def send_event(self, type: str, data: Any = None, *, id: str | None '
+                '= None,\n'
+                '                         source: str | None = None) -> str: ...\n')
     body = "\n\n".join([*out.sources, protocol]) + "\n" + "\n".join(fields)
-    if re.search(r"\bAny\b", body):
-        out.typing.add("Any")
+    out.typing.add("Any")  # send_event's data
     if out.imports:
         out.typing.add("TYPE_CHECKING")
     head = [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,6 +39,7 @@ from engine.models import (
     HistoryEntry,
     LogEntry,
     StepRecord,
+    WaitInfo,
     loads,
 )
 
@@ -107,7 +109,7 @@ class PartitionView:
         CorruptEventError names its topic, partition and offset. Nothing after
         it is folded; the caller stops the partition (never skips the record).
         """
-        tx = fold.Tx(self.db.get)
+        tx = fold.Tx(self.db.get, self._range)
         applied: list[tuple[int, Event]] = []
         next_offset = self.next_offset
         failure: CorruptEventError | None = None
@@ -122,6 +124,9 @@ class PartitionView:
                 break
             if changed:  # claims and fenced events start nothing
                 applied.append((offset, event))
+            elif tx.woken:  # an EventSent: once per execution it woke, under that id
+                applied += [(offset, replace(event, execution_id=eid)) for eid in tx.woken]
+            tx.woken.clear()
             next_offset = offset + 1
         if next_offset != self.next_offset:
             batch = WriteBatch(raw_mode=True)
@@ -167,6 +172,13 @@ class PartitionView:
         claim = self.claim()
         return 0 if claim is None else int(claim["epoch"])
 
+    def event_stats(self) -> dict[str, int]:
+        """Events for waiters this partition folded: received, duplicates, delivered,
+        dropped_unmatched (kept for the retention and never delivered)."""
+        raw = self.db.get(keys.EVENT_STATS)
+        return {"received": 0, "duplicates": 0, "delivered": 0, "dropped_unmatched": 0,
+                **({} if raw is None else json.loads(raw))}
+
     def record(self, eid: str) -> dict[str, Any] | None:
         """The raw execution record (for the runtime), or None."""
         raw = self.db.get(keys.execution(eid))
@@ -176,6 +188,13 @@ class PartitionView:
         """Raw-mode iteration: keys and values are bytes."""
         return cast(Iterator[tuple[bytes, bytes]],
                     iter(self.db.items(from_key=from_key, backwards=backwards)))
+
+    def _range(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Every key in [start, stop) (the fold's scans of its lookups)."""
+        bound = ReadOptions()
+        bound.set_iterate_upper_bound(stop)
+        yield from cast(Iterator[tuple[bytes, bytes]],
+                        iter(self.db.items(from_key=start, read_opt=bound)))
 
     def _scan(self, prefix: bytes, from_key: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         """Every key with ``prefix`` (from ``from_key`` on, if given). The upper bound
@@ -187,6 +206,11 @@ class PartitionView:
         bound.set_iterate_upper_bound(keys.end_of(prefix))
         items = self.db.items(from_key=from_key or prefix, read_opt=bound)
         yield from cast(Iterator[tuple[bytes, bytes]], iter(items))
+
+    def step(self, eid: str, key: str) -> dict[str, Any] | None:
+        """One step record (kind ``step``), or None."""
+        raw = self.db.get(keys.step(eid, key))
+        return None if raw is None else cast(dict[str, Any], json.loads(raw))
 
     def steps(self, eid: str) -> list[dict[str, Any]]:
         """Step and sleep records of an execution, in the order they began."""
@@ -200,6 +224,10 @@ class PartitionView:
     def log_positions(self, eid: str) -> list[str | None]:
         """Where each recorded log line of ``eid`` was logged (None: before schema v3)."""
         return [json.loads(v).get("position") for _, v in self._scan(keys.prefix_of(keys.LOG, eid))]
+
+    def reruns(self, eid: str) -> list[str]:
+        """Ids of the reruns of ``eid`` (``ploy rerun``), in the order they were triggered."""
+        return [v.decode() for _, v in self._scan(keys.prefix_of(keys.RERUN, eid))]
 
     def history(self, eid: str) -> Iterator[tuple[int, bytes]]:
         """(offset, raw record) of every event of an execution, in log order."""
@@ -289,6 +317,7 @@ def build_execution(view: PartitionView, eid: str) -> Execution | None:
     if ex is None:
         return None
     output = loads(ex["output"])
+    steps = [_step_record(s) for s in view.steps(eid)]
     return Execution(
         execution_id=ex["id"],
         workflow=ex["workflow"],
@@ -297,7 +326,7 @@ def build_execution(view: PartitionView, eid: str) -> Execution | None:
         output=output,
         result=output,
         error=ErrorInfo(**ex["error"]) if ex["error"] else None,
-        steps=[_step_record(s) for s in view.steps(eid)],
+        steps=steps,
         logs=[LogEntry(**{**entry, "data": loads(entry["data"])}) for entry in view.logs(eid)],
         partition=ex["partition"],
         events=ex["events"],
@@ -310,7 +339,21 @@ def build_execution(view: PartitionView, eid: str) -> Execution | None:
         cancel_reason=ex["cancel_reason"],
         version=ex.get("version"),
         patches=ex.get("patches", []),
+        parent_id=ex.get("parent_id"),
+        parent_step=ex.get("parent_step"),
+        waiting_for=[_wait_info(s) for s in steps if s.kind in ("wait", "invoke")
+                     and s.status == ExecutionStatus.WAITING.value],
+        cancel_actor=ex.get("cancel_actor"),
+        rerun_of=ex.get("rerun_of"),
+        rerun_offset=ex.get("rerun_offset"),
+        reruns=view.reruns(eid),
     )
+
+
+def _wait_info(step: StepRecord) -> WaitInfo:
+    asked = step.input or {}
+    return WaitInfo(step=step.key, event_type=asked.get("type", ""), match=asked.get("match", {}),
+                    since=asked.get("since", 0), until=step.wake_at, child_id=step.child_id)
 
 
 def build_summary(view: PartitionView, eid: str) -> ExecutionSummary | None:
@@ -336,6 +379,17 @@ def _duration(start: int | None, end: int | None) -> int | None:
 
 
 def _step_record(rec: dict[str, Any]) -> StepRecord:
+    if rec["kind"] in ("wait", "invoke"):
+        event = rec["event"]
+        received = None if event is None else {**event, "data": loads(event["data"])}
+        return StepRecord(
+            key=rec["key"], name=rec["key"], kind=rec["kind"], seq=rec["seq"],
+            status=rec["status"], input={"type": rec["event_type"], "match": rec["match"],
+                                         "since": rec["since"], "timeout_at": rec["wake_at"]},
+            output=received, started_at=rec["started_at"], ended_at=rec["ended_at"],
+            wake_at=rec["wake_at"], child_id=rec["child_id"],
+            duration_ms=_duration(rec["started_at"], rec["ended_at"]),
+        )
     if rec["kind"] == "sleep":
         return StepRecord(
             key=rec["key"], name="sleep", kind="sleep", seq=rec["seq"], status=rec["status"],
@@ -356,7 +410,7 @@ def _step_record(rec: dict[str, Any]) -> StepRecord:
         input=loads(rec["input"]), output=loads(rec["output"]),
         error=ErrorInfo(**rec["error"]) if rec["error"] else None, attempts=attempts,
         started_at=rec["started_at"], ended_at=rec["ended_at"],
-        duration_ms=_duration(rec["started_at"], rec["ended_at"]),
+        duration_ms=_duration(rec["started_at"], rec["ended_at"]), resolved=rec.get("resolved"),
     )
 
 
