@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from keyword import iskeyword
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -298,8 +299,9 @@ class ScheduleConfig(BaseModel):
             raise ValueError("needs exactly one of 'cron' and 'every'")
         return self
 
-    @property
+    @cached_property
     def timing(self) -> Timing:
+        """When it fires (parsed once: the scheduler asks at every look)."""
         cron = None if self.cron is None else Cron.parse(self.cron)
         return Timing(cron=cron, every_ms=self.every_ms, zone=self.timezone)
 
