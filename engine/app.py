@@ -27,6 +27,7 @@ from engine.config import Config, check_bindings, load_config
 from engine.errors import ConfigError, PloyError, StateLockedError
 from engine.log import EventLog
 from engine.runtime import Runtime
+from engine.schedules import check_schedules
 
 if TYPE_CHECKING:
     from connectors import Connectors
@@ -138,6 +139,7 @@ class Engine:
                               "is not set (ploy dev starts an embedded broker; "
                               "ploy worker needs KAFKA_BOOTSTRAP_SERVERS)")
         check_bindings(config, self.worker.workflows)
+        check_schedules(config, self.worker)
         check_connectors(config, self.worker.workflows)
         self._stopped = False
         try:

@@ -9,6 +9,7 @@
     ploy history ID          every event of an execution (the audit trail)
     ploy cancel ID           stop an execution
     ploy skip --partition P --offset O --reason R   step over a corrupt record (audited)
+    ploy schedule list|pause|resume|trigger-now [NAME]   the schedules of ploy.yaml
     ploy rebuild [DIR]       drop the view and refold it from the topic
     ploy export / import / view --as-of / rerun / replay-check / erase   audit, recovery
                              and erasure (``engine.audit``)
@@ -219,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offset", type=int, required=True, metavar="O",
                    help="the offset the partition is stopped at (ploy workers shows it)")
     p.add_argument("--reason", required=True, help="why (kept on the log for the audit)")
+    _add_client(p)
+
+    p = command("schedule", _cmd_schedule, "list the schedules of ploy.yaml, or pause, resume "
+                "or trigger one now (with who and why, on the log)")
+    p.add_argument("action", choices=("list", "pause", "resume", "trigger-now"))
+    p.add_argument("name", nargs="?", metavar="NAME", help="the schedule (not for list)")
+    p.add_argument("--reason", help="why (kept on the log for the audit)")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
     _add_client(p)
 
     p = command("rebuild", _cmd_rebuild, "delete the view and refold it from the topic "
@@ -656,6 +665,37 @@ def _cmd_skip(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from engine.skips import operator
+
+    client = _client(args)
+    if args.action == "list":
+        payload = client.expect("GET", "/schedules")
+        if args.json:
+            print(_json(payload, indent=2))
+            return 0
+        rows = [[s["name"], s["binding"], s["cron"] or f"every {_duration(s['every_ms'])}",
+                 "paused" if s["paused"] else "active", _iso(s["last_fire_at"]),
+                 _iso(s["next_fire_at"]), str(s["fired"]), str(s["skipped"])]
+                for s in payload["schedules"]]
+        _print_lines(_table(["NAME", "BINDING", "WHEN", "STATE", "LAST", "NEXT", "FIRED",
+                             "SKIPPED"], rows))
+        return 0
+    if not args.name:
+        raise CommandError(f"ploy schedule {args.action} needs the schedule's NAME")
+    action = "trigger" if args.action == "trigger-now" else args.action
+    payload = client.expect("POST", f"/schedules/{quote(args.name)}/{action}",
+                            {"reason": args.reason, "actor": operator()},
+                            not_found=f"unknown schedule '{args.name}'")
+    if args.json:
+        print(_json(payload, indent=2))
+    elif action == "trigger":
+        print(terminal_safe(payload["execution_id"]))
+    else:
+        print(terminal_safe(f"{args.name} {'paused' if payload['paused'] else 'resumed'}"))
+    return 0
+
+
 def _cmd_workers(args: argparse.Namespace) -> int:
     payload = _client(args).expect("GET", "/workers")
     if args.json:
@@ -723,6 +763,9 @@ def format_execution(ex: dict[str, Any]) -> list[str]:
         lines.append(f"error      {_error(ex['error'])}")
     if ex.get("cancel_reason"):
         lines.append(f"reason     {ex['cancel_reason']}")
+    if ex.get("version") or ex.get("patches"):
+        patched = f" (patched: {', '.join(ex['patches'])})" if ex.get("patches") else ""
+        lines.append(f"version    {ex.get('version') or '-'}{patched}")
     lines += _links(ex)
     lines.append(f"input      {_compact(ex.get('input'))}")
     if ex.get("status") == "completed":

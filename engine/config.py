@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from keyword import iskeyword
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -31,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from engine.cron import Cron, Timing
 from engine.durations import parse_duration
 from engine.errors import ConfigError, DurationError
 
@@ -43,8 +46,21 @@ _YAML_NAME = {
     "connect_timeout_s": "connect_timeout",
     "timeout_s": "timeout",
     "retention_ms": "retention",
+    "every_ms": "every",
 }
 _NOT_IN_YAML = ("path", "root")
+
+
+class Concurrency(BaseModel):
+    """``concurrency:`` of a workflow: at most ``limit`` executions hold a slot at once per
+    value of ``key`` (a dotted path into the trigger, ``input.customer_id``; none: one
+    group for the whole workflow), cluster-wide (``engine.flow``)."""
+
+    model_config = _MODEL
+    limit: int = Field(ge=1)
+    key: str | None = Field(default=None, pattern=r"^input(\.[A-Za-z0-9_-]+)+$")
+    # A number in the input: among the queued, higher first (default 0), then trigger order.
+    priority: str | None = Field(default=None, pattern=r"^input(\.[A-Za-z0-9_-]+)+$")
 
 
 class WorkflowBinding(BaseModel):
@@ -53,6 +69,8 @@ class WorkflowBinding(BaseModel):
     model_config = _MODEL
     name: str = Field(min_length=1)
     retries: int | None = Field(default=None, ge=0)
+    version: str | None = Field(default=None, min_length=1, max_length=200)
+    concurrency: Concurrency | None = None
 
 
 class Backoff(BaseModel):
@@ -244,6 +262,55 @@ class ErasureConfig(BaseModel):
 
     model_config = _MODEL
     key_dir: str | None = Field(default=None, min_length=1)
+class ScheduleConfig(BaseModel):
+    """``schedules:`` entry: start the workflow of ``binding`` on a cron or an interval.
+
+    ``catchup`` decides what a firing that is late by more than ``LATE_MS`` (the
+    engine was down, the schedule's partition was moving) does: ``skip`` it,
+    run ``once`` for the latest missed fire time, or run ``all`` of them (the
+    latest ``catchup_limit``). ``overlap: skip`` starts nothing while the
+    schedule's previous execution has not ended.
+    """
+
+    model_config = _MODEL
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
+    binding: str = Field(min_length=1)
+    cron: str | None = None
+    every_ms: int | None = Field(default=None, ge=1000)
+    input: Any = None
+    timezone: str = "UTC"
+    catchup: Literal["skip", "once", "all"] = "once"
+    catchup_limit: int = Field(default=100, ge=1)
+    overlap: Literal["skip", "allow"] = "skip"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            Cron.parse(value)  # CronError is a ValueError: pydantic reports its message
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as "
+                             "'Europe/Paris')") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_timing(self) -> ScheduleConfig:
+        if (self.cron is None) == (self.every_ms is None):
+            raise ValueError("needs exactly one of 'cron' and 'every'")
+        return self
+
+    @cached_property
+    def timing(self) -> Timing:
+        """When it fires (parsed once: the scheduler asks at every look)."""
+        cron = None if self.cron is None else Cron.parse(self.cron)
+        return Timing(cron=cron, every_ms=self.every_ms, zone=self.timezone)
 
 
 class Config(BaseModel):
@@ -258,6 +325,9 @@ class Config(BaseModel):
     out: str | None = None
     workflow: dict[str, WorkflowBinding] = Field(default_factory=dict)
     retries: int = Field(default=3, ge=0)
+    # The code version recorded on each execution a worker starts (WorkflowStarted.version);
+    # a binding's own ``version`` wins.
+    version: str | None = Field(default=None, min_length=1, max_length=200)
     backoff: Backoff = Field(default_factory=Backoff)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
@@ -266,12 +336,16 @@ class Config(BaseModel):
     # A standby folds every partition, not only those it owns: a failover then
     # starts from a warm view, and it answers any query without asking the owner.
     standby: bool = False
+    # OpenTelemetry spans of triggers, step attempts and sleeps (engine.tracing); needs
+    # the ``otel`` extra.
+    otel: bool = False
     sources: list[SourceConfig] = Field(default_factory=list)
     sinks: list[Sink] = Field(default_factory=list)
     erasure: ErasureConfig = Field(default_factory=ErasureConfig)
     # engine.retention: finished executions leave the view this long after they end
     # (the log keeps them); None keeps every one.
     retention_ms: int | None = Field(default=None, ge=1)
+    schedules: list[ScheduleConfig] = Field(default_factory=list)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="before")
@@ -327,6 +401,25 @@ class Config(BaseModel):
             seen.add(f"{sink.kind}:{target}")
         return self
 
+    @model_validator(mode="after")
+    def _check_schedules(self) -> Config:
+        """Schedules name a binding that exists, each name once (ConfigError with the line)."""
+        names: set[str] = set()
+        for i, schedule in enumerate(self.schedules):
+            if schedule.binding not in self.workflow:
+                bound = ", ".join(sorted(self.workflow)) or "none"
+                raise self._error(f"schedules.{i}.binding", f"names binding "
+                                  f"'{schedule.binding}' which 'workflow:' does not define "
+                                  f"(bound: {bound})")
+            if schedule.name in names:
+                raise self._error(f"schedules.{i}.name", f"a second schedule '{schedule.name}'")
+            names.add(schedule.name)
+        return self
+
+    def schedule(self, name: str) -> ScheduleConfig | None:
+        """The schedule called ``name``, if ploy.yaml has one."""
+        return next((s for s in self.schedules if s.name == name), None)
+
     def _error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(str(self.path or FILENAME), key, problem, self.line_of(key))
 
@@ -346,6 +439,16 @@ class Config(BaseModel):
         if self.erasure.key_dir is None:
             return self.state_dir / "keys"
         return self.root / self.erasure.key_dir  # an absolute key_dir stays as is
+    def concurrency_for(self, workflow_name: str) -> Concurrency | None:
+        """Return the concurrency limit of ``workflow_name`` (its binding's), if any."""
+        binding = self.binding_for(workflow_name)
+        return self.workflow[binding].concurrency if binding is not None else None
+
+    def version_for(self, workflow_name: str) -> str | None:
+        """Return the code version of ``workflow_name``: its binding's, else the worker's."""
+        binding = self.binding_for(workflow_name)
+        version = self.workflow[binding].version if binding is not None else None
+        return self.version if version is None else version
 
     def line_of(self, key: str) -> int | None:
         """Return the ploy.yaml line of a dotted key (or of its nearest parent), if known."""
@@ -368,6 +471,7 @@ ENV_VARS: dict[str, tuple[str, bool]] = {
     "PLOY_ADMIN_TOKEN": ("http.admin_token", False),
     "PLOY_ADVERTISED_URL": ("http.advertised_url", False),
     "PLOY_RETRIES": ("retries", True),
+    "PLOY_VERSION": ("version", False),
     "PLOY_MAIN": ("main", False),
     "PLOY_KEY_DIR": ("erasure.key_dir", False),
 }
@@ -642,7 +746,24 @@ class _Doc:
             data["sources"] = self._sources(data["sources"])
         if "sinks" in data:
             data["sinks"] = self._sinks(data["sinks"])
+        if "schedules" in data:
+            data["schedules"] = self._schedules(data["schedules"])
         return data
+
+    def _schedules(self, value: object) -> list[Any]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error("schedules", "must be a list of {name, binding, cron or every, ...}")
+        schedules = []
+        for i, item in enumerate(value):
+            key = f"schedules.{i}"
+            if not isinstance(item, dict):
+                raise self.error(key, "must be a mapping with name, binding and cron or every")
+            schedule = self._mapping(item, key, ScheduleConfig)
+            self._duration({key: schedule}, key, "every", "every_ms", 1)
+            schedules.append(schedule)
+        return schedules
 
     def _librdkafka(self, value: object) -> dict[str, str]:
         if not isinstance(value, dict):
@@ -667,7 +788,11 @@ class _Doc:
             if isinstance(target, str):
                 target = {"name": target}
             elif not isinstance(target, dict) or "name" not in target:
-                problem = "must be a workflow name or a mapping with 'name' (and 'retries')"
+                problem = ("must be a workflow name or a mapping with 'name' (and 'retries', "
+                           "'version')")
                 raise self.error(key, problem)
             bindings[binding] = self._mapping(target, key, WorkflowBinding)
+            if "concurrency" in bindings[binding]:
+                bindings[binding]["concurrency"] = self._mapping(
+                    bindings[binding]["concurrency"], f"{key}.concurrency", Concurrency)
         return bindings

@@ -44,6 +44,7 @@ class StepRunner(Protocol):
 
     def log(self, message: str, data: Any, level: str) -> None: ...
 
+    def patched(self, name: str) -> bool: ...
     async def wait_for_event(self, name: str, event_type: str, match: dict[str, Any] | None,
                              timeout: int | str | None, since: int | datetime | None) -> Any: ...
 
@@ -174,3 +175,18 @@ class Context(Generic[EnvT, InputT]):
         On replay, lines already recorded are not recorded again.
         """
         self._runner.log(message, data, level)
+
+    def patched(self, name: str) -> bool:
+        """Whether this execution takes the new branch of a code change named ``name``.
+
+            if ctx.patched("new-refund-step"):
+                await ctx.step.run("refund-check", check)
+
+        An execution that reaches this call for the first time gets True (and the
+        answer is recorded on the log); one that started before the change and
+        had already gone past this point gets False, so its replay keeps the old
+        branch. Once no execution from before the change runs, the old branch and
+        then the call can go (keep the call for as long as executions that took
+        it may replay).
+        """
+        return self._runner.patched(name)

@@ -32,6 +32,7 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── NonRetryableError         raised by user code: fail the step now
     ├── StepTimeoutError          one attempt ran past its timeout
     ├── StepFailedError           a step exhausted its retries
+    ├── NonDeterminismError       a replay of new code diverged from the history
     ├── WorkflowFailedError       a result awaited from an execution that failed
     └── WorkflowCancelledError    a result awaited from an execution that was cancelled
 
@@ -331,3 +332,17 @@ class WorkflowCancelledError(PloyError):
         self.execution_id, self.reason = execution_id, reason
         super().__init__(f"execution {execution_id} was cancelled"
                          + (f": {reason}" if reason else ""))
+
+
+class NonDeterminismError(PloyError):
+    """Replaying an execution, the handler called something its history does not have
+    where the history holds calls it has not met (the code changed incompatibly)."""
+
+    def __init__(self, expected_kind: str, expected: str, position: int,
+                 found: str | None = None, found_kind: str = "step"):
+        self.expected_kind, self.expected = expected_kind, expected
+        self.position, self.found, self.found_kind = position, found, found_kind
+        what = "the end of the workflow" if found is None else f"{found_kind} '{found}'"
+        super().__init__(f"non-determinism: expected {expected_kind} '{expected}' at position "
+                         f"{position}, found {what} (the workflow's code changed under a "
+                         "running execution; guard the change with ctx.patched)")

@@ -52,6 +52,7 @@ from engine.errors import (
 from engine.events import (
     Body,
     Event,
+    Patched,
     SleepScheduled,
     StepCompleted,
     StepFailed,
@@ -64,6 +65,7 @@ from engine.events import (
     WorkflowStarted,
 )
 from engine.models import ExecutionStatus, ReceivedEvent
+from engine.versioning import Diverged, Replay
 from engine.waits import WAIT_KINDS
 
 if TYPE_CHECKING:
@@ -269,6 +271,7 @@ class ExecutionRunner:
         self._retry_now: set[str] = set()
         self._calls: dict[str, asyncio.Task[Any]] = {}
         self._opened = asyncio.Event()
+        self.replay = Replay(steps, record.get("patches") or [])  # engine.versioning
         # Log lines are keyed by where they were logged, so a replay records none twice
         # and drops none (a completed step's function does not run on replay).
         self.logged = {p for p in logged if p is not None}
@@ -310,6 +313,8 @@ class ExecutionRunner:
             await self.runtime.log.append(self._event(body))
         except AppendError as exc:
             raise LogUnavailable(str(exc), exc.permanent) from exc
+        self.runtime.tracing.recorded(self.record, self.workflow.name, body,
+                                      self.runtime.clock.now())
 
     def _append_nowait(self, body: Body) -> None:
         try:
@@ -405,10 +410,12 @@ class ExecutionRunner:
         """Run the handler; the event that ends the execution, or None if it paused."""
         try:
             if self.record["status"] == "queued":
-                self._append_nowait(WorkflowStarted(self.runtime.worker_id))
+                version = self.runtime.config.version_for(self.workflow.name)
+                self._append_nowait(WorkflowStarted(self.runtime.worker_id, version))
             ctx = Context(input=self._input(), env=self.runtime.env, execution_id=self.id,
                           workflow=self.workflow.name, runner=self)
             result = await self.workflow.handler(ctx)
+            self.replay.end()
             await self._checkpoint()
             return WorkflowCompleted(self._output(result))
         except (Suspend, Shutdown):
@@ -418,6 +425,9 @@ class ExecutionRunner:
                              self.cancel_reason or "no reason given",
                              extra={"ended_execution": self.id})
             return WorkflowCancelled(self.cancel_reason)
+        except Diverged as diverged:  # new code that does not fit this history: stop it here
+            user_log.error("[%s %s] failed: %s", self.workflow.name, self.id, diverged.error)
+            return WorkflowFailed(*error_fields(diverged.error))
         except Exception as exc:
             user_log.error("[%s %s] failed: %s: %s", self.workflow.name, self.id,
                            type(exc).__name__, exc, extra={"ended_execution": self.id})
@@ -449,7 +459,9 @@ class ExecutionRunner:
     async def run_step(self, name: str, fn: Callable[[], Any], *, input: Any,
                        retries: int | None, timeout: int | str | None) -> Any:
         await self._checkpoint()
-        return await self._step(self._key(name), fn, input, retries, timeout)
+        key = self._key(name)
+        self.replay.meet(key)
+        return await self._step(key, fn, input, retries, timeout)
 
     async def _step(self, key: str, fn: Callable[[], Any], input: Any, retries: int | None,
                     timeout: int | str | None) -> Any:
@@ -586,6 +598,7 @@ class ExecutionRunner:
         self._since_boundary = 0
         self._sleep_count += 1
         key = f"sleep#{self._sleep_count}"
+        self.replay.meet(key, "sleep")
         recorded = self.sleeps.get(key)
         if recorded is not None:
             if recorded["status"] == "completed":
@@ -606,6 +619,7 @@ class ExecutionRunner:
         since_ms = self.record["created_at"] if since is None else _epoch_ms(since)
         await self._checkpoint()
         key = self._key(name)
+        self.replay.meet(key, "wait")
         wait = self.waits.get(key)
         if wait is not None:
             return received_event(wait)
@@ -618,6 +632,7 @@ class ExecutionRunner:
         target = self.runtime.env[binding]  # UnknownBindingError names the known ones
         await self._checkpoint()
         key = self._key(name)
+        self.replay.meet(key, "invoke")
         wait = self.waits.get(key)
         if wait is not None:
             return child_result(key, wait, self._open)
@@ -661,6 +676,7 @@ class ExecutionRunner:
     async def parallel(self, name: str, fns: Sequence[Callable[[], Any]]) -> list[Any]:
         await self._checkpoint()
         key = self._key(name)
+        self.replay.meet(key, "parallel")
         results = await asyncio.gather(
             *(self._step(f"{key}[{i}]", fn, None, None, None) for i, fn in enumerate(fns)),
             return_exceptions=True,
@@ -672,6 +688,19 @@ class ExecutionRunner:
             if isinstance(result, Exception):
                 raise result
         return list(results)
+
+    # -- ctx.patched ----------------------------------------------------------
+
+    def patched(self, name: str) -> bool:
+        """See ``engine.versioning``: the recorded answer, or True with a ``Patched``
+        marker (produced before any event of the new branch, on the same partition)."""
+        check_name(name, "patch")
+        taken = self.replay.patched(name)
+        if taken is None:
+            self._append_nowait(Patched(name))
+            self.replay.patches.add(name)
+            taken = True
+        return taken
 
     # -- ctx.log --------------------------------------------------------------
 

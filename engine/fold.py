@@ -52,7 +52,7 @@ from typing import Any, cast
 
 from orjson import OPT_SORT_KEYS, dumps, loads
 
-from engine import keys, retention, waits
+from engine import keys, retention, schedules, waits
 from engine.errors import InvalidTransitionError
 from engine.events import (
     CLIENT_EVENTS,
@@ -276,8 +276,11 @@ def _apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> boo
     if isinstance(body, PartitionReleased):
         _released(tx, event, body)
         return False
-    if isinstance(body, RecordSkipped | ScheduleUpdated | SubjectErased):
+    if isinstance(body, RecordSkipped | SubjectErased):
         return False  # audit records (their modules read them from the log)
+    if isinstance(body, ScheduleUpdated):
+        schedules.fold_update(tx, event)  # the schedule's record; no execution changes
+        return False
     if isinstance(body, EventSent):
         waits.event_sent(tx, event, offset, raw)
         return False  # the executions it woke are in ``tx.woken``
@@ -355,6 +358,13 @@ def skip_record(offset: int, marker: Event, marker_offset: int) -> Record:
 
 
 def new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Record:
+    record = _new_execution(event, body, partition)
+    if body.trace_parent is not None:  # engine.tracing: the parent of the execution's spans
+        record["trace_parent"] = body.trace_parent
+    return record
+
+
+def _new_execution(event: Event, body: WorkflowTriggered, partition: int) -> Record:
     return {
         "id": event.execution_id,
         "workflow": event.workflow,
@@ -415,6 +425,16 @@ def _finish(tx: Tx, ex: Record, status: str, ts: int) -> bool:
 def _started(tx: Tx, ex: Record, event: Event) -> None:
     assert isinstance(event.body, WorkflowStarted)
     _run(ex, event.timestamp)
+    if event.body.version is not None:
+        ex["version"] = event.body.version
+
+
+def _patched(tx: Tx, ex: Record, event: Event) -> None:
+    """``ctx.patched``: the execution took the new branch of a change (engine.versioning)."""
+    assert isinstance(event.body, Patched)
+    patches = ex.setdefault("patches", [])
+    if event.body.patch not in patches:
+        patches.append(event.body.patch)
 
 
 def _step(tx: Tx, ex: Record, key: str, input_: str | None, ts: int) -> tuple[bytes, Record]:
@@ -611,6 +631,6 @@ _FOLDS: dict[type, Callable[[Tx, Record, Event], None]] = {
     WorkflowCompleted: _completed,
     WorkflowFailed: _failed,
     WaitStarted: waits.wait_started,
-    Patched: lambda tx, ex, event: None,  # kept in the history (engine.versioning reads it)
-    StepResolved: lambda tx, ex, event: _step_resolved(tx, ex, event),
+    Patched: _patched,
+    StepResolved: _step_resolved,
 }

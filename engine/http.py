@@ -74,7 +74,9 @@ from engine.errors import (
     UnknownExecutionError,
 )
 from engine.listing import Cursor
+from engine.metrics import CONTENT_TYPE
 from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
+from engine.tracing import TraceparentMiddleware
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -93,6 +95,7 @@ __all__ = [
 logger = logging.getLogger("ploy.http")
 
 API = "/__ploy/api"
+METRICS = "/__ploy/metrics"  # also /metrics, unless a route of the app has that path
 COOKIE = "ploy_admin"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
@@ -185,6 +188,10 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{API}/workflows", api.workflows),
         admin.route(f"{API}/health", api.health),
         admin.route(f"{API}/workers", api.workers),
+        admin.route(f"{API}/schedules", api.schedules),
+        admin.route(f"{API}/schedules/{{name}}", api.schedule),
+        admin.route(f"{API}/schedules/{{name}}/{{action}}", api.schedule_action, write=True),
+        admin.route(METRICS, api.metrics),
         admin.route(f"{API}/changes", api.changes),
         admin.route(f"{API}/as-of", api.as_of),
         admin.route(f"{API}/executions/{{id}}/rerun", api.rerun, write=True),
@@ -208,6 +215,8 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         admin.route(f"{DASHBOARD}/workflows/{{binding}}/trigger", actions.trigger_form, page=True),
         admin.route(f"{DASHBOARD}/workflows/{{binding}}/trigger", actions.trigger, form=True),
     ]
+    if not any(starlette_path(r.path) == "/metrics" for r in engine.worker.routes):
+        routes.append(admin.route("/metrics", api.metrics))  # where scrapers look first
     for route in engine.worker.routes:
         path = starlette_path(route.path)
         if path == DASHBOARD or path.startswith(DASHBOARD + "/"):
@@ -215,7 +224,8 @@ def create_app(engine: Engine, *, host: str | None = None) -> Starlette:
         routes.append(Route(path, _UserRoute(route, engine).handle, methods=[route.method]))
     return Starlette(
         routes=routes,
-        middleware=[Middleware(_BodyLimit, limit=http.max_body_bytes)],
+        middleware=[Middleware(_BodyLimit, limit=http.max_body_bytes),
+                    Middleware(TraceparentMiddleware)],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
 
@@ -620,6 +630,15 @@ class _SkipBody(BaseModel):
     actor: str | None = None  # who, as the client says: kept only without an admin token
 
 
+class _ScheduleBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = None
+    actor: str | None = None  # who, as the client says: kept only without an admin token
+
+
+_SCHEDULE_ACTIONS = {"pause": "paused", "resume": "resumed"}
+
+
 class _Api:
     """``/__ploy/api``: JSON over the runtime's queries and commands."""
 
@@ -830,6 +849,44 @@ class _Api:
         """Who runs each partition (its claim on the log) and how far behind it is."""
         return _json(200, await self.engine.workers())
 
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text format 0.0.4 (``engine.metrics``)."""
+        text = await self.engine.runtime.metrics.render(self.engine.runtime)
+        return Response(text, headers={"Content-Type": CONTENT_TYPE})
+
+    async def schedules(self, request: Request) -> Response:
+        """Every schedule of ploy.yaml as configured and as the log has it."""
+        return _json(200, {"schedules": await self.engine.runtime.schedules.states()})
+
+    async def schedule(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            state = await self.engine.runtime.schedules.state(name, **_routed(request))
+        except KeyError:
+            raise _Reject(404, {"error": f"unknown schedule '{name}'"}) from None
+        return _json(200, state)
+
+    async def schedule_action(self, request: Request) -> Response:
+        """``pause``, ``resume`` or ``trigger`` (now) a schedule, with who and why (the
+        actor as for ``skip``)."""
+        name, action = request.path_params["name"], request.path_params["action"]
+        if action not in (*_SCHEDULE_ACTIONS, "trigger"):
+            raise _Reject(404, {"error": f"unknown schedule action '{action}'",
+                                "actions": [*_SCHEDULE_ACTIONS, "trigger"]})
+        schedules = self.engine.runtime.schedules
+        if self.engine.config.schedule(name) is None:
+            raise _Reject(404, {"error": f"unknown schedule '{name}'"})
+        raw = (await request.body()).strip()
+        body = await _read_body(request, _ScheduleBody) if raw else _ScheduleBody()
+        assert isinstance(body, _ScheduleBody)
+        actor = "admin-token" if self.token is not None else f"local:{body.actor or 'unknown'}"
+        if action == "trigger":
+            eid = await schedules.trigger_now(name, actor, body.reason)
+            partition = self.engine.runtime.log.partition_for(eid)
+            return _json(201, {"execution_id": eid, "partition": partition,
+                               "offset": self.engine.runtime.log.high_acked.get(partition)})
+        await schedules.update(name, _SCHEDULE_ACTIONS[action], actor, body.reason)
+        return _json(200, await schedules.state(name))
     async def changes(self, request: Request) -> Response:
         """Server-Sent Events: ``{"executions": [id, ...]}`` each time the fold here
         changes executions (a burst in one event), so a list can refresh when, and only

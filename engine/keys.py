@@ -36,6 +36,7 @@ LISTED = b"n:"  # n:<~created u64><id>          -> b"" (every execution, newest 
 BY_STATUS = b"x:"  # x:<status>\0<~created u64><id>            -> b"" (the fold keeps it exact)
 BY_WORKFLOW = b"w:"  # w:<workflow>\0<~created u64><id>        -> b""
 BY_WORKFLOW_STATUS = b"y:"  # y:<workflow>\0<status>\0<~created u64><id> -> b""
+SCHEDULE = b"S:"  # S:<schedule name>             -> the schedule's record (JSON, engine.schedules)
 # Events for waiting executions (``engine.events_in``): the lookback, the waiters, dedup.
 EVENT = b"E:"  # E:<type>\0<time u64><offset u64>      -> an event kept for the lookback (JSON)
 EVENT_ID = b"D:"  # D:<source>\0<event id>         -> b"" (seen: a repeat is ignored)
@@ -99,6 +100,8 @@ def parse_timer(key: bytes) -> tuple[int, str, str]:
     return wake_at, eid.decode(), sleep_key.decode()
 
 
+def schedule(name: str) -> bytes:
+    return SCHEDULE + name.encode()
 def event(event_type: str, timestamp: int, offset: int) -> bytes:
     return EVENT + event_type.encode() + SEP + u64(timestamp) + u64(offset)
 

@@ -151,6 +151,10 @@ class Execution(BaseModel):
     duration_ms: int | None = None
     cancel_reason: str | None = None
     """The reason given to ``cancel`` (None when none was given or not cancelled)."""
+    version: str | None = None
+    """The workflow code version that started it (``version:`` in ploy.yaml)."""
+    patches: list[str] = []
+    """The ``ctx.patched`` changes whose new branch it took."""
     parent_id: str | None = None
     """The execution that started this one with ``ctx.step.invoke``."""
     parent_step: str | None = None

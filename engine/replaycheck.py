@@ -83,8 +83,10 @@ class _NoEnv:
 class ReplayRunner:
     """A ``StepRunner`` that answers from the recorded steps, in their recorded order."""
 
-    def __init__(self, steps: list[dict[str, Any]], ended: bool):
+    def __init__(self, steps: list[dict[str, Any]], ended: bool,
+                 patches: list[str] | None = None):
         self.steps, self.ended = steps, ended
+        self.patches = set(patches or [])
         self.at = 0
         self._occurrences: dict[str, int] = {}
         self._sleeps = 0
@@ -159,6 +161,11 @@ class ReplayRunner:
     def log(self, message: str, data: Any, level: str) -> None:
         pass
 
+    def patched(self, name: str) -> bool:
+        """As the engine answers (``engine.versioning``): the recorded marker, else the
+        old branch while the history goes on past here, else the new one."""
+        return name in self.patches or (self.at >= len(self.steps) and not self.ended)
+
 
 def _outcome(step: dict[str, Any]) -> Any:
     """The recorded value of a step, its StepFailedError, or the end of the history."""
@@ -207,7 +214,7 @@ async def check_execution(view: PartitionView, eid: str, workflow: WorkflowDef,
             record, steps = _opened(Opener(keys, eid), record, steps)
         except SubjectErasedError:
             return Verdict(eid, record["workflow"], status, "erased")
-    runner = ReplayRunner(steps, ended and status != "cancelled")
+    runner = ReplayRunner(steps, ended and status != "cancelled", record.get("patches") or [])
     verdict = Verdict(eid, record["workflow"], status, "ok")
     try:
         data = json.loads(record["input"])

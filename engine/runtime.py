@@ -22,6 +22,7 @@ partition, and asks no one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -66,6 +67,7 @@ from engine.events import (
     WorkflowCancelled,
     WorkflowCompleted,
     WorkflowFailed,
+    WorkflowLog,
     WorkflowTriggered,
     claim_id,
 )
@@ -76,14 +78,18 @@ from engine.execution import (
     check_event_type,
     to_json,
 )
+from engine.flow import WHY_POSITION, FlowControl
 from engine.fold import new_execution
 from engine.log import EventLog
+from engine.metrics import Metrics
 from engine.models import ExecutionStatus
 from engine.ownership import Ownership
 from engine.partitions import Applied, Partitions
 from engine.queries import ChangeFeed, Queries, Seen
+from engine.schedules import Scheduler
 from engine.threads import StepThreads
 from engine.timers import TimerSchedule
+from engine.tracing import Tracing
 from engine.view import PartitionView
 
 logger = logging.getLogger("ploy.runtime")
@@ -123,6 +129,10 @@ class Runtime(Queries):
             resume=self._resume, standby=self.replica, instance_id=instance_id)
         self.directory: Directory | None = None
         self.timers = TimerSchedule(self.clock, self._append_fired, self.may_run)
+        self.schedules = Scheduler(self)
+        self.metrics = Metrics()
+        self.tracing = Tracing(config.otel)
+        self.flow = FlowControl(config, log.partition_for, self._maybe_start, self._explain_wait)
         self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
         self._tasks: set[asyncio.Task[None]] = set()
         # Who waits on an execution's events (a result, a stream): fed by the fold.
@@ -204,6 +214,7 @@ class Runtime(Queries):
             self.ownership.start_group()
         if self.runs:
             self.timers.start()
+            self.schedules.start()
         self._spawn(self.partitions.watch_stalled(lambda: self.stopping), "ploy-watch-stalled")
 
     def _schedule_timers(self, owned: frozenset[int]) -> None:
@@ -222,6 +233,7 @@ class Runtime(Queries):
         _, offset = await self.log.append(Event(
             eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
             epoch=self.ownership.epoch_of(partition)))
+        self.tracing.slept(self.views.get(partition), eid, workflow, sleep_key, self.clock.now())
         self._spawn(self._resume_fired(eid, sleep_key, partition, offset), f"ploy-woke-{eid}")
 
     async def _resume_fired(self, eid: str, sleep_key: str, partition: int, offset: int) -> None:
@@ -272,6 +284,7 @@ class Runtime(Queries):
         """Stop starting steps, let running ones finish (up to ``grace_s``), release all."""
         self.stopping = True
         self.ownership.stopping = True
+        await self.schedules.stop()
         await self.timers.stop()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
@@ -294,6 +307,7 @@ class Runtime(Queries):
     def _on_applied(self, partition: int, applied: Applied) -> None:
         """On the event loop: start what the fold made runnable, pass cancels on."""
         self.timers.on_folded(partition, applied)
+        self.metrics.observe(applied)
         self._tell_listers(applied)
         for offset, event in applied:
             watchers = self._watchers.get(event.execution_id)
@@ -301,6 +315,10 @@ class Runtime(Queries):
                 for queue in watchers:
                     queue.put_nowait((partition, offset, event))
             body = event.body
+            if isinstance(body, WorkflowCompleted | WorkflowFailed | WorkflowCancelled
+                          | CancelRequested):
+                self.flow.release(partition, event.execution_id,
+                                  queued_only=isinstance(body, CancelRequested))
             if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
                 self._started_on_ack.discard(event.execution_id)  # trigger() started it
             elif isinstance(body, TimerFired) and (event.execution_id, body.sleep) in (
@@ -402,6 +420,8 @@ class Runtime(Queries):
         if workflow is None:
             self._fail_unknown(record)
             return
+        if not self.flow.admit(partition, self.ownership.epoch_of(partition), view, record):
+            return  # queued behind a concurrency limit (engine.flow): started on a release
         self._run_recorded(view, record, workflow, view.steps(eid))
 
     def _run_recorded(self, view: PartitionView, record: dict[str, Any], workflow: WorkflowDef,
@@ -452,6 +472,12 @@ class Runtime(Queries):
             if runner.id in self._resume_after:
                 self._resume_after.discard(runner.id)
                 self._maybe_start(runner.id)
+
+    def _explain_wait(self, eid: str, workflow: str, text: str) -> None:
+        """Record on a queued execution why it waits (engine.flow), as a log line."""
+        self.log.append_nowait(Event(eid, workflow, self.clock.now(),
+                                     WorkflowLog("info", text, None, WHY_POSITION),
+                                     epoch=self.epoch_of(eid)))
 
     def _fail_unknown(self, record: dict[str, Any]) -> None:
         error = UnknownWorkflowError(record["workflow"], list(self.worker.workflows))
@@ -514,9 +540,10 @@ class Runtime(Queries):
             erasure.check_subject(subject)
         # Step 2.
         if idempotency_key is None:
-            eid = uuid.uuid4().hex
+            eid = self.flow.place(workflow, text, uuid.uuid4().hex)
         else:
             eid = uuid.uuid5(ID_NAMESPACE, f"{workflow}\x00{idempotency_key}").hex
+            eid = self.flow.place(workflow, text, eid)  # a limited workflow: its key's partition
             # Step 3.
             if await self._record(eid) is not None:
                 return eid
@@ -535,15 +562,19 @@ class Runtime(Queries):
 
     async def _append_trigger(self, wf: WorkflowDef, eid: str, body: WorkflowTriggered) -> None:
         """Steps 4 and 5 of :meth:`trigger`."""
-        event = Event(eid, wf.name, self.clock.now(), body, epoch=self.epoch_of(eid))
-        partition, offset = await self.log.append(event)
+        with self.tracing.trigger(wf.name, eid, body.trace_parent) as trace_parent:
+            body = dataclasses.replace(body, trace_parent=trace_parent)  # engine.tracing
+            event = Event(eid, wf.name, self.clock.now(), body, epoch=self.epoch_of(eid))
+            partition, offset = await self.log.append(event)
         view = self.views.get(partition)
         if (view is not None and view.next_offset <= offset and partition in self.owned
                 and partition not in self.stalled and not self.stopping
                 and eid not in self.runners and eid not in self._started_on_ack
                 and view.record(eid) is None and not view.gone(eid)):  # gone: retention
-            self._started_on_ack.add(eid)
-            self._run(ExecutionRunner(self, new_execution(event, body, partition), [], wf))
+            record = new_execution(event, body, partition)
+            if self.flow.admit(partition, self.ownership.epoch_of(partition), view, record):
+                self._started_on_ack.add(eid)
+                self._run(ExecutionRunner(self, record, [], wf))
 
     # -- child executions and events for waiting executions ------------------------------
 

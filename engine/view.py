@@ -354,6 +354,8 @@ def build_execution(view: PartitionView, eid: str) -> Execution | None:
         updated_at=ex["updated_at"],
         duration_ms=_duration(ex["started_at"] or ex["created_at"], ex["ended_at"]),
         cancel_reason=ex["cancel_reason"],
+        version=ex.get("version"),
+        patches=ex.get("patches", []),
         parent_id=ex.get("parent_id"),
         parent_step=ex.get("parent_step"),
         waiting_for=[_wait_info(s) for s in steps if s.kind in ("wait", "invoke")
