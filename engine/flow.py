@@ -1,7 +1,7 @@
 """Flow control: ``concurrency: {limit, key}`` of a workflow, cluster-wide.
 
 A limit counts executions that hold a slot: from the moment one is admitted
-(it starts running) to its end; a sleeping execution keeps its slot. The
+(it starts running) to its end; a sleeping or waiting execution keeps its slot. The
 others stay ``queued`` and are admitted as slots free up: higher ``priority``
 first (a number at a path of the input, default 0), then in trigger order
 (trigger time, then id).
@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ploy.flow")
 
 QUEUED = ExecutionStatus.QUEUED.value
-HOLDING = (ExecutionStatus.RUNNING.value, ExecutionStatus.SLEEPING.value)
+HOLDING = (ExecutionStatus.RUNNING.value, ExecutionStatus.SLEEPING.value,
+           ExecutionStatus.WAITING.value)  # a sleeping or waiting execution keeps its slot
 WHY_POSITION = "flow.concurrency"  # the log position of the line saying why it waits
 _PLACE_NS = uuid.UUID("0d3c1c5e-5b8a-4f0e-8d7e-3a51f7b2c4a9")
 _MAX_PLACE_TRIES = 10_000  # ids tried before giving up placement (never reached: ~P tries)
