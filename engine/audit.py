@@ -34,7 +34,7 @@ from engine.erasure import KeyStore
 from engine.errors import CommandError
 from engine.export import FORMATS, export_log, fold_export, import_log
 from engine.log import EventLog
-from engine.replaycheck import Verdict, replay_check
+from engine.replaycheck import Verdict, follow, replay_check
 from engine.view import PartitionView
 
 __all__ = ["add_commands"]
@@ -97,6 +97,11 @@ def _add_replay_check(commands: Any) -> None:
                    "(default: NEW_CODE_DIR's ploy.yaml)")
     p.add_argument("--histories", metavar="EXPORT_DIR", help="read the histories from a "
                    "'ploy export' (all, or --workflow) instead of Kafka: for CI")
+    p.add_argument("--outputs", action="store_true", help="also compare each completed "
+                   "execution's output with what the new code returns from the recorded steps")
+    p.add_argument("--follow", action="store_true", help="a shadow consumer of the live log: "
+                   "replay each execution whenever it ends, sleeps or waits, and print each "
+                   "divergence as it happens, until Ctrl-C or SIGTERM (exit 1 if any)")
     p.set_defaults(run=_cmd_replay_check)
 
 
@@ -318,9 +323,12 @@ def _cmd_replay_check(args: argparse.Namespace) -> int:
     worker, new_config = load_app(_app_dir(args.worker))
     config = _config(args.dir) if args.dir else new_config
     workflow = _workflow_name(config, args.workflow)
+    if args.follow:
+        return _follow(config, worker, workflow, args.outputs)
     with _histories(config, args.histories) as views:
         verdicts = asyncio.run(replay_check(views, worker, workflow=workflow,
-                                            limit=args.limit, keys=KeyStore(config.key_dir)))
+                                            limit=args.limit, keys=KeyStore(config.key_dir),
+                                            outputs=args.outputs))
     bad = [v for v in verdicts if v.outcome not in ("ok", "erased")]
     erased = sum(v.outcome == "erased" for v in verdicts)
     if args.json:
@@ -355,10 +363,40 @@ def _histories(config: Config, export_dir: str | None) -> Iterator[list[Partitio
         log.close()
 
 
+def _follow(config: Config, worker: Any, workflow: str | None, outputs: bool) -> int:
+    """``replay-check --follow``: report divergences of the live log until a signal."""
+    import signal
+    import threading
+
+    from engine.cli import terminal_safe
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def report(verdict: Verdict) -> None:
+        print(terminal_safe(_verdict_line(verdict)), flush=True)
+
+    log = _kafka_log(config, "replay-check")
+    print(f"following {log.topic}: every divergence is printed as it happens (Ctrl-C stops)",
+          flush=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ploy-replay-follow-") as scratch:
+            bad = asyncio.run(follow(log, worker, Path(scratch), report, stop.is_set,
+                                     workflow=workflow, keys=KeyStore(config.key_dir),
+                                     outputs=outputs))
+    finally:
+        log.close()
+    print(f"stopped: {bad} diverged or failed", flush=True)
+    return 1 if bad else 0
+
+
 def _verdict_line(v: Verdict) -> str:
     where = f"{v.execution_id} ({v.workflow}, {v.status})"
     if v.outcome == "failed":
         return f"FAILED   {where}: {v.error}"
+    if v.position is None and v.error:  # --outputs
+        return f"DIVERGED {where}: {v.error}"
     recorded = f"'{v.recorded}'" if v.recorded else "the end"
     asked = f"'{v.asked}'" if v.asked else "the end"
     return f"DIVERGED {where} at step {v.position + 1 if v.position is not None else '?'}: " \

@@ -22,21 +22,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, cast
+
+from pydantic import BaseModel
 
 from engine.builder import Worker, WorkflowDef
 from engine.context import Context
 from engine.durations import parse_duration
 from engine.erasure import PREFIX, KeyStore, Opener
 from engine.errors import StepFailedError, SubjectErasedError
-from engine.execution import Suspend, child_result, received_event
+from engine.events import Event, RecordSkipped, claim_id
+from engine.execution import Suspend, child_result, received_event, to_json
 from engine.listing import list_page
+from engine.log import EventLog
+from engine.skips import apply_or_skip
 from engine.view import PartitionView
 from engine.waits import WAIT_KINDS
 
-__all__ = ["Verdict", "check_execution", "replay_check"]
+__all__ = ["Verdict", "check_execution", "follow", "replay_check"]
+
+logger = logging.getLogger("ploy.replay")
 
 REPLAY_TIMEOUT_S = 10.0
 
@@ -202,7 +211,7 @@ def _opened_step(opener: Opener, step: dict[str, Any]) -> dict[str, Any]:
 
 
 async def check_execution(view: PartitionView, eid: str, workflow: WorkflowDef,
-                          keys: KeyStore | None = None) -> Verdict:
+                          keys: KeyStore | None = None, outputs: bool = False) -> Verdict:
     """Replay one recorded execution on ``workflow``'s handler; its verdict."""
     record = view.record(eid)
     assert record is not None
@@ -221,7 +230,7 @@ async def check_execution(view: PartitionView, eid: str, workflow: WorkflowDef,
         ctx: Context[Any, Any] = Context(
             input=workflow.input.model_validate(data) if workflow.input else data,
             env=_NoEnv(), execution_id=eid, workflow=workflow.name, runner=runner)
-        await asyncio.wait_for(workflow.handler(ctx), REPLAY_TIMEOUT_S)
+        result = await asyncio.wait_for(workflow.handler(ctx), REPLAY_TIMEOUT_S)
     except _HistoryEnds:
         return verdict
     except _Diverged as d:
@@ -235,12 +244,45 @@ async def check_execution(view: PartitionView, eid: str, workflow: WorkflowDef,
     if status == "completed" and runner.at < len(steps):
         return Verdict(eid, record["workflow"], status, "diverged", runner.at,
                        steps[runner.at]["key"], None)
+    if outputs and status == "completed":
+        return _compare_output(verdict, workflow, record["output"], result)
     return verdict
+
+
+def _compare_output(verdict: Verdict, workflow: WorkflowDef, recorded: str | None,
+                    result: Any) -> Verdict:
+    """``--outputs``: the new code's output (computed from the recorded step outputs)
+    against the recorded one, both as the JSON the engine records."""
+    try:
+        new = _as_recorded(workflow, result)
+    except Exception as exc:  # the new output no longer validates or serializes
+        return replace(verdict, outcome="failed", error=f"output: {type(exc).__name__}: {exc}")
+    old = None if recorded is None else json.loads(recorded)
+    if new == old:
+        return verdict
+    return replace(verdict, outcome="diverged",
+                   error=f"output: recorded {_compact(old)}, new code {_compact(new)}")
+
+
+def _as_recorded(workflow: WorkflowDef, result: Any) -> Any:
+    """The output as JSON values, validated by the workflow's output model as a run does."""
+    if workflow.output is not None:
+        if isinstance(result, BaseModel) and not isinstance(result, workflow.output):
+            result = result.model_dump()
+        model = result if isinstance(result, workflow.output) else (
+            workflow.output.model_validate(result))
+        return json.loads(model.model_dump_json())
+    return json.loads(to_json(result, "the output"))
+
+
+def _compact(value: Any, limit: int = 200) -> str:
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 async def replay_check(views: list[PartitionView], worker: Worker, *,
                        workflow: str | None = None, limit: int = 1000,
-                       keys: KeyStore | None = None) -> list[Verdict]:
+                       keys: KeyStore | None = None, outputs: bool = False) -> list[Verdict]:
     """Replay the ``limit`` newest executions (of ``workflow``) on ``worker``'s code
     (``keys`` opens data subjects' payloads)."""
     page = list_page(views, workflow=workflow, limit=limit)
@@ -253,5 +295,75 @@ async def replay_check(views: list[PartitionView], worker: Worker, *,
                                     summary.status.value, "failed",
                                     error=f"the new code has no workflow '{summary.workflow}'"))
             continue
-        verdicts.append(await check_execution(view, summary.execution_id, definition, keys))
+        verdicts.append(await check_execution(view, summary.execution_id, definition, keys,
+                                              outputs))
     return verdicts
+
+
+CHECKED_AT = ("completed", "failed", "cancelled", "sleeping", "waiting")  # a run's resting points
+
+
+async def follow(log: EventLog, worker: Worker, scratch: Path, report: Callable[[Verdict], None],
+                 stopping: Callable[[], bool], *, workflow: str | None = None,
+                 keys: KeyStore | None = None, outputs: bool = False) -> int:
+    """``replay-check --follow``: a shadow consumer of the live log. It folds the log from
+    offset 0 into scratch views under ``scratch`` (its own consumer: no group, no commit,
+    nothing appended) and replays each execution on the new code whenever the fold leaves
+    it at a resting point (ended, sleeping, waiting), reporting every verdict that is not
+    ``ok`` once, as it happens. Runs until ``stopping()``; returns how many diverged or
+    failed."""
+    from confluent_kafka import TopicPartition  # a consumer of its own, assigned by hand
+
+    views = {p: PartitionView(scratch / f"p{p}", log.topic, p, log.codec)
+             for p in range(log.partitions)}
+    consumer = log.consumer(f"{log.topic}.replay-check")  # never commits (CONSUMER_FIXED)
+    consumer.assign([TopicPartition(log.topic, p, 0) for p in views])
+    seen: dict[str, int] = {}  # execution id -> events when last checked
+    bad = 0
+    try:
+        while not stopping():
+            messages = await asyncio.to_thread(consumer.consume, 1000, 0.5)
+            by_partition: dict[int, list[tuple[int, bytes]]] = {}
+            for msg in messages:
+                if msg.error() is None:
+                    by_partition.setdefault(cast(int, msg.partition()), []).append(
+                        (cast(int, msg.offset()), cast(bytes, msg.value())))
+            for p, records in by_partition.items():
+                applied, failure = apply_or_skip(log, views[p], records)
+                if failure is not None:
+                    logger.warning("replay-check: %s; stepping over it", failure)
+                    views[p].skip(failure.offset, *_no_marker(failure.offset))
+                for eid in dict.fromkeys(e.execution_id for _, e in applied):
+                    verdict = await _check_resting(views[p], eid, worker, workflow, keys,
+                                                   outputs, seen)
+                    if verdict is not None and verdict.outcome not in ("ok", "erased"):
+                        bad += 1
+                        report(verdict)
+    finally:
+        consumer.close()
+        for view in views.values():
+            view.close()
+    return bad
+
+
+async def _check_resting(view: PartitionView, eid: str, worker: Worker, workflow: str | None,
+                         keys: KeyStore | None, outputs: bool,
+                         seen: dict[str, int]) -> Verdict | None:
+    """Replay ``eid`` if the fold left it at a resting point not checked yet."""
+    record = view.record(eid)
+    if record is None or record["status"] not in CHECKED_AT or seen.get(eid) == record["events"]:
+        return None
+    if workflow is not None and record["workflow"] != workflow:
+        return None
+    seen[eid] = record["events"]
+    definition = worker.workflow(record["workflow"])
+    if definition is None:
+        return Verdict(eid, record["workflow"], record["status"], "failed",
+                       error=f"the new code has no workflow '{record['workflow']}'")
+    return await check_execution(view, eid, definition, keys, outputs)
+
+
+def _no_marker(offset: int) -> tuple[Event, int]:
+    """A skip of an unreadable record in the scratch view only (no operator's marker)."""
+    marker = Event(claim_id(0), "", 0, RecordSkipped(0, offset, "replay-check", "replay-check"))
+    return marker, offset

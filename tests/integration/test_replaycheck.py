@@ -113,3 +113,55 @@ async def test_replay_check_reports_the_first_divergent_step(
                                     "--histories", str(exported))
     assert code == 1, err
     assert out.splitlines()[-1] == "replayed 5 executions: 2 ok, 3 diverged, 0 failed"
+
+
+OUTPUT_CHANGED = V1.replace("return b + c + d", "return b + c + d + 1")  # same steps
+
+
+async def test_outputs_and_a_shadow_consumer_on_the_live_log(
+        kafka: str, topic_prefix: str, state_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    v1 = app(tmp_path, "v1", V1, kafka, topic_prefix)
+    worker, _ = load_app(v1)
+    config = engine_config(kafka, topic_prefix, state_dir, partitions=2,
+                           workflow={"FLOW": "flow"})
+    changed = app(tmp_path, "changed", OUTPUT_CHANGED, kafka, topic_prefix)
+    renamed = app(tmp_path, "renamed", RENAMED, kafka, topic_prefix)
+    async with running_engine(worker, config) as engine:
+        first = (await engine.env.FLOW.trigger({"n": 1}))["execution_id"]
+        await wait_for_status(engine, first, "completed")
+        # Same steps, another output: only --outputs tells.
+        assert (await ploy_cli(capsys, "replay-check", "--worker", str(changed)))[0] == 0
+        code, out, _ = await ploy_cli(capsys, "replay-check", "--worker", str(changed),
+                                      "--outputs")
+        assert code == 1
+        assert f"DIVERGED {first} (flow, completed): output: recorded 5, new code 6" in out
+
+        shadow = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "replay-check", "--follow", "--worker",
+             str(renamed)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+        try:
+            assert shadow.stdout is not None
+            assert shadow.stdout.readline().startswith("following ")
+            later = (await engine.env.FLOW.trigger({"n": 4}))["execution_id"]
+            await wait_for_status(engine, later, "completed")
+            deadline = time.monotonic() + 30
+            seen: list[str] = []
+            while not any(later in line for line in seen):  # the history and then the live log
+                assert time.monotonic() < deadline, "".join(seen)
+                seen.append(await asyncio.to_thread(shadow.stdout.readline))
+            assert any(f"DIVERGED {first} " in line for line in seen)
+            assert f"DIVERGED {later} (flow, completed) at step 2: recorded 'b', new code 'b2'" \
+                in "".join(seen)
+        finally:
+            shadow.send_signal(signal.SIGINT)
+            rest = shadow.communicate(timeout=30)[0]
+        assert shadow.returncode == 1, rest
+        assert "stopped: 2 diverged or failed" in rest
