@@ -16,6 +16,7 @@ import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from engine import Engine, ploy
+from engine.errors import OwnerUnavailableError
 from engine.http import create_app
 from engine.testing import engine_config, running_engine, unique_prefix
 from tests.integration.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS, serving
@@ -170,3 +171,22 @@ async def test_a_pause_by_someone_else_reaches_the_open_page(
             await expect(night.get_by_test_id("schedule-paused-actor")).to_have_text("local:ann")
             await api.post("/__ploy/api/schedules/nightly/resume", json={"actor": "ann"})
             await expect(night).to_have_attribute("data-paused", "false", timeout=3000)
+
+
+async def test_a_schedule_whose_owner_does_not_answer_is_shown_with_why(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine.runtime.schedules.state
+
+    async def state(name: str, **kwargs: Any) -> dict[str, Any]:
+        if name == "nightly":
+            raise OwnerUnavailableError(3, "no process answers")
+        return await real(name, **kwargs)
+
+    monkeypatch.setattr(engine.runtime.schedules, "state", state)
+    transport = httpx.ASGITransport(app=create_app(engine))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+        page = await http.get("/__ploy/schedules")
+    assert page.status_code == 200
+    assert 'data-schedule="nightly" data-paused="unknown"' in page.text
+    assert "no process answers" in page.text and 'data-testid="schedule-unavailable"' in page.text
+    assert 'data-schedule="heartbeat" data-paused="false"' in page.text  # the others still show
