@@ -220,8 +220,11 @@ class Actions:
         """``pause``, ``resume`` or ``trigger`` (now) a schedule with the operator's reason,
         by actor ``dashboard:...``; back to the schedule on the Schedules page."""
         name, verb = request.path_params["name"], request.path_params["action"]
-        if self.engine.config.schedule(name) is None or verb not in SCHEDULE_ACTIONS:
-            return self.pages.not_found(f"No schedule named {name} with an action {verb}.")
+        if self.engine.config.schedule(name) is None:
+            return self.pages.not_found(f"No schedule named {name} in ploy.yaml.")
+        if verb not in SCHEDULE_ACTIONS:
+            return self.pages.not_found(f"A schedule has no action {verb}: only "
+                                        f"{', '.join(SCHEDULE_ACTIONS)}.")
         reason = (await form_fields(request)).get("reason", "").strip() or None
         scheduler = self.engine.runtime.schedules
         notice = SCHEDULE_ACTIONS[verb]

@@ -31,7 +31,7 @@ import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from engine import asof, payloads, schedules, tracebacks
+from engine import asof, payloads, tracebacks
 from engine.actions import NOTICES, Csrf
 from engine.bindings import workflow_named
 from engine.config import ScheduleConfig
@@ -45,6 +45,7 @@ from engine.models import (
     HistoryEntry,
     loads,
 )
+from engine.schedules import origin_of
 from engine.search import LAST, Filters, Found, activity, find, summary_json
 from engine.timeline import timeline
 
@@ -240,7 +241,7 @@ class Dashboard:
     def _scheduled(self, execution: Execution) -> dict[str, Any] | None:
         """The schedule and fire time that started ``execution`` (from its idempotency
         key), if a schedule of ploy.yaml for its workflow did; None otherwise."""
-        origin = schedules.origin_of(execution.idempotency_key)
+        origin = origin_of(execution.idempotency_key)
         if origin is None:
             return None
         name, fire_at = origin

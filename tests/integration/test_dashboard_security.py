@@ -163,6 +163,9 @@ async def test_hostile_text_is_escaped_on_every_page_and_only_the_own_script_run
                                data={"csrf": token, "reason": "ok"}, headers={"Origin": ORIGIN})
         assert resumed.status_code == 303
         assert not (await engine.runtime.schedules.state("yearly"))["paused"]
+        for path in ("/__ploy/schedules/nope/pause", "/__ploy/schedules/yearly/explode"):
+            unknown = await c.post(path, data={"csrf": token}, headers={"Origin": ORIGIN})
+            assert unknown.status_code == 404, path
         history = await c.get(f"/__ploy/executions/{eid}/history.jsonl")
         assert history.headers["content-type"].startswith("application/x-ndjson")
         assert "attachment" in history.headers["content-disposition"]
