@@ -150,6 +150,7 @@ async def test_an_execution_names_the_schedule_and_fire_time_that_started_it(
         await expect(page.get_by_test_id("started-by-schedule")).to_have_text("nightly")
         fire_time = page.get_by_test_id("schedule-fire-time").locator("time")
         await expect(fire_time).to_have_attribute("data-ms", str(fired_one["fire_at"]))
+        await screenshot(page, "schedules-started-by")
         await page.get_by_test_id("started-by-schedule").click()
         await expect(page).to_have_url(f"{base}/__ploy/schedules#schedule-nightly")
         await expect(page.locator('[data-testid="schedule"][data-schedule="nightly"]')
