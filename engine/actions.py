@@ -1,5 +1,5 @@
 """What an operator does from the dashboard: cancel, trigger, rerun, send an event, complete a
-stuck step, retry a step now.
+stuck step, retry a step now; pause, resume or trigger a schedule now.
 
 Each action is a plain HTML form POSTed to the server, which answers with a
 redirect to the execution (so a reload does not repeat it) or the form again
@@ -8,9 +8,9 @@ with one addition for browsers: a form carries a CSRF token (:class:`Csrf`),
 and a request with a valid token and a valid session (an open loopback server,
 or the cookie a token login set) may write without the bearer header.
 
-Every action is recorded on the log by the event it appends (a cancel names
-its actor, ``dashboard:admin-token`` or ``dashboard:local``) and logged on
-``ploy.dashboard``.
+Every action is recorded on the log by the event it appends (a cancel, a
+schedule's pause, resume or trigger name their actor, ``dashboard:admin-token``
+or ``dashboard:local``) and logged on ``ploy.dashboard``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from engine.errors import (
     RerunError,
     UnknownExecutionError,
 )
+from engine.schedules import schedule_id
 
 if TYPE_CHECKING:
     from engine.app import Engine
@@ -57,9 +58,22 @@ NOTICES = {
     "event-unknown": ("bad", "Event not sent: no execution has that id."),
     "step-completed": ("ok", "The step is completed with your output; the execution goes on."),
     "retry-now": ("ok", "The step's backoff wait is over: its next attempt starts now."),
+    "schedule-paused": ("ok", "Paused. No fire time starts an execution until it is resumed; "
+                              "the reason and who asked are recorded on the log."),
+    "schedule-resumed": ("ok", "Resumed. It fires from its next fire time on (the fire times "
+                               "of the pause are not caught up)."),
+    "schedule-triggered": ("ok", "Triggered now: the new execution is the first one it "
+                                 "started (it counts for the overlap policy)."),
+    "schedule-refused": ("bad", "Not triggered: the schedule's input was refused, or its "
+                                "execution's partition is stalled."),
     "step-refused": ("bad", "Not done: a reason is required, the output must be JSON, and "
                             "the step must still be running (or retrying, for retry now)."),
 }
+
+
+# A schedule's form actions (the last part of their path) -> the notice each one shows.
+SCHEDULE_ACTIONS = {"pause": "schedule-paused", "resume": "schedule-resumed",
+                    "trigger": "schedule-triggered"}
 
 
 class Csrf:
@@ -201,6 +215,34 @@ class Actions:
             raise
         logger.info("event %s sent from the dashboard to %s", sent.get("id"),
                     target or "every matching waiter")
+
+    async def schedule(self, request: Request) -> Response:
+        """``pause``, ``resume`` or ``trigger`` (now) a schedule with the operator's reason,
+        by actor ``dashboard:...``; back to the schedule on the Schedules page."""
+        name, verb = request.path_params["name"], request.path_params["action"]
+        if self.engine.config.schedule(name) is None:
+            return self.pages.not_found(f"No schedule named {name} in ploy.yaml.")
+        if verb not in SCHEDULE_ACTIONS:
+            return self.pages.not_found(f"A schedule has no action {verb}: only "
+                                        f"{', '.join(SCHEDULE_ACTIONS)}.")
+        reason = (await form_fields(request)).get("reason", "").strip() or None
+        scheduler = self.engine.runtime.schedules
+        notice = SCHEDULE_ACTIONS[verb]
+        if verb == "trigger":
+            try:
+                eid = await scheduler.trigger_now(name, self.actor, reason)
+            except (InvalidInputError, PayloadTooLargeError, PartitionStalledError) as exc:
+                logger.info("schedule %s: trigger now from the dashboard refused: %s", name, exc)
+                notice = "schedule-refused"
+            else:
+                logger.info("schedule %s: triggered now from the dashboard as %s: %s", name,
+                            eid, reason)
+        else:
+            await scheduler.update(name, "paused" if verb == "pause" else "resumed",
+                                   self.actor, reason)
+            logger.info("schedule %s: %s from the dashboard: %s", name, verb, reason)
+        return RedirectResponse(f"{self.pages.base}/schedules?notice={notice}"
+                                f"#{schedule_id(name)}", 303)
 
     async def trigger_form(self, request: Request) -> Response:
         """The form generated from the binding's workflow input schema."""

@@ -5,6 +5,7 @@
 ``/executions/{id}``                           one execution: timeline, steps, history
 ``/executions/{id}/history.jsonl``             its events, to download
 ``/workflows``, ``/workers``                   workflows and their recent runs; partitions
+``/schedules``                                 schedules: state, what they started, actions
 =============================================  =========================================
 
 Server-rendered Jinja pages (``templates/`` beside this module) that refresh
@@ -33,7 +34,9 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from engine import asof, payloads, tracebacks
 from engine.actions import NOTICES, Csrf
 from engine.bindings import workflow_named
-from engine.errors import CommandError
+from engine.config import ScheduleConfig
+from engine.durations import format_duration as short_duration
+from engine.errors import CommandError, PloyError
 from engine.listing import Cursor
 from engine.models import (
     Execution,
@@ -42,6 +45,7 @@ from engine.models import (
     HistoryEntry,
     loads,
 )
+from engine.schedules import origin_of
 from engine.search import LAST, Filters, Found, activity, find, summary_json
 from engine.timeline import timeline
 
@@ -75,6 +79,7 @@ def _templates() -> jinja2.Environment:
     env.filters["iso"] = _iso
     env.filters["pretty"] = _pretty
     env.filters["compact"] = _compact
+    env.filters["short_duration"] = short_duration
     return env
 
 
@@ -199,6 +204,7 @@ class Dashboard:
             csrf=self.csrf.token(request),
             timeline=timeline(execution, now), traces=_traces(execution),
             events=[_event_row(e, origin) for e in history],
+            scheduled=self._scheduled(execution),
             live={"live": not execution.status.terminal, "refresh_ms": REFRESH_MS,
                   # Pushed: the page refreshes when the execution's partition folds an event.
                   # Only events after those on this page, so that opening it does not refresh it.
@@ -228,8 +234,22 @@ class Dashboard:
             "execution.html", ex=execution, elapsed_ms=_elapsed(execution, end), notice=None,
             csrf="", timeline=timeline(execution, end), traces=_traces(execution),
             events=[_event_row(e, origin) for e in history], as_of=at,
+            scheduled=self._scheduled(execution),
             live={"live": False, "refresh_ms": REFRESH_MS, "stream": None},
             title=f"{execution.workflow} · {execution.execution_id[:12]} as of {at}")
+
+    def _scheduled(self, execution: Execution) -> dict[str, Any] | None:
+        """The schedule and fire time that started ``execution`` (from its idempotency
+        key), if a schedule of ploy.yaml for its workflow did; None otherwise."""
+        origin = origin_of(execution.idempotency_key)
+        if origin is None:
+            return None
+        name, fire_at = origin
+        schedule = self.engine.config.schedule(name)
+        if schedule is None or self.engine.config.workflow[schedule.binding].name != (
+                execution.workflow):
+            return None  # a key of that shape that no schedule of this app made
+        return {"name": name, "fire_at": fire_at}
 
     async def history_download(self, request: Request) -> Response:
         """The execution's events as JSON lines, one history entry a line, as on the log."""
@@ -268,6 +288,36 @@ class Dashboard:
                            title="Workers and partitions", nav="Workers",
                            live={"live": True, "refresh_ms": REFRESH_MS})
 
+
+    async def schedules(self, request: Request) -> Response:
+        """Every schedule of ploy.yaml: its timing and policies, paused or not (by whom and
+        why), its last and next fire time, the executions it started and the fire times
+        it gave up; with Pause, Resume and Trigger now. Live like the Workflows page: the
+        fold's change feed carries each schedule's updates and the executions it starts."""
+        rows = await asyncio.gather(*(self._schedule_row(s)
+                                      for s in self.engine.config.schedules))
+        return self.render("schedules.html", schedules=rows, csrf=self.csrf.token(request),
+                           notice=NOTICES.get(request.query_params.get("notice", "")),
+                           title="Schedules", nav="Schedules", live=self._live_list())
+
+    async def _schedule_row(self, schedule: ScheduleConfig) -> dict[str, Any]:
+        """One schedule as its partition's owner has it (``Scheduler.state`` asks the owner
+        when that is another process); the error instead when no owner answers."""
+        try:
+            state = await self.engine.runtime.schedules.state(schedule.name)
+        except PloyError as exc:
+            return {"config": schedule, "state": None, "error": str(exc), "started": []}
+        started = await asyncio.gather(*(self._started(s) for s in reversed(state["started"])))
+        return {"config": schedule, "state": state, "error": None, "started": started}
+
+    async def _started(self, item: dict[str, Any]) -> dict[str, Any]:
+        """An execution a schedule started, with its status now (None: not known here, or
+        removed by retention)."""
+        try:
+            execution = await self.engine.get_execution(item["execution_id"])
+        except PloyError:
+            execution = None
+        return {**item, "status": None if execution is None else execution.status.value}
 
     async def events(self, request: Request) -> Response:
         """Send an event to waiting executions; what each partition did with events so far."""

@@ -261,7 +261,8 @@ class Tx:
 def apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> bool:
     """Fold one event (found at ``partition``/``offset`` as ``raw``) into ``tx``.
 
-    Returns False for an event that changes no execution (a claim, or fenced).
+    Returns False for an event that changes no execution (a claim, or fenced); a
+    schedule's update counts as a change of ``schedule-<name>``.
     Then, with a retention, remove the executions that ended long enough before
     it (``engine.retention``); an event the fold refuses removes none.
     """
@@ -279,8 +280,8 @@ def _apply(tx: Tx, event: Event, partition: int, offset: int, raw: bytes) -> boo
     if isinstance(body, RecordSkipped | SubjectErased):
         return False  # audit records (their modules read them from the log)
     if isinstance(body, ScheduleUpdated):
-        schedules.fold_update(tx, event)  # the schedule's record; no execution changes
-        return False
+        schedules.fold_update(tx, event)  # the schedule's record; no execution changes,
+        return True  # but passed on (as ``schedule-<name>``) so the change feed tells pages
     if isinstance(body, EventSent):
         waits.event_sent(tx, event, offset, raw)
         return False  # the executions it woke are in ``tx.woken``

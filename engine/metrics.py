@@ -104,8 +104,8 @@ class Metrics:
                 self._step(event, body)
 
     def schedule(self, action: str, name: str, count: int = 1) -> None:
-        """A schedule fired or gave fire times up (counted by the worker that did it:
-        the fold's ``ScheduleUpdated`` changes no execution, so it is not passed on)."""
+        """A schedule fired or gave fire times up (counted by the worker that did it,
+        once: ``observe`` counts no ``ScheduleUpdated``, which every folder sees)."""
         self.counters[f"ploy_schedule_{action}"][(("schedule", name),)] += count
 
     def _step(self, event: Event, body: StepCompleted | StepFailed) -> None:

@@ -35,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -64,7 +66,8 @@ logger = logging.getLogger("ploy.schedules")
 
 LATE_MS = 2_000  # a fire time later than this is missed: the catch-up policy decides
 MAX_WAIT_S = 1.0  # look again at least this often (an operator's pause, a new owner)
-RECENT = 10  # operator actions kept in the schedule's record (all of them are on the log)
+RECENT = 10  # actions, executions started, skips kept in the record (all are on the log)
+_NAME = re.compile(r"[A-Za-z0-9._-]+")  # as ScheduleConfig.name allows
 ACTIONS = ("registered", "paused", "resumed", "triggered", "fired", "skipped")
 
 
@@ -76,6 +79,25 @@ def schedule_id(name: str) -> str:
 def fire_key(name: str, fire_at: int) -> str:
     """The idempotency key of the execution a fire time starts."""
     return f"schedule:{name}:{iso(fire_at)}"
+
+
+def origin_of(idempotency_key: str | None) -> tuple[str, int | None] | None:
+    """The schedule and fire time (epoch ms; None for a trigger-now) named by an
+    idempotency key of :func:`fire_key` or :meth:`Scheduler.trigger_now`'s shape, so
+    that an execution can say what started it; None for any other key."""
+    prefix, _, rest = (idempotency_key or "").partition(":")
+    name, _, when = rest.partition(":")
+    if prefix != "schedule" or not _NAME.fullmatch(name) or not when:
+        return None
+    if when.startswith("now:"):
+        return name, None
+    try:
+        moment = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return name, round(moment.timestamp() * 1000)
 
 
 def spec_of(schedule: ScheduleConfig) -> str:
@@ -115,37 +137,56 @@ def fold_update(tx: Tx, event: Event) -> None:
     body = event.body
     assert isinstance(body, ScheduleUpdated)
     key = keys.schedule(body.schedule)
-    record = tx.get(key) or new_record(body.schedule)
+    # A record folded before a field existed gets it empty (its history is on the log).
+    record = {**new_record(body.schedule), **(tx.get(key) or {})}
     spec = json.loads(body.spec) if body.spec else {}
     ts = event.timestamp
     action = body.action
     if action == "registered":
         record["spec"] = spec
         record["registered_at"] = record["registered_at"] or ts
-    elif action in ("paused", "resumed"):
+    note = {"action": action, "actor": body.actor, "reason": body.reason, "at": ts}
+    if action in ("paused", "resumed"):
         record["paused"] = action == "paused"
+        record["pause"] = note if action == "paused" else None
         if action == "resumed":
             record["resumed_at"] = ts
     elif action == "fired":
         record["last_fire_at"] = max(record["last_fire_at"] or 0, spec["fire_at"])
         record["last_execution"] = spec["execution_id"]
         record["fired"] += 1
+        _keep(record, "started", {"execution_id": spec["execution_id"],
+                                  "fire_at": spec["fire_at"], "by": None, "at": ts})
     elif action == "skipped":
         record["last_fire_at"] = max(record["last_fire_at"] or 0, spec["until"])
         record["skipped"] += spec["count"]
+        _keep(record, "skips", {"count": spec["count"], "until": spec["until"],
+                                "reason": spec.get("reason"), "running": spec.get("running"),
+                                "at": ts})
     elif action == "triggered":
         record["last_execution"] = spec["execution_id"]
+        _keep(record, "started", {"execution_id": spec["execution_id"], "fire_at": None,
+                                  "by": body.actor, "at": ts})
     if action in ("paused", "resumed", "triggered", "registered"):
-        note = {"action": action, "actor": body.actor, "reason": body.reason, "at": ts}
-        record["recent"] = [*record["recent"], note][-RECENT:]
+        _keep(record, "recent", note)
     record["updated_at"] = ts
     tx.put(key, record)
 
 
+def _keep(record: Record, field: str, item: dict[str, Any]) -> None:
+    """Add ``item`` to one of the record's short lists, keeping the latest RECENT (the
+    record is read whole on every look: the log keeps all of them)."""
+    record[field] = [*record[field], item][-RECENT:]
+
+
 def new_record(name: str) -> Record:
+    """An empty record. ``recent``: operator actions; ``started``: the executions it
+    started (fired, or triggered now ``by`` an actor); ``skips``: fire times given up;
+    ``pause``: who paused it, why and when, while it is paused."""
     return {"name": name, "spec": None, "registered_at": None, "paused": False,
-            "resumed_at": None, "last_fire_at": None, "last_execution": None, "fired": 0,
-            "skipped": 0, "recent": [], "updated_at": None}
+            "pause": None, "resumed_at": None, "last_fire_at": None, "last_execution": None,
+            "fired": 0, "skipped": 0, "recent": [], "started": [], "skips": [],
+            "updated_at": None}
 
 
 def read(view: PartitionView, name: str) -> Record | None:
@@ -355,6 +396,9 @@ class Scheduler:
             "fired": record["fired"],
             "skipped": record["skipped"],
             "recent": record["recent"],
+            "pause": record.get("pause"),
+            "started": record.get("started", []),
+            "skips": record.get("skips", []),
         }
 
     async def states(self) -> list[dict[str, Any]]:

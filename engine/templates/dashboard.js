@@ -68,7 +68,9 @@
     document.querySelectorAll("[data-pan][id]").forEach(function (el) { scrolls[el.id] = el.scrollLeft; });
     document.querySelectorAll("[data-live]").forEach(function (el) {
       var fresh = doc.getElementById(el.id);
-      if (!fresh) { return; }
+      // A region where an action's form is open keeps what the operator is typing: it
+      // refreshes once the form is submitted or closed.
+      if (!fresh || el.querySelector("details[open] form")) { return; }
       fresh.querySelectorAll("details[id]").forEach(function (d) { if (open[d.id]) { d.open = true; } });
       localTimes(fresh);
       el.replaceWith(document.adoptNode(fresh));

@@ -33,6 +33,9 @@ async def engine(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncI
     config = engine_config(kafka, unique_prefix("dash-security"), tmp_path_factory.mktemp("s"),
                            workflow={"ORDER": "order", "OVERNIGHT": "overnight",
                                      "HOSTILE": "hostile"},
+                           # Yearly: it never fires during the tests, only shows and is acted on.
+                           schedules=[{"name": "yearly", "binding": "OVERNIGHT",
+                                       "cron": "0 0 1 1 *", "input": {"html": HOSTILE}}],
                            backoff={"initial_ms": 10})
     async with running_engine(worker, config) as eng:
         yield eng
@@ -78,12 +81,17 @@ async def test_a_cross_site_or_tokenless_form_post_is_refused(engine: Engine) ->
         for path in (f"/__ploy/executions/{eid}/rerun", f"/__ploy/executions/{eid}/send-event",
                      f"/__ploy/executions/{eid}/complete-step",
                      f"/__ploy/executions/{eid}/retry-now",
-                     "/__ploy/events"):  # every form route: no token, no write
+                     "/__ploy/events", "/__ploy/schedules/yearly/pause",
+                     "/__ploy/schedules/yearly/resume",
+                     "/__ploy/schedules/yearly/trigger"):  # every form route: no token, no write
             for headers in ({"Origin": ORIGIN}, {"Origin": "https://evil.example"}):
                 refused = await c.post(path, data={"type": "x"}, headers=headers)
                 assert refused.status_code == 403, (path, headers)
         assert (await engine.get_execution(eid)).status.value == "sleeping"  # type: ignore[union-attr]
         assert await engine.list_executions(workflow="order") == []
+        yearly = await engine.runtime.schedules.state("yearly")
+        assert not yearly["paused"] and yearly["started"] == []  # neither paused nor triggered
+        assert [r["action"] for r in yearly["recent"]] == ["registered"]
 
         done = await c.post(cancel, data=form, headers={"Origin": ORIGIN})
         assert done.status_code == 303
@@ -143,6 +151,21 @@ async def test_hostile_text_is_escaped_on_every_page_and_only_the_own_script_run
                              headers={"Origin": ORIGIN})
         assert again.status_code == 422
         assert_escaped(again.text, "trigger form")
+        # A schedule's input (ploy.yaml) and an operator's reason (from the API) on its page.
+        paused = await c.post("/__ploy/api/schedules/yearly/pause",
+                              json={"reason": HOSTILE, "actor": HOSTILE})
+        assert paused.status_code == 200
+        page = (await c.get("/__ploy/schedules")).text
+        assert_escaped(page, "schedules page")
+        assert page.count("&lt;img src=x onerror=") >= 4  # input, pause note, actor, action
+        token = csrf_of(page)
+        resumed = await c.post("/__ploy/schedules/yearly/resume",
+                               data={"csrf": token, "reason": "ok"}, headers={"Origin": ORIGIN})
+        assert resumed.status_code == 303
+        assert not (await engine.runtime.schedules.state("yearly"))["paused"]
+        for path in ("/__ploy/schedules/nope/pause", "/__ploy/schedules/yearly/explode"):
+            unknown = await c.post(path, data={"csrf": token}, headers={"Origin": ORIGIN})
+            assert unknown.status_code == 404, path
         history = await c.get(f"/__ploy/executions/{eid}/history.jsonl")
         assert history.headers["content-type"].startswith("application/x-ndjson")
         assert "attachment" in history.headers["content-disposition"]

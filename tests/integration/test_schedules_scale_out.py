@@ -9,6 +9,7 @@ import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from engine import keys
 from engine.schedules import schedule_id
@@ -187,5 +188,28 @@ async def test_any_worker_answers_and_pauses_a_schedule_another_one_fires(
         before = (await owner.runtime.schedules.state("tick"))["fired"]
         await asyncio.sleep(2)
         after = await owner.runtime.schedules.state("tick")
+        await dashboard_of_the_other(create_app(other))
     assert after["paused"] and after["fired"] == before
     assert after["recent"][-1]["reason"] == "quiet"
+
+
+async def dashboard_of_the_other(app: Any) -> None:
+    """The Schedules page of a process that does not own the schedule's partition reads it
+    from the owner (paused by the API above), and its Resume form acts on it there."""
+    import re
+
+    import httpx
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+        page = (await http.get("/__ploy/schedules")).text
+        assert 'data-paused="true"' in page and "quiet" in page
+        assert 'data-testid="schedule-execution"' in page  # the executions it started, linked
+        token = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+        assert token is not None
+        resumed = await http.post("/__ploy/schedules/tick/resume",
+                                  data={"csrf": token.group(1), "reason": "loud"},
+                                  headers={"Origin": "http://127.0.0.1"})
+        assert resumed.status_code == 303
+        page = (await http.get(resumed.headers["location"])).text
+        assert 'data-paused="false"' in page and "Resumed" in page
