@@ -138,3 +138,89 @@ async def test_priority_orders_the_queue(
         done = {p: await wait_for_status(engine, eid) for p, eid in ids.items()}
     order = sorted(done, key=lambda p: done[p].started_at or 0)
     assert order == [0, 5, 3, 1]
+
+
+def starts_of(histories: dict[str, Any]) -> list[int]:
+    """The WorkflowStarted times of executions, from their histories (the log)."""
+    return sorted(e.timestamp for h in histories.values() for e in h or []
+                  if e.type == "WorkflowStarted")
+
+
+def most_in_a_window(starts: list[int], period_ms: int) -> int:
+    """The most starts in any half-open interval [s, s + period_ms)."""
+    return max((sum(1 for t in starts if s <= t < s + period_ms) for s in starts), default=0)
+
+
+async def test_rate_two_per_second_per_customer(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    rate = {"limit": 2, "period_ms": 1000, "key": "input.customer_id"}
+    cfg = engine_config(kafka, topic_prefix, tmp_path / "state",
+                        workflow={"BILL": {"name": "bill", "rate": rate}})
+    async with running_engine(limited_worker(), cfg) as engine:
+        ids = [(await engine.env.BILL.trigger({"customer_id": "c1", "hold": 0.01}))[
+            "execution_id"] for _ in range(10)]
+        other = (await engine.env.BILL.trigger({"customer_id": "c2"}))["execution_id"]
+        done = [await wait_for_status(engine, eid, timeout_s=30) for eid in [*ids, other]]
+        histories = {eid: await engine.history(eid) for eid in ids}
+    assert {d.status.value for d in done} == {"completed"}
+    starts = starts_of(histories)
+    assert len(starts) == 10
+    assert most_in_a_window(starts, 1000) == 2, starts
+    assert starts[-1] - starts[0] >= 4000  # 10 starts at 2 per second: 4 s at least
+    assert_in_order([(d.started_at or 0, d.created_at) for d in done[:10]])
+    waited = [d for d in done if any(log.message.startswith(
+        "queued: rate limit 2 per 1s of input.customer_id='c1' reached") for log in d.logs)]
+    assert len(waited) >= 7  # all but the first two, unless one raced the window
+    assert done[-1].started_at is not None and done[-1].started_at < starts[-1]  # c2 apart
+
+
+def echo_worker() -> Any:
+    app = ploy()
+
+    @app.workflow("notify")
+    async def notify(ctx: Any) -> Any:
+        return await ctx.step.run("send", lambda: ctx.input)
+
+    return app.build()
+
+
+async def test_debounce_runs_the_last_trigger_once(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    debounce = {"period_ms": 500, "key": "input.customer_id"}
+    cfg = engine_config(kafka, topic_prefix, tmp_path / "state",
+                        workflow={"NOTIFY": {"name": "notify", "debounce": debounce}})
+    async with running_engine(echo_worker(), cfg) as engine:
+        warm = await engine.env.NOTIFY.trigger({"customer_id": "c0"})  # a new topic's first
+        await wait_for_status(engine, warm["execution_id"])  # append is slow: not in a burst
+        ids = [(await engine.env.NOTIFY.trigger({"customer_id": "c1", "n": n}))["execution_id"]
+               for n in range(5)]
+        done = [await wait_for_status(engine, eid) for eid in ids]
+    assert [d.status.value for d in done] == ["cancelled"] * 4 + ["completed"], [
+        (d.created_at, d.started_at, d.cancel_reason, d.logs) for d in done]
+    assert done[-1].output == {"customer_id": "c1", "n": 4}
+    assert done[-1].started_at is not None and done[-1].started_at >= done[-1].created_at + 500
+    for n, d in enumerate(done[:4]):  # each names a later one: the chain ends at the last
+        reason = d.cancel_reason or ""
+        assert reason.startswith("debounced: superseded by execution "), reason
+        assert "a later trigger of input.customer_id='c1' within 500ms" in reason, reason
+        assert reason.split()[4].rstrip(",") in ids[n + 1:], reason
+        assert d.started_at is None
+
+
+async def test_a_restart_while_rate_queued_still_starts_them(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    rate = {"limit": 1, "period_ms": 1000, "key": "input.customer_id"}
+    cfg = engine_config(kafka, topic_prefix, tmp_path / "state",
+                        workflow={"BILL": {"name": "bill", "rate": rate}})
+    async with running_engine(limited_worker(), cfg) as a:
+        ids = [(await a.env.BILL.trigger({"customer_id": "c", "hold": 0.01}))["execution_id"]
+               for _ in range(3)]
+        await wait_for_status(a, ids[0])
+    async with running_engine(limited_worker(), cfg) as b:  # the window: from the view
+        done = [await wait_for_status(b, eid, timeout_s=30) for eid in ids]
+        histories = {eid: await b.history(eid) for eid in ids}
+    assert {d.status.value for d in done} == {"completed"}
+    assert most_in_a_window(starts_of(histories), 1000) == 1, starts_of(histories)
