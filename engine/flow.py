@@ -76,7 +76,7 @@ _LATE_S = 0.002  # a wake-up comes a hair after its time: the loop may wake a ha
 
 Group = tuple[str, str]  # (workflow, key value)
 Place = tuple[float, int, str]  # a queued execution: (-priority, created_at, id), first first
-Wake = tuple[str, str, str]  # ("rate", workflow, value) or ("debounce", id, "")
+Wake = tuple[str, str, str]  # ("rate" | "tidy", workflow, value) or ("debounce", id, "")
 
 
 class Keyed(Protocol):
@@ -260,6 +260,7 @@ class FlowControl:
         queue = state.queues.get(group, [])
         queue[:] = [entry for entry in queue if entry[2] != eid]
         self._admit_later(state, group)
+        self._tidy(state, group)
 
     # -- admission ------------------------------------------------------------------
 
@@ -291,6 +292,21 @@ class FlowControl:
         if rules is not None and self._partitions.get(state.partition) is state:
             for head in self._admit_heads(state, group, rules):
                 self.start(head)
+
+    def _tidy(self, state: _Partition, group: Group) -> None:
+        """Forget a key value that nothing holds or waits on (a million customers do not
+        each keep an entry); its rate window once no start of it counts any more."""
+        if state.holding.get(group) or state.queues.get(group):
+            return
+        state.holding.pop(group, None)
+        state.queues.pop(group, None)
+        window = state.windows.get(group)
+        recent = [] if window is None else window.recent(self.clock.now())
+        if not recent:
+            state.windows.pop(group, None)
+        elif window is not None:
+            self._wake(state, ("tidy", *group), recent[-1] + window.rate.period_ms,
+                       lambda: self._tidy(state, group))
 
     def _explain_queued(self, state: _Partition, view: PartitionView,
                         record: dict[str, Any], rules: Rules, group: Group) -> None:
@@ -349,8 +365,7 @@ class FlowControl:
                 f"queued: debounced for {format_duration(debounce.period_ms)} on {key}: "
                 f"starts at {_iso(due)} unless a later trigger of it comes first"))
             return False
-        burst.remove(eid)
-        del state.burst_of[eid]
+        self._forget_trigger(state, eid)
         state.passed.add(eid)
         return True
 
@@ -374,6 +389,8 @@ class FlowControl:
         group = state.burst_of.pop(eid, None)
         if group is not None:
             state.bursts[group].remove(eid)
+            if not state.bursts[group].triggers:
+                del state.bursts[group]
 
     # -- wake-ups and the state of a claim -------------------------------------------
 

@@ -224,3 +224,37 @@ async def test_a_restart_while_rate_queued_still_starts_them(
         histories = {eid: await b.history(eid) for eid in ids}
     assert {d.status.value for d in done} == {"completed"}
     assert most_in_a_window(starts_of(histories), 1000) == 1, starts_of(histories)
+
+
+async def test_debounce_holds_across_a_restart(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    debounce = {"period_ms": 500, "key": "input.customer_id"}
+    cfg = engine_config(kafka, topic_prefix, tmp_path / "state",
+                        workflow={"NOTIFY": {"name": "notify", "debounce": debounce}})
+    async with running_engine(echo_worker(), cfg) as a:
+        warm = await a.env.NOTIFY.trigger({"customer_id": "c0"})
+        await wait_for_status(a, warm["execution_id"])
+        ids = [(await a.env.NOTIFY.trigger({"customer_id": "c1", "n": n}))["execution_id"]
+               for n in range(3)]  # stopped within the period: none has run
+    async with running_engine(echo_worker(), cfg) as b:  # the burst: from the view
+        done = [await wait_for_status(b, eid) for eid in ids]
+    assert [d.status.value for d in done] == ["cancelled"] * 2 + ["completed"]
+    assert done[-1].output == {"customer_id": "c1", "n": 2}
+
+
+async def test_rate_and_concurrency_both_hold(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    key = "input.customer_id"
+    cfg = engine_config(kafka, topic_prefix, tmp_path / "state", workflow={"BILL": {
+        "name": "bill", "concurrency": {"limit": 1, "key": key},
+        "rate": {"limit": 3, "period_ms": 1000, "key": key}}})
+    async with running_engine(limited_worker(), cfg) as engine:
+        ids = [(await engine.env.BILL.trigger({"customer_id": "c", "hold": 0.1}))[
+            "execution_id"] for _ in range(5)]
+        done = [await wait_for_status(engine, eid, timeout_s=30) for eid in ids]
+        histories = {eid: await engine.history(eid) for eid in ids}
+    assert {d.status.value for d in done} == {"completed"}
+    assert max_overlap([(d.started_at or 0, d.ended_at or 0) for d in done]) == 1
+    assert most_in_a_window(starts_of(histories), 1000) == 3, starts_of(histories)
