@@ -145,7 +145,7 @@ class _Partition:
     holding: dict[Group, set[str]] = field(default_factory=dict)  # admitted, not ended
     queues: dict[Group, list[Place]] = field(default_factory=dict)
     group_of: dict[str, Group] = field(default_factory=dict)  # queued or holding
-    explained: set[tuple[str, str]] = field(default_factory=set)  # (id, why) not yet folded
+    explained: dict[str, set[str]] = field(default_factory=dict)  # id -> why, not yet folded
     windows: dict[Group, Window] = field(default_factory=dict)
     bursts: dict[Group, Burst] = field(default_factory=dict)
     burst_of: dict[str, Group] = field(default_factory=dict)
@@ -252,10 +252,13 @@ class FlowControl:
             return
         self._forget_trigger(state, eid)
         group = state.group_of.get(eid)
-        if group is None or (queued_only and eid in state.holding.get(group, ())):
+        if group is None:
+            state.explained.pop(eid, None)  # a debounced one that never queued
+            return
+        if queued_only and eid in state.holding.get(group, ()):
             return
         del state.group_of[eid]
-        state.explained = {(e, why) for e, why in state.explained if e != eid}
+        state.explained.pop(eid, None)
         state.holding.get(group, set()).discard(eid)
         queue = state.queues.get(group, [])
         queue[:] = [entry for entry in queue if entry[2] != eid]
@@ -313,7 +316,7 @@ class FlowControl:
         """Say once (per reason) why a queued execution waits: a full concurrency limit,
         else the rate window."""
         holding, queue = state.holding.get(group, set()), state.queues.get(group, [])
-        key = f"{rules.key}={group[1]!r}" if rules.key else f"workflow '{group[0]}'"
+        key = _which(rules.key, group)
         if rules.slots is not None and len(holding) >= rules.slots:
             self._explain(state, view, record, WHY_POSITION, (
                 f"queued: concurrency limit {rules.slots} of {key} reached "
@@ -331,8 +334,9 @@ class FlowControl:
     def _explain(self, state: _Partition, view: PartitionView, record: dict[str, Any],
                  position: str, text: str) -> None:
         eid = record["id"]
-        if (eid, position) not in state.explained and position not in _logged(view, record):
-            state.explained.add((eid, position))
+        told = state.explained.setdefault(eid, set())
+        if position not in told and position not in _logged(view, record):
+            told.add(position)
             self.explain(eid, record["workflow"], text, position)
 
     # -- debounce ---------------------------------------------------------------------
@@ -360,9 +364,9 @@ class FlowControl:
         due = burst.due_at(eid)
         if self.clock.now() < due:
             self._wake(state, ("debounce", eid, ""), due, lambda: self.start(eid))
-            key = f"{debounce.key}={group[1]!r}" if debounce.key else f"workflow '{group[0]}'"
             self._explain(state, view, record, DEBOUNCE_POSITION, (
-                f"queued: debounced for {format_duration(debounce.period_ms)} on {key}: "
+                f"queued: debounced for {format_duration(debounce.period_ms)} on "
+                f"{_which(debounce.key, group)}: "
                 f"starts at {_iso(due)} unless a later trigger of it comes first"))
             return False
         self._forget_trigger(state, eid)
@@ -374,10 +378,9 @@ class FlowControl:
             del state.burst_of[it.id]
             state.superseded.add(it.id)
             self._cancel_wake(state, ("debounce", it.id, ""))
-            key = (f"{burst.debounce.key}={group[1]!r}" if burst.debounce.key
-                   else f"workflow '{group[0]}'")
             self.supersede(it.id, (
-                f"debounced: superseded by execution {later.id}, a later trigger of {key} "
+                f"debounced: superseded by execution {later.id}, a later trigger of "
+                f"{_which(burst.debounce.key, group)} "
                 f"within {format_duration(burst.debounce.period_ms)} (the last trigger "
                 "of a burst runs, with its input)"))
 
@@ -472,6 +475,11 @@ def _trigger(view: PartitionView, record: dict[str, Any]) -> Trigger | None:
     first = next(iter(view.history(record["id"])), None)
     return None if first is None else Trigger(first[0], record["id"],
                                               int(record["created_at"]))
+
+
+def _which(key: str | None, group: Group) -> str:
+    """The key value for people: ``input.customer_id='c1'`` (or the whole workflow)."""
+    return f"{key}={group[1]!r}" if key else f"workflow '{group[0]}'"
 
 
 def _iso(ms: int) -> str:
