@@ -1,4 +1,5 @@
-"""Concurrency limits per key: never more than the limit running, queued in order, all done."""
+"""Flow control per key on the embedded broker: concurrency limits (never more than the
+limit running, queued in order, all done), rate limits and debounce."""
 
 from __future__ import annotations
 
@@ -200,6 +201,8 @@ async def test_debounce_runs_the_last_trigger_once(
     assert [d.status.value for d in done] == ["cancelled"] * 4 + ["completed"], [
         (d.created_at, d.started_at, d.cancel_reason, d.logs) for d in done]
     assert done[-1].output == {"customer_id": "c1", "n": 4}
+    assert [log.message.split(": starts at")[0] for log in done[-1].logs] == [
+        "queued: debounced for 500ms on input.customer_id='c1'"]  # why it waited, once
     assert done[-1].started_at is not None and done[-1].started_at >= done[-1].created_at + 500
     for n, d in enumerate(done[:4]):  # each names a later one: the chain ends at the last
         reason = d.cancel_reason or ""
@@ -219,6 +222,8 @@ async def test_a_restart_while_rate_queued_still_starts_them(
         ids = [(await a.env.BILL.trigger({"customer_id": "c", "hold": 0.01}))["execution_id"]
                for _ in range(3)]
         await wait_for_status(a, ids[0])
+        queued = [await a.runtime.get_execution(eid) for eid in ids[1:]]
+        assert [q and q.status.value for q in queued] == ["queued", "queued"]
     async with running_engine(limited_worker(), cfg) as b:  # the window: from the view
         done = [await wait_for_status(b, eid, timeout_s=30) for eid in ids]
         histories = {eid: await b.history(eid) for eid in ids}
