@@ -151,10 +151,11 @@ class _Partition:
     burst_of: dict[str, Group] = field(default_factory=dict)
     passed: set[str] = field(default_factory=set)  # debounced, its period over: queued
     superseded: set[str] = field(default_factory=set)  # cancelled, not yet folded
-    wakes: dict[Wake, asyncio.TimerHandle] = field(default_factory=dict)
+    wakes: dict[Wake, tuple[asyncio.TimerHandle, Callable[[], None]]] = field(
+        default_factory=dict)
 
     def close(self) -> None:
-        for handle in self.wakes.values():
+        for handle, _ in self.wakes.values():
             handle.cancel()
         self.wakes.clear()
 
@@ -178,6 +179,16 @@ class FlowControl:
         self.clock = clock or Clock()
         self._partitions: dict[int, _Partition] = {}
         self._rules: dict[str, Rules | None] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unsubscribe: Callable[[], None] | None = None
+
+    def stop(self) -> None:
+        """Cancel every wake-up (the runtime stops; a new claim schedules them again)."""
+        for state in self._partitions.values():
+            state.close()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe, self._loop = None, None
 
     def rules_of(self, workflow: str) -> Rules | None:
         """The workflow's flow controls (looked up once: every start asks)."""
@@ -402,20 +413,42 @@ class FlowControl:
         of ``name``: a new one replaces it). In memory only: after a restart, step 2
         schedules it again."""
         def fire() -> None:
-            if state.wakes.get(name) is handle:
+            if state.wakes.get(name, (None,))[0] is handle:
                 del state.wakes[name]
                 then()
 
         self._cancel_wake(state, name)
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a clock moved ahead by command (ManualClock) wakes all
+            self._subscribe(loop)
         delay = max(at - self.clock.now(), 0) / 1000 + _LATE_S
-        handle = asyncio.get_running_loop().call_later(delay, fire)
-        state.wakes[name] = handle
+        handle = loop.call_later(delay, fire)
+        state.wakes[name] = (handle, then)
+
+    def _subscribe(self, loop: asyncio.AbstractEventLoop) -> None:
+        def advanced() -> None:  # on any thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(self._clock_advanced)
+
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self._loop = loop
+        self._unsubscribe = self.clock.on_advance(advanced)
+
+    def _clock_advanced(self) -> None:
+        """Look at every wake-up now: each checks again and waits on if it is early."""
+        for state in list(self._partitions.values()):
+            for name, (handle, then) in list(state.wakes.items()):
+                if state.wakes.get(name, (None,))[0] is handle:
+                    handle.cancel()
+                    del state.wakes[name]
+                    then()
 
     @staticmethod
     def _cancel_wake(state: _Partition, name: Wake) -> None:
-        handle = state.wakes.pop(name, None)
-        if handle is not None:
-            handle.cancel()
+        entry = state.wakes.pop(name, None)
+        if entry is not None:
+            entry[0].cancel()
 
     def _hold(self, state: _Partition, group: Group, eid: str) -> None:
         state.holding.setdefault(group, set()).add(eid)

@@ -288,6 +288,7 @@ class Runtime(Queries):
         self.ownership.stopping = True
         await self.schedules.stop()
         await self.timers.stop()
+        self.flow.stop()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from engine import ploy
+from engine import ManualClock, ploy
 from engine.flow import WHY_POSITION
 from engine.testing import engine_config, running_engine, wait_for_status
 
@@ -263,3 +263,32 @@ async def test_rate_and_concurrency_both_hold(
     assert {d.status.value for d in done} == {"completed"}
     assert max_overlap([(d.started_at or 0, d.ended_at or 0) for d in done]) == 1
     assert most_in_a_window(starts_of(histories), 1000) == 3, starts_of(histories)
+
+
+async def test_an_hour_of_debounce_and_rate_under_a_manual_clock(
+    kafka: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    clock = ManualClock()
+    cfg = engine_config(kafka, topic_prefix, tmp_path / "state", workflow={
+        "NOTIFY": {"name": "notify", "debounce": {"period_ms": 3_600_000}},
+        "BILL": {"name": "bill", "rate": {"limit": 1, "period_ms": 3_600_000}}})
+    app = ploy()
+
+    @app.workflow("notify")
+    async def notify(ctx: Any) -> Any:
+        return ctx.input
+
+    @app.workflow("bill")
+    async def bill(ctx: Any) -> Any:
+        return ctx.input
+
+    async with running_engine(app.build(), cfg, clock=clock) as engine:
+        notify = [(await engine.env.NOTIFY.trigger({"n": n}))["execution_id"] for n in range(2)]
+        bills = [(await engine.env.BILL.trigger({}))["execution_id"] for _ in range(2)]
+        await wait_for_status(engine, bills[0])
+        await asyncio.sleep(0.3)
+        assert (await wait_for_status(engine, bills[1], "queued")).status.value == "queued"
+        assert (await wait_for_status(engine, notify[1], "queued")).status.value == "queued"
+        clock.advance(3_600_000)  # wakes the waiting flow controls at once
+        done = [await wait_for_status(engine, eid, timeout_s=10) for eid in [*notify, *bills]]
+    assert [d.status.value for d in done] == ["cancelled", "completed", "completed", "completed"]
