@@ -244,6 +244,25 @@ class FlowControl:
         self._explain_queued(state, view, record, rules, group)
         return False
 
+    def triggered(self, partition: int, epoch: int, view: PartitionView, offset: int,
+                  eid: str) -> None:
+        """The fold applied ``eid``'s trigger at ``offset`` (on a partition this process
+        owns): a debounced one joins its burst now, in log order, so the trigger it
+        supersedes is the one right before it even if that one's start was deferred."""
+        record = view.record(eid)
+        rules = None if record is None else self.rules_of(record["workflow"])
+        if record is None or rules is None or rules.debounce is None or (
+                record["status"] != QUEUED):
+            return
+        state = self._state(partition, epoch, view)
+        if eid in state.burst_of or eid in state.group_of or eid in state.superseded:
+            return
+        group = (record["workflow"], key_value(rules, record["input"]))
+        burst = state.bursts.setdefault(group, Burst(rules.debounce))
+        burst.add(Trigger(offset, eid, int(record["created_at"])))
+        state.burst_of[eid] = group
+        self._supersede_earlier(state, burst, group)
+
     def started(self, partition: int, eid: str, at: int) -> None:
         """The fold applied ``eid``'s ``WorkflowStarted`` at ``at``: its time in the
         rate window is the one on the log from now on."""

@@ -324,6 +324,9 @@ class Runtime(Queries):
                                   queued_only=isinstance(body, CancelRequested))
             if isinstance(body, WorkflowStarted):
                 self.flow.started(partition, event.execution_id, event.timestamp)  # rates
+            elif isinstance(body, WorkflowTriggered) and partition in self.owned:
+                self.flow.triggered(partition, self.ownership.epoch_of(partition),
+                                    self.views[partition], offset, event.execution_id)
             if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
                 self._started_on_ack.discard(event.execution_id)  # trigger() started it
             elif isinstance(body, TimerFired) and (event.execution_id, body.sleep) in (
