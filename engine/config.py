@@ -52,6 +52,9 @@ _YAML_NAME = {
 _NOT_IN_YAML = ("path", "root")
 
 
+_INPUT_PATH = r"^input(\.[A-Za-z0-9_-]+)+$"  # a dotted path into the trigger's input
+
+
 class Concurrency(BaseModel):
     """``concurrency:`` of a workflow: at most ``limit`` executions hold a slot at once per
     value of ``key`` (a dotted path into the trigger, ``input.customer_id``; none: one
@@ -59,12 +62,9 @@ class Concurrency(BaseModel):
 
     model_config = _MODEL
     limit: int = Field(ge=1)
-    key: str | None = Field(default=None, pattern=r"^input(\.[A-Za-z0-9_-]+)+$")
+    key: str | None = Field(default=None, pattern=_INPUT_PATH)
     # A number in the input: among the queued, higher first (default 0), then trigger order.
-    priority: str | None = Field(default=None, pattern=r"^input(\.[A-Za-z0-9_-]+)+$")
-
-
-_INPUT_PATH = r"^input(\.[A-Za-z0-9_-]+)+$"  # a dotted path into the trigger's input
+    priority: str | None = Field(default=None, pattern=_INPUT_PATH)
 
 
 class Rate(BaseModel):
@@ -444,14 +444,14 @@ class Config(BaseModel):
         alone, and keeps one queue per key value (ConfigError with the line)."""
         for binding, target in self.workflow.items():
             keys = target.flow_keys()
-            if len(set(keys.values())) > 1:
-                first, *others = keys
-                for other in others:
-                    if keys[other] != keys[first]:
-                        raise self._error(f"workflow.{binding}.{other}.key", (
-                            f"must be the key of {first} ({keys[first] or 'none'}), got "
-                            f"{keys[other] or 'none'}: every execution of one key value "
-                            "is placed on one partition"))
+            names = list(keys)
+            for other in names[1:]:
+                first = names[0]
+                if keys[other] != keys[first]:
+                    raise self._error(f"workflow.{binding}.{other}.key", (
+                        f"must be the key of {first} ({keys[first] or 'none'}), got "
+                        f"{keys[other] or 'none'}: every execution of one key value is "
+                        "placed on one partition"))
             rate, limit = target.rate, target.concurrency
             if (rate is not None and limit is not None and rate.priority is not None
                     and limit.priority is not None and rate.priority != limit.priority):

@@ -490,7 +490,8 @@ class Runtime(Queries):
     def _supersede(self, eid: str, reason: str) -> None:
         """End a debounced execution a later trigger superseded (engine.debounce)."""
         record = self.views[self.log.partition_for(eid)].record(eid)
-        if record is not None and record["status"] == ExecutionStatus.QUEUED.value:
+        if (record is not None and record["status"] == ExecutionStatus.QUEUED.value
+                and not self.stopping):  # else the next owner decides it again
             user_log.info("[%s %s] cancelled: %s", record["workflow"], eid, reason,
                           extra={"ended_execution": eid})
             self._spawn(self._record_end(record, WorkflowCancelled(reason)), f"ploy-end-{eid}")
