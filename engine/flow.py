@@ -102,6 +102,7 @@ class Rules:
 
     @classmethod
     def of(cls, binding: WorkflowBinding) -> Rules | None:
+        """The rules of a binding, or None when it sets no flow control (nothing waits)."""
         limit, rate, debounce = binding.concurrency, binding.rate, binding.debounce
         if limit is None and rate is None and debounce is None:
             return None
