@@ -47,8 +47,12 @@ _YAML_NAME = {
     "timeout_s": "timeout",
     "retention_ms": "retention",
     "every_ms": "every",
+    "period_ms": "period",
 }
 _NOT_IN_YAML = ("path", "root")
+
+
+_INPUT_PATH = r"^input(\.[A-Za-z0-9_-]+)+$"  # a dotted path into the trigger's input
 
 
 class Concurrency(BaseModel):
@@ -58,9 +62,32 @@ class Concurrency(BaseModel):
 
     model_config = _MODEL
     limit: int = Field(ge=1)
-    key: str | None = Field(default=None, pattern=r"^input(\.[A-Za-z0-9_-]+)+$")
+    key: str | None = Field(default=None, pattern=_INPUT_PATH)
     # A number in the input: among the queued, higher first (default 0), then trigger order.
-    priority: str | None = Field(default=None, pattern=r"^input(\.[A-Za-z0-9_-]+)+$")
+    priority: str | None = Field(default=None, pattern=_INPUT_PATH)
+
+
+class Rate(BaseModel):
+    """``rate:`` of a workflow: at most ``limit`` executions per value of ``key`` start in
+    any ``period_ms``-long window (a sliding window); the others stay queued, in order
+    (``engine.ratelimit``)."""
+
+    model_config = _MODEL
+    limit: int = Field(ge=1)
+    period_ms: int = Field(ge=1)
+    key: str | None = Field(default=None, pattern=_INPUT_PATH)
+    # As concurrency's: among the queued, a higher number first (default 0).
+    priority: str | None = Field(default=None, pattern=_INPUT_PATH)
+
+
+class Debounce(BaseModel):
+    """``debounce:`` of a workflow: a trigger waits ``period_ms`` for a later trigger of the
+    same ``key`` value; the last one of a burst runs, the earlier ones end cancelled
+    (``engine.debounce``)."""
+
+    model_config = _MODEL
+    period_ms: int = Field(ge=1)
+    key: str | None = Field(default=None, pattern=_INPUT_PATH)
 
 
 class WorkflowBinding(BaseModel):
@@ -71,6 +98,15 @@ class WorkflowBinding(BaseModel):
     retries: int | None = Field(default=None, ge=0)
     version: str | None = Field(default=None, min_length=1, max_length=200)
     concurrency: Concurrency | None = None
+    rate: Rate | None = None
+    debounce: Debounce | None = None
+
+    def flow_keys(self) -> dict[str, str | None]:
+        """The ``key`` of each flow control set on it (``concurrency``, ``rate``,
+        ``debounce``), which must agree: all of one key value go to one partition."""
+        return {name: control.key for name, control in (
+            ("concurrency", self.concurrency), ("rate", self.rate),
+            ("debounce", self.debounce)) if control is not None}
 
 
 class Backoff(BaseModel):
@@ -399,6 +435,29 @@ class Config(BaseModel):
             if f"{sink.kind}:{target}" in seen:
                 raise self._error(f"sinks.{i}", f"a second {sink.kind} sink to {target}")
             seen.add(f"{sink.kind}:{target}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_flow(self) -> Config:
+        """The flow controls of one binding share their key and priority: ``engine.flow``
+        places every execution of one key value on one partition, whose owner decides
+        alone, and keeps one queue per key value (ConfigError with the line)."""
+        for binding, target in self.workflow.items():
+            keys = target.flow_keys()
+            names = list(keys)
+            for other in names[1:]:
+                first = names[0]
+                if keys[other] != keys[first]:
+                    raise self._error(f"workflow.{binding}.{other}.key", (
+                        f"must be the key of {first} ({keys[first] or 'none'}), got "
+                        f"{keys[other] or 'none'}: every execution of one key value is "
+                        "placed on one partition"))
+            rate, limit = target.rate, target.concurrency
+            if (rate is not None and limit is not None and rate.priority is not None
+                    and limit.priority is not None and rate.priority != limit.priority):
+                raise self._error(f"workflow.{binding}.rate.priority", (
+                    f"must be the priority of concurrency ({limit.priority}): "
+                    "the queued executions of a key value wait in one queue"))
         return self
 
     @model_validator(mode="after")
@@ -792,7 +851,11 @@ class _Doc:
                            "'version')")
                 raise self.error(key, problem)
             bindings[binding] = self._mapping(target, key, WorkflowBinding)
-            if "concurrency" in bindings[binding]:
-                bindings[binding]["concurrency"] = self._mapping(
-                    bindings[binding]["concurrency"], f"{key}.concurrency", Concurrency)
+            for name, model in (("concurrency", Concurrency), ("rate", Rate),
+                                ("debounce", Debounce)):
+                if name in bindings[binding]:
+                    section = bindings[binding][name] = self._mapping(
+                        bindings[binding][name], f"{key}.{name}", model)
+                    self._duration({f"{key}.{name}": section}, f"{key}.{name}", "period",
+                                   "period_ms", 1)
         return bindings

@@ -68,6 +68,7 @@ from engine.events import (
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowLog,
+    WorkflowStarted,
     WorkflowTriggered,
     claim_id,
 )
@@ -78,7 +79,7 @@ from engine.execution import (
     check_event_type,
     to_json,
 )
-from engine.flow import WHY_POSITION, FlowControl
+from engine.flow import FlowControl
 from engine.fold import new_execution
 from engine.log import EventLog
 from engine.metrics import Metrics
@@ -132,7 +133,8 @@ class Runtime(Queries):
         self.schedules = Scheduler(self)
         self.metrics = Metrics()
         self.tracing = Tracing(config.otel)
-        self.flow = FlowControl(config, log.partition_for, self._maybe_start, self._explain_wait)
+        self.flow = FlowControl(config, log.partition_for, self._maybe_start, self._explain_wait,
+                                supersede=self._supersede, clock=self.clock)
         self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
         self._tasks: set[asyncio.Task[None]] = set()
         # Who waits on an execution's events (a result, a stream): fed by the fold.
@@ -286,6 +288,7 @@ class Runtime(Queries):
         self.ownership.stopping = True
         await self.schedules.stop()
         await self.timers.stop()
+        self.flow.stop()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:
@@ -319,6 +322,11 @@ class Runtime(Queries):
                           | CancelRequested):
                 self.flow.release(partition, event.execution_id,
                                   queued_only=isinstance(body, CancelRequested))
+            if isinstance(body, WorkflowStarted):
+                self.flow.started(partition, event.execution_id, event.timestamp)  # rates
+            elif isinstance(body, WorkflowTriggered) and partition in self.owned:
+                self.flow.triggered(partition, self.ownership.epoch_of(partition),
+                                    self.views[partition], offset, event.execution_id)
             if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
                 self._started_on_ack.discard(event.execution_id)  # trigger() started it
             elif isinstance(body, TimerFired) and (event.execution_id, body.sleep) in (
@@ -421,7 +429,7 @@ class Runtime(Queries):
             self._fail_unknown(record)
             return
         if not self.flow.admit(partition, self.ownership.epoch_of(partition), view, record):
-            return  # queued behind a concurrency limit (engine.flow): started on a release
+            return  # queued behind a flow control (engine.flow): started on a release/wake
         self._run_recorded(view, record, workflow, view.steps(eid))
 
     def _run_recorded(self, view: PartitionView, record: dict[str, Any], workflow: WorkflowDef,
@@ -473,11 +481,20 @@ class Runtime(Queries):
                 self._resume_after.discard(runner.id)
                 self._maybe_start(runner.id)
 
-    def _explain_wait(self, eid: str, workflow: str, text: str) -> None:
+    def _explain_wait(self, eid: str, workflow: str, text: str, position: str) -> None:
         """Record on a queued execution why it waits (engine.flow), as a log line."""
         self.log.append_nowait(Event(eid, workflow, self.clock.now(),
-                                     WorkflowLog("info", text, None, WHY_POSITION),
+                                     WorkflowLog("info", text, None, position),
                                      epoch=self.epoch_of(eid)))
+
+    def _supersede(self, eid: str, reason: str) -> None:
+        """End a debounced execution a later trigger superseded (engine.debounce)."""
+        record = self.views[self.log.partition_for(eid)].record(eid)
+        if (record is not None and record["status"] == ExecutionStatus.QUEUED.value
+                and not self.stopping):  # else the next owner decides it again
+            user_log.info("[%s %s] cancelled: %s", record["workflow"], eid, reason,
+                          extra={"ended_execution": eid})
+            self._spawn(self._record_end(record, WorkflowCancelled(reason)), f"ploy-end-{eid}")
 
     def _fail_unknown(self, record: dict[str, Any]) -> None:
         error = UnknownWorkflowError(record["workflow"], list(self.worker.workflows))

@@ -255,6 +255,13 @@ class PartitionView:
         """Ids of every execution that has not finished."""
         return [k[len(keys.ACTIVE):].decode() for k, _ in self._scan(keys.ACTIVE)]
 
+    def ended_since(self, since: int) -> list[str]:
+        """Ids of the executions that ended at or after ``since``, oldest end first (a
+        bounded scan of the index of ended executions): with the unfinished ones, every
+        execution that may have started since then (``engine.flow``'s rate windows)."""
+        start = keys.ENDED + keys.u64(max(since, 0))
+        return [key[len(keys.ENDED) + 8:].decode() for key, _ in self._scan(keys.ENDED, start)]
+
     def due_timers(self, now: int, limit: int = 10_000) -> list[tuple[int, str, str]]:
         """(wake_at, execution id, sleep key) of timers due at ``now``, oldest first."""
         due: list[tuple[int, str, str]] = []
