@@ -90,3 +90,41 @@ async def test_off_by_default_the_request_traceparent_is_still_recorded(
         history = await engine.history(answer.json()["execution_id"])
     recorded = next(e for e in history or [] if e.type == "WorkflowTriggered")
     assert recorded.body["trace_parent"] == f"00-{TRACE}-{PARENT}-01"
+
+
+async def test_one_trace_across_a_worker_restart(kafka: str, topic_prefix: str,
+                                                 tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = ploy()
+
+    @app.workflow("slow")
+    async def slow(ctx: Any) -> Any:
+        await ctx.step.run("before", lambda: 1)
+        await ctx.step.sleep("1500ms")
+        return await ctx.step.run("after", lambda: 2)
+
+    worker = app.build()
+    cfg = engine_config(kafka, topic_prefix, tmp_path / "state", workflow={"S": "slow"},
+                        otel=True)
+    async with running_engine(worker, cfg) as engine:  # the first worker: trigger, step 1
+        engine.runtime.tracing = Tracing(True, provider)
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            answer = await http.post("/__ploy/api/trigger/S", json={"input": {}},
+                                     headers={"traceparent": f"00-{TRACE}-{PARENT}-01"})
+        eid = answer.json()["execution_id"]
+        await wait_for_status(engine, eid, "sleeping")
+    async with running_engine(worker, cfg) as engine:  # restarted: the sleep ends, step 2
+        engine.runtime.tracing = Tracing(True, provider)
+        done = await wait_for_status(engine, eid)
+    assert done.status.value == "completed"
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in spans) == ["ploy.sleep sleep#1", "ploy.step after",
+                                             "ploy.step before", "ploy.trigger slow"]
+    trigger = next(s for s in spans if s.name == "ploy.trigger slow")
+    for span in spans:
+        assert f"{span.context.trace_id:032x}" == TRACE
+        if span is not trigger:
+            assert span.parent is not None and span.parent.span_id == trigger.context.span_id
