@@ -33,6 +33,7 @@ from engine.errors import (
     PartitionStalledError,
     PayloadTooLargeError,
     RerunError,
+    SubjectErasedError,
     UnknownExecutionError,
 )
 from engine.schedules import schedule_id
@@ -184,7 +185,7 @@ class Actions:
                                            reason=form.get("reason", ""), actor=self.actor)
         except UnknownExecutionError:
             return self.pages.not_found(f"No execution with id {eid}.")
-        except (ValueError, TypeError, PayloadTooLargeError) as exc:
+        except (ValueError, TypeError, PayloadTooLargeError, SubjectErasedError) as exc:
             logger.info("execution %s: %s of step %s refused: %s", eid, action, step, exc)
             return RedirectResponse(execution_url(self.pages.base, eid, "step-refused"), 303)
         logger.info("execution %s: %s of step %s from the dashboard", eid, action, step)

@@ -482,7 +482,7 @@ class ExecutionRunner:
                 await self._wait_until(retry_at, key)  # durable: a restart keeps it
         while True:
             if key in self._operator_outputs:
-                return json.loads(self._operator_outputs[key])
+                return json.loads(self._open(self._operator_outputs[key]))
             started_at = self.runtime.clock.now()
             self._append_nowait(StepStarted(key, attempt, input_json))
             token = _IN_STEP.set((self, key, attempt))
@@ -492,7 +492,7 @@ class ExecutionRunner:
                 self._check_size(f"the result of step '{key}'", output)
             except _OperatorCompleted as done:  # the fold has it: nothing to append
                 _IN_STEP.reset(token)
-                return json.loads(done.output)
+                return json.loads(self._open(done.output))
             except Exception as exc:
                 _IN_STEP.reset(token)
                 final = attempt > limit or isinstance(
@@ -636,12 +636,12 @@ class ExecutionRunner:
         wait = self.waits.get(key)
         if wait is not None:
             return child_result(key, wait, self._open)
-        child_id = self.runtime.child_id(self.id, key)
+        child = [self.runtime.child_id(self.id, key)]
 
         async def start_child() -> None:
             try:
-                await self.runtime.trigger_child(target.workflow, input, child_id, self.id, key,
-                                                 self.subject)
+                child[0] = await self.runtime.trigger_child(
+                    target.workflow, input, child[0], self.id, key, self.subject)
             except AppendError as exc:
                 raise LogUnavailable(str(exc), exc.permanent) from exc
             except PartitionStalledError as exc:  # until an operator skips its corrupt record
@@ -649,15 +649,15 @@ class ExecutionRunner:
 
         # The child first: a crash before the wait is recorded replays to here, and the
         # second trigger of the same id changes nothing.
-        await self._open_wait(WaitStarted(
-            key, CHILD_ENDED, to_json({"execution_id": child_id}, "match"),
-            self.record["created_at"], self._deadline(timeout_ms), child_id, cancel_with_parent),
+        await self._open_wait(lambda: WaitStarted(
+            key, CHILD_ENDED, to_json({"execution_id": child[0]}, "match"),
+            self.record["created_at"], self._deadline(timeout_ms), child[0], cancel_with_parent),
             start_child)
 
     def _deadline(self, timeout_ms: int | None) -> int | None:
         return None if timeout_ms is None else self.runtime.clock.now() + timeout_ms
 
-    async def _open_wait(self, body: WaitStarted,
+    async def _open_wait(self, body: WaitStarted | Callable[[], WaitStarted],
                          first: Callable[[], Awaitable[None]] | None = None) -> NoReturn:
         """Record the wait (after ``first``: starting a child) and suspend: the fold
         delivers its event (or its timer fires)."""
@@ -665,7 +665,7 @@ class ExecutionRunner:
         try:
             if first is not None:
                 await first()
-            await self._append(body)
+            await self._append(body if isinstance(body, WaitStarted) else body())
         finally:
             self._opening -= 1
             self._opened.set()

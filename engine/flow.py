@@ -55,6 +55,7 @@ from engine.clock import Clock
 from engine.config import Config, Debounce, Rate, WorkflowBinding
 from engine.debounce import Burst, Trigger
 from engine.durations import format_duration
+from engine.erasure import KeyStore, Opener
 from engine.models import ExecutionStatus
 from engine.ratelimit import Window
 
@@ -117,7 +118,10 @@ def key_value(limit: Keyed, input_json: str) -> str:
     missing: such executions share one group)."""
     if limit.key is None:
         return ""
-    value: Any = json.loads(input_json)
+    try:
+        value: Any = json.loads(input_json)
+    except ValueError:  # a sealed input whose subject was erased: one group
+        return ""
     for part in limit.key.split(".")[1:]:
         if not isinstance(value, dict) or part not in value:
             return ""
@@ -125,11 +129,15 @@ def key_value(limit: Keyed, input_json: str) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
-def place(limit: Keyed, record: dict[str, Any]) -> Place:
-    """Where a queued execution stands: higher ``priority`` first, then trigger order."""
+def place(limit: Keyed, record: dict[str, Any], input_json: str) -> Place:
+    """Where a queued execution stands: higher ``priority`` first, then trigger order
+    (``input_json``: its input, opened if sealed)."""
     priority = 0.0
     if limit.priority is not None:
-        value: Any = json.loads(record["input"])
+        try:
+            value: Any = json.loads(input_json)
+        except ValueError:  # erased
+            value = None
         for part in limit.priority.split(".")[1:]:
             value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -168,7 +176,7 @@ class FlowControl:
                  start: Callable[[str], None],
                  explain: Callable[[str, str, str, str], None], *,
                  supersede: Callable[[str, str], None] | None = None,
-                 clock: Clock | None = None):
+                 clock: Clock | None = None, keys: KeyStore | None = None):
         """``start(eid)`` starts an admitted execution; ``explain(eid, workflow, text,
         position)`` records why a queued one waits; ``supersede(eid, reason)`` ends a
         debounced one that a later trigger replaced."""
@@ -178,6 +186,7 @@ class FlowControl:
         self.explain = explain
         self.supersede = supersede or (lambda eid, reason: None)
         self.clock = clock or Clock()
+        self.keys = keys  # opens a data subject's sealed input (engine.erasure)
         self._partitions: dict[int, _Partition] = {}
         self._rules: dict[str, Rules | None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -190,6 +199,10 @@ class FlowControl:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe, self._loop = None, None
+
+    def _input(self, record: dict[str, Any]) -> str:
+        """The input's JSON, opened if a subject's key sealed it ("[erased]" if erased)."""
+        return Opener(self.keys, record["id"]).text(record["input"])
 
     def rules_of(self, workflow: str) -> Rules | None:
         """The workflow's flow controls (looked up once: every start asks)."""
@@ -222,7 +235,7 @@ class FlowControl:
         state = self._state(partition, epoch, view)
         eid = record["id"]
         group = state.group_of.get(eid) or (record["workflow"],
-                                           key_value(rules, record["input"]))
+                                           key_value(rules, self._input(record)))
         holding = state.holding.setdefault(group, set())
         if eid in holding:
             return True
@@ -234,7 +247,7 @@ class FlowControl:
             return False
         queue = state.queues.setdefault(group, [])
         if eid not in state.group_of:
-            bisect.insort(queue, place(rules, record))
+            bisect.insort(queue, place(rules, record, self._input(record)))
             state.group_of[eid] = group
         admitted = self._admit_heads(state, group, rules)
         for other in admitted:
@@ -258,7 +271,7 @@ class FlowControl:
         state = self._state(partition, epoch, view)
         if eid in state.burst_of or eid in state.group_of or eid in state.superseded:
             return
-        group = (record["workflow"], key_value(rules, record["input"]))
+        group = (record["workflow"], key_value(rules, self._input(record)))
         burst = state.bursts.setdefault(group, Burst(rules.debounce))
         burst.add(Trigger(offset, eid, int(record["created_at"])))
         state.burst_of[eid] = group
@@ -488,7 +501,7 @@ class FlowControl:
             rules = None if record is None else self.rules_of(record["workflow"])
             if record is None or rules is None:
                 continue
-            group = (record["workflow"], key_value(rules, record["input"]))
+            group = (record["workflow"], key_value(rules, self._input(record)))
             if record["status"] in HOLDING:
                 self._hold(state, group, eid)
                 self._count_start(state, rules, group, record)
@@ -498,7 +511,8 @@ class FlowControl:
                     state.bursts.setdefault(group, Burst(rules.debounce)).add(trigger)
                     state.burst_of[eid] = group
             elif record["status"] == QUEUED:
-                bisect.insort(state.queues.setdefault(group, []), place(rules, record))
+                queue = state.queues.setdefault(group, [])
+                bisect.insort(queue, place(rules, record, self._input(record)))
                 state.group_of[eid] = group
         self._recent_ended(state, view)
         return state
@@ -513,7 +527,7 @@ class FlowControl:
             record = view.record(eid)
             rules = None if record is None else self.rules_of(record["workflow"])
             if record is not None and rules is not None:
-                group = (record["workflow"], key_value(rules, record["input"]))
+                group = (record["workflow"], key_value(rules, self._input(record)))
                 self._count_start(state, rules, group, record)
 
     def _count_start(self, state: _Partition, rules: Rules, group: Group,

@@ -70,6 +70,7 @@ from engine.errors import (
     PartitionStalledError,
     PayloadTooLargeError,
     RerunError,
+    SubjectErasedError,
     UnknownBindingError,
     UnknownExecutionError,
 )
@@ -763,6 +764,8 @@ class _Api:
                 reason=body.reason, actor=self._actor(body.actor))
         except PayloadTooLargeError as exc:
             raise _Reject(413, {"error": str(exc)}) from None
+        except SubjectErasedError as exc:  # its data subject's key is gone: nothing to seal with
+            raise _Reject(409, {"error": str(exc)}) from None
         except ValueError as exc:
             code = 422 if "reason" in str(exc) or "unknown step action" in str(exc) else 409
             raise _Reject(code, {"error": str(exc)}) from None

@@ -34,7 +34,7 @@ it is refused.
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from engine import erasure
@@ -44,6 +44,9 @@ from engine.events import (
     Body,
     CancelRequested,
     Event,
+    EventSent,
+    TimerFired,
+    WaitStarted,
     WorkflowCancelled,
     WorkflowCompleted,
     WorkflowFailed,
@@ -157,13 +160,31 @@ async def rerun(runtime: Runtime, source: str, from_step: str | None = None, *,
                                    epoch=runtime.epoch_of(eid)))
     # Step 5.
     epoch = _epoch(runtime, eid)
+    timed_out = {e.body["sleep"] for e in copies if e.type == TimerFired.NAME}
     for entry in copies:
-        copied = _sealed(runtime, subject, eid, BODY_TYPES[entry.type](**entry.body))
+        copied = _addressed(BODY_TYPES[entry.type](**entry.body), eid, timed_out)
+        copied = _sealed(runtime, subject, eid, copied)
         await runtime.log.append(Event(eid, workflow, runtime.clock.now(), copied, epoch=epoch))
     # Step 6.
     await runtime.log.append(Event(eid, workflow, runtime.clock.now(), body,
                                    epoch=runtime.epoch_of(eid)))
     return Rerun(source, eid, step, cut, len(copies))
+
+
+def _addressed(body: Body, eid: str, timed_out: set[str]) -> Body:
+    """A copy that means for the rerun what the original meant for its source.
+
+    An event the source's wait received is sent to the rerun alone, under an id of its
+    own (the original's source and id were seen on this partition: a copy as it is
+    would be ignored as a repeat, and aimed at the source). A copied wait keeps its
+    timeout only if it timed out (its copied TimerFired ends it again); else the event
+    copied after it ends it, and a timeout long past could fire first.
+    """
+    if isinstance(body, EventSent):
+        return replace(body, id=f"{body.id}@{eid}", target=eid)
+    if isinstance(body, WaitStarted) and body.wait not in timed_out:
+        return replace(body, timeout_at=None)
+    return body
 
 
 def _sealed(runtime: Runtime, subject: str | None, eid: str, body: Body) -> Body:

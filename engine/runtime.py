@@ -134,7 +134,8 @@ class Runtime(Queries):
         self.metrics = Metrics()
         self.tracing = Tracing(config.otel)
         self.flow = FlowControl(config, log.partition_for, self._maybe_start, self._explain_wait,
-                                supersede=self._supersede, clock=self.clock)
+                                supersede=self._supersede, clock=self.clock,
+                                keys=self.key_store)
         self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
         self._tasks: set[asyncio.Task[None]] = set()
         # Who waits on an execution's events (a result, a stream): fed by the fold.
@@ -601,11 +602,15 @@ class Runtime(Queries):
         return uuid.uuid5(ID_NAMESPACE, f"{parent_id}\x00child\x00{step_key}").hex
 
     async def trigger_child(self, workflow: str, input: Any, child_id: str, parent_id: str,
-                            parent_step: str, subject: str | None = None) -> None:
+                            parent_step: str, subject: str | None = None) -> str:
         """Start the child of a ``ctx.step.invoke`` (a second trigger of its id changes
-        nothing: the fold keeps the first); it inherits its parent's ``subject``."""
+        nothing: the fold keeps the first); it inherits its parent's ``subject``. Returns
+        the child's id: ``child_id``, or under the child workflow's flow control the id
+        placed on its key's partition (a function of ``child_id`` and the input, so a
+        replay names the same child)."""
         wf = self._workflow(workflow)
         text = self._input_json(wf, input)
+        child_id = self.flow.place(wf.name, text, child_id)
         if subject is not None:
             text = erasure.seal_text(self.key_store, subject, child_id, text)
         stalled = self.stalled.get(self.log.partition_for(child_id))
@@ -613,6 +618,7 @@ class Runtime(Queries):
             raise PartitionStalledError(self.log.topic, stalled.partition, stalled.offset)
         await self._append_trigger(wf, child_id, WorkflowTriggered(
             text, None, parent_id=parent_id, parent_step=parent_step, subject=subject))
+        return child_id
 
     async def notify_parent(self, record: dict[str, Any], end: Any) -> None:
         """Tell a child's parent how it ended: an event to the parent alone, whose id is
@@ -758,6 +764,8 @@ class Runtime(Queries):
         if action == "complete":
             text = to_json(output, f"the output of step '{step}'")
             payloads.check(text, f"the output of step '{step}'", self.config.max_payload_bytes)
+            if execution.subject is not None:  # sealed like every payload of its subject
+                text = erasure.seal_text(self.key_store, execution.subject, execution_id, text)
         _, offset = await self.log.append(Event(
             execution_id, execution.workflow, self.clock.now(),
             StepResolved(step, action, text, actor, reason.strip())))
