@@ -386,14 +386,17 @@ class ExecutionRunner:
         return Outcome.ENDED
 
     async def _end(self, end: Body) -> None:
-        """Append the end event; a child first tells its parent (an event with the child's
-        result, idempotent by id), so that a crash in between repeats the notice, never
-        loses it: the replay reaches the same end and sends it again."""
-        if self.record.get("parent_id"):
-            try:
+        """Append the end event; a cancelled parent first cancels its children, and a
+        child first tells its parent (an event with the child's result, idempotent by
+        id), so that a crash in between repeats them, never loses them: the replay
+        reaches the same end and does them again."""
+        try:
+            if isinstance(end, WorkflowCancelled):
+                await self.runtime.cancel_children(self.id)
+            if self.record.get("parent_id"):
                 await self.runtime.notify_parent(self.record, end)
-            except AppendError as exc:
-                raise LogUnavailable(str(exc), exc.permanent) from exc
+        except AppendError as exc:
+            raise LogUnavailable(str(exc), exc.permanent) from exc
         await self._append(end)
 
     async def _waits_opened(self) -> None:

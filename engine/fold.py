@@ -591,7 +591,10 @@ def _log(tx: Tx, ex: Record, event: Event) -> None:
 def _cancel_requested(tx: Tx, ex: Record, event: Event) -> None:
     body = event.body
     assert isinstance(body, CancelRequested)
+    tells = bool(ex.get("parent_id") or waits.open_waits(ex))
     if _finish(tx, ex, ExecutionStatus.CANCELLED.value, event.timestamp):
+        if tells:  # its children and its parent are owed word of it until its end is folded
+            tx.put_raw(keys.OWED + ex["id"].encode(), b"")
         ex["cancel_reason"] = body.reason
         if body.actor is not None:  # v4: who asked (absent from records cancelled before)
             ex["cancel_actor"] = body.actor
@@ -600,6 +603,8 @@ def _cancel_requested(tx: Tx, ex: Record, event: Event) -> None:
 def _cancelled(tx: Tx, ex: Record, event: Event) -> None:
     body = event.body
     assert isinstance(body, WorkflowCancelled)
+    if ex.get("parent_id") or ex["status"] == ExecutionStatus.CANCELLED.value:
+        tx.delete(keys.OWED + ex["id"].encode())  # the runtime told them, then wrote this
     if _finish(tx, ex, ExecutionStatus.CANCELLED.value, event.timestamp):
         ex["cancel_reason"] = body.reason
 

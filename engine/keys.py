@@ -50,6 +50,7 @@ ENDED = b"u:"  # u:<ended_at u64><id>          -> b"" (finished executions, olde
 GONE = b"g:"  # g:<id>                         -> b"" (removed by retention; the log has it)
 RETENTION = b"m:retention"  # {"next_at": oldest end not removed (None: none), "after": key}
 SCANNED = (EVENT, WAITER, WAIT_SHAPE, ENDED)  # keyspaces the fold scans (engine.fold.Tx.scan)
+OWED = b"o:"  # o:<id>        -> b"" (cancelled; its children and parent not told yet)
 RERUN = b"r:"  # r:<source id>\0<offset u64>   -> the id of a rerun of it, triggered there
 INDEXES = b"m:indexes"  # the indexes' version: present once they cover every execution
 INDEXES_VERSION = b"2"  # 2: with the index of ended executions (engine.retention)

@@ -354,9 +354,16 @@ class Runtime(Queries):
 
     def _resume(self, partition: int) -> None:
         """Start every unfinished execution of a partition this process now runs
-        (sleeping ones wait for their timers)."""
-        for eid in self.views[partition].active():
+        (sleeping ones wait for their timers), and finish the cancels whose children or
+        parent were not told yet (a crash came between the cancel and its end)."""
+        view = self.views[partition]
+        for eid in view.active():
             self._maybe_start(eid)
+        for eid in view.owed():
+            record = view.record(eid)
+            if record is not None and eid not in self.runners:
+                end = WorkflowCancelled(record.get("cancel_reason"))
+                self._spawn(self._record_end(record, end), f"ploy-end-{eid}")
 
     def _running_on(self, partition: int, epoch: int | None) -> int:
         """How many of this process's runners run on ``partition`` (under ``epoch``)."""
@@ -508,8 +515,7 @@ class Runtime(Queries):
         if runner is not None:
             cancelled = self.views[runner.partition].record(eid) or {}
             runner.cancel_reason = cancelled.get("cancel_reason")
-            runner.cancel_requested.set()
-            self._cancel_children(eid, partition)
+            runner.cancel_requested.set()  # its end cancels its children and tells its parent
             return
         if partition not in self.owned:
             return  # its owner records the end
@@ -518,7 +524,6 @@ class Runtime(Queries):
             user_log.warning("[%s %s] cancelled: %s", record["workflow"], eid,
                              record.get("cancel_reason") or "no reason given",
                              extra={"ended_execution": eid})  # the ploy dev terminal shows it
-            self._cancel_children(eid, partition)
             end = WorkflowCancelled(record.get("cancel_reason"))
             self._spawn(self._record_end(record, end), f"ploy-end-{eid}")
 
@@ -665,26 +670,37 @@ class Runtime(Queries):
             for p in range(self.log.partitions)))
         return {"id": event_id, "offsets": {str(p): o for p, o in appended}}
 
-    def _cancel_children(self, eid: str, partition: int) -> None:
-        """A cancelled parent cancels the children it waits for (unless told not to)."""
-        for step in self.views[partition].steps(eid):
-            if (step["kind"] == "invoke" and step["cancel_child"]
-                    and step["status"] not in (waits.RECEIVED, waits.TIMED_OUT)):
-                self._spawn(self._cancel_child(step["child_id"], eid), f"ploy-cancel-{eid}")
-
-    async def _cancel_child(self, child_id: str, parent_id: str) -> None:
-        try:
-            await self.cancel(child_id, f"its parent execution {parent_id} was cancelled")
-        except Exception as exc:  # its owner may be unreachable: the child ends on its own
-            logger.warning("cancelling child %s of %s: %s", child_id, parent_id, exc)
+    async def cancel_children(self, eid: str) -> None:
+        """A cancelled parent cancels the children it waits for (unless told not to),
+        before its end is written: a crash in between repeats this, never skips it."""
+        view = self.views.get(self.log.partition_for(eid))
+        if view is None:
+            return
+        reason = f"its parent execution {eid} was cancelled"
+        await asyncio.gather(*(
+            self.cancel(step["child_id"], reason) for step in view.steps(eid)
+            if step["kind"] == "invoke" and step["cancel_child"]
+            and step["status"] not in (waits.RECEIVED, waits.TIMED_OUT)))
 
     async def _record_end(self, record: dict[str, Any], end: Any) -> None:
         """Append an end event the runtime writes itself (an unknown workflow, a cancel of
-        an execution with no runner): a child tells its parent first."""
-        if record.get("parent_id"):
-            await self.notify_parent(record, end)
-        await self.log.append(Event(record["id"], record["workflow"], self.clock.now(), end,
-                                    epoch=self.epoch_of(record["id"])))
+        an execution with no runner): a cancelled parent first cancels its children, a
+        child first tells its parent. Tried again while it fails (the broker away, a
+        child's owner not answering), as long as this process runs the execution."""
+        eid = record["id"]
+        while not self.stopping and self.may_run(self.log.partition_for(eid)):
+            try:
+                if isinstance(end, WorkflowCancelled):
+                    await self.cancel_children(eid)
+                if record.get("parent_id"):
+                    await self.notify_parent(record, end)
+                await self.log.append(Event(eid, record["workflow"], self.clock.now(), end,
+                                            epoch=self.epoch_of(eid)))
+                return
+            except Exception as exc:
+                logger.warning("execution %s: recording its end: %s; trying again in 1 s",
+                               eid, exc)
+                await asyncio.sleep(1.0)
 
     def _input_json(self, wf: WorkflowDef, input: Any) -> str:
         """The input as JSON text, or InvalidInputError / PayloadTooLargeError (nothing appended).

@@ -251,6 +251,11 @@ class PartitionView:
         for key, value in self._scan(keys.prefix_of(keys.HISTORY, eid)):
             yield keys.read_u64(key[-8:]), value
 
+    def owed(self) -> list[str]:
+        """Ids of cancelled executions whose children and parent are not told yet (the
+        runtime tells them, then appends the end; ``keys.OWED``)."""
+        return [k[len(keys.OWED):].decode() for k, _ in self._scan(keys.OWED)]
+
     def active(self) -> list[str]:
         """Ids of every execution that has not finished."""
         return [k[len(keys.ACTIVE):].decode() for k, _ in self._scan(keys.ACTIVE)]
