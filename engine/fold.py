@@ -488,6 +488,8 @@ def _step_completed(tx: Tx, ex: Record, event: Event) -> None:
     attempt = _attempt(step, body.attempt, body.started_at)
     attempt["ended_at"] = event.timestamp
     step.update(status="completed", output=body.output, ended_at=event.timestamp, error=None)
+    if step.get("resolved", {}).get("action") == "complete":
+        del step["resolved"]  # the attempt returned before the operator's output reached it
     tx.put(step_key, step)
 
 
