@@ -390,13 +390,14 @@ class ExecutionRunner:
         child first tells its parent (an event with the child's result, idempotent by
         id), so that a crash in between repeats them, never loses them: the replay
         reaches the same end and does them again."""
-        try:
-            if isinstance(end, WorkflowCancelled):
-                await self.runtime.cancel_children(self.id)
-            if self.record.get("parent_id"):
+        if isinstance(end, WorkflowCancelled):  # its children and parent, then the end,
+            await self.runtime.record_end(self.record, end)  # tried again while they fail
+            return
+        if self.record.get("parent_id"):
+            try:
                 await self.runtime.notify_parent(self.record, end)
-        except AppendError as exc:
-            raise LogUnavailable(str(exc), exc.permanent) from exc
+            except AppendError as exc:
+                raise LogUnavailable(str(exc), exc.permanent) from exc
         await self._append(end)
 
     async def _waits_opened(self) -> None:

@@ -363,7 +363,7 @@ class Runtime(Queries):
             record = view.record(eid)
             if record is not None and eid not in self.runners:
                 end = WorkflowCancelled(record.get("cancel_reason"))
-                self._spawn(self._record_end(record, end), f"ploy-end-{eid}")
+                self._spawn(self.record_end(record, end), f"ploy-end-{eid}")
 
     def _running_on(self, partition: int, epoch: int | None) -> int:
         """How many of this process's runners run on ``partition`` (under ``epoch``)."""
@@ -502,12 +502,12 @@ class Runtime(Queries):
                 and not self.stopping):  # else the next owner decides it again
             user_log.info("[%s %s] cancelled: %s", record["workflow"], eid, reason,
                           extra={"ended_execution": eid})
-            self._spawn(self._record_end(record, WorkflowCancelled(reason)), f"ploy-end-{eid}")
+            self._spawn(self.record_end(record, WorkflowCancelled(reason)), f"ploy-end-{eid}")
 
     def _fail_unknown(self, record: dict[str, Any]) -> None:
         error = UnknownWorkflowError(record["workflow"], list(self.worker.workflows))
         end = WorkflowFailed(type(error).__name__, str(error), "")
-        self._spawn(self._record_end(record, end), f"ploy-end-{record['id']}")
+        self._spawn(self.record_end(record, end), f"ploy-end-{record['id']}")
 
     def _on_cancel(self, eid: str) -> None:
         partition = self.log.partition_for(eid)
@@ -525,7 +525,7 @@ class Runtime(Queries):
                              record.get("cancel_reason") or "no reason given",
                              extra={"ended_execution": eid})  # the ploy dev terminal shows it
             end = WorkflowCancelled(record.get("cancel_reason"))
-            self._spawn(self._record_end(record, end), f"ploy-end-{eid}")
+            self._spawn(self.record_end(record, end), f"ploy-end-{eid}")
 
     # -- the client API (bindings, HTTP, CLI) -----------------------------------------
 
@@ -682,7 +682,7 @@ class Runtime(Queries):
             if step["kind"] == "invoke" and step["cancel_child"]
             and step["status"] not in (waits.RECEIVED, waits.TIMED_OUT)))
 
-    async def _record_end(self, record: dict[str, Any], end: Any) -> None:
+    async def record_end(self, record: dict[str, Any], end: Any) -> None:
         """Append an end event the runtime writes itself (an unknown workflow, a cancel of
         an execution with no runner): a cancelled parent first cancels its children, a
         child first tells its parent. Tried again while it fails (the broker away, a
