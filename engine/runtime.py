@@ -311,6 +311,8 @@ class Runtime(Queries):
     def _on_applied(self, partition: int, applied: Applied) -> None:
         """On the event loop: start what the fold made runnable, pass cancels on."""
         self.timers.on_folded(partition, applied)
+        if self.tracing.tracer is not None and partition in self.owned:
+            self._trace_waits(partition, applied)
         self.metrics.observe(applied)
         self._tell_listers(applied)
         for offset, event in applied:
@@ -319,15 +321,7 @@ class Runtime(Queries):
                 for queue in watchers:
                     queue.put_nowait((partition, offset, event))
             body = event.body
-            if isinstance(body, WorkflowCompleted | WorkflowFailed | WorkflowCancelled
-                          | CancelRequested):
-                self.flow.release(partition, event.execution_id,
-                                  queued_only=isinstance(body, CancelRequested))
-            if isinstance(body, WorkflowStarted):
-                self.flow.started(partition, event.execution_id, event.timestamp)  # rates
-            elif isinstance(body, WorkflowTriggered) and partition in self.owned:
-                self.flow.triggered(partition, self.ownership.epoch_of(partition),
-                                    self.views[partition], offset, event.execution_id)
+            self._tell_flow(partition, offset, event)
             if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
                 self._started_on_ack.discard(event.execution_id)  # trigger() started it
             elif isinstance(body, TimerFired) and (event.execution_id, body.sleep) in (
@@ -339,6 +333,26 @@ class Runtime(Queries):
                 self._on_cancel(event.execution_id)
             elif isinstance(body, StepResolved):
                 self._on_resolved(partition, event.execution_id, body)
+
+    def _tell_flow(self, partition: int, offset: int, event: Event) -> None:
+        """Flow control follows the fold: slots freed by ends, starts for rates, triggers
+        for debounce (``engine.flow``)."""
+        body = event.body
+        if isinstance(body, WorkflowCompleted | WorkflowFailed | WorkflowCancelled
+                      | CancelRequested):
+            self.flow.release(partition, event.execution_id,
+                              queued_only=isinstance(body, CancelRequested))
+        if isinstance(body, WorkflowStarted):
+            self.flow.started(partition, event.execution_id, event.timestamp)  # rates
+        elif isinstance(body, WorkflowTriggered) and partition in self.owned:
+            self.flow.triggered(partition, self.ownership.epoch_of(partition),
+                                self.views[partition], offset, event.execution_id)
+
+    def _trace_waits(self, partition: int, applied: Applied) -> None:
+        """The spans of the waits the fold ended (an event received, a timeout), once."""
+        for eid in dict.fromkeys(e.execution_id for _, e in applied
+                                 if isinstance(e.body, TimerFired | WaitStarted | EventSent)):
+            self.tracing.waited(self.views.get(partition), eid)
 
     def _on_resolved(self, partition: int, eid: str, body: StepResolved) -> None:
         """Pass an operator's action the fold took on to the step's runner, if it runs here

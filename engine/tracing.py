@@ -67,6 +67,7 @@ class Tracing:
 
     def __init__(self, enabled: bool, provider: Any = None):
         self.tracer: Any = None
+        self._waited: set[tuple[str, str]] = set()  # (execution id, wait key): spans emitted
         if not enabled:
             return
         try:
@@ -113,9 +114,39 @@ class Tracing:
         record, sleep = view.record(eid), view.db.get(keys.sleep(eid, sleep_key))
         if record is None or sleep is None:
             return
+        if json.loads(sleep).get("kind") != "sleep":
+            return  # a wait's timeout: its span comes once the fold has ended it (waited)
         started = int(json.loads(sleep)["started_at"])
         self._span(f"ploy.sleep {sleep_key}", record, workflow, started, now,
                    {"ploy.sleep": sleep_key}, None)
+
+    def waited(self, view: PartitionView | None, eid: str) -> None:
+        """The fold may have ended a wait of ``eid`` (an event received, a timeout): the
+        span of each ended wait or invoke, once per process."""
+        if self.tracer is None or view is None:
+            return
+        record = view.record(eid)
+        if record is None:
+            return
+        for step in view.steps(eid):
+            done = (eid, step["key"])
+            if (step["kind"] not in ("wait", "invoke") or step["status"] not in ("received",
+                                                                                 "timed_out")
+                    or done in self._waited):
+                continue
+            if len(self._waited) > 100_000:
+                self._waited.clear()
+            self._waited.add(done)
+            event = step.get("event") or {}
+            attributes = {"ploy.wait": step["key"], "ploy.event_type": step["event_type"],
+                          "ploy.timed_out": step["status"] == "timed_out"}
+            if step.get("child_id"):
+                attributes["ploy.child_id"] = step["child_id"]
+            if event.get("id"):
+                attributes["ploy.event_id"] = event["id"]
+            self._span(f"ploy.{step['kind']} {step['key']}", record, record["workflow"],
+                       int(step["started_at"]), int(step["ended_at"] or step["started_at"]),
+                       attributes, None)
 
     def _span(self, name: str, record: dict[str, Any], workflow: str, start_ms: int,
               end_ms: int, attributes: dict[str, Any], error: str | None) -> None:

@@ -128,3 +128,40 @@ async def test_one_trace_across_a_worker_restart(kafka: str, topic_prefix: str,
         assert f"{span.context.trace_id:032x}" == TRACE
         if span is not trigger:
             assert span.parent is not None and span.parent.span_id == trigger.context.span_id
+
+
+async def test_a_wait_and_its_timeout_are_spans_of_the_trace(kafka: str, topic_prefix: str,
+                                                              tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = ploy()
+
+    @app.workflow("waits")
+    async def waits(ctx: Any) -> Any:
+        got = await ctx.step.wait_for_event("paid", type="paid", match={"k": 1})
+        missed = await ctx.step.wait_for_event("late", type="late", timeout=200)
+        return [got.id if got else None, missed]
+
+    cfg = engine_config(kafka, topic_prefix, tmp_path / "state", workflow={"W": "waits"},
+                        otel=True)
+    async with running_engine(app.build(), cfg) as engine:
+        engine.runtime.tracing = Tracing(True, provider)
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            answer = await http.post("/__ploy/api/trigger/W", json={"input": {}},
+                                     headers={"traceparent": f"00-{TRACE}-{PARENT}-01"})
+        eid = answer.json()["execution_id"]
+        await wait_for_status(engine, eid, "waiting")
+        await engine.send_event("paid", {"k": 1}, id="e-1")
+        done = await wait_for_status(engine, eid)
+    assert done.output == ["e-1", None]
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert {"ploy.wait paid", "ploy.wait late"} <= set(spans)
+    assert spans["ploy.wait paid"].attributes["ploy.event_id"] == "e-1"
+    assert spans["ploy.wait late"].attributes["ploy.timed_out"] is True
+    trigger = spans["ploy.trigger waits"]
+    for name in ("ploy.wait paid", "ploy.wait late"):
+        assert spans[name].parent is not None
+        assert spans[name].parent.span_id == trigger.context.span_id
+    assert sum(s.name == "ploy.wait paid" for s in exporter.get_finished_spans()) == 1
