@@ -371,7 +371,11 @@ class ExecutionRunner:
             end = await self._handle()
             if end is None:
                 await self._waits_opened()
-                return Outcome.PAUSED
+                if not self.cancel_requested.is_set():
+                    return Outcome.PAUSED
+                # A cancel came while it opened a wait (a child's trigger in flight): the
+                # execution is cancelled, and this run writes its end (children included).
+                end = WorkflowCancelled(self.cancel_reason)
             try:
                 await self._end(end)
             except LogUnavailable as exc:

@@ -52,7 +52,7 @@ from engine.events import (
     WorkflowFailed,
     WorkflowTriggered,
 )
-from engine.models import ExecutionStatus, HistoryEntry
+from engine.models import ExecutionStatus, HistoryEntry, StepRecord
 
 if TYPE_CHECKING:
     from engine.runtime import Runtime
@@ -137,6 +137,9 @@ async def rerun(runtime: Runtime, source: str, from_step: str | None = None, *,
         return None
     # Step 2.
     cut, step, copies = plan(source, record.status.value, history, from_step)
+    still_open = _open_at(cut, record.steps, history)
+    copies = [e for e in copies if not (e.type == WaitStarted.NAME
+                                        and e.body["wait"] in still_open)]
     if dry_run:
         return Rerun(source, None, step, cut, len(copies))
     partition = runtime.log.partition_for(source)
@@ -169,6 +172,26 @@ async def rerun(runtime: Runtime, source: str, from_step: str | None = None, *,
     await runtime.log.append(Event(eid, workflow, runtime.clock.now(), body,
                                    epoch=runtime.epoch_of(eid)))
     return Rerun(source, eid, step, cut, len(copies))
+
+
+def _open_at(cut: int, steps: list[StepRecord], history: list[HistoryEntry]) -> set[str]:
+    """Keys of the source's waits still open at ``cut`` (ended after it, or never): the
+    rerun's code opens them again (a new child, a fresh deadline) instead of copying a
+    wait for a child or an event that belong to the source."""
+    started = {e.body["wait"]: e.offset for e in history if e.type == WaitStarted.NAME}
+    fired = {e.body["sleep"]: e.offset for e in history if e.type == TimerFired.NAME}
+    still_open = set()
+    for step in steps:
+        if step.kind not in ("wait", "invoke") or step.key not in started:
+            continue
+        ended = None
+        if step.status == "received" and isinstance(step.output, dict):
+            ended = max(started[step.key], int(step.output.get("offset", cut)))
+        elif step.status == "timed_out":
+            ended = fired.get(step.key)
+        if ended is None or ended >= cut:
+            still_open.add(step.key)
+    return still_open
 
 
 def _addressed(body: Body, eid: str, timed_out: set[str]) -> Body:

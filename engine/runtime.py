@@ -687,7 +687,9 @@ class Runtime(Queries):
     async def cancel_children(self, eid: str) -> None:
         """A cancelled parent cancels the children it waits for (unless told not to),
         before its end is written: a crash in between repeats this, never skips it."""
-        view = self.views.get(self.log.partition_for(eid))
+        partition = self.log.partition_for(eid)
+        # Its own acknowledged waits (a child's WaitStarted just appended) folded first.
+        view = await self.partitions.caught_up(partition)
         if view is None:
             return
         reason = f"its parent execution {eid} was cancelled"
@@ -702,7 +704,7 @@ class Runtime(Queries):
         child first tells its parent. Tried again while it fails (the broker away, a
         child's owner not answering), as long as this process runs the execution."""
         eid = record["id"]
-        while not self.stopping and self.may_run(self.log.partition_for(eid)):
+        while True:  # once in any case (a cancel during shutdown); again while it runs
             try:
                 if isinstance(end, WorkflowCancelled):
                     await self.cancel_children(eid)
@@ -712,6 +714,10 @@ class Runtime(Queries):
                                             epoch=self.epoch_of(eid)))
                 return
             except Exception as exc:
+                if self.stopping or not self.may_run(self.log.partition_for(eid)):
+                    logger.warning("execution %s: recording its end: %s (its next owner "
+                                   "finishes it)", eid, exc)
+                    return
                 logger.warning("execution %s: recording its end: %s; trying again in 1 s",
                                eid, exc)
                 await asyncio.sleep(1.0)
@@ -793,7 +799,10 @@ class Runtime(Queries):
         text = None
         if action == "complete":
             text = to_json(output, f"the output of step '{step}'")
-            payloads.check(text, f"the output of step '{step}'", self.config.max_payload_bytes)
+            limit = self.config.max_payload_bytes
+            if execution.subject is not None:  # sealed: a third larger once sealed
+                limit = erasure.plaintext_limit(limit)
+            payloads.check(text, f"the output of step '{step}'", limit)
             if execution.subject is not None:  # sealed like every payload of its subject
                 text = erasure.seal_text(self.key_store, execution.subject, execution_id, text)
         _, offset = await self.log.append(Event(

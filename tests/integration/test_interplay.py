@@ -192,3 +192,55 @@ async def test_a_cancel_whose_notice_never_went_out_is_finished_after_a_restart(
     async with running_engine(worker(), cfg) as engine:  # the owed notice goes out now
         done = await wait_for_status(engine, parent, timeout_s=15)
         assert "cancelled" in done.output["child ended"]
+
+
+async def test_a_rerun_reopens_a_wait_its_source_left_open(
+        kafka: str, topic_prefix: str, tmp_path: Path) -> None:
+    async with running_engine(worker(), config(kafka, topic_prefix, tmp_path)) as engine:
+        source = (await engine.env.PARENT.trigger({"sleep": "60s"}))["execution_id"]
+        for _ in range(200):
+            execution = await engine.get_execution(source)
+            if execution is not None and execution.waiting_for:
+                break
+            await asyncio.sleep(0.05)
+        first_child = execution.waiting_for[0].child_id  # type: ignore[union-attr]
+        assert await engine.runtime.cancel(source, "op")
+        made = await rerun(engine.runtime, source)
+        assert made is not None and made.execution_id is not None
+        for _ in range(200):  # the rerun opens its own wait on a child of its own
+            again = await engine.get_execution(made.execution_id)
+            if again is not None and again.waiting_for:
+                break
+            await asyncio.sleep(0.05)
+        assert again is not None
+        [waiting] = again.waiting_for
+        assert waiting.child_id not in (None, first_child)
+
+
+async def test_a_cancel_while_an_invoke_opens_ends_the_parent_and_its_child(
+        kafka: str, topic_prefix: str, tmp_path: Path) -> None:
+    async with running_engine(worker(), config(kafka, topic_prefix, tmp_path)) as engine:
+        runtime = engine.runtime
+        real, entered = runtime.trigger_child, asyncio.Event()
+
+        async def slow(*args: Any, **kwargs: Any) -> str:
+            entered.set()
+            await asyncio.sleep(0.5)  # the child's trigger in flight when the cancel lands
+            return await real(*args, **kwargs)
+
+        runtime.trigger_child = slow  # type: ignore[method-assign]
+        parent = (await engine.env.PARENT.trigger({"sleep": "60s"}))["execution_id"]
+        await entered.wait()
+        assert await runtime.cancel(parent, "op")
+        history: list[Any] = []
+        for _ in range(200):
+            history = await runtime.history(parent) or []
+            if any(e.type == "WorkflowCancelled" for e in history):
+                break
+            await asyncio.sleep(0.05)
+        assert any(e.type == "WorkflowCancelled" for e in history)
+        execution = await engine.get_execution(parent)
+        assert execution is not None
+        [kid] = [s.child_id for s in execution.steps if s.kind == "invoke"]
+        assert kid is not None
+        assert (await wait_for_status(engine, kid, "cancelled")).status.value == "cancelled"
