@@ -630,7 +630,9 @@ class Runtime(Queries):
         wf = self._workflow(workflow)
         text = self._input_json(wf, input)
         child_id = self.flow.place(wf.name, text, child_id)
-        if subject is not None:
+        if subject is not None:  # it is sealed: a third larger (a clear error, not a loop)
+            payloads.check(text, "workflow input", erasure.plaintext_limit(
+                self.config.max_payload_bytes))
             text = erasure.seal_text(self.key_store, subject, child_id, text)
         stalled = self.stalled.get(self.log.partition_for(child_id))
         if stalled is not None:
