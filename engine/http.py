@@ -40,7 +40,7 @@ import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -109,6 +109,7 @@ _OFF = (
 )
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 
 # -- public helpers -------------------------------------------------------------
@@ -981,52 +982,55 @@ class _Api:
 
 
 async def _sse(entries: AsyncGenerator[HistoryEntry, None]) -> AsyncIterator[bytes]:
-    """History entries as Server-Sent Events; a comment every 15 s keeps proxies open."""
-    pending: asyncio.Task[HistoryEntry] | None = None
-    iterator = entries.__aiter__()
+    """History entries as Server-Sent Events, ``event: end`` after the last one."""
+    def render(entry: HistoryEntry) -> bytes:
+        data = json.dumps(entry.model_dump(mode="json"), separators=(",", ":"))
+        # Unnamed events (an EventSource's ``onmessage``); the type is in the data.
+        return payloads.utf8(f"id: {entry.offset}\ndata: {data}\n\n")
+
+    async for chunk in _events(entries, render, end=b"event: end\ndata: {}\n\n"):
+        yield chunk
+
+
+async def _sse_changes(changes: AsyncGenerator[list[str], None]) -> AsyncIterator[bytes]:
+    """Changed ids as Server-Sent Events (the dashboard's lists refresh on them)."""
+    def render(ids: list[str]) -> bytes:
+        return payloads.utf8(f"data: {json.dumps({'executions': ids})}\n\n")
+
+    # The browser's EventSource opens at the first bytes, not at the first change.
+    async for chunk in _events(changes, render, first=b": listening\n\n"):
+        yield chunk
+
+
+async def _events(items: AsyncGenerator[T, None], render: Callable[[T], bytes], *,
+                  first: bytes | None = None, end: bytes | None = None) -> AsyncIterator[bytes]:
+    """``items`` as Server-Sent Events; a comment every 15 s keeps proxies open. The
+    read in flight is cancelled and awaited before ``items`` closes (aclose of a running
+    generator raises)."""
+    pending: asyncio.Task[T] | None = None
     try:
+        if first is not None:
+            yield first
         while True:
             if pending is None:
-                pending = asyncio.ensure_future(iterator.__anext__())
+                pending = asyncio.ensure_future(items.__anext__())
             done, _ = await asyncio.wait({pending}, timeout=15)
             if not done:
                 yield b": keep-alive\n\n"
                 continue
             try:
-                entry = pending.result()
+                item = pending.result()
             except StopAsyncIteration:
-                yield b"event: end\ndata: {}\n\n"
+                if end is not None:
+                    yield end
                 return
             pending = None
-            data = json.dumps(entry.model_dump(mode="json"), separators=(",", ":"))
-            # Unnamed events (an EventSource's ``onmessage``); the type is in the data.
-            yield payloads.utf8(f"id: {entry.offset}\ndata: {data}\n\n")
+            yield render(item)
     finally:
         if pending is not None:
             pending.cancel()
             await asyncio.wait({pending})  # the generator ends (its finally) before aclose
-        await entries.aclose()
-
-
-async def _sse_changes(changes: AsyncGenerator[list[str], None]) -> AsyncIterator[bytes]:
-    """Changed ids as Server-Sent Events; a comment every 15 s keeps proxies open."""
-    pending: asyncio.Task[list[str]] | None = None
-    try:
-        yield b": listening\n\n"  # the browser's EventSource opens now, not at the first change
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(changes.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=15)
-            if not done:
-                yield b": keep-alive\n\n"
-                continue
-            ids, pending = pending.result(), None
-            yield payloads.utf8(f"data: {json.dumps({'executions': ids})}\n\n")
-    finally:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.wait({pending})  # the generator ends (its finally) before aclose
-        await changes.aclose()
+        await items.aclose()
 
 
 def _wait_param(raw: str | None) -> float:
