@@ -11,7 +11,6 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from engine.errors import (
     UnknownBindingError,
-    UnknownExecutionError,
     WorkflowCancelledError,
     WorkflowFailedError,
 )
@@ -57,8 +56,8 @@ class Client(Protocol):
     async def wait_for_end(self, execution_id: str, timeout_s: float) -> Execution | None: ...
 
     async def send_event(self, event_type: str, data: Any = None, *, id: str | None = None,
-                         source: str | None = None,
-                         execution_id: str | None = None) -> dict[str, Any]: ...
+                         source: str | None = None, execution_id: str | None = None,
+                         workflow: str | None = None) -> dict[str, Any]: ...
 
 
 class WorkflowBinding(Generic[InputT, OutputT]):
@@ -138,11 +137,8 @@ class WorkflowBinding(Generic[InputT, OutputT]):
             UnknownExecutionError: no execution of this workflow has that id (nothing sent).
             ValueError: a bad type, id or data (nothing sent).
         """
-        execution = await self._client.get_execution(execution_id)
-        if execution is None or execution.workflow != self.workflow:
-            raise UnknownExecutionError(execution_id, self.workflow)
         sent = await self._client.send_event(type, data, id=id, source=f"binding/{self.binding}",
-                                             execution_id=execution_id)
+                                             execution_id=execution_id, workflow=self.workflow)
         return str(sent["id"])
 
     def __repr__(self) -> str:

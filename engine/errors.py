@@ -18,6 +18,7 @@ inputs as attributes so callers (CLI, HTTP layer, tests) can act on them.
     ├── CorruptEventError         CodecError at a topic/partition/offset
     ├── PartitionStalledError     a trigger to a partition stopped at a corrupt event
     ├── NotStalledError           a skip of a record the partition is not stopped at
+    ├── StepNotResolvableError    complete/retry-now of a step not running or retrying
     ├── NotFoldedHereError        a query routed to a process that does not fold its partition
     ├── OwnerUnavailableError     no owner of a partition answers a query
     ├── InvalidTransitionError    the fold met an event its state forbids
@@ -175,6 +176,18 @@ class PartitionStalledError(PloyError):
             f"{offset}; nothing is accepted there until an operator runs "
             f"'ploy skip --partition {partition} --offset {offset} --reason ...'"
         )
+
+
+class StepNotResolvableError(PloyError, ValueError):
+    """An operator's action on a step that is not in a state for it (ended, unknown,
+    or an execution that has ended): nothing was appended."""
+
+    def __init__(self, action: str, step: str, execution_id: str, state: str,
+                 execution_status: str, wanted: tuple[str, ...]):
+        self.action, self.step, self.execution_id = action, step, execution_id
+        super().__init__(f"cannot {action} step '{step}' of {execution_id}: {state}, "
+                         f"execution is {execution_status} (needs a {' or '.join(wanted)} "
+                         "step of an unfinished execution)")
 
 
 class NotStalledError(PloyError):

@@ -70,6 +70,7 @@ from engine.errors import (
     PartitionStalledError,
     PayloadTooLargeError,
     RerunError,
+    StepNotResolvableError,
     SubjectErasedError,
     UnknownBindingError,
     UnknownExecutionError,
@@ -765,11 +766,10 @@ class _Api:
                 reason=body.reason, actor=self._actor(body.actor))
         except PayloadTooLargeError as exc:
             raise _Reject(413, {"error": str(exc)}) from None
-        except SubjectErasedError as exc:  # its data subject's key is gone: nothing to seal with
+        except (StepNotResolvableError, SubjectErasedError) as exc:  # (erased: no key to seal)
             raise _Reject(409, {"error": str(exc)}) from None
-        except ValueError as exc:
-            code = 422 if "reason" in str(exc) or "unknown step action" in str(exc) else 409
-            raise _Reject(code, {"error": str(exc)}) from None
+        except ValueError as exc:  # no reason, an unknown action
+            raise _Reject(422, {"error": str(exc)}) from None
         return _json(200, {"resolved": done, "step": body.step, "action": action})
 
     def _actor(self, claimed: str | None) -> str:

@@ -52,6 +52,7 @@ from engine.errors import (
     PartitionStalledError,
     PayloadTooDeepError,
     SerializationError,
+    StepNotResolvableError,
     UnknownExecutionError,
     UnknownWorkflowError,
 )
@@ -655,8 +656,10 @@ class Runtime(Queries):
 
     async def send_event(self, event_type: str, data: Any = None, *, id: str | None = None,
                          source: str | None = None,
-                         execution_id: str | None = None) -> dict[str, Any]:
-        """Append an event for waiting executions: to ``execution_id`` only, or to every
+                         execution_id: str | None = None,
+                         workflow: str | None = None) -> dict[str, Any]:
+        """Append an event for waiting executions: to ``execution_id`` only (of
+        ``workflow``, if named), or to every
         partition, where each matching waiter receives it once. ``id`` makes a repeat a
         no-op (default: a new random id). Bad input raises before anything is appended."""
         check_event_type(event_type)
@@ -677,8 +680,9 @@ class Runtime(Queries):
         payloads.check(text, "event data", self.config.max_payload_bytes)
         body = EventSent(event_id, event_type, source, self.clock.now(), text, execution_id)
         if execution_id is not None:
-            if await self._record(execution_id) is None:
-                raise UnknownExecutionError(execution_id)
+            record = await self._record(execution_id)
+            if record is None or workflow not in (None, record["workflow"]):
+                raise UnknownExecutionError(execution_id, workflow)
             partition, offset = await self.log.append(Event(execution_id, "", body.time, body))
             return {"id": event_id, "offsets": {str(partition): offset}}
         appended = await asyncio.gather(*(
@@ -782,7 +786,8 @@ class Runtime(Queries):
 
         Raises:
             UnknownExecutionError: no such execution.
-            ValueError: no reason, an unknown action, or a step not in a state for it.
+            StepNotResolvableError: a step not in a state for it (nothing appended).
+            ValueError: no reason, or an unknown action.
         """
         if action not in ("complete", "retry-now"):
             raise ValueError(f"unknown step action {action!r}: complete or retry-now")
@@ -795,9 +800,8 @@ class Runtime(Queries):
         wanted = ("running", "retrying") if action == "complete" else ("retrying",)
         if execution.status.terminal or current is None or current.status not in wanted:
             state = "no such step" if current is None else f"step is {current.status}"
-            raise ValueError(f"cannot {action} step '{step}' of {execution_id}: {state}, "
-                             f"execution is {execution.status.value} (needs a "
-                             f"{' or '.join(wanted)} step of an unfinished execution)")
+            raise StepNotResolvableError(action, step, execution_id, state,
+                                         execution.status.value, wanted)
         text = None
         if action == "complete":
             text = to_json(output, f"the output of step '{step}'")

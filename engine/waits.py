@@ -264,10 +264,8 @@ def end_all(tx: Tx, ex: Record, status: str, ts: int) -> None:
 
 def unregister(tx: Tx, eid: str, wait: Record) -> None:
     """Forget a waiter (it received, timed out, or its execution ended)."""
-    paths = shape(wait["match"])
-    values = canonical([wait["match"][p] for p in sorted(wait["match"])])
-    tx.delete(keys.waiter(wait["event_type"], paths, values, eid, wait["key"]))
-    shape_key = keys.wait_shape(wait["event_type"], paths)
+    waiter_key, shape_key = _waiter_keys(eid, wait)
+    tx.delete(waiter_key)
     count = _count(tx, shape_key) - 1
     if count > 0:
         tx.put_raw(shape_key, keys.u64(count))
@@ -278,11 +276,17 @@ def unregister(tx: Tx, eid: str, wait: Record) -> None:
 
 
 def _register(tx: Tx, eid: str, wait: Record) -> None:
+    waiter_key, shape_key = _waiter_keys(eid, wait)
+    tx.put_raw(waiter_key, b"")
+    tx.put_raw(shape_key, keys.u64(_count(tx, shape_key) + 1))
+
+
+def _waiter_keys(eid: str, wait: Record) -> tuple[bytes, bytes]:
+    """The keys a registered wait holds: its waiter key and its match shape's count."""
     paths = shape(wait["match"])
     values = canonical([wait["match"][p] for p in sorted(wait["match"])])
-    tx.put_raw(keys.waiter(wait["event_type"], paths, values, eid, wait["key"]), b"")
-    shape_key = keys.wait_shape(wait["event_type"], paths)
-    tx.put_raw(shape_key, keys.u64(_count(tx, shape_key) + 1))
+    return (keys.waiter(wait["event_type"], paths, values, eid, wait["key"]),
+            keys.wait_shape(wait["event_type"], paths))
 
 
 def _count(tx: Tx, key: bytes) -> int:
