@@ -14,10 +14,11 @@ step; under load, records still batch while earlier requests are in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 from confluent_kafka import (
@@ -35,6 +36,9 @@ from engine.errors import AppendError, BrokerUnavailableError
 from engine.events import Event
 
 logger = logging.getLogger("ploy.kafka")
+
+# (partition, offset, value) of acknowledged appends, in the order of each partition.
+Acks = list[tuple[int, int, bytes]]
 
 PRODUCER_DEFAULTS = {"linger.ms": 0, "compression.type": "none"}
 PRODUCER_FIXED = {"enable.idempotence": True, "acks": "all"}
@@ -86,8 +90,11 @@ def client_config(bootstrap_servers: str, extra: Mapping[str, Any] | None = None
 class EventLog:
     """Appends to and reads from ``<prefix>.events``.
 
-    A background thread serves the producer's delivery callbacks, which
-    resolve the awaiting coroutine on its own event loop.
+    A background thread serves the producer's delivery callbacks. What one
+    poll of the producer acknowledged is handed on together: the awaiting
+    coroutines are resolved with one wake-up of their event loop, and the
+    appends go to ``on_acked`` (the fold of this process's own appends,
+    ``engine.partitions``), which folds them without a fetch from the broker.
     """
 
     def __init__(
@@ -108,6 +115,11 @@ class EventLog:
         self.connect_timeout_s = connect_timeout_s
         self.partitions = self.ensure_topic(partitions, replication_factor)
         self.high_acked: dict[int, int] = {}
+        self.on_acked: Callable[[Acks], None] | None = None  # called on the producer's thread
+        self._acks: Acks = []  # of the poll under way, on the producer's thread
+        self._settles: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[tuple[int, int]],
+                                  Any, Any]] = []
+        self._poller_id: int | None = None  # set by the poller thread
         self._producer = Producer({
             **PRODUCER_DEFAULTS,
             **client_config(bootstrap_servers, self.extra),
@@ -157,12 +169,38 @@ class EventLog:
     # -- append ----------------------------------------------------------
 
     def _poll(self) -> None:
-        """Serve delivery callbacks until closed; a failing callback must not end it."""
+        """Serve delivery callbacks until closed; a failing callback must not end it.
+
+        The callbacks of one poll only collect (``_in_poll``); then the waiting
+        coroutines are resolved, one wake-up per event loop, and the
+        acknowledged appends handed to ``on_acked``.
+        """
+        self._poller_id = threading.get_ident()
         while not self._closed.is_set():
             try:
                 self._producer.poll(0.05)
             except Exception:
                 logger.exception("a delivery callback failed")
+            settles, self._settles = self._settles, []
+            acks, self._acks = self._acks, []
+            if settles:
+                by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+                for loop, *settle in settles:
+                    by_loop.setdefault(loop, []).append(settle)
+                for loop, items in by_loop.items():
+                    with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
+                        loop.call_soon_threadsafe(_settle_all, items, self.topic)
+            on_acked = self.on_acked
+            if acks and on_acked is not None:
+                try:
+                    on_acked(acks)
+                except Exception:
+                    logger.exception("folding acknowledged appends failed (the fetch folds them)")
+
+    def _in_poll(self) -> bool:
+        """Whether this delivery callback runs in the poller thread's poll (not in a
+        ``flush`` or a ``poll`` on a full queue elsewhere)."""
+        return threading.get_ident() == self._poller_id
 
     def _produce(self, event: Event, on_delivery: Any, partition: int | None = None) -> int:
         """Hand one event to the producer; ``on_delivery(err, msg)`` runs on its ack."""
@@ -172,6 +210,8 @@ class EventLog:
         def delivered(err: KafkaError | None, msg: Any) -> None:
             if err is None:
                 self._acked(msg.partition(), msg.offset())
+                if self._in_poll():
+                    self._acks.append((msg.partition(), msg.offset(), msg.value()))
             on_delivery(err, msg)
 
         value, key = self.codec.encode(event), event.execution_id.encode()
@@ -207,7 +247,10 @@ class EventLog:
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
 
         def delivered(err: KafkaError | None, msg: Any) -> None:
-            loop.call_soon_threadsafe(_settle, future, err, msg, self.topic)
+            if self._in_poll():
+                self._settles.append((loop, future, err, msg))  # resolved after the poll
+            else:
+                loop.call_soon_threadsafe(_settle, future, err, msg, self.topic)
 
         self._produce(event, delivered, partition)
         return await future
@@ -330,6 +373,11 @@ _REFUSALS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
 
 def _permanent(err: Any) -> bool:
     return isinstance(err, KafkaError) and err.code() in _REFUSALS
+
+
+def _settle_all(items: list[Any], topic: str) -> None:
+    for future, err, msg in items:
+        _settle(future, err, msg, topic)
 
 
 def _settle(future: asyncio.Future[tuple[int, int]], err: Any, msg: Any, topic: str) -> None:

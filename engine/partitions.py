@@ -16,6 +16,15 @@ The fold thread:
    and reported with topic/partition/offset until ``ploy skip``.
 4. Hands what it applied to the event loop (``on_applied``), which also wakes
    the readers waiting for an offset (read-your-writes).
+
+This process's own appends are folded sooner, on the producer's thread, as
+soon as they are acknowledged (``fold_acked``): the record at a view's next
+offset is the log's record there, whoever reads it, so folding the bytes the
+broker acknowledged gives the view the fetch would, without waiting for the
+fetch (a hop of up to ``fetch.wait.max.ms``). Only a run that starts exactly at
+the view's next offset is folded; after another writer's record (a gap), the
+fetch folds on and the fold thread steps over what is already in the view.
+One lock keeps the two folds of a partition in order.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from confluent_kafka import TopicPartition
 
 from engine.errors import CorruptEventError
 from engine.events import Event
-from engine.log import EventLog
+from engine.log import Acks, EventLog
 from engine.skips import apply_or_skip, find_skip
 from engine.view import PartitionView
 
@@ -59,6 +68,7 @@ class Partitions:
         self._skips: dict[int, tuple[int, Event, int]] = {}  # stalled partition -> its skip
         self._commands: list[tuple[str, int]] = []  # ("follow" | "unfollow", partition)
         self._lock = threading.Lock()
+        self._fold_lock = threading.Lock()  # one fold at a time: the fetch's or the acks'
         self._waiters: dict[int, list[tuple[int, asyncio.Future[None]]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -85,17 +95,20 @@ class Partitions:
         self._consumer = consumer
         self._thread = threading.Thread(target=self._fold_loop, name="ploy-fold", daemon=True)
         self._thread.start()
+        self.log.on_acked = self.fold_acked
 
     async def stop(self) -> None:
+        self.log.on_acked = None
         self._stop.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5)
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
-        for view in self.views.values():
-            view.close()
-        self.views.clear()
+        with self._fold_lock:  # not while the producer's thread folds into them
+            for view in self.views.values():
+                view.close()
+            self.views.clear()
 
     # -- what is followed -----------------------------------------------------------
 
@@ -197,6 +210,28 @@ class Partitions:
             logger.error("%s", failure)
         return applied
 
+    def fold_acked(self, acks: Acks) -> None:
+        """On the producer's thread: fold this process's acknowledged appends now, each
+        partition's run that starts at its view's next offset (see the module docstring).
+        Anything else is left to the fetch; so is a record the fold refuses (it stops
+        the partition there, loudly)."""
+        runs: dict[int, list[tuple[int, bytes]]] = {}
+        for partition, offset, value in acks:
+            runs.setdefault(partition, []).append((offset, value))
+        folded: list[tuple[int, Applied]] = []
+        with self._fold_lock:
+            if self._stop.is_set() or self._loop is None:
+                return
+            for p, records in runs.items():
+                view = self.views.get(p)
+                if view is None or p not in self.following or p in self.stalled:
+                    continue
+                run = _run_from(view.next_offset, records)
+                if run:  # (applied may be empty: claims; readers of the offset still wake)
+                    folded.append((p, view.apply(run)[0]))
+            if folded:  # in the lock: the event loop hears of the folds in log order
+                self._loop.call_soon_threadsafe(self._applied_all, folded)
+
     def _apply_commands(self) -> None:
         with self._lock:
             commands, self._commands = self._commands, []
@@ -217,7 +252,8 @@ class Partitions:
             failure, view = self.stalled.get(p), self.views.get(p)
             if failure is None or view is None or failure.offset != offset:
                 continue
-            view.skip(offset, marker, at)
+            with self._fold_lock:
+                view.skip(offset, marker, at)
             del self.stalled[p]
             logger.warning("partition %d: skipped the record at offset %d (%s); folding on",
                            p, offset, marker.body)
@@ -243,20 +279,31 @@ class Partitions:
                 self.lease_broken = True  # frozen or starved: claims may have moved
             last = self.last_poll = now  # after the flag: a reader sees one or the other
             # Step 3.
-            folded: list[tuple[int, Applied]] = []
-            for p, records in batches.items():
-                if p not in self.following:
-                    continue  # unfollowed since it was polled: a later follow refetches
-                try:
-                    folded.append((p, self._fold(p, records)))
-                except Exception as exc:  # e.g. a disk error: stop this partition, loudly
-                    logger.exception("partition %d: the fold failed", p)
-                    view = self.views[p]
-                    self.stalled[p] = CorruptEventError(self.log.topic, p, view.next_offset,
-                                                        f"fold failed: {exc!r}")
-            # Step 4. One wake-up of the event loop per poll, not per partition.
-            if folded:
-                self._loop.call_soon_threadsafe(self._applied_all, folded)
+            if batches:
+                with self._fold_lock:
+                    self._fold_polled(batches)
+
+    def _fold_polled(self, batches: dict[int, list[tuple[int, bytes]]]) -> None:
+        """Steps 3 and 4 of the fold thread (in the fold lock)."""
+        assert self._loop is not None
+        folded: list[tuple[int, Applied]] = []
+        for p, records in batches.items():
+            if p not in self.following:
+                continue  # unfollowed since it was polled: a later follow refetches
+            view = self.views[p]
+            if records[-1][0] < view.next_offset:
+                continue  # this process's own appends, folded on their acknowledgement
+            try:
+                applied = self._fold(p, records)
+            except Exception as exc:  # e.g. a disk error: stop this partition, loudly
+                logger.exception("partition %d: the fold failed", p)
+                self.stalled[p] = CorruptEventError(self.log.topic, p, view.next_offset,
+                                                    f"fold failed: {exc!r}")
+                continue
+            folded.append((p, applied))
+        # Step 4. One wake-up of the event loop per poll, not per partition.
+        if folded:
+            self._loop.call_soon_threadsafe(self._applied_all, folded)
 
     def _poll(self, timeout_s: float) -> dict[int, list[tuple[int, bytes]]]:
         """What has arrived, as soon as anything has: wait for one record, then take
@@ -293,3 +340,16 @@ class Partitions:
             else:
                 still.append((target, future))
         self._waiters[partition] = still
+
+
+def _run_from(next_offset: int, records: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The records that continue a view at ``next_offset`` without a gap."""
+    run: list[tuple[int, bytes]] = []
+    for offset, value in records:
+        if offset < next_offset:
+            continue  # already folded (by the fetch)
+        if offset != next_offset:
+            break  # another writer's record comes first: the fetch folds on from there
+        run.append((offset, value))
+        next_offset += 1
+    return run
