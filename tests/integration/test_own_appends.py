@@ -1,0 +1,112 @@
+"""A process folds its own appends on their acknowledgement, not a fetch later
+(``engine.partitions.Partitions.fold_acked``), and the view stays a pure function of
+the log: after another writer's record the fetch folds on, in log order.
+
+The fetch path is switched off by making the fold thread's poll find nothing
+(the consumer and the broker are real; only this process stops reading them), so
+whatever the view holds meanwhile came from the acknowledgements alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import ploy
+from engine.events import Event, WorkflowTriggered
+from engine.log import EventLog
+from engine.partitions import Partitions
+from engine.rebuild import rebuild
+from engine.testing import engine_config, running_engine
+from tests.integration.test_cli_e2e import dump
+
+
+def steps_worker() -> Any:
+    app = ploy()
+
+    @app.workflow("three")
+    async def three(ctx: Any) -> Any:
+        total = ctx.input["n"]
+        for name in ("a", "b", "c"):
+            total = await ctx.step.run(name, lambda v=total: v + 1)
+        return total
+
+    return app.build()
+
+
+@pytest.fixture
+def no_fetch(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, bool]]:
+    """``switch["fetch"] = False`` stops the fold thread's fetches (True: on again)."""
+    switch = {"fetch": True}
+    poll = Partitions._poll
+
+    def gated(self: Partitions, timeout_s: float) -> dict[int, list[tuple[int, bytes]]]:
+        if not switch["fetch"]:
+            self._stop.wait(timeout_s)
+            return {}
+        return poll(self, timeout_s)
+
+    monkeypatch.setattr(Partitions, "_poll", gated)
+    yield switch
+
+
+async def test_executions_end_and_results_wake_with_no_fetch_at_all(
+        kafka: str, topic_prefix: str, state_dir: Path, no_fetch: dict[str, bool]) -> None:
+    config = engine_config(kafka, topic_prefix, state_dir, workflow={"THREE": "three"},
+                           partitions=2)
+    async with running_engine(steps_worker(), config) as engine:
+        no_fetch["fetch"] = False
+        handles = [await engine.env.THREE.trigger({"n": n}) for n in range(10)]
+        results = await asyncio.gather(*(h.result(timeout=10) for h in handles))
+        assert results == [n + 3 for n in range(10)]
+        for handle in handles:
+            execution = await engine.env.THREE.get_execution(handle.execution_id)
+            assert [len(s.attempts) for s in execution.steps] == [1, 1, 1]
+        no_fetch["fetch"] = True  # the fetch now brings what is folded already: stepped over
+        await asyncio.sleep(0.5)
+        assert engine.runtime.stalled == {}
+    topic = f"{topic_prefix}.events"
+    before = dump(state_dir / topic, topic)
+    log = EventLog(kafka, topic_prefix)
+    try:
+        rebuild(log, state_dir / topic)
+    finally:
+        log.close()
+    assert dump(state_dir / topic, topic) == before
+
+
+async def test_after_another_writers_record_the_fetch_folds_on_in_log_order(
+        kafka: str, topic_prefix: str, state_dir: Path, no_fetch: dict[str, bool]) -> None:
+    config = engine_config(kafka, topic_prefix, state_dir, workflow={"THREE": "three"},
+                           partitions=1)
+    async with running_engine(steps_worker(), config) as engine:
+        runtime = engine.runtime
+        view = runtime.views[0]
+        no_fetch["fetch"] = False
+        other = EventLog(kafka, topic_prefix)  # another process's producer
+        try:
+            _, foreign = await asyncio.to_thread(other.append_sync, Event(
+                "from-elsewhere", "three", 1, WorkflowTriggered('{"n": 100}')))
+        finally:
+            other.close()
+        handle = await engine.env.THREE.trigger({"n": 1})
+        await asyncio.sleep(0.3)
+        # Its own trigger comes after a record this process has not read: not folded.
+        assert view.next_offset == foreign
+        assert view.record(handle.execution_id) is None
+        no_fetch["fetch"] = True
+        assert await handle.result(timeout=10) == 4
+        elsewhere = await runtime.wait_for_end("from-elsewhere", 10)
+        assert elsewhere is not None and elsewhere.output == 103
+    topic = f"{topic_prefix}.events"
+    before = dump(state_dir / topic, topic)
+    log = EventLog(kafka, topic_prefix)
+    try:
+        rebuild(log, state_dir / topic)
+    finally:
+        log.close()
+    assert dump(state_dir / topic, topic) == before
