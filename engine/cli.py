@@ -47,7 +47,7 @@ import socket
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -484,22 +484,34 @@ class _Run:
         return 0
 
 
+def run_serving(main: Coroutine[Any, Any, int]) -> int:
+    """Run a serving command on uvloop where it is installed (a dependency on Linux and
+    macOS): its event loop costs a third less CPU per request and per acknowledgement
+    than the standard one's; elsewhere on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def _cmd_dev(args: argparse.Namespace) -> int:
     directory = _app_dir(args.dir)
     _configure_logging(args.log_level)
-    return asyncio.run(_Run("dev", directory, args).run())
+    return run_serving(_Run("dev", directory, args).run())
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     directory = _app_dir(args.dir)
     _configure_logging(args.log_level)
-    return asyncio.run(_Run("serve", directory, args).run())
+    return run_serving(_Run("serve", directory, args).run())
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     directory = _app_dir(args.dir)
     _configure_logging(args.log_level)
-    return asyncio.run(_Run("worker", directory, args).run())
+    return run_serving(_Run("worker", directory, args).run())
 
 
 # -- client commands --------------------------------------------------------------
