@@ -779,11 +779,20 @@ class _Api:
         return "admin-token" if self.token is not None else f"local:{claimed or 'unknown'}"
 
     async def trigger(self, request: Request) -> Response:
+        """Start an execution: 201 with its id (and where it is in the log).
+
+        With ``?wait=30s`` (at most 60 s) the answer waits for its end, as a
+        synchronous call: 200 and the ended execution (the result's answer), or
+        202 with its id when the wait ran out (then ask ``.../result``). One
+        round trip instead of two for a client that wants the result.
+        """
         binding = request.path_params["binding"]
         env = self.engine.env
         if binding not in env:
             known = sorted(env)
             raise _Reject(404, {"error": f"unknown binding '{binding}'", "bindings": known})
+        raw_wait = request.query_params.get("wait")
+        wait_s = None if raw_wait is None else _wait_param(raw_wait)
         body = await _read_body(request, _TriggerBody)
         try:
             result = await env[binding].trigger(body.input, idempotency_key=body.idempotency_key,
@@ -799,11 +808,21 @@ class _Api:
         except ValueError as exc:  # a bad subject
             raise _Reject(422, {"error": str(exc)}) from None
         eid = result["execution_id"]
-        partition = self.engine.runtime.log.partition_for(eid)
+        runtime = self.engine.runtime
+        partition = runtime.log.partition_for(eid)
         # Read-your-writes from anywhere: GET .../executions/{id}?min_offset=<offset>
         # answers once the view holds this trigger.
-        return _json(201, {"execution_id": eid, "partition": partition,
-                           "offset": self.engine.runtime.log.high_acked.get(partition)})
+        offset = runtime.log.high_acked.get(partition)
+        started = {"execution_id": eid, "partition": partition, "offset": offset}
+        if wait_s is None:
+            return _json(201, started)
+        try:
+            execution = await runtime.wait_for_end(eid, wait_s, min_offset=offset)
+        except TimeoutError:
+            return _json(202, started)
+        if execution is None:  # gone already (a retention of 0)
+            return _json(202, started)
+        return _json(200, execution.model_dump(mode="json"))
 
     async def erase(self, request: Request) -> Response:
         """Destroy a data subject's key and record who and why (``ploy erase``)."""

@@ -173,3 +173,25 @@ async def test_failures_reach_the_terminal_as_they_are_recorded(
                        "division by zero (final)") in lines
     assert any(level == "ERROR" and msg.startswith(f"[fails {eid}] failed: StepFailedError")
                for level, msg in lines), lines
+
+
+async def test_a_trigger_can_wait_for_the_result_in_one_request(
+        engine: Engine, client: httpx.AsyncClient) -> None:
+    done = await client.post("/__ploy/api/trigger/SLOW", params={"wait": "30s"},
+                             json={"input": {"sleep": 50}})
+    assert done.status_code == 200
+    assert done.json()["status"] == "completed" and done.json()["output"] == {"sum": 3}
+    late = await client.post("/__ploy/api/trigger/SLOW", params={"wait": "100ms"},
+                             json={"input": {"sleep": 1500}})
+    assert late.status_code == 202  # still running: its id, to ask for the result
+    eid = late.json()["execution_id"]
+    result = await client.get(f"/__ploy/api/executions/{eid}/result", params={"wait": "30s"})
+    assert result.status_code == 200 and result.json()["output"] == {"sum": 3}
+    failed = await client.post("/__ploy/api/trigger/FAILS", params={"wait": "30s"},
+                               json={"input": {}})
+    assert failed.status_code == 200 and failed.json()["status"] == "failed"
+    bad = await client.post("/__ploy/api/trigger/SLOW", params={"wait": "soon"},
+                            json={"input": {}})
+    assert bad.status_code == 422 and "wait" in bad.json()["error"]
+    listed = await client.get("/__ploy/api/executions", params={"workflow": "slow"})
+    assert len(listed.json()["executions"]) == 2  # the refused one started nothing
