@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import logging
 import math
@@ -1615,9 +1616,13 @@ def transient_queries(view: PartitionView) -> dict[str, Callable[[], object]]:
 async def timer_wakes(view: PartitionView, samples: int) -> list[float]:
     """Seconds from folding a timer due now to TimerSchedule appending its TimerFired."""
     fired = asyncio.Event()
+    loop = asyncio.get_running_loop()
 
-    async def append(*_: object) -> None:
-        fired.set()
+    def append(*_: object) -> concurrent.futures.Future[object]:
+        loop.call_soon_threadsafe(fired.set)
+        done: concurrent.futures.Future[object] = concurrent.futures.Future()
+        done.set_result(None)
+        return done
 
     schedule = TimerSchedule(Clock(), append, lambda _: True)
     schedule.load(0, view)

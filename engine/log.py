@@ -14,6 +14,7 @@ step; under load, records still batch while earlier requests are in flight.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -263,6 +264,21 @@ class EventLog:
                 logger.error("append of %s failed: %s", event.type, err)
 
         self._produce(event, delivered, partition)
+
+    def append_threadsafe(self, event: Event, partition: int | None = None
+                          ) -> concurrent.futures.Future[tuple[int, int]]:
+        """Append from any thread without waiting; the future ends with the
+        acknowledgement, (partition, offset), or an AppendError."""
+        future: concurrent.futures.Future[tuple[int, int]] = concurrent.futures.Future()
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                future.set_exception(AppendError(self.topic, str(err), _permanent(err)))
+            else:
+                future.set_result((msg.partition(), msg.offset()))
+
+        self._produce(event, delivered, partition)
+        return future
 
     def append_sync(self, event: Event, timeout_s: float = 30.0,
                     partition: int | None = None) -> tuple[int, int]:

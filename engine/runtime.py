@@ -22,6 +22,7 @@ partition, and asks no one.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -130,7 +131,7 @@ class Runtime(Queries):
             clock=self.clock, spawn=self._spawn, running_on=self._running_on,
             resume=self._resume, standby=self.replica, instance_id=instance_id)
         self.directory: Directory | None = None
-        self.timers = TimerSchedule(self.clock, self._append_fired, self.may_run)
+        self.timers = TimerSchedule(self.clock, self._fire_timer, self.may_run)
         self.schedules = Scheduler(self)
         self.metrics = Metrics()
         self.tracing = Tracing(config.otel)
@@ -139,6 +140,7 @@ class Runtime(Queries):
                                 keys=self.key_store)
         self._timed: frozenset[int] = frozenset()  # partitions whose timers are scheduled
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start
         # Who waits on an execution's events (a result, a stream): fed by the fold.
         self._watchers: dict[str, list[asyncio.Queue[Seen]]] = {}
         self._listers: list[ChangeFeed] = []  # live lists (queries.Queries.changes)
@@ -199,6 +201,7 @@ class Runtime(Queries):
            and each is claimed before it runs (``engine.ownership``). Then the
            timer service starts.
         """
+        self._loop = asyncio.get_running_loop()
         everything = range(self.log.partitions)
         single = self.runs and not self.scale_out
         # Step 1.
@@ -229,14 +232,27 @@ class Runtime(Queries):
             self.timers.drop(p)
         self._timed = owned
 
-    async def _append_fired(self, eid: str, workflow: str, sleep_key: str, wake_at: int,
-                            partition: int) -> None:
-        """Append ``TimerFired``; once acknowledged, resume the execution with the value in
-        hand (as a trigger does), not a fold hop later: the fold's ``TimerFired`` then
-        starts nothing."""
-        _, offset = await self.log.append(Event(
+    def _fire_timer(self, eid: str, workflow: str, sleep_key: str, wake_at: int,
+                    partition: int) -> concurrent.futures.Future[object]:
+        """From the alarm thread (``engine.timers``): append ``TimerFired`` now. Once it is
+        acknowledged, the event loop resumes the execution with the value in hand (as a
+        trigger does), not a fold hop later: the fold's ``TimerFired`` then starts nothing."""
+        loop = self._loop
+        assert loop is not None
+        future = self.log.append_threadsafe(Event(
             eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
             epoch=self.ownership.epoch_of(partition)))
+
+        def acked(done: concurrent.futures.Future[tuple[int, int]]) -> None:
+            if done.exception() is None:  # (else the schedule tries again)
+                loop.call_soon_threadsafe(self._timer_acked, eid, workflow, sleep_key,
+                                          partition, done.result()[1])
+
+        future.add_done_callback(acked)
+        return future  # type: ignore[return-value]
+
+    def _timer_acked(self, eid: str, workflow: str, sleep_key: str, partition: int,
+                     offset: int) -> None:
         self.tracing.slept(self.views.get(partition), eid, workflow, sleep_key, self.clock.now())
         self._spawn(self._resume_fired(eid, sleep_key, partition, offset), f"ploy-woke-{eid}")
 

@@ -5,6 +5,12 @@ schedule keeps each owned partition's earliest timers in memory, sleeps until
 the earliest is due (no polling period), and appends ``TimerFired`` once the
 clock reaches ``wake_at``, never before; the fold deletes the timer, and the
 runtime resumes the execution by replay.
+
+The firing itself happens off the event loop, in the alarm thread: the loop
+hands it each timer a little before it is due (``ARM_AHEAD_MS``), and the
+thread appends ``TimerFired`` at the due time. A loop busy with thousands of
+running executions delays what the workflow does next, not the timer: the
+event, and its timestamp, are on time.
 An append that is acknowledged but not yet folded is remembered here, so a
 timer is not fired twice by one process; should it be (a crash in between),
 the fold ignores the second firing.
@@ -13,9 +19,11 @@ the fold ignores the second firing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
@@ -30,15 +38,16 @@ logger = logging.getLogger("ploy.timers")
 WINDOW = 10_000  # timers of one partition read into memory at a time; later ones wait on disk
 MAX_WAIT_S = 1.0  # look again at least this often (a wall clock set ahead; a may_fire that changed)
 RETRY_S = 0.5  # a TimerFired append that failed is tried again after this
-INLINE_READS = 64  # due timers checked against the view on the event loop itself (~10 us each)
-EARLY_S = 0.001  # asyncio may wake a hair before the wall clock's due time: sleep a hair more
+ARM_AHEAD_MS = 500  # a timer goes to the alarm thread this long before it is due
+EARLY_S = 0.001  # a wait may end a hair before the wall clock's due time: sleep a hair more
 
 Timer = tuple[int, str, str]
 """(wake_at, execution id, sleep key): ordered as the view's timer keys are."""
 
-AppendFired = Callable[[str, str, str, int, int], Awaitable[object]]
-"""``append_fired(execution_id, workflow, sleep_key, wake_at, partition)``: append
-``TimerFired`` and wait for its acknowledgement (raise if it was not appended)."""
+Fire = Callable[[str, str, str, int, int], "concurrent.futures.Future[object]"]
+"""``fire(execution_id, workflow, sleep_key, wake_at, partition)``: append
+``TimerFired`` now, from any thread, without waiting; the future ends with its
+acknowledgement (an exception if it was not appended)."""
 
 
 class _Partition:
@@ -131,10 +140,10 @@ class TimerSchedule:
     4. ``drop(partition)`` on revocation: its timers are forgotten.
     """
 
-    def __init__(self, clock: Clock, append_fired: AppendFired,
+    def __init__(self, clock: Clock, fire: Fire,
                  may_fire: Callable[[int], bool], *, window: int = WINDOW):
         self.clock = clock
-        self.append_fired = append_fired
+        self.fire = fire
         self.may_fire = may_fire
         self.window = window
         self._parts: dict[int, _Partition] = {}
@@ -142,7 +151,7 @@ class TimerSchedule:
         self._in_flight: dict[tuple[str, str], tuple[int, bool]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._firing: set[asyncio.Task[None]] = set()
+        self._alarm: _Alarm | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -184,6 +193,7 @@ class TimerSchedule:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._alarm = _Alarm(self.clock, self._fire_at_alarm)
         self._unsubscribe = self.clock.on_advance(self._kick_threadsafe)
         self._task = asyncio.create_task(self._run(), name="ploy-timers")
 
@@ -191,15 +201,18 @@ class TimerSchedule:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        tasks = [t for t in (self._task, *self._firing) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._alarm is not None:
+            await asyncio.to_thread(self._alarm.stop)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
 
     # -- the task ------------------------------------------------------------------
 
     def _kick_threadsafe(self) -> None:
+        if self._alarm is not None:
+            self._alarm.wake()  # a manual clock moved: what is armed may be due
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self.kick)
@@ -217,7 +230,7 @@ class TimerSchedule:
             self._wake.clear()
             try:
                 scanned_all = await self._scan()
-                delay = self._fire_due()
+                delay = self._arm_due()
                 if scanned_all and any(p.needs_scan() for p in self._parts.values()):
                     delay = 0  # a partition fired its whole window: read the next one now
             except Exception:
@@ -247,16 +260,18 @@ class TimerSchedule:
                 part.scanned(found, self.window)
         return ok
 
-    def _fire_due(self) -> float | None:
-        """Start firing every due timer; the seconds until the next one is due (None: none)."""
-        now = self.clock.now()
+    def _arm_due(self) -> float | None:
+        """Hand the alarm thread every timer due within ``ARM_AHEAD_MS``; the seconds
+        until the next one is (None: none)."""
+        assert self._alarm is not None
+        horizon = self.clock.now() + ARM_AHEAD_MS
         earliest: int | None = None
-        due: list[tuple[int, PartitionView, Timer]] = []
+        armed: list[tuple[int, PartitionView, Timer]] = []
         for partition, part in self._parts.items():
             if not self.may_fire(partition):
                 continue  # looked at again after MAX_WAIT_S or a kick
             while (timer := part.peek()) is not None:
-                if timer[0] > now:
+                if timer[0] > horizon:
                     earliest = timer[0] if earliest is None else min(earliest, timer[0])
                     break
                 part.pop()
@@ -264,39 +279,57 @@ class TimerSchedule:
                 if key in self._in_flight:
                     continue  # fired already: folded soon, or tried again after a failure
                 self._in_flight[key] = (partition, False)
-                due.append((partition, part.view, timer))
-        if due:
-            task = asyncio.create_task(self._fire(due), name="ploy-timers-fire")
-            self._firing.add(task)
-            task.add_done_callback(self._firing.discard)
-        return None if earliest is None else (earliest - now) / 1000
+                armed.append((partition, part.view, timer))
+        if armed:
+            self._alarm.arm(armed)
+        return None if earliest is None else (earliest - horizon) / 1000
 
-    async def _fire(self, due: list[tuple[int, PartitionView, Timer]]) -> None:
-        """Append ``TimerFired`` for each timer still pending; try the failures again later."""
+    def _fire_at_alarm(self, partition: int, view: PartitionView, timer: Timer) -> None:
+        """In the alarm thread, at the due time: append ``TimerFired`` if the timer is
+        still pending and the partition still ours; the loop hears how it went."""
+        loop = self._loop
+        assert loop is not None
         try:
-            if len(due) <= INLINE_READS:  # a few point reads: no thread hop, which under load
-                ready = _still_pending(due)  # waits behind the pool's other work
+            if not self.may_fire(partition):
+                workflow = None  # moved, or a claim to confirm: the loop arms it again
             else:
-                ready = await asyncio.to_thread(_still_pending, due)
-        except Exception as exc:  # a view closed meanwhile: try again after RETRY_S
-            logger.warning("timers: reading the view: %s", exc)
-            for partition, _, timer in due:
-                self._retry_later(partition, timer)
+                workflow = _still_pending(view, timer)
+                if workflow is None:  # fired or cancelled meanwhile: forget it
+                    loop.call_soon_threadsafe(self._gone, timer)
+                    return
+        except Exception as exc:  # a view closed by a revocation, say
+            logger.debug("timer %s of %s: %s", timer[2], timer[1], exc)
+            workflow = None
+        if workflow is None:
+            loop.call_soon_threadsafe(self._not_fired, partition, timer)
             return
-        for partition, _, timer in due:
-            if (partition, timer) not in ready:
-                self._in_flight.pop((timer[1], timer[2]), None)  # fired or cancelled: gone
-        items = list(ready.items())
-        results = await asyncio.gather(*(
-            self.append_fired(timer[1], workflow, timer[2], timer[0], partition)
-            for (partition, timer), workflow in items), return_exceptions=True)
-        for ((partition, timer), _), result in zip(items, results, strict=True):
-            key = (timer[1], timer[2])
-            if isinstance(result, BaseException):
-                logger.warning("timer %s of %s: %s", timer[2], timer[1], result)
-                self._retry_later(partition, timer)
-            elif key in self._in_flight:
-                self._in_flight[key] = (partition, True)
+        try:
+            future = self.fire(timer[1], workflow, timer[2], timer[0], partition)
+        except Exception as exc:
+            future = concurrent.futures.Future()
+            future.set_exception(exc)
+        future.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._fired, partition, timer, done))
+
+    def _gone(self, timer: Timer) -> None:
+        self._in_flight.pop((timer[1], timer[2]), None)
+
+    def _not_fired(self, partition: int, timer: Timer) -> None:
+        """Back in the schedule (looked at again after MAX_WAIT_S or a kick)."""
+        self._in_flight.pop((timer[1], timer[2]), None)
+        part = self._parts.get(partition)
+        if part is not None:
+            part.add(timer)
+
+    def _fired(self, partition: int, timer: Timer,
+               done: concurrent.futures.Future[object]) -> None:
+        key = (timer[1], timer[2])
+        error = done.exception()
+        if error is not None:
+            logger.warning("timer %s of %s: %s", timer[2], timer[1], error)
+            self._retry_later(partition, timer)
+        elif key in self._in_flight:  # (not if the fold got there first)
+            self._in_flight[key] = (partition, True)
 
     def _retry_later(self, partition: int, timer: Timer) -> None:
         def retry() -> None:
@@ -316,11 +349,61 @@ def _timer_of(eid: str, body: SleepScheduled | WaitStarted) -> Timer | None:
     return None if body.timeout_at is None else (body.timeout_at, eid, body.wait)
 
 
-def _still_pending(due: list[tuple[int, PartitionView, Timer]]) -> dict[tuple[int, Timer], str]:
-    """(partition, timer) -> workflow of each due timer the view still has (blocking reads)."""
-    ready: dict[tuple[int, Timer], str] = {}
-    for partition, view, timer in due:
-        if view.has_timer(*timer):
-            record = view.record(timer[1])
-            ready[partition, timer] = record["workflow"] if record else ""
-    return ready
+def _still_pending(view: PartitionView, timer: Timer) -> str | None:
+    """The workflow of a due timer the view still has, or None (blocking reads)."""
+    if not view.has_timer(*timer):
+        return None
+    record = view.record(timer[1])
+    return record["workflow"] if record else ""
+
+
+class _Alarm:
+    """The alarm thread: sleeps until the earliest armed timer is due on ``clock``, then
+    calls ``fire(partition, view, timer)`` for each due one, never before its time."""
+
+    def __init__(self, clock: Clock,
+                 fire: Callable[[int, PartitionView, Timer], None]):
+        self.clock = clock
+        self.fire = fire
+        self._heap: list[tuple[Timer, int, PartitionView]] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="ploy-alarm", daemon=True)
+        self._thread.start()
+
+    def arm(self, timers: list[tuple[int, PartitionView, Timer]]) -> None:
+        with self._cond:
+            for partition, view, timer in timers:
+                heapq.heappush(self._heap, (timer, partition, view))
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    now = self.clock.now()
+                    if self._heap and self._heap[0][0][0] <= now:
+                        break
+                    wait = (MAX_WAIT_S if not self._heap
+                            else min((self._heap[0][0][0] - now) / 1000 + EARLY_S, MAX_WAIT_S))
+                    self._cond.wait(wait)
+                if self._stopped:
+                    return
+                due = []
+                while self._heap and self._heap[0][0][0] <= now:
+                    due.append(heapq.heappop(self._heap))
+            for timer, partition, view in due:
+                try:
+                    self.fire(partition, view, timer)
+                except Exception:
+                    logger.exception("timer %s of %s", timer[2], timer[1])

@@ -4,6 +4,7 @@ runtime folds them: no broker needed, the clock injected."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ class Rig:
         self.failures = 0  # appends to fail before the next succeeds
         self.fold_appends = fold_appends
         self.allowed = True
+        self.loop = asyncio.get_running_loop()
         self.schedule = TimerSchedule(self.clock, self.append_fired, lambda p: self.allowed,
                                       window=window)
 
@@ -54,14 +56,19 @@ class Rig:
         self.fold((eid, WorkflowTriggered("{}")), (eid, WorkflowStarted("w")),
                   (eid, SleepScheduled(sleep, 1, wake_at)))
 
-    async def append_fired(self, eid: str, workflow: str, sleep: str, wake_at: int,
-                           partition: int) -> None:
+    def append_fired(self, eid: str, workflow: str, sleep: str, wake_at: int,
+                     partition: int) -> concurrent.futures.Future[object]:
+        """The schedule's ``fire``, called in its alarm thread: the fold on the loop."""
+        done: concurrent.futures.Future[object] = concurrent.futures.Future()
         if self.failures:
             self.failures -= 1
-            raise ConnectionError("broker away")
+            done.set_exception(ConnectionError("broker away"))
+            return done
         self.fired.append((eid, workflow, sleep, wake_at, partition, self.clock.now()))
         if self.fold_appends:
-            self.fold((eid, TimerFired(sleep, wake_at)))
+            self.loop.call_soon_threadsafe(self.fold, (eid, TimerFired(sleep, wake_at)))
+        done.set_result(None)
+        return done
 
     async def settle(self, seconds: float = 0.15) -> None:
         await asyncio.sleep(seconds)
