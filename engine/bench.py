@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import json
 import logging
 import math
@@ -1618,11 +1617,9 @@ async def timer_wakes(view: PartitionView, samples: int) -> list[float]:
     fired = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def append(*_: object) -> concurrent.futures.Future[object]:
+    def append(*args: Any) -> None:
         loop.call_soon_threadsafe(fired.set)
-        done: concurrent.futures.Future[object] = concurrent.futures.Future()
-        done.set_result(None)
-        return done
+        loop.call_soon_threadsafe(args[-1], None)  # acknowledged
 
     schedule = TimerSchedule(Clock(), append, lambda _: True)
     schedule.load(0, view)

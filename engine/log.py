@@ -14,7 +14,6 @@ step; under load, records still batch while earlier requests are in flight.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -40,6 +39,9 @@ logger = logging.getLogger("ploy.kafka")
 
 # (partition, offset, value) of acknowledged appends, in the order of each partition.
 Acks = list[tuple[int, int, bytes]]
+# wake(loop, then): wake each event loop to resolve its appends; on ``loop``, run ``then``
+# after them. ``on_acked(acks, wake)`` must call it once (or the poll calls it).
+Wake = Callable[[asyncio.AbstractEventLoop | None, Callable[[], None] | None], None]
 
 PRODUCER_DEFAULTS = {"linger.ms": 0, "compression.type": "none"}
 PRODUCER_FIXED = {"enable.idempotence": True, "acks": "all"}
@@ -92,10 +94,10 @@ class EventLog:
     """Appends to and reads from ``<prefix>.events``.
 
     A background thread serves the producer's delivery callbacks. What one
-    poll of the producer acknowledged is handed on together: the awaiting
-    coroutines are resolved with one wake-up of their event loop, and the
-    appends go to ``on_acked`` (the fold of this process's own appends,
-    ``engine.partitions``), which folds them without a fetch from the broker.
+    poll of the producer acknowledged is handed on together: the appends go to
+    ``on_acked`` (the fold of this process's own appends, ``engine.partitions``),
+    which folds them without a fetch from the broker, and then the awaiting
+    coroutines are resolved with one wake-up of their event loop.
     """
 
     def __init__(
@@ -116,10 +118,10 @@ class EventLog:
         self.connect_timeout_s = connect_timeout_s
         self.partitions = self.ensure_topic(partitions, replication_factor)
         self.high_acked: dict[int, int] = {}
-        self.on_acked: Callable[[Acks], None] | None = None  # called on the producer's thread
+        self.on_acked: Callable[[Acks, Wake], None] | None = None  # on the producer's thread
         self._acks: Acks = []  # of the poll under way, on the producer's thread
-        self._settles: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[tuple[int, int]],
-                                  Any, Any]] = []
+        # (loop, waiter, err, msg): a future (append) or a _Done (append_from_thread)
+        self._settles: list[tuple[asyncio.AbstractEventLoop, Any, Any, Any]] = []
         self._poller_id: int | None = None  # set by the poller thread
         self._producer = Producer({
             **PRODUCER_DEFAULTS,
@@ -172,9 +174,11 @@ class EventLog:
     def _poll(self) -> None:
         """Serve delivery callbacks until closed; a failing callback must not end it.
 
-        The callbacks of one poll only collect (``_in_poll``); then the waiting
-        coroutines are resolved, one wake-up per event loop, and the
-        acknowledged appends handed to ``on_acked``.
+        The callbacks of one poll only collect (``_in_poll``). Then ``on_acked``
+        folds the acknowledged appends here, and each event loop is woken once,
+        to resolve its waiting appends and run what the fold hands it. Once: every
+        wake-up of another thread lets go of the interpreter lock, and getting it
+        back behind a busy event loop costs up to a switch interval (5 ms).
         """
         self._poller_id = threading.get_ident()
         while not self._closed.is_set():
@@ -184,19 +188,34 @@ class EventLog:
                 logger.exception("a delivery callback failed")
             settles, self._settles = self._settles, []
             acks, self._acks = self._acks, []
-            if settles:
-                by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-                for loop, *settle in settles:
-                    by_loop.setdefault(loop, []).append(settle)
-                for loop, items in by_loop.items():
-                    with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
-                        loop.call_soon_threadsafe(_settle_all, items, self.topic)
-            on_acked = self.on_acked
-            if acks and on_acked is not None:
-                try:
-                    on_acked(acks)
-                except Exception:
-                    logger.exception("folding acknowledged appends failed (the fetch folds them)")
+            self._hand_on(settles, acks)
+
+    def _hand_on(self, settles: list[Any], acks: Acks) -> None:
+        """What one poll acknowledged: to ``on_acked``, then one wake-up per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for loop, *settle in settles:
+            by_loop.setdefault(loop, []).append(settle)
+        woken = False
+
+        def wake(loop: asyncio.AbstractEventLoop | None,
+                 then: Callable[[], None] | None) -> None:
+            nonlocal woken
+            woken = True
+            if loop is not None and then is not None and loop not in by_loop:
+                by_loop[loop] = []
+            for each, items in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
+                    each.call_soon_threadsafe(_settle_all, items, self.topic,
+                                              then if each is loop else None)
+
+        on_acked = self.on_acked
+        if acks and on_acked is not None:
+            try:
+                on_acked(acks, wake)
+            except Exception:
+                logger.exception("folding acknowledged appends failed (the fetch folds them)")
+        if not woken:
+            wake(None, None)
 
     def _in_poll(self) -> bool:
         """Whether this delivery callback runs in the poller thread's poll (not in a
@@ -265,20 +284,20 @@ class EventLog:
 
         self._produce(event, delivered, partition)
 
-    def append_threadsafe(self, event: Event, partition: int | None = None
-                          ) -> concurrent.futures.Future[tuple[int, int]]:
-        """Append from any thread without waiting; the future ends with the
-        acknowledgement, (partition, offset), or an AppendError."""
-        future: concurrent.futures.Future[tuple[int, int]] = concurrent.futures.Future()
+    def append_from_thread(self, event: Event, loop: asyncio.AbstractEventLoop,
+                           done: Callable[[AppendError | None, int], None]) -> None:
+        """Append from any thread without waiting; ``done(error, offset)`` runs on
+        ``loop`` once the broker acknowledged (error None) or refused the event, with
+        the poll's other acknowledgements (one wake-up of the loop for all)."""
 
         def delivered(err: KafkaError | None, msg: Any) -> None:
-            if err is not None:
-                future.set_exception(AppendError(self.topic, str(err), _permanent(err)))
+            item = (_Done(done), err, msg)
+            if self._in_poll():
+                self._settles.append((loop, *item))
             else:
-                future.set_result((msg.partition(), msg.offset()))
+                loop.call_soon_threadsafe(_settle_all, [item], self.topic, None)
 
-        self._produce(event, delivered, partition)
-        return future
+        self._produce(event, delivered)
 
     def append_sync(self, event: Event, timeout_s: float = 30.0,
                     partition: int | None = None) -> tuple[int, int]:
@@ -391,9 +410,30 @@ def _permanent(err: Any) -> bool:
     return isinstance(err, KafkaError) and err.code() in _REFUSALS
 
 
-def _settle_all(items: list[Any], topic: str) -> None:
-    for future, err, msg in items:
-        _settle(future, err, msg, topic)
+class _Done:
+    """A callback awaiting an append from another thread (``append_from_thread``)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: Callable[[AppendError | None, int], None]):
+        self.done = done
+
+
+def _settle_all(items: list[Any], topic: str, then: Callable[[], None] | None) -> None:
+    """On the event loop: resolve the appends one poll acknowledged, then run ``then``."""
+    for waiter, err, msg in items:
+        if isinstance(waiter, _Done):
+            try:
+                if err is not None:
+                    waiter.done(AppendError(topic, str(err), _permanent(err)), -1)
+                else:
+                    waiter.done(None, msg.offset())
+            except Exception:
+                logger.exception("an append's callback failed")
+        else:
+            _settle(waiter, err, msg, topic)
+    if then is not None:
+        then()
 
 
 def _settle(future: asyncio.Future[tuple[int, int]], err: Any, msg: Any, topic: str) -> None:

@@ -30,6 +30,7 @@ One lock keeps the two folds of a partition in order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -41,7 +42,7 @@ from confluent_kafka import TopicPartition
 
 from engine.errors import CorruptEventError
 from engine.events import Event
-from engine.log import Acks, EventLog
+from engine.log import Acks, EventLog, Wake
 from engine.skips import apply_or_skip, find_skip
 from engine.view import PartitionView
 
@@ -210,11 +211,11 @@ class Partitions:
             logger.error("%s", failure)
         return applied
 
-    def fold_acked(self, acks: Acks) -> None:
+    def fold_acked(self, acks: Acks, wake: Wake) -> None:
         """On the producer's thread: fold this process's acknowledged appends now, each
-        partition's run that starts at its view's next offset (see the module docstring).
-        Anything else is left to the fetch; so is a record the fold refuses (it stops
-        the partition there, loudly)."""
+        partition's run that starts at its view's next offset (see the module docstring),
+        and have ``wake`` tell the event loop, in log order. Anything else is left to the
+        fetch; so is a record the fold refuses (it stops the partition there, loudly)."""
         runs: dict[int, list[tuple[int, bytes]]] = {}
         for partition, offset, value in acks:
             runs.setdefault(partition, []).append((offset, value))
@@ -230,7 +231,7 @@ class Partitions:
                 if run:  # (applied may be empty: claims; readers of the offset still wake)
                     folded.append((p, view.apply(run)[0]))
             if folded:  # in the lock: the event loop hears of the folds in log order
-                self._loop.call_soon_threadsafe(self._applied_all, folded)
+                wake(self._loop, functools.partial(self._applied_all, folded))
 
     def _apply_commands(self) -> None:
         with self._lock:

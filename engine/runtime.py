@@ -22,7 +22,6 @@ partition, and asks no one.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -46,6 +45,7 @@ from engine.clock import Clock
 from engine.config import Config
 from engine.directory import Directory
 from engine.errors import (
+    AppendError,
     CorruptEventError,
     InvalidInputError,
     InvalidKeyError,
@@ -73,6 +73,7 @@ from engine.events import (
     WorkflowStarted,
     WorkflowTriggered,
     claim_id,
+    new_execution_id,
 )
 from engine.execution import (
     CHILD_ENDED,
@@ -233,23 +234,21 @@ class Runtime(Queries):
         self._timed = owned
 
     def _fire_timer(self, eid: str, workflow: str, sleep_key: str, wake_at: int,
-                    partition: int) -> concurrent.futures.Future[object]:
+                    partition: int, done: Callable[[BaseException | None], None]) -> None:
         """From the alarm thread (``engine.timers``): append ``TimerFired`` now. Once it is
         acknowledged, the event loop resumes the execution with the value in hand (as a
         trigger does), not a fold hop later: the fold's ``TimerFired`` then starts nothing."""
         loop = self._loop
         assert loop is not None
-        future = self.log.append_threadsafe(Event(
+
+        def acked(error: AppendError | None, offset: int) -> None:
+            if error is None:
+                self._timer_acked(eid, workflow, sleep_key, partition, offset)
+            done(error)  # (an error: the schedule tries again)
+
+        self.log.append_from_thread(Event(
             eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
-            epoch=self.ownership.epoch_of(partition)))
-
-        def acked(done: concurrent.futures.Future[tuple[int, int]]) -> None:
-            if done.exception() is None:  # (else the schedule tries again)
-                loop.call_soon_threadsafe(self._timer_acked, eid, workflow, sleep_key,
-                                          partition, done.result()[1])
-
-        future.add_done_callback(acked)
-        return future  # type: ignore[return-value]
+            epoch=self.ownership.epoch_of(partition)), loop, acked)
 
     def _timer_acked(self, eid: str, workflow: str, sleep_key: str, partition: int,
                      offset: int) -> None:
@@ -594,7 +593,7 @@ class Runtime(Queries):
             erasure.check_subject(subject)
         # Step 2.
         if idempotency_key is None:
-            eid = self.flow.place(workflow, text, uuid.uuid4().hex)
+            eid = self.flow.place(workflow, text, new_execution_id())
         else:
             eid = uuid.uuid5(ID_NAMESPACE, f"{workflow}\x00{idempotency_key}").hex
             eid = self.flow.place(workflow, text, eid)  # a limited workflow: its key's partition

@@ -19,7 +19,7 @@ the fold ignores the second firing.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import functools
 import heapq
 import logging
 import threading
@@ -44,10 +44,11 @@ EARLY_S = 0.001  # a wait may end a hair before the wall clock's due time: sleep
 Timer = tuple[int, str, str]
 """(wake_at, execution id, sleep key): ordered as the view's timer keys are."""
 
-Fire = Callable[[str, str, str, int, int], "concurrent.futures.Future[object]"]
-"""``fire(execution_id, workflow, sleep_key, wake_at, partition)``: append
-``TimerFired`` now, from any thread, without waiting; the future ends with its
-acknowledgement (an exception if it was not appended)."""
+Done = Callable[[BaseException | None], None]
+Fire = Callable[[str, str, str, int, int, Done], None]
+"""``fire(execution_id, workflow, sleep_key, wake_at, partition, done)``: append
+``TimerFired`` now, from the alarm thread, without waiting; ``done(error)`` runs on
+the event loop once it is acknowledged (error None) or was not appended."""
 
 
 class _Partition:
@@ -304,12 +305,10 @@ class TimerSchedule:
             loop.call_soon_threadsafe(self._not_fired, partition, timer)
             return
         try:
-            future = self.fire(timer[1], workflow, timer[2], timer[0], partition)
-        except Exception as exc:
-            future = concurrent.futures.Future()
-            future.set_exception(exc)
-        future.add_done_callback(
-            lambda done: loop.call_soon_threadsafe(self._fired, partition, timer, done))
+            self.fire(timer[1], workflow, timer[2], timer[0], partition,
+                      functools.partial(self._fired, partition, timer))
+        except Exception as exc:  # not handed to the producer (its queue full, say)
+            loop.call_soon_threadsafe(self._fired, partition, timer, exc)
 
     def _gone(self, timer: Timer) -> None:
         self._in_flight.pop((timer[1], timer[2]), None)
@@ -321,10 +320,9 @@ class TimerSchedule:
         if part is not None:
             part.add(timer)
 
-    def _fired(self, partition: int, timer: Timer,
-               done: concurrent.futures.Future[object]) -> None:
+    def _fired(self, partition: int, timer: Timer, error: BaseException | None) -> None:
+        """On the event loop: how a firing went."""
         key = (timer[1], timer[2])
-        error = done.exception()
         if error is not None:
             logger.warning("timer %s of %s: %s", timer[2], timer[1], error)
             self._retry_later(partition, timer)

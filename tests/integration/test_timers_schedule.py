@@ -4,7 +4,6 @@ runtime folds them: no broker needed, the clock injected."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import time
 from pathlib import Path
@@ -57,18 +56,16 @@ class Rig:
                   (eid, SleepScheduled(sleep, 1, wake_at)))
 
     def append_fired(self, eid: str, workflow: str, sleep: str, wake_at: int,
-                     partition: int) -> concurrent.futures.Future[object]:
+                     partition: int, done: timers.Done) -> None:
         """The schedule's ``fire``, called in its alarm thread: the fold on the loop."""
-        done: concurrent.futures.Future[object] = concurrent.futures.Future()
         if self.failures:
             self.failures -= 1
-            done.set_exception(ConnectionError("broker away"))
-            return done
+            self.loop.call_soon_threadsafe(done, ConnectionError("broker away"))
+            return
         self.fired.append((eid, workflow, sleep, wake_at, partition, self.clock.now()))
         if self.fold_appends:
             self.loop.call_soon_threadsafe(self.fold, (eid, TimerFired(sleep, wake_at)))
-        done.set_result(None)
-        return done
+        self.loop.call_soon_threadsafe(done, None)
 
     async def settle(self, seconds: float = 0.15) -> None:
         await asyncio.sleep(seconds)
