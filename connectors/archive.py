@@ -293,7 +293,7 @@ class ArchiveSink(SinkThread):
     def setup(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._check_topic()
-        self.tail = EventTail(self.log, "sink.archive")
+        self.tail = EventTail(self.log, "sink.archive", batched=True)  # ARCHIVE_SYNC_S holds
 
     def start_partition(self, partition: int) -> None:
         recover_open_files(self.directory, partition)
