@@ -17,7 +17,11 @@ class Clock:
     """Wall-clock milliseconds since the Unix epoch."""
 
     def now(self) -> int:
-        return time.time_ns() // 1_000_000
+        return self.now_ns() // 1_000_000
+
+    def now_ns(self) -> int:
+        """The same clock in nanoseconds (to sleep until a millisecond, not past it)."""
+        return time.time_ns()
 
     def on_advance(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback()`` whenever the clock is moved ahead by command; returns the
@@ -42,8 +46,8 @@ class ManualClock(Clock):
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
 
-    def now(self) -> int:
-        return super().now() + self.offset_ms
+    def now_ns(self) -> int:
+        return super().now_ns() + self.offset_ms * 1_000_000
 
     def advance(self, ms: int) -> None:
         """Move time forward by ``ms`` milliseconds."""

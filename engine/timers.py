@@ -39,7 +39,8 @@ WINDOW = 10_000  # timers of one partition read into memory at a time; later one
 MAX_WAIT_S = 1.0  # look again at least this often (a wall clock set ahead; a may_fire that changed)
 RETRY_S = 0.5  # a TimerFired append that failed is tried again after this
 ARM_AHEAD_MS = 500  # a timer goes to the alarm thread this long before it is due
-EARLY_S = 0.001  # a wait may end a hair before the wall clock's due time: sleep a hair more
+EARLY_S = 0.001  # the loop's wait may end a hair before the due time: it sleeps a hair more
+ALARM_SLACK_S = 0.0001  # the alarm thread wakes this long after the due millisecond begins
 
 Timer = tuple[int, str, str]
 """(wake_at, execution id, sleep key): ordered as the view's timer keys are."""
@@ -392,8 +393,9 @@ class _Alarm:
                     now = self.clock.now()
                     if self._heap and self._heap[0][0][0] <= now:
                         break
-                    wait = (MAX_WAIT_S if not self._heap
-                            else min((self._heap[0][0][0] - now) / 1000 + EARLY_S, MAX_WAIT_S))
+                    due_ns = self._heap[0][0][0] * 1_000_000 if self._heap else None
+                    wait = MAX_WAIT_S if due_ns is None else min(
+                        (due_ns - self.clock.now_ns()) / 1e9 + ALARM_SLACK_S, MAX_WAIT_S)
                     self._cond.wait(wait)
                 if self._stopped:
                     return
