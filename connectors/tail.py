@@ -73,6 +73,11 @@ class _Claims:
 BATCHED_FETCH = {"fetch.wait.max.ms": 200, "fetch.min.bytes": 256 * 1024}
 
 
+def _batched(log: EventLog) -> dict[str, int]:
+    """``BATCHED_FETCH``, but what the user set in ``kafka.config`` wins."""
+    return {k: v for k, v in BATCHED_FETCH.items() if k not in log.extra}
+
+
 class EventTail:
     """Reads the events topic from a :class:`Position`, in order per partition.
 
@@ -92,7 +97,7 @@ class EventTail:
         self._claims: dict[int, _Claims] = {}
         self._consumer = make_consumer(log, f"{log.topic}.{name}",
                                        **{"enable.partition.eof": True,
-                                          **(BATCHED_FETCH if batched else {})})
+                                          **(_batched(log) if batched else {})})
         if position is not None:
             for p in range(log.partitions):
                 self._follow(p, position.offsets.get(p, 0), position.epochs.get(p, 0))

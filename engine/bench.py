@@ -1880,34 +1880,38 @@ class PeerClient:
         self.slots = asyncio.Semaphore(PEER_CONNECTIONS)
 
     async def _request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """(status, JSON body) of one request; a connection the server closed while idle
-        is replaced and the request sent again (it was not read)."""
+        """(status, JSON body) of one request. A kept-alive connection the server closed
+        while idle (nothing read back) is replaced and the request sent once more."""
         payload = b"" if body is None else json.dumps(body).encode()
         head = (f"{method} {self.prefix}{path} HTTP/1.1\r\nHost: {self.host}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n")
         async with self.slots:
             for attempt in range(2):
-                reader, writer = await self._connection()
+                reader, writer, reused = await self._connection()
                 try:
                     writer.write(head.encode() + payload)
                     status, answer = await self._response(reader)
-                except (ConnectionError, asyncio.IncompleteReadError):
+                except BaseException as exc:
                     writer.close()
-                    if attempt:
+                    closed_idle = (isinstance(exc, ConnectionError) or (
+                        isinstance(exc, asyncio.IncompleteReadError) and not exc.partial))
+                    if attempt or not reused or not closed_idle:
                         raise
                     continue
                 self.free.append((reader, writer, time.monotonic()))
                 return status, answer
         raise AssertionError("unreachable")
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """A free kept-alive connection (True: reused), or a new one."""
         now = time.monotonic()
         while self.free:
             reader, writer, idle_since = self.free.pop()
             if now - idle_since < PEER_KEEPALIVE_S:
-                return reader, writer
+                return reader, writer, True
             writer.close()
-        return await asyncio.open_connection(self.host, self.port)
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        return reader, writer, False
 
     @staticmethod
     async def _response(reader: asyncio.StreamReader) -> tuple[int, Any]:
@@ -1931,6 +1935,12 @@ class PeerClient:
         if status not in (200, 201, 202):
             raise RuntimeError(f"trigger {binding}: {status} {answer}")
         return answer  # type: ignore[no-any-return]
+
+    async def call(self, binding: str, value: Any) -> dict[str, Any]:
+        """Trigger and wait for the ended execution in one request (``?wait=``); on a
+        202 (not ended within the wait) on through the result's long-poll."""
+        answer = await self.trigger(binding, value, wait=PEER_WAIT)
+        return answer if "status" in answer else await self.result(answer)
 
     async def result(self, started: dict[str, Any]) -> dict[str, Any]:
         """The ended execution through the long-poll (asked again on each 202)."""
@@ -1996,7 +2006,7 @@ async def _peer_sequential(bench: Bench, client: PeerClient, server: PeerServer,
     trigger: list[float] = []
     for i in range(n):
         started = time.perf_counter()
-        execution = await client.trigger("STEPS", {"n": i}, wait=PEER_WAIT)
+        execution = await client.call("STEPS", {"n": i})
         total.append(ms(time.perf_counter() - started))
         if execution.get("status") != "completed":
             raise RuntimeError(f"execution {execution['execution_id']} ended "
@@ -2058,7 +2068,7 @@ async def _peer_sleep(bench: Bench, client: PeerClient, server: PeerServer, n: i
     async def sleeper(delay: float) -> tuple[float, float, float]:
         await asyncio.sleep(delay)
         started = time.perf_counter()
-        execution = await client.trigger("SLEEP", {"ms": PEER_SLEEP_MS}, wait=PEER_WAIT)
+        execution = await client.call("SLEEP", {"ms": PEER_SLEEP_MS})
         seen = ms(time.perf_counter() - started) - PEER_SLEEP_MS
         events = await client.history(execution["execution_id"])
         wake_at = next(e["body"]["wake_at"] for e in events if e["type"] == "SleepScheduled")

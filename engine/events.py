@@ -8,7 +8,6 @@ JSON text, so the Avro contract never changes with a user's models.
 from __future__ import annotations
 
 import os
-import random
 import threading
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -326,42 +325,45 @@ def claim_id(partition: int) -> str:
     return f"partition-{partition}"
 
 
-_ids = random.Random()  # seeded from os.urandom; reseeded in a forked child
-_random_lock = threading.Lock()
-_random_bytes = b""  # from os.urandom, drawn a page at a time (see new_execution_id)
-_random_at = 0
+class _RandomIds:
+    """Ids of 32 hex digits from the operating system's CSPRNG (as ``uuid4().hex``),
+    drawn 4 KiB at a time: one system call per 256 ids instead of one per id.
+
+    Why: os.urandom lets go of the interpreter lock for its system call, and on a
+    busy event loop each such call hands the lock to another thread and waits to
+    get it back (measured: ~150 us a call under load, a quarter of the loop's time).
+    """
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """Start afresh; in a forked child: never the parent's bytes (nor its lock)."""
+        self._lock = threading.Lock()
+        self._bytes = b""
+        self._at = 0
+
+    def next(self) -> str:
+        with self._lock:
+            if self._at + 16 > len(self._bytes):
+                self._bytes, self._at = os.urandom(4096), 0
+            chunk = self._bytes[self._at:self._at + 16]
+            self._at += 16
+        return chunk.hex()
+
+
+_random_ids = _RandomIds()
+os.register_at_fork(after_in_child=_random_ids.forget)
 
 
 def new_execution_id() -> str:
-    """32 hex digits from the operating system's CSPRNG (as ``uuid4().hex``: an id
-    nobody can guess from others), drawn 4 KiB at a time: one system call per 256 ids
-    instead of one per id (see :func:`new_event_id` for why that matters)."""
-    global _random_bytes, _random_at
-    with _random_lock:
-        if _random_at + 16 > len(_random_bytes):
-            _random_bytes, _random_at = os.urandom(4096), 0
-        chunk = _random_bytes[_random_at:_random_at + 16]
-        _random_at += 16
-    return chunk.hex()
-
-
-def _forget_random_bytes() -> None:
-    global _random_bytes, _random_at
-    _random_bytes, _random_at = b"", 0
-
-
-os.register_at_fork(after_in_child=_forget_random_bytes)  # a child never reuses the parent's
+    """A random execution id, 32 hex digits: unique, and not guessable from others."""
+    return _random_ids.next()
 
 
 def new_event_id() -> str:
-    """A random 128-bit id, as 32 hex digits; consumers of the log deduplicate on it.
-
-    Not ``uuid4``: os.urandom lets go of the interpreter lock for its system call,
-    and on a busy event loop each such call hands the lock to another thread and
-    waits to get it back (measured: ~150 us a call under load, a quarter of the
-    loop's time). Event ids need to be unique, not unguessable.
-    """
-    return f"{_ids.getrandbits(128):032x}"
+    """A random id, 32 hex digits; consumers of the log deduplicate on it."""
+    return _random_ids.next()
 
 
 @dataclass(frozen=True)

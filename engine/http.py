@@ -818,7 +818,9 @@ class _Api:
             return _json(201, started)
         try:
             execution = await runtime.wait_for_end(eid, wait_s, min_offset=offset)
-        except TimeoutError:
+        except Exception as exc:  # ran out, or its owner is changing: it is started all
+            if not isinstance(exc, TimeoutError):  # the same, say so (never an error that
+                logger.info("trigger %s: waiting for its end: %s", eid, exc)  # invites a retry)
             return _json(202, started)
         if execution is None:  # gone already (a retention of 0)
             return _json(202, started)

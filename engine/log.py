@@ -188,7 +188,10 @@ class EventLog:
                 logger.exception("a delivery callback failed")
             settles, self._settles = self._settles, []
             acks, self._acks = self._acks, []
-            self._hand_on(settles, acks)
+            try:
+                self._hand_on(settles, acks)
+            except Exception:  # never the end of the thread that serves every append
+                logger.exception("handing on acknowledgements failed")
 
     def _hand_on(self, settles: list[Any], acks: Acks) -> None:
         """What one poll acknowledged: to ``on_acked``, then one wake-up per event loop."""
@@ -200,13 +203,13 @@ class EventLog:
         def wake(loop: asyncio.AbstractEventLoop | None,
                  then: Callable[[], None] | None) -> None:
             nonlocal woken
-            woken = True
             if loop is not None and then is not None and loop not in by_loop:
                 by_loop[loop] = []
             for each, items in by_loop.items():
                 with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
                     each.call_soon_threadsafe(_settle_all, items, self.topic,
                                               then if each is loop else None)
+            woken = True
 
         on_acked = self.on_acked
         if acks and on_acked is not None:
@@ -230,7 +233,7 @@ class EventLog:
         def delivered(err: KafkaError | None, msg: Any) -> None:
             if err is None:
                 self._acked(msg.partition(), msg.offset())
-                if self._in_poll():
+                if self.on_acked is not None and self._in_poll():
                     self._acks.append((msg.partition(), msg.offset(), msg.value()))
             on_delivery(err, msg)
 
@@ -270,7 +273,8 @@ class EventLog:
             if self._in_poll():
                 self._settles.append((loop, future, err, msg))  # resolved after the poll
             else:
-                loop.call_soon_threadsafe(_settle, future, err, msg, self.topic)
+                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                    loop.call_soon_threadsafe(_settle, future, err, msg, self.topic)
 
         self._produce(event, delivered, partition)
         return await future
@@ -295,7 +299,8 @@ class EventLog:
             if self._in_poll():
                 self._settles.append((loop, *item))
             else:
-                loop.call_soon_threadsafe(_settle_all, [item], self.topic, None)
+                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
+                    loop.call_soon_threadsafe(_settle_all, [item], self.topic, None)
 
         self._produce(event, delivered)
 

@@ -214,24 +214,39 @@ class Partitions:
     def fold_acked(self, acks: Acks, wake: Wake) -> None:
         """On the producer's thread: fold this process's acknowledged appends now, each
         partition's run that starts at its view's next offset (see the module docstring),
-        and have ``wake`` tell the event loop, in log order. Anything else is left to the
-        fetch; so is a record the fold refuses (it stops the partition there, loudly)."""
-        runs: dict[int, list[tuple[int, bytes]]] = {}
-        for partition, offset, value in acks:
-            runs.setdefault(partition, []).append((offset, value))
+        and have ``wake`` tell the event loop, in log order.
+
+        Anything else is left to the fetch: a record after a gap, a fold that fails
+        (the fetch meets the same failure and stops the partition, loudly), and all
+        of it while the fold thread holds the lock (a catch-up, a look for a skip
+        marker): the producer's thread never waits for the fold thread, or every
+        acknowledgement of the process would wait with it.
+        """
+        if not self._fold_lock.acquire(blocking=False):
+            return
         folded: list[tuple[int, Applied]] = []
-        with self._fold_lock:
+        try:
             if self._stop.is_set() or self._loop is None:
                 return
+            runs: dict[int, list[tuple[int, bytes]]] = {}
+            for partition, offset, value in acks:
+                runs.setdefault(partition, []).append((offset, value))
             for p, records in runs.items():
                 view = self.views.get(p)
                 if view is None or p not in self.following or p in self.stalled:
                     continue
                 run = _run_from(view.next_offset, records)
-                if run:  # (applied may be empty: claims; readers of the offset still wake)
+                if not run:
+                    continue
+                try:  # (applied may be empty: claims; readers of the offset still wake)
                     folded.append((p, view.apply(run)[0]))
+                except Exception:  # nothing of it written: the fetch folds it (or stops)
+                    logger.debug("partition %d: folding acknowledged appends", p,
+                                 exc_info=True)
+        finally:
             if folded:  # in the lock: the event loop hears of the folds in log order
                 wake(self._loop, functools.partial(self._applied_all, folded))
+            self._fold_lock.release()
 
     def _apply_commands(self) -> None:
         with self._lock:
@@ -287,6 +302,8 @@ class Partitions:
     def _fold_polled(self, batches: dict[int, list[tuple[int, bytes]]]) -> None:
         """Steps 3 and 4 of the fold thread (in the fold lock)."""
         assert self._loop is not None
+        if self._stop.is_set():
+            return  # stopping: the views may be closed
         folded: list[tuple[int, Applied]] = []
         for p, records in batches.items():
             if p not in self.following:

@@ -236,8 +236,11 @@ class Runtime(Queries):
     def _fire_timer(self, eid: str, workflow: str, sleep_key: str, wake_at: int,
                     partition: int, done: Callable[[BaseException | None], None]) -> None:
         """From the alarm thread (``engine.timers``): append ``TimerFired`` now. Once it is
-        acknowledged, the event loop resumes the execution with the value in hand (as a
-        trigger does), not a fold hop later: the fold's ``TimerFired`` then starts nothing."""
+        acknowledged, the event loop resumes the execution: usually the fold of this
+        process's own append got there first (in the same wake-up) and started it; if
+        not (another writer's record came first, the fold thread was busy), it resumes
+        with the value in hand, not a fetch later, and the fold's ``TimerFired`` then
+        starts nothing."""
         loop = self._loop
         assert loop is not None
 
@@ -252,8 +255,11 @@ class Runtime(Queries):
 
     def _timer_acked(self, eid: str, workflow: str, sleep_key: str, partition: int,
                      offset: int) -> None:
-        self.tracing.slept(self.views.get(partition), eid, workflow, sleep_key, self.clock.now())
-        self._spawn(self._resume_fired(eid, sleep_key, partition, offset), f"ploy-woke-{eid}")
+        view = self.views.get(partition)
+        self.tracing.slept(view, eid, workflow, sleep_key, self.clock.now())
+        if view is not None and view.next_offset <= offset:  # (else the fold started it)
+            self._spawn(self._resume_fired(eid, sleep_key, partition, offset),
+                        f"ploy-woke-{eid}")
 
     async def _resume_fired(self, eid: str, sleep_key: str, partition: int, offset: int) -> None:
         """Start the runner of a sleep this process just fired, from the view as it stands

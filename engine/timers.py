@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import heapq
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -135,7 +136,7 @@ class TimerSchedule:
     3. One task sleeps until the earliest wake time (or until woken: a new
        earlier timer, a load, a :class:`~engine.clock.ManualClock` advanced).
        When the clock reaches a timer's ``wake_at``, never before, and
-       ``may_fire(partition)`` holds, it calls ``append_fired``; an append that
+       ``may_fire(partition)`` holds, the alarm thread calls ``fire``; an append that
        fails is tried again after ``RETRY_S``. A timer whose append was
        acknowledged is not fired again by this process until the fold has
        applied that ``TimerFired``.
@@ -364,7 +365,8 @@ class _Alarm:
                  fire: Callable[[int, PartitionView, Timer], None]):
         self.clock = clock
         self.fire = fire
-        self._heap: list[tuple[Timer, int, PartitionView]] = []
+        self._heap: list[tuple[Timer, int, int, PartitionView]] = []
+        self._armed = itertools.count()  # ties: never compare two views
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="ploy-alarm", daemon=True)
@@ -373,7 +375,7 @@ class _Alarm:
     def arm(self, timers: list[tuple[int, PartitionView, Timer]]) -> None:
         with self._cond:
             for partition, view, timer in timers:
-                heapq.heappush(self._heap, (timer, partition, view))
+                heapq.heappush(self._heap, (timer, partition, next(self._armed), view))
             self._cond.notify()
 
     def wake(self) -> None:
@@ -402,7 +404,7 @@ class _Alarm:
                 due = []
                 while self._heap and self._heap[0][0][0] <= now:
                     due.append(heapq.heappop(self._heap))
-            for timer, partition, view in due:
+            for timer, partition, _, view in due:
                 try:
                     self.fire(partition, view, timer)
                 except Exception:

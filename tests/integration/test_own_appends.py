@@ -110,3 +110,39 @@ async def test_after_another_writers_record_the_fetch_folds_on_in_log_order(
     finally:
         log.close()
     assert dump(state_dir / topic, topic) == before
+
+
+async def test_a_failing_fold_of_acknowledgements_loses_no_notification(
+        kafka: str, topic_prefix: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One partition's fold on the producer's thread fails: the others' are still told
+    to the event loop, and the fetch folds the failed one (nothing of it was written)."""
+    import threading
+
+    from engine.view import PartitionView
+
+    apply = PartitionView.apply
+    failed = []
+
+    def flaky(self: PartitionView, records: Any) -> Any:
+        if threading.current_thread().name == "ploy-producer" and self.partition == 1:
+            failed.append(self.partition)
+            raise OSError("disk hiccup")
+        return apply(self, records)
+
+    monkeypatch.setattr(PartitionView, "apply", flaky)
+    config = engine_config(kafka, topic_prefix, state_dir, workflow={"THREE": "three"},
+                           partitions=2)
+    async with running_engine(steps_worker(), config) as engine:
+        handles = await asyncio.gather(*(engine.env.THREE.trigger({"n": n}) for n in range(20)))
+        results = await asyncio.gather(*(h.result(timeout=20) for h in handles))
+        assert results == [n + 3 for n in range(20)]
+        assert failed and engine.runtime.stalled == {}
+    monkeypatch.setattr(PartitionView, "apply", apply)
+    topic = f"{topic_prefix}.events"
+    before = dump(state_dir / topic, topic)
+    log = EventLog(kafka, topic_prefix)
+    try:
+        rebuild(log, state_dir / topic)
+    finally:
+        log.close()
+    assert dump(state_dir / topic, topic) == before
