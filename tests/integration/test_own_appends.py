@@ -38,6 +38,18 @@ def steps_worker() -> Any:
     return app.build()
 
 
+def assert_rebuild_is_identical(kafka: str, topic_prefix: str, state_dir: Path) -> None:
+    """Refold the view from offset 0: the same bytes (the view is a function of the log)."""
+    topic = f"{topic_prefix}.events"
+    before = dump(state_dir / topic, topic)
+    log = EventLog(kafka, topic_prefix)
+    try:
+        rebuild(log, state_dir / topic)
+    finally:
+        log.close()
+    assert dump(state_dir / topic, topic) == before
+
+
 @pytest.fixture
 def no_fetch(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, bool]]:
     """``switch["fetch"] = False`` stops the fold thread's fetches (True: on again)."""
@@ -69,14 +81,7 @@ async def test_executions_end_and_results_wake_with_no_fetch_at_all(
         no_fetch["fetch"] = True  # the fetch now brings what is folded already: stepped over
         await asyncio.sleep(0.5)
         assert engine.runtime.stalled == {}
-    topic = f"{topic_prefix}.events"
-    before = dump(state_dir / topic, topic)
-    log = EventLog(kafka, topic_prefix)
-    try:
-        rebuild(log, state_dir / topic)
-    finally:
-        log.close()
-    assert dump(state_dir / topic, topic) == before
+    assert_rebuild_is_identical(kafka, topic_prefix, state_dir)
 
 
 async def test_after_another_writers_record_the_fetch_folds_on_in_log_order(
@@ -102,14 +107,7 @@ async def test_after_another_writers_record_the_fetch_folds_on_in_log_order(
         assert await handle.result(timeout=10) == 4
         elsewhere = await runtime.wait_for_end("from-elsewhere", 10)
         assert elsewhere is not None and elsewhere.output == 103
-    topic = f"{topic_prefix}.events"
-    before = dump(state_dir / topic, topic)
-    log = EventLog(kafka, topic_prefix)
-    try:
-        rebuild(log, state_dir / topic)
-    finally:
-        log.close()
-    assert dump(state_dir / topic, topic) == before
+    assert_rebuild_is_identical(kafka, topic_prefix, state_dir)
 
 
 async def test_a_failing_fold_of_acknowledgements_loses_no_notification(
@@ -138,11 +136,4 @@ async def test_a_failing_fold_of_acknowledgements_loses_no_notification(
         assert results == [n + 3 for n in range(20)]
         assert failed and engine.runtime.stalled == {}
     monkeypatch.setattr(PartitionView, "apply", apply)
-    topic = f"{topic_prefix}.events"
-    before = dump(state_dir / topic, topic)
-    log = EventLog(kafka, topic_prefix)
-    try:
-        rebuild(log, state_dir / topic)
-    finally:
-        log.close()
-    assert dump(state_dir / topic, topic) == before
+    assert_rebuild_is_identical(kafka, topic_prefix, state_dir)
