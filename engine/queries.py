@@ -47,6 +47,7 @@ class Queries:
     directory: Directory | None
     key_store: KeyStore  # opens data subjects' sealed payloads for every answer
     _watchers: dict[str, list[asyncio.Queue[Seen]]]
+    _end_watchers: dict[str, list[asyncio.Queue[Seen]]]
     _listers: list[ChangeFeed]
 
     # -- queries: here if this process folds the partition, else at its owner ------------
@@ -148,18 +149,21 @@ class Queries:
     # -- results pushed, not polled ----------------------------------------------------
 
     @contextlib.contextmanager
-    def _watch(self, execution_id: str) -> Iterator[asyncio.Queue[Seen]]:
-        """A queue of the execution's events as the fold applies them (costs nothing idle)."""
+    def _watch(self, execution_id: str, *, ends_only: bool = False
+               ) -> Iterator[asyncio.Queue[Seen]]:
+        """A queue of the execution's events as the fold applies them (costs nothing idle);
+        ``ends_only``: only those that may end it (a result waiter wakes once, not per step)."""
+        watchers = self._end_watchers if ends_only else self._watchers
         queue: asyncio.Queue[Seen] = asyncio.Queue()
-        self._watchers.setdefault(execution_id, []).append(queue)
+        watchers.setdefault(execution_id, []).append(queue)
         try:
             yield queue
         finally:
-            queues = self._watchers.get(execution_id, [])
+            queues = watchers.get(execution_id, [])
             if queue in queues:
                 queues.remove(queue)
             if not queues:
-                self._watchers.pop(execution_id, None)
+                watchers.pop(execution_id, None)
 
     # -- what changed, for live lists ---------------------------------------------------
 
@@ -224,7 +228,7 @@ class Queries:
                          min_offset: int | None) -> Execution | None | object:
         """``wait_for_end`` on a partition folded here; ``_MOVED`` if it stops being so."""
         loop = asyncio.get_running_loop()
-        with self._watch(execution_id) as seen:
+        with self._watch(execution_id, ends_only=True) as seen:
             execution = await self.get_execution(execution_id, min_offset=min_offset)
             while execution is not None and not execution.status.terminal:
                 if not self.partitions.folds(partition):

@@ -89,7 +89,7 @@ from engine.metrics import Metrics
 from engine.models import ExecutionStatus
 from engine.ownership import Ownership
 from engine.partitions import Applied, Partitions
-from engine.queries import ChangeFeed, Queries, Seen
+from engine.queries import ENDS, ChangeFeed, Queries, Seen
 from engine.schedules import Scheduler
 from engine.threads import StepThreads
 from engine.timers import TimerSchedule
@@ -144,6 +144,7 @@ class Runtime(Queries):
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start
         # Who waits on an execution's events (a result, a stream): fed by the fold.
         self._watchers: dict[str, list[asyncio.Queue[Seen]]] = {}
+        self._end_watchers: dict[str, list[asyncio.Queue[Seen]]] = {}  # result waiters
         self._listers: list[ChangeFeed] = []  # live lists (queries.Queries.changes)
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
@@ -338,11 +339,14 @@ class Runtime(Queries):
         self.metrics.observe(applied)
         self._tell_listers(applied)
         for offset, event in applied:
+            body = event.body
             watchers = self._watchers.get(event.execution_id)
             if watchers:
                 for queue in watchers:
                     queue.put_nowait((partition, offset, event))
-            body = event.body
+            if isinstance(body, ENDS):
+                for queue in self._end_watchers.get(event.execution_id, ()):
+                    queue.put_nowait((partition, offset, event))
             self._tell_flow(partition, offset, event)
             if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
                 self._started_on_ack.discard(event.execution_id)  # trigger() started it
