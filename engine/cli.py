@@ -486,8 +486,8 @@ class _Run:
 
 def run_serving(main: Coroutine[Any, Any, int]) -> int:
     """Run a serving command on uvloop where it is installed (a dependency on Linux and
-    macOS): its event loop costs a third less CPU per request and per acknowledgement
-    than the standard one's; elsewhere on asyncio's own loop."""
+    macOS: libuv's event loop, cheaper per socket event and per wake-up from another
+    thread than asyncio's own); elsewhere on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:

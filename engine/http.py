@@ -816,11 +816,13 @@ class _Api:
         started = {"execution_id": eid, "partition": partition, "offset": offset}
         if wait_s is None:
             return _json(201, started)
+        # It is started: whatever the wait meets (it ran out, the owner is changing), the
+        # answer says so, never an error that would invite a second trigger.
         try:
             execution = await runtime.wait_for_end(eid, wait_s, min_offset=offset)
-        except Exception as exc:  # ran out, or its owner is changing: it is started all
-            if not isinstance(exc, TimeoutError):  # the same, say so (never an error that
-                logger.info("trigger %s: waiting for its end: %s", eid, exc)  # invites a retry)
+        except Exception as exc:
+            if not isinstance(exc, TimeoutError):
+                logger.info("trigger %s: waiting for its end: %s", eid, exc)
             return _json(202, started)
         if execution is None:  # gone already (a retention of 0)
             return _json(202, started)
