@@ -268,15 +268,7 @@ class EventLog:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
-
-        def delivered(err: KafkaError | None, msg: Any) -> None:
-            if self._in_poll():
-                self._settles.append((loop, future, err, msg))  # resolved after the poll
-            else:
-                with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
-                    loop.call_soon_threadsafe(_settle, future, err, msg, self.topic)
-
-        self._produce(event, delivered, partition)
+        self._produce(event, self._resolved_on(loop, future), partition)
         return await future
 
     def append_nowait(self, event: Event, partition: int | None = None) -> None:
@@ -293,16 +285,22 @@ class EventLog:
         """Append from any thread without waiting; ``done(error, offset)`` runs on
         ``loop`` once the broker acknowledged (error None) or refused the event, with
         the poll's other acknowledgements (one wake-up of the loop for all)."""
+        self._produce(event, self._resolved_on(loop, _Done(done)))
+
+    def _resolved_on(self, loop: asyncio.AbstractEventLoop,
+                     waiter: asyncio.Future[tuple[int, int]] | _Done) -> Any:
+        """The delivery callback that resolves ``waiter`` on ``loop``: after the poll,
+        with its other acknowledgements, when the poller thread serves it."""
 
         def delivered(err: KafkaError | None, msg: Any) -> None:
-            item = (_Done(done), err, msg)
             if self._in_poll():
-                self._settles.append((loop, *item))
+                self._settles.append((loop, waiter, err, msg))
             else:
                 with contextlib.suppress(RuntimeError):  # its loop closed meanwhile
-                    loop.call_soon_threadsafe(_settle_all, [item], self.topic, None)
+                    loop.call_soon_threadsafe(_settle_all, [(waiter, err, msg)], self.topic,
+                                              None)
 
-        self._produce(event, delivered)
+        return delivered
 
     def append_sync(self, event: Event, timeout_s: float = 30.0,
                     partition: int | None = None) -> tuple[int, int]:

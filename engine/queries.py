@@ -94,7 +94,7 @@ class Queries:
             if record is None:
                 return None
             if record["events"] <= INLINE_EVENTS and record.get("subject") is None:
-                return build_execution(view, execution_id)  # cheaper than a thread hop
+                return build_execution(view, execution_id, record)  # cheaper than a hop
             return await asyncio.to_thread(
                 lambda: reveal_execution(self.key_store, build_execution(view, execution_id)))
         if local:

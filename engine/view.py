@@ -340,9 +340,11 @@ class PartitionView:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def build_execution(view: PartitionView, eid: str) -> Execution | None:
-    """The full Execution model of ``eid`` from one partition's view."""
-    ex = view.record(eid)
+def build_execution(view: PartitionView, eid: str,
+                    record: dict[str, Any] | None = None) -> Execution | None:
+    """The full Execution model of ``eid`` from one partition's view (``record``: its
+    record, if the caller has read it already)."""
+    ex = record if record is not None else view.record(eid)
     if ex is None:
         return None
     output = loads(ex["output"])
