@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import json
 import logging
@@ -112,11 +113,13 @@ class LogUnavailable(BaseException):  # noqa: N818
 
     ``permanent`` when the broker will refuse the same record every time
     (too large for it, say): retrying the same end event cannot help.
+    ``refused``: the event the broker refused, when the runner knows it.
     """
 
-    def __init__(self, message: str, permanent: bool = False):
+    def __init__(self, message: str, permanent: bool = False, refused: Body | None = None):
         super().__init__(message)
         self.permanent = permanent
+        self.refused = refused
 
 
 # The step attempt a ``ctx.log`` call runs inside, if any: (runner, step key, attempt).
@@ -277,6 +280,10 @@ class ExecutionRunner:
         self.logged = {p for p in logged if p is not None}
         self._legacy_logs = sum(1 for p in logged if p is None)  # written before positions
         self.cancel_requested = asyncio.Event()
+        # Appends sent and not waited for yet (``_send``), in log order, and those held
+        # to go with the runner's next one.
+        self._unacked: list[tuple[asyncio.Future[tuple[int, int]], Body]] = []
+        self._held: list[tuple[Event, bool]] = []
         self._occurrences: dict[str, int] = {}
         self._sleep_count = 0
         self._boundary = 0  # step, sleep and parallel calls made by the handler so far
@@ -309,18 +316,106 @@ class ExecutionRunner:
         return self._opener.open(text)
 
     async def _append(self, body: Body) -> None:
-        try:
-            await self.runtime.log.append(self._event(body))
-        except AppendError as exc:
-            raise LogUnavailable(str(exc), exc.permanent) from exc
-        self.runtime.tracing.recorded(self.record, self.workflow.name, body,
-                                      self.runtime.clock.now())
+        """Append; return once it, and every append sent before it, is acknowledged."""
+        self._release((self._event(body), True))
+        await self._acknowledged()
 
     def _append_nowait(self, body: Body) -> None:
         try:
-            self.runtime.log.append_nowait(self._event(body))
-        except AppendError as exc:
-            raise LogUnavailable(str(exc), exc.permanent) from exc
+            asyncio.get_running_loop()
+        except RuntimeError:  # ctx.log in a step's thread: the loop's events are its own
+            try:
+                self.runtime.log.append_nowait(self._event(body))
+            except AppendError as exc:
+                raise LogUnavailable(str(exc), exc.permanent, body) from exc
+            return
+        self._release((self._event(body), False))
+
+    def _send(self, body: Body) -> None:
+        """Append without waiting: the next ``_acknowledged`` waits for it.
+
+        A step's completion is sent so, and the handler goes on with the value at
+        once: what it does before its next step's function runs, its next durable
+        wait or its end (each waits for the completion first) is the replayable code
+        between steps, which nothing outside sees. The event is held until the
+        runner's next append (or the loop's next turn), so that the two go to the
+        broker in one request: a handler's last step and its end cost one round
+        trip, not two. The order of the partition keeps the completion first.
+        """
+        if not self._held:
+            asyncio.get_running_loop().call_soon(self._release)
+        self._held.append((self._event(body), True))
+
+    def _release(self, *more: tuple[Event, bool]) -> None:
+        """Hand what ``_send`` holds, then ``more``, to the producer in one go.
+
+        Nothing more goes out after an append that failed (a gap in the execution's
+        history): LogUnavailable instead, as for an append refused at once that nobody
+        waits for; the refusals of the others show at ``_acknowledged``.
+        """
+        items = self._held + list(more) if self._held else list(more)
+        if not items:
+            return
+        failed = self._failed()
+        if failed is not None:
+            if more:  # (called from the loop, it just keeps them: the run is stopping)
+                raise failed
+            return
+        self._held = []
+        futures = self.runtime.log.send_all(items)
+        tracing = self.runtime.tracing.tracer is not None
+        refused: LogUnavailable | None = None
+        for (event, waited), future in zip(items, futures, strict=True):
+            if future is None:
+                continue
+            if waited:
+                if tracing:
+                    future.add_done_callback(functools.partial(self._traced, event.body))
+                self._unacked.append((future, event.body))
+            elif refused is None:
+                refused = _unavailable(future, event.body)
+        if refused is not None:
+            raise refused
+
+    def _failed(self) -> LogUnavailable | None:
+        """The first append of this run that the broker did not take, if any."""
+        for future, body in self._unacked:
+            if future.done():
+                failure = _unavailable(future, body)
+                if failure is not None:
+                    return failure
+        return None
+
+    def _traced(self, body: Body, future: asyncio.Future[tuple[int, int]]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.runtime.tracing.recorded(self.record, self.workflow.name, body,
+                                          self.runtime.clock.now())
+
+    async def _acknowledged(self) -> None:
+        """Wait until every append sent so far is acknowledged (parallel branches may
+        wait for the same ones); LogUnavailable if one was not: the run stops there, as
+        it would have at the append itself."""
+        self._release()
+        if not self._unacked:
+            return
+        for future, body in list(self._unacked):
+            try:
+                await future
+            except AppendError as exc:
+                raise LogUnavailable(str(exc), exc.permanent, body) from exc
+        self._unacked = [(f, b) for f, b in self._unacked if not f.done()]
+
+    def _forget_unacked(self) -> None:
+        """The run ends without waiting for what it sent (it stops or shuts down): a
+        refusal of one is logged, not an unretrieved exception."""
+        with contextlib.suppress(LogUnavailable):
+            self._release()
+        for future, _ in self._unacked:
+            if future.done():  # the run stopped on it (or after it)
+                _unavailable(future, None)
+            else:
+                future.add_done_callback(_retrieve)
+        self._unacked = []
 
     async def _checkpoint(self) -> None:
         """A step boundary: stop here if cancelled, shutting down, or no longer the owner."""
@@ -370,6 +465,7 @@ class ExecutionRunner:
         try:
             end = await self._handle()
             if end is None:
+                await self._acknowledged()
                 await self._waits_opened()
                 if not self.cancel_requested.is_set():
                     return Outcome.PAUSED
@@ -379,14 +475,17 @@ class ExecutionRunner:
             try:
                 await self._end(end)
             except LogUnavailable as exc:
-                if not exc.permanent or not isinstance(end, WorkflowCompleted):
-                    raise
+                if not exc.permanent or not isinstance(exc.refused, WorkflowCompleted):
+                    raise  # (a step's completion refused: not the output's fault)
                 # The broker will never take this output: fail the execution, clearly.
+                self._unacked = [(f, b) for f, b in self._unacked if b is not exc.refused]
                 refused = AppendError(self.runtime.log.topic, f"the output was refused: {exc}")
                 await self._end(WorkflowFailed(*error_fields(refused)))
         except LogUnavailable as exc:
             logger.warning("execution %s: %s; it resumes later", self.id, exc)
             return Outcome.RETRY_LATER
+        finally:
+            self._forget_unacked()
         return Outcome.ENDED
 
     async def _end(self, end: Body) -> None:
@@ -395,9 +494,11 @@ class ExecutionRunner:
         id), so that a crash in between repeats them, never loses them: the replay
         reaches the same end and does them again."""
         if isinstance(end, WorkflowCancelled):  # its children and parent, then the end,
+            await self._acknowledged()
             await self.runtime.record_end(self.record, end)  # tried again while they fail
             return
         if self.record.get("parent_id"):
+            await self._acknowledged()  # the parent hears of no end the log may not have
             try:
                 await self.runtime.notify_parent(self.record, end)
             except AppendError as exc:
@@ -491,8 +592,9 @@ class ExecutionRunner:
         while True:
             if key in self._operator_outputs:
                 return json.loads(self._open(self._operator_outputs[key]))
-            started_at = self.runtime.clock.now()
             self._append_nowait(StepStarted(key, attempt, input_json))
+            await self._acknowledged()  # the previous step's completion, before this runs
+            started_at = self.runtime.clock.now()
             token = _IN_STEP.set((self, key, attempt))
             try:
                 value = await self._call(key, fn, timeout_ms)
@@ -522,7 +624,7 @@ class ExecutionRunner:
                 attempt += 1
                 continue
             _IN_STEP.reset(token)
-            await self._append(StepCompleted(key, attempt, None, output, started_at))
+            self._send(StepCompleted(key, attempt, None, output, started_at))
             return json.loads(output)
 
     def _resume_attempt(self, key: str, recorded: dict[str, Any]) -> int:
@@ -672,6 +774,7 @@ class ExecutionRunner:
         self._opening += 1
         try:
             if first is not None:
+                await self._acknowledged()  # a child starts from durable steps only
                 await first()
             await self._append(body if isinstance(body, WaitStarted) else body())
         finally:
@@ -745,3 +848,15 @@ class ExecutionRunner:
                 return None
         return None if position in self.logged else position
 
+
+def _unavailable(future: asyncio.Future[Any], body: Body | None) -> LogUnavailable | None:
+    """A failed append as the run's LogUnavailable (None: it did not fail)."""
+    exc = None if future.cancelled() else future.exception()
+    if isinstance(exc, AppendError):
+        return LogUnavailable(str(exc), exc.permanent, body)
+    return None
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("an append was not acknowledged: %s", future.exception())

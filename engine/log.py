@@ -18,7 +18,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from confluent_kafka import (
@@ -225,8 +225,10 @@ class EventLog:
         ``flush`` or a ``poll`` on a full queue elsewhere)."""
         return threading.get_ident() == self._poller_id
 
-    def _produce(self, event: Event, on_delivery: Any, partition: int | None = None) -> int:
-        """Hand one event to the producer; ``on_delivery(err, msg)`` runs on its ack."""
+    def _produce(self, event: Event, on_delivery: Any, partition: int | None = None,
+                 value: bytes | None = None) -> int:
+        """Hand one event (``value``: encoded already) to the producer;
+        ``on_delivery(err, msg)`` runs on its ack."""
         if partition is None:
             partition = self.partition_for(event.execution_id)
 
@@ -237,7 +239,9 @@ class EventLog:
                     self._acks.append((msg.partition(), msg.offset(), msg.value()))
             on_delivery(err, msg)
 
-        value, key = self.codec.encode(event), event.execution_id.encode()
+        if value is None:
+            value = self.codec.encode(event)
+        key = event.execution_id.encode()
 
         def produce() -> None:
             self._producer.produce(self.topic, value=value, key=key, partition=partition,
@@ -266,19 +270,46 @@ class EventLog:
         ``partition`` is for events of no execution (a partition claim); every
         other event goes to its execution id's partition.
         """
+        return await self.send(event, partition)
+
+    def send(self, event: Event, partition: int | None = None) -> asyncio.Future[tuple[int, int]]:
+        """Append; the future resolves with (partition, offset) on the acknowledgement (or
+        fails with :class:`AppendError`). For a caller that has more to do before it
+        needs the answer: the order of one partition is kept whenever it awaits."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
         self._produce(event, self._resolved_on(loop, future), partition)
-        return await future
+        return future
 
     def append_nowait(self, event: Event, partition: int | None = None) -> None:
         """Append without waiting; the partition's order is kept all the same."""
+        self._produce(event, _logged(event.type), partition)
 
-        def delivered(err: KafkaError | None, msg: Any) -> None:
-            if err is not None:
-                logger.error("append of %s failed: %s", event.type, err)
-
-        self._produce(event, delivered, partition)
+    def send_all(self, events: Sequence[tuple[Event, bool]]
+                 ) -> list[asyncio.Future[tuple[int, int]] | None]:
+        """Append several events, all encoded before the first is produced, so that those
+        of one partition reach the broker in one request. For each ``(event, waited)``:
+        a future as :meth:`send` gives (``waited``), or None (an append that nobody
+        waits for: a refusal is logged). Never raises: an event the producer does not
+        take gets a failed future, and so does every one after it (the order)."""
+        loop = asyncio.get_running_loop()
+        values = [self.codec.encode(event) for event, _ in events]
+        out: list[asyncio.Future[tuple[int, int]] | None] = []
+        failed: AppendError | None = None
+        for (event, waited), value in zip(events, values, strict=True):
+            future = loop.create_future() if waited or failed is not None else None
+            if failed is None:
+                try:
+                    self._produce(event, _logged(event.type) if future is None
+                                  else self._resolved_on(loop, future), None, value)
+                except AppendError as exc:
+                    failed = exc
+                    future = future or loop.create_future()
+            if failed is not None:
+                assert future is not None
+                future.set_exception(failed)
+            out.append(future)
+        return out
 
     def append_from_thread(self, event: Event, loop: asyncio.AbstractEventLoop,
                            done: Callable[[AppendError | None, int], None]) -> None:
@@ -411,6 +442,16 @@ _REFUSALS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
 
 def _permanent(err: Any) -> bool:
     return isinstance(err, KafkaError) and err.code() in _REFUSALS
+
+
+def _logged(what: str) -> Callable[[Any, Any], None]:
+    """The delivery callback of an append that nobody waits for."""
+
+    def delivered(err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            logger.error("append of %s failed: %s", what, err)
+
+    return delivered
 
 
 class _Done:

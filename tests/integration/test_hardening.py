@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Producer
 from pydantic import BaseModel
 
 from engine import Engine, ploy
@@ -116,12 +116,18 @@ def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:  #
     async def quick(ctx: Any) -> Any:
         return await ctx.step.run("q", lambda: effects.update(["quick"]) or "ok")
 
+    @app.workflow("two_steps")
+    async def two_steps(ctx: Any) -> Any:
+        a = await ctx.step.run("a", lambda: effects.update(["a"]) or 1)
+        return await ctx.step.run("b", lambda: effects.update(["b"]) or a + 1)
+
     return app.build()
 
 
 BINDINGS = {"ECHO": "echo", "UNTYPED": "untyped", "BIG_OUTPUT": "big_output",
             "BIG_STEP": "big_step", "SURROGATES": "surrogates", "DEEP_STEP": "deep_step",
-            "NAMES": "names", "LOGS": "logs", "HANG": "hang", "QUICK": "quick"}
+            "NAMES": "names", "LOGS": "logs", "HANG": "hang", "QUICK": "quick",
+            "TWO_STEPS": "two_steps"}
 
 
 @pytest.fixture
@@ -153,20 +159,27 @@ async def client(engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def fail_appends(engine: Engine, event_type: str, *, times: int | None = 1,
-                 permanent: bool = False) -> list[Event]:
-    """Make the engine's log refuse ``times`` appends of ``event_type`` (None: every one)."""
+                 permanent: bool = False, late: bool = False) -> list[Event]:
+    """Make the engine's log refuse ``times`` appends of ``event_type`` (None: every one),
+    as the producer refuses a record: where it is handed over, whichever way it comes;
+    ``late``: in its delivery report, as the broker's answer comes (what follows it
+    goes to the broker meanwhile)."""
     log = engine.runtime.log
-    real: Callable[..., Any] = log.append
+    real: Callable[..., Any] = log._produce  # noqa: SLF001
     refused: list[Event] = []
 
-    async def append(event: Event, partition: int | None = None) -> tuple[int, int]:
+    def produce(event: Event, on_delivery: Any, *args: Any) -> int:
         if event.type == event_type and (times is None or len(refused) < times):
             refused.append(event)
-            raise AppendError(log.topic, "injected: the broker refused", permanent)
-        result: tuple[int, int] = await real(event, partition)
-        return result
+            if not late:
+                raise AppendError(log.topic, "injected: the broker refused", permanent)
+            error = KafkaError(KafkaError._MSG_TIMED_OUT)  # noqa: SLF001
+            threading.Timer(0.2, on_delivery, (error, None)).start()
+            return log.partition_for(event.execution_id)
+        partition: int = real(event, on_delivery, *args)
+        return partition
 
-    log.append = append  # type: ignore[method-assign]
+    log._produce = produce  # type: ignore[method-assign]  # noqa: SLF001
     return refused
 
 
@@ -190,6 +203,27 @@ async def test_an_output_the_broker_always_refuses_fails_the_execution_clearly(
     done = await wait_for_status(engine, eid, timeout_s=15)
     assert done.status.value == "failed"
     assert done.error is not None and "the output was refused" in done.error.message
+
+
+async def test_a_step_runs_only_once_the_completion_before_it_is_acknowledged(
+        engine: Engine, effects: Counter[str]) -> None:
+    """The handler goes on with a step's value before its completion is acknowledged
+    (it goes to the broker with what follows), but the next step's function waits for
+    it: a refused completion stops the run before the next step runs, and nothing of
+    the run follows it on the log."""
+    refused = fail_appends(engine, "StepCompleted", late=True)
+    eid = (await engine.env.TWO_STEPS.trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid, timeout_s=15)
+    assert (done.status.value, done.output) == ("completed", 2)
+    assert [e.body.step for e in refused] == ["a"]  # type: ignore[union-attr]
+    assert (effects["a"], effects["b"]) == (2, 1)  # a again (never recorded); b once
+    history = await engine.runtime.history(eid)
+    assert history is not None
+    steps = [(e.type, e.body["step"]) for e in history if e.type.startswith("Step")]
+    # The broker had b's start meanwhile (it went with a's completion), not its completion.
+    assert steps.count(("StepCompleted", "a")) == steps.count(("StepCompleted", "b")) == 1
+    assert steps.index(("StepCompleted", "b")) > steps.index(("StepCompleted", "a"))
+    assert history[-1].type == "WorkflowCompleted"
 
 
 # -- 2. sizes in bytes -------------------------------------------------------------------
