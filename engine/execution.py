@@ -9,10 +9,16 @@ handler from the top, and for each step:
    again; a step part-way through its retries waits for its ``retry_at`` and
    goes on with the next attempt (invariant 2).
 2. Otherwise appends ``StepStarted`` without waiting (the idempotent
-   producer keeps it before what follows), runs ``fn``, and awaits the append
-   of ``StepCompleted``, or ``StepFailed`` with ``retry_at`` or ``final``.
+   producer keeps it before what follows), waits until every earlier append of
+   the run is acknowledged, runs ``fn``, and appends ``StepCompleted``, or
+   awaits ``StepFailed`` with ``retry_at`` or ``final``.
 3. Goes on with the value in hand: it never waits for its own events to come
-   back through the fold.
+   back through the fold, nor, after a completion, for the acknowledgement:
+   the completion goes to the broker with the run's next event (the next
+   step's start, or the end), and whatever runs a function, waits durably or
+   ends the execution waits for it first (``_send``). So a step's function
+   never runs on a value the log may not have, and a handler's last step and
+   its end cost one round trip.
 
 A durable sleep appends ``SleepScheduled`` and ends the coroutine (Suspend):
 the execution holds no task while it sleeps, and ``TimerFired`` resumes it by
@@ -28,6 +34,7 @@ import functools
 import inspect
 import json
 import logging
+import threading
 import traceback as tb
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -74,6 +81,8 @@ if TYPE_CHECKING:
     from engine.runtime import Runtime
 
 logger = logging.getLogger("ploy.runtime")
+# A step's completion up to this size is held to go with the run's next event (``_send``).
+HELD_OUTPUT_CHARS = 16 * 1024
 user_log = logging.getLogger("ploy.workflow")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -284,6 +293,7 @@ class ExecutionRunner:
         # to go with the runner's next one.
         self._unacked: list[tuple[asyncio.Future[tuple[int, int]], Body]] = []
         self._held: list[tuple[Event, bool]] = []
+        self._thread = threading.get_ident()  # the event loop's: _held is its alone
         self._occurrences: dict[str, int] = {}
         self._sleep_count = 0
         self._boundary = 0  # step, sleep and parallel calls made by the handler so far
@@ -321,9 +331,7 @@ class ExecutionRunner:
         await self._acknowledged()
 
     def _append_nowait(self, body: Body) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # ctx.log in a step's thread: the loop's events are its own
+        if threading.get_ident() != self._thread:  # ctx.log in a step's thread
             try:
                 self.runtime.log.append_nowait(self._event(body))
             except AppendError as exc:
@@ -339,8 +347,10 @@ class ExecutionRunner:
         wait or its end (each waits for the completion first) is the replayable code
         between steps, which nothing outside sees. The event is held until the
         runner's next append (or the loop's next turn), so that the two go to the
-        broker in one request: a handler's last step and its end cost one round
-        trip, not two. The order of the partition keeps the completion first.
+        broker together, in one record batch that the broker takes or refuses whole
+        (``EventLog.send_all``): a handler's last step and its end cost one round
+        trip, not two, and the log never has the next step's start or the end
+        without the completion before it.
         """
         if not self._held:
             asyncio.get_running_loop().call_soon(self._release)
@@ -403,7 +413,18 @@ class ExecutionRunner:
                 await future
             except AppendError as exc:
                 raise LogUnavailable(str(exc), exc.permanent, body) from exc
-        self._unacked = [(f, b) for f, b in self._unacked if not f.done()]
+        # Only those acknowledged: one that failed meanwhile (a parallel branch's) stays,
+        # for the next wait to raise.
+        self._unacked = [(f, b) for f, b in self._unacked if _pending_or_failed(f)]
+
+    async def _settled(self, timeout_s: float = 10.0) -> None:
+        """The run stops on a failed append: let the others it sent (parallel branches')
+        be answered first, so that a replay started next sees them (bounded)."""
+        with contextlib.suppress(LogUnavailable):
+            self._release()
+        pending = [f for f, _ in self._unacked if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
 
     def _forget_unacked(self) -> None:
         """The run ends without waiting for what it sent (it stops or shuts down): a
@@ -483,6 +504,7 @@ class ExecutionRunner:
                 await self._end(WorkflowFailed(*error_fields(refused)))
         except LogUnavailable as exc:
             logger.warning("execution %s: %s; it resumes later", self.id, exc)
+            await self._settled()
             return Outcome.RETRY_LATER
         finally:
             self._forget_unacked()
@@ -624,7 +646,11 @@ class ExecutionRunner:
                 attempt += 1
                 continue
             _IN_STEP.reset(token)
-            self._send(StepCompleted(key, attempt, None, output, started_at))
+            completed = StepCompleted(key, attempt, None, output, started_at)
+            if len(output) <= HELD_OUTPUT_CHARS:
+                self._send(completed)
+            else:  # a large one goes alone (see EventLog.send_all)
+                await self._append(completed)
             return json.loads(output)
 
     def _resume_attempt(self, key: str, recorded: dict[str, Any]) -> int:
@@ -847,6 +873,10 @@ class ExecutionRunner:
                 self._legacy_logs -= 1
                 return None
         return None if position in self.logged else position
+
+
+def _pending_or_failed(future: asyncio.Future[Any]) -> bool:
+    return not future.done() or future.cancelled() or future.exception() is not None
 
 
 def _unavailable(future: asyncio.Future[Any], body: Body | None) -> LogUnavailable | None:

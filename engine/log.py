@@ -43,6 +43,9 @@ Acks = list[tuple[int, int, bytes]]
 # after them. ``on_acked(acks, wake)`` must call it once (or the poll calls it).
 Wake = Callable[[asyncio.AbstractEventLoop | None, Callable[[], None] | None], None]
 
+# Events of one execution appended together (send_all) up to this size each go as one
+# produce_batch: one record batch, well under any broker's message and batch limits.
+BATCH_RECORD_BYTES = 64 * 1024
 PRODUCER_DEFAULTS = {"linger.ms": 0, "compression.type": "none"}
 PRODUCER_FIXED = {"enable.idempotence": True, "acks": "all"}
 CONSUMER_DEFAULTS = {"fetch.wait.max.ms": 10, "fetch.min.bytes": 1}
@@ -231,14 +234,7 @@ class EventLog:
         ``on_delivery(err, msg)`` runs on its ack."""
         if partition is None:
             partition = self.partition_for(event.execution_id)
-
-        def delivered(err: KafkaError | None, msg: Any) -> None:
-            if err is None:
-                self._acked(msg.partition(), msg.offset())
-                if self.on_acked is not None and self._in_poll():
-                    self._acks.append((msg.partition(), msg.offset(), msg.value()))
-            on_delivery(err, msg)
-
+        delivered = self._delivered(on_delivery)
         if value is None:
             value = self.codec.encode(event)
         key = event.execution_id.encode()
@@ -258,6 +254,19 @@ class EventLog:
         except BufferError as exc:
             raise AppendError(self.topic, f"the producer's queue is full: {exc}") from None
         return partition
+
+    def _delivered(self, on_delivery: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        """The delivery callback of every append: the partition's mark, the acks for
+        ``on_acked``, then ``on_delivery(err, msg)``."""
+
+        def delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is None:
+                self._acked(msg.partition(), msg.offset())
+                if self.on_acked is not None and self._in_poll():
+                    self._acks.append((msg.partition(), msg.offset(), msg.value()))
+            on_delivery(err, msg)
+
+        return delivered
 
     def _acked(self, partition: int, offset: int) -> None:
         """Every acknowledged offset raises the partition's mark (read-your-writes)."""
@@ -287,29 +296,63 @@ class EventLog:
 
     def send_all(self, events: Sequence[tuple[Event, bool]]
                  ) -> list[asyncio.Future[tuple[int, int]] | None]:
-        """Append several events, all encoded before the first is produced, so that those
-        of one partition reach the broker in one request. For each ``(event, waited)``:
-        a future as :meth:`send` gives (``waited``), or None (an append that nobody
-        waits for: a refusal is logged). Never raises: an event the producer does not
-        take gets a failed future, and so does every one after it (the order)."""
+        """Append several events of one execution together. For each ``(event, waited)``:
+        a future as :meth:`send` gives (``waited``), or None (an append that nobody waits
+        for: a refusal is logged). Never raises: an event the producer does not take gets
+        a failed future, and so does every one after it.
+
+        Small events go to the producer in one call (``produce_batch``), so they travel
+        in one record batch, which the broker takes or refuses whole: the log never
+        has a later one without an earlier one (a step's completion, say, and the end
+        that follows it). Larger ones are handed over one by one, stopping at the first
+        refusal.
+        """
         loop = asyncio.get_running_loop()
         values = [self.codec.encode(event) for event, _ in events]
-        out: list[asyncio.Future[tuple[int, int]] | None] = []
-        failed: AppendError | None = None
-        for (event, waited), value in zip(events, values, strict=True):
-            future = loop.create_future() if waited or failed is not None else None
-            if failed is None:
-                try:
-                    self._produce(event, _logged(event.type) if future is None
-                                  else self._resolved_on(loop, future), None, value)
-                except AppendError as exc:
-                    failed = exc
-                    future = future or loop.create_future()
-            if failed is not None:
-                assert future is not None
-                future.set_exception(failed)
-            out.append(future)
-        return out
+        futures = [loop.create_future() if waited else None for _, waited in events]
+        callbacks = [_logged(event.type) if future is None else self._resolved_on(loop, future)
+                     for (event, _), future in zip(events, futures, strict=True)]
+        partitions = {self.partition_for(event.execution_id) for event, _ in events}
+        if len(partitions) == 1 and max(map(len, values)) <= BATCH_RECORD_BYTES:
+            refused = self._produce_batch(events, values, callbacks, partitions.pop())
+        else:
+            refused = self._produce_each(events, values, callbacks)
+        if refused is not None:
+            first, error = refused
+            for i in range(first, len(events)):
+                future = futures[i] = futures[i] or loop.create_future()
+                future.set_exception(error)
+        return futures
+
+    def _produce_batch(self, events: Sequence[tuple[Event, bool]], values: list[bytes],
+                       callbacks: list[Any], partition: int) -> tuple[int, AppendError] | None:
+        """One ``produce_batch`` call; the first event it did not take, and why."""
+        messages = [{"value": value, "key": event.execution_id.encode(),
+                     "callback": self._delivered(callback)}
+                    for (event, _), value, callback in zip(events, values, callbacks,
+                                                            strict=True)]
+        try:
+            taken = self._producer.produce_batch(self.topic, messages, partition=partition)
+        except BufferError as exc:
+            return 0, AppendError(self.topic, f"the producer's queue is full: {exc}")
+        except KafkaException as exc:
+            return 0, AppendError(self.topic, str(exc.args[0]), _permanent(exc.args[0]))
+        if taken == len(messages):
+            return None
+        first = next(i for i, m in enumerate(messages) if m.get("_error") is not None)
+        err = messages[first]["_error"]
+        return first, AppendError(self.topic, str(err), _permanent(err))
+
+    def _produce_each(self, events: Sequence[tuple[Event, bool]], values: list[bytes],
+                      callbacks: list[Any]) -> tuple[int, AppendError] | None:
+        """One ``produce`` call each, up to the first refusal (the first one not taken)."""
+        for i, ((event, _), value, callback) in enumerate(
+                zip(events, values, callbacks, strict=True)):
+            try:
+                self._produce(event, callback, None, value)
+            except AppendError as exc:
+                return i, exc
+        return None
 
     def append_from_thread(self, event: Event, loop: asyncio.AbstractEventLoop,
                            done: Callable[[AppendError | None, int], None]) -> None:

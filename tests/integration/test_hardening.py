@@ -116,6 +116,22 @@ def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:  #
     async def quick(ctx: Any) -> Any:
         return await ctx.step.run("q", lambda: effects.update(["quick"]) or "ok")
 
+    @app.workflow("branches")
+    async def branches(ctx: Any) -> Any:
+        async def slow() -> int:
+            await asyncio.sleep(0.05)
+            effects["slow"] += 1
+            return 10
+
+        def flaky() -> int:
+            effects["flaky"] += 1
+            if effects["flaky"] == 1:
+                raise ConnectionError("try again")
+            return 1
+
+        both = await ctx.step.parallel("p", [slow, flaky])
+        return await ctx.step.run("after", lambda: effects.update(["after"]) or sum(both))
+
     @app.workflow("two_steps")
     async def two_steps(ctx: Any) -> Any:
         a = await ctx.step.run("a", lambda: effects.update(["a"]) or 1)
@@ -127,7 +143,7 @@ def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:  #
 BINDINGS = {"ECHO": "echo", "UNTYPED": "untyped", "BIG_OUTPUT": "big_output",
             "BIG_STEP": "big_step", "SURROGATES": "surrogates", "DEEP_STEP": "deep_step",
             "NAMES": "names", "LOGS": "logs", "HANG": "hang", "QUICK": "quick",
-            "TWO_STEPS": "two_steps"}
+            "TWO_STEPS": "two_steps", "BRANCHES": "branches"}
 
 
 @pytest.fixture
@@ -159,28 +175,81 @@ async def client(engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def fail_appends(engine: Engine, event_type: str, *, times: int | None = 1,
-                 permanent: bool = False, late: bool = False) -> list[Event]:
-    """Make the engine's log refuse ``times`` appends of ``event_type`` (None: every one),
-    as the producer refuses a record: where it is handed over, whichever way it comes;
-    ``late``: in its delivery report, as the broker's answer comes (what follows it
-    goes to the broker meanwhile)."""
+                 permanent: bool = False, late: bool = False, step: str | None = None,
+                 delay_s: float = 0.2) -> list[Event]:
+    """Make the engine's log refuse ``times`` appends of ``event_type`` (of ``step``, if
+    named; None: every one), as the producer refuses a record: where it is handed over,
+    whichever way it comes. ``late``: in its delivery report ``delay_s`` later, as the
+    broker's answer comes (what follows it goes to the broker meanwhile); an event that
+    goes in one record batch with others is refused with all of them, as a broker does."""
     log = engine.runtime.log
     real: Callable[..., Any] = log._produce  # noqa: SLF001
+    real_batch: Callable[..., Any] = log._produce_batch  # noqa: SLF001
     refused: list[Event] = []
 
+    def hit(event: Event) -> bool:
+        return (event.type == event_type and (step is None or event.body.step == step)  # type: ignore[union-attr]
+                and (times is None or len(refused) < times))
+
+    def refuse_late(callbacks: list[Any]) -> None:
+        error = KafkaError(KafkaError._MSG_TIMED_OUT)  # noqa: SLF001
+        for callback in callbacks:
+            threading.Timer(delay_s, callback, (error, None)).start()
+
     def produce(event: Event, on_delivery: Any, *args: Any) -> int:
-        if event.type == event_type and (times is None or len(refused) < times):
+        if hit(event):
             refused.append(event)
             if not late:
                 raise AppendError(log.topic, "injected: the broker refused", permanent)
-            error = KafkaError(KafkaError._MSG_TIMED_OUT)  # noqa: SLF001
-            threading.Timer(0.2, on_delivery, (error, None)).start()
+            refuse_late([on_delivery])
             return log.partition_for(event.execution_id)
         partition: int = real(event, on_delivery, *args)
         return partition
 
+    def produce_batch(events: list[tuple[Event, bool]], values: list[bytes],
+                      callbacks: list[Any], partition: int) -> Any:
+        first = next((i for i, (event, _) in enumerate(events) if hit(event)), None)
+        if first is None:
+            return real_batch(events, values, callbacks, partition)
+        refused.append(events[first][0])
+        if not late:  # the producer takes those before it (it refuses one record)
+            if first:
+                real_batch(events[:first], values[:first], callbacks[:first], partition)
+            return first, AppendError(log.topic, "injected: the broker refused", permanent)
+        refuse_late(callbacks)  # the record batch, whole
+        return None
+
     log._produce = produce  # type: ignore[method-assign]  # noqa: SLF001
+    log._produce_batch = produce_batch  # type: ignore[method-assign]  # noqa: SLF001
     return refused
+
+
+def delay_acks(engine: Engine, event_type: str, step: str, delay_s: float) -> None:
+    """Have the delivery report of the next ``event_type`` of ``step`` come ``delay_s`` late
+    (the event itself goes to the broker at once)."""
+    log = engine.runtime.log
+    real: Callable[..., Any] = log._resolved_on  # noqa: SLF001
+    real_send_all: Callable[..., Any] = log.send_all
+    armed = [True]
+
+    def send_all(events: list[tuple[Event, bool]]) -> Any:
+        late = [armed[0] and event.type == event_type and event.body.step == step  # type: ignore[union-attr]
+                for event, _ in events]
+        if not any(late):
+            return real_send_all(events)
+        armed[0] = False
+
+        def resolved_on(loop: Any, waiter: Any) -> Any:
+            delivered = real(loop, waiter)
+            return lambda err, msg: threading.Timer(delay_s, delivered, (err, msg)).start()
+
+        log._resolved_on = resolved_on  # type: ignore[method-assign]  # noqa: SLF001
+        try:
+            return real_send_all(events)
+        finally:
+            log._resolved_on = real  # type: ignore[method-assign]  # noqa: SLF001
+
+    log.send_all = send_all  # type: ignore[method-assign]
 
 
 # -- 1. a failed final append ------------------------------------------------------------
@@ -220,10 +289,45 @@ async def test_a_step_runs_only_once_the_completion_before_it_is_acknowledged(
     history = await engine.runtime.history(eid)
     assert history is not None
     steps = [(e.type, e.body["step"]) for e in history if e.type.startswith("Step")]
-    # The broker had b's start meanwhile (it went with a's completion), not its completion.
+    # b's start went with a's completion, in one record batch: refused with it.
     assert steps.count(("StepCompleted", "a")) == steps.count(("StepCompleted", "b")) == 1
     assert steps.index(("StepCompleted", "b")) > steps.index(("StepCompleted", "a"))
     assert history[-1].type == "WorkflowCompleted"
+
+
+async def test_the_end_never_lands_without_the_last_step_s_completion(
+        engine: Engine, effects: Counter[str]) -> None:
+    """The last step's completion and the end go in one record batch: refused, both are
+    (the step runs again, by replay), never the end alone."""
+    refused = fail_appends(engine, "StepCompleted", late=True)
+    eid = (await engine.env.QUICK.trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid, timeout_s=15)
+    assert (done.status.value, done.output, effects["quick"]) == ("completed", "ok", 2)
+    assert len(refused) == 1
+    history = await engine.runtime.history(eid)
+    assert history is not None
+    types = [e.type for e in history]
+    assert types.count("StepCompleted") == types.count("WorkflowCompleted") == 1
+    assert types.index("StepCompleted") < types.index("WorkflowCompleted")
+
+
+async def test_a_branch_s_refused_completion_stops_the_run_whatever_the_others_await(
+        engine: Engine, effects: Counter[str]) -> None:
+    """One branch's completion is refused while another branch waits on its own append:
+    the refusal is not lost with that wait; the run stops before the next step and the
+    replay runs the branch again."""
+    delay_acks(engine, "StepFailed", "p[1]", 0.4)  # flaky's failure, answered late
+    refused = fail_appends(engine, "StepCompleted", late=True, step="p[0]", delay_s=0.1)
+    eid = (await engine.env.BRANCHES.trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid, timeout_s=15)
+    assert (done.status.value, done.output) == ("completed", 11)
+    assert [e.body.step for e in refused] == ["p[0]"]  # type: ignore[union-attr]
+    assert effects["slow"] == 2 and effects["after"] == 1
+    history = await engine.runtime.history(eid)
+    assert history is not None
+    completed = [e.body["step"] for e in history if e.type == "StepCompleted"]
+    assert sorted(completed) == ["after", "p[0]", "p[1]"]
+    assert completed[-1] == "after"
 
 
 # -- 2. sizes in bytes -------------------------------------------------------------------
