@@ -37,7 +37,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -178,7 +178,7 @@ def to_record(event: Event, namespace: str) -> dict[str, Any]:
         "workflow": event.workflow,
         "timestamp": event.timestamp,
         "epoch": event.epoch,
-        "body": (namespace + event.body.NAME, asdict(event.body)),
+        "body": (namespace + event.body.NAME, dict(vars(event.body))),  # flat: no asdict
     }
 
 
@@ -219,6 +219,8 @@ class _OpenFile:
                              metadata={**metadata, "ploy.first_offset": str(first)})
         self.opened_at = time.monotonic()
         self.unsynced = False
+        self._flushed = self.fo.tell()  # the file's size up to the open block
+        self._block = 0
 
     def follows(self, offset: int) -> bool:
         """Whether ``offset`` goes on this file's contiguous run of offsets."""
@@ -235,9 +237,17 @@ class _OpenFile:
             self.fo.flush()
             os.fsync(self.fo.fileno())
             self.unsynced = False
+            self._flushed, self._block = self.fo.tell(), 0
 
     def size(self) -> int:
-        return int(self.fo.tell() + cast(Any, self.writer).io.tell())  # + the open block
+        """Bytes so far, the open block's too. The file's own position is asked only once
+        the writer has flushed a block to it: a system call per record lets go of the
+        interpreter lock, and getting it back behind the event loop is slow."""
+        block = int(cast(Any, self.writer).io.tell())
+        if block < self._block:
+            self._flushed = self.fo.tell()
+        self._block = block
+        return self._flushed + block
 
     def close(self) -> Path:
         """Flush, fsync, rename to ``p<partition>-<first>-<last>.avro``."""
