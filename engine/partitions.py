@@ -138,7 +138,8 @@ class Partitions:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[partition].append((offset, future))
-        await asyncio.wait_for(future, timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await future
 
     async def caught_up(self, partition: int, offset: int | None = None,
                         timeout_s: float = 10.0) -> PartitionView | None:

@@ -238,7 +238,8 @@ class Queries:
                     raise TimeoutError(f"execution {execution_id} is still "
                                        f"{execution.status.value}")
                 try:  # a slice of at most 1 s: then look again whether it is folded here
-                    _, _, event = await asyncio.wait_for(seen.get(), min(remaining, 1.0))
+                    async with asyncio.timeout(min(remaining, 1.0)):  # (no task, as wait_for)
+                        _, _, event = await seen.get()
                 except TimeoutError:
                     continue
                 if isinstance(event.body, ENDS):
@@ -275,7 +276,8 @@ class Queries:
                     yield entry
             while self.partitions.folds(partition):
                 try:
-                    p, offset, event = await asyncio.wait_for(feed.get(), 1.0)
+                    async with asyncio.timeout(1.0):
+                        p, offset, event = await feed.get()
                 except TimeoutError:
                     continue
                 if offset > seen[0]:
