@@ -81,9 +81,10 @@ if TYPE_CHECKING:
     from engine.runtime import Runtime
 
 logger = logging.getLogger("ploy.runtime")
-# A step's completion up to this size is held to go with the run's next event (``_send``).
-HELD_OUTPUT_CHARS = 16 * 1024
 user_log = logging.getLogger("ploy.workflow")
+# A step's completion (or an end) up to this size goes to the broker in one record batch
+# with the run's next event (``_send``); a larger one goes alone.
+HELD_OUTPUT_CHARS = 16 * 1024
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
@@ -525,6 +526,8 @@ class ExecutionRunner:
                 await self.runtime.notify_parent(self.record, end)
             except AppendError as exc:
                 raise LogUnavailable(str(exc), exc.permanent) from exc
+        if isinstance(end, WorkflowCompleted) and len(end.output) > HELD_OUTPUT_CHARS:
+            await self._acknowledged()  # too large to share a record batch with the completion
         await self._append(end)
 
     async def _waits_opened(self) -> None:
