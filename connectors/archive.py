@@ -244,7 +244,7 @@ class _OpenFile:
         the writer has flushed a block to it: a system call per record lets go of the
         interpreter lock, and getting it back behind the event loop is slow."""
         block = int(cast(Any, self.writer).io.tell())
-        if block < self._block:
+        if block <= self._block:  # a write that ends no block always adds to it
             self._flushed = self.fo.tell()
         self._block = block
         return self._flushed + block

@@ -82,9 +82,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ploy.runtime")
 user_log = logging.getLogger("ploy.workflow")
-# A step's completion (or an end) up to this size goes to the broker in one record batch
-# with the run's next event (``_send``); a larger one goes alone.
-HELD_OUTPUT_CHARS = 16 * 1024
+# A step's completion (or an end) of an output up to this many characters goes to the
+# broker with the run's next event (``_send``): encoded (UTF-8, sealed) it stays under
+# EventLog.batch_record_bytes. A larger one goes alone.
+HELD_OUTPUT_CHARS = 8 * 1024
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
@@ -411,7 +412,10 @@ class ExecutionRunner:
             return
         for future, body in list(self._unacked):
             try:
-                await future
+                if not future.done():  # shared: a waiter cancelled must not cancel it
+                    await asyncio.shield(future)
+                if not future.cancelled():
+                    future.result()
             except AppendError as exc:
                 raise LogUnavailable(str(exc), exc.permanent, body) from exc
         # Only those acknowledged: one that failed meanwhile (a parallel branch's) stays,
@@ -879,7 +883,7 @@ class ExecutionRunner:
 
 
 def _pending_or_failed(future: asyncio.Future[Any]) -> bool:
-    return not future.done() or future.cancelled() or future.exception() is not None
+    return not future.done() or (not future.cancelled() and future.exception() is not None)
 
 
 def _unavailable(future: asyncio.Future[Any], body: Body | None) -> LogUnavailable | None:

@@ -121,6 +121,8 @@ class EventLog:
         self.connect_timeout_s = connect_timeout_s
         self.partitions = self.ensure_topic(partitions, replication_factor)
         self.high_acked: dict[int, int] = {}
+        limit = int(self.extra.get("message.max.bytes", 1_000_000))
+        self.batch_record_bytes = min(BATCH_RECORD_BYTES, limit // 2)
         self.on_acked: Callable[[Acks, Wake], None] | None = None  # on the producer's thread
         self._acks: Acks = []  # of the poll under way, on the producer's thread
         # (loop, waiter, err, msg): a future (append) or a _Done (append_from_thread)
@@ -299,13 +301,15 @@ class EventLog:
         """Append several events of one execution together. For each ``(event, waited)``:
         a future as :meth:`send` gives (``waited``), or None (an append that nobody waits
         for: a refusal is logged). Never raises: an event the producer does not take gets
-        a failed future, and so does every one after it.
+        a failed future (and, handed over one by one, so does every one after it).
 
-        Small events go to the producer in one call (``produce_batch``), so they travel
-        in one record batch, which the broker takes or refuses whole: the log never
-        has a later one without an earlier one (a step's completion, say, and the end
-        that follows it). Larger ones are handed over one by one, stopping at the first
-        refusal.
+        Small events go to the producer in one call (``produce_batch``), one right
+        after the other: they normally travel in one record batch, which the broker
+        takes or refuses whole, and the idempotent producer keeps them in order and
+        retries them together, so the log has a later one without an earlier one (a
+        step's completion, say, and the end after it) only if the broker refuses the
+        earlier one alone for good, or it expires alone. Larger ones are handed over one
+        by one, stopping at the first refusal.
         """
         loop = asyncio.get_running_loop()
         values = [self.codec.encode(event) for event, _ in events]
@@ -313,46 +317,46 @@ class EventLog:
         callbacks = [_logged(event.type) if future is None else self._resolved_on(loop, future)
                      for (event, _), future in zip(events, futures, strict=True)]
         partitions = {self.partition_for(event.execution_id) for event, _ in events}
-        if len(partitions) == 1 and max(map(len, values)) <= BATCH_RECORD_BYTES:
+        if len(partitions) == 1 and max(map(len, values)) <= self.batch_record_bytes:
             refused = self._produce_batch(events, values, callbacks, partitions.pop())
         else:
             refused = self._produce_each(events, values, callbacks)
-        if refused is not None:
-            first, error = refused
-            for i in range(first, len(events)):
-                future = futures[i] = futures[i] or loop.create_future()
-                future.set_exception(error)
+        for i, error in refused:
+            future = futures[i] = futures[i] or loop.create_future()
+            future.set_exception(error)
         return futures
 
     def _produce_batch(self, events: Sequence[tuple[Event, bool]], values: list[bytes],
-                       callbacks: list[Any], partition: int) -> tuple[int, AppendError] | None:
-        """One ``produce_batch`` call; the first event it did not take, and why."""
+                       callbacks: list[Any], partition: int) -> list[tuple[int, AppendError]]:
+        """One ``produce_batch`` call (once more for what a full queue refused, after
+        serving acknowledgements); the events it did not take, and why."""
         messages = [{"value": value, "key": event.execution_id.encode(),
                      "callback": self._delivered(callback)}
                     for (event, _), value, callback in zip(events, values, callbacks,
                                                             strict=True)]
         try:
             taken = self._producer.produce_batch(self.topic, messages, partition=partition)
-        except BufferError as exc:
-            return 0, AppendError(self.topic, f"the producer's queue is full: {exc}")
+            if taken < len(messages) and _queue_full(messages):
+                self._producer.poll(0.1)
+                again = [m for m in messages if m.pop("_error", None) is not None]
+                self._producer.produce_batch(self.topic, again, partition=partition)
         except KafkaException as exc:
-            return 0, AppendError(self.topic, str(exc.args[0]), _permanent(exc.args[0]))
-        if taken == len(messages):
-            return None
-        first = next(i for i, m in enumerate(messages) if m.get("_error") is not None)
-        err = messages[first]["_error"]
-        return first, AppendError(self.topic, str(err), _permanent(err))
+            error = AppendError(self.topic, str(exc.args[0]), _permanent(exc.args[0]))
+            return [(i, error) for i in range(len(messages))]
+        return [(i, AppendError(self.topic, str(m["_error"]), _permanent(m["_error"])))
+                for i, m in enumerate(messages) if m.get("_error") is not None]
 
     def _produce_each(self, events: Sequence[tuple[Event, bool]], values: list[bytes],
-                      callbacks: list[Any]) -> tuple[int, AppendError] | None:
-        """One ``produce`` call each, up to the first refusal (the first one not taken)."""
+                      callbacks: list[Any]) -> list[tuple[int, AppendError]]:
+        """One ``produce`` call each, up to the first refusal: that one and those after it
+        (not handed over) are the ones refused."""
         for i, ((event, _), value, callback) in enumerate(
                 zip(events, values, callbacks, strict=True)):
             try:
                 self._produce(event, callback, None, value)
             except AppendError as exc:
-                return i, exc
-        return None
+                return [(j, exc) for j in range(i, len(events))]
+        return []
 
     def append_from_thread(self, event: Event, loop: asyncio.AbstractEventLoop,
                            done: Callable[[AppendError | None, int], None]) -> None:
@@ -485,6 +489,12 @@ _REFUSALS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
 
 def _permanent(err: Any) -> bool:
     return isinstance(err, KafkaError) and err.code() in _REFUSALS
+
+
+def _queue_full(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("_error") is not None
+               and m["_error"].code() == KafkaError._QUEUE_FULL  # noqa: SLF001
+               for m in messages)
 
 
 def _logged(what: str) -> Callable[[Any, Any], None]:

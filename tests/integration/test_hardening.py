@@ -137,6 +137,20 @@ def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:  #
         await ctx.step.run("q", lambda: effects.update(["large_end"]) or "ok")
         return "x" * 70_000  # over BATCH_RECORD_BYTES: it cannot share a record batch
 
+    @app.workflow("bounded")
+    async def bounded(ctx: Any) -> Any:
+        await ctx.step.run("a", lambda: 1)
+        try:  # the user's own timeout around a step
+            await asyncio.wait_for(ctx.step.run("b", lambda: effects.update(["b"]) or 2), 0.1)
+        except TimeoutError:
+            pass
+
+        def c() -> int:
+            effects["c_at_ms"] = int(time.monotonic() * 1000)
+            return 3
+
+        return await ctx.step.run("c", c)
+
     @app.workflow("two_steps")
     async def two_steps(ctx: Any) -> Any:
         a = await ctx.step.run("a", lambda: effects.update(["a"]) or 1)
@@ -148,7 +162,8 @@ def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:  #
 BINDINGS = {"ECHO": "echo", "UNTYPED": "untyped", "BIG_OUTPUT": "big_output",
             "BIG_STEP": "big_step", "SURROGATES": "surrogates", "DEEP_STEP": "deep_step",
             "NAMES": "names", "LOGS": "logs", "HANG": "hang", "QUICK": "quick",
-            "TWO_STEPS": "two_steps", "BRANCHES": "branches", "LARGE_END": "large_end"}
+            "TWO_STEPS": "two_steps", "BRANCHES": "branches", "LARGE_END": "large_end",
+            "BOUNDED": "bounded"}
 
 
 @pytest.fixture
@@ -217,12 +232,13 @@ def fail_appends(engine: Engine, event_type: str, *, times: int | None = 1,
         if first is None:
             return real_batch(events, values, callbacks, partition)
         refused.append(events[first][0])
-        if not late:  # the producer takes those before it (it refuses one record)
+        if not late:  # the producer takes those before it, and refuses it and what follows
             if first:
                 real_batch(events[:first], values[:first], callbacks[:first], partition)
-            return first, AppendError(log.topic, "injected: the broker refused", permanent)
+            error = AppendError(log.topic, "injected: the broker refused", permanent)
+            return [(i, error) for i in range(first, len(events))]
         refuse_late(callbacks)  # the record batch, whole
-        return None
+        return []
 
     log._produce = produce  # type: ignore[method-assign]  # noqa: SLF001
     log._produce_batch = produce_batch  # type: ignore[method-assign]  # noqa: SLF001
@@ -336,6 +352,20 @@ async def test_a_branch_s_refused_completion_stops_the_run_whatever_the_others_a
     completed = [e.body["step"] for e in history if e.type == "StepCompleted"]
     assert sorted(completed) == ["after", "p[0]", "p[1]"]
     assert completed[-1] == "after"
+
+
+async def test_a_user_timeout_around_a_step_does_not_cancel_the_wait_for_an_append(
+        engine: Engine, effects: Counter[str]) -> None:
+    """A step waits for the previous completion's acknowledgement; the user's own
+    timeout around it ends that wait: the next step's function still runs only once the
+    completion is acknowledged."""
+    delay_acks(engine, "StepCompleted", "a", 0.5)
+    started = time.monotonic()
+    eid = (await engine.env.BOUNDED.trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid, timeout_s=15)
+    assert (done.status.value, done.output) == ("completed", 3)
+    assert effects["b"] == 0  # timed out while it waited for a's acknowledgement
+    assert effects["c_at_ms"] / 1000 - started >= 0.5
 
 
 # -- 2. sizes in bytes -------------------------------------------------------------------
@@ -573,7 +603,9 @@ async def test_hung_sync_steps_starve_nobody_and_stop_does_not_wait_for_them(
     engine = Engine(hardening_worker(effects, release), config)
     await engine.start()
     try:
-        hung = [(await engine.env.HANG.trigger({}))["execution_id"] for _ in range(40)]
+        hung = [(await engine.env.HANG.trigger({}))["execution_id"] for _ in range(32)]
+        await asyncio.sleep(0.2)  # the pool's 32 threads are all hung before the other 8 come
+        hung += [(await engine.env.HANG.trigger({}))["execution_id"] for _ in range(8)]
         for eid in hung:
             assert (await wait_for_status(engine, eid)).output == "timed out"
         assert effects["hang"] == 40  # all 40 started, though 32 threads were "the pool"
