@@ -349,10 +349,9 @@ class ExecutionRunner:
         wait or its end (each waits for the completion first) is the replayable code
         between steps, which nothing outside sees. The event is held until the
         runner's next append (or the loop's next turn), so that the two go to the
-        broker together, in one record batch that the broker takes or refuses whole
-        (``EventLog.send_all``): a handler's last step and its end cost one round
-        trip, not two, and the log never has the next step's start or the end
-        without the completion before it.
+        broker together, normally in one record batch (``EventLog.send_all`` says
+        what that does and does not promise): a handler's last step and its end cost
+        one round trip, not two.
         """
         if not self._held:
             asyncio.get_running_loop().call_soon(self._release)
@@ -425,8 +424,7 @@ class ExecutionRunner:
     async def _settled(self, timeout_s: float = 10.0) -> None:
         """The run stops on a failed append: let the others it sent (parallel branches')
         be answered first, so that a replay started next sees them (bounded)."""
-        with contextlib.suppress(LogUnavailable):
-            self._release()
+        self._release()  # (held events are waited ones: it does not raise)
         pending = [f for f, _ in self._unacked if not f.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout_s)
@@ -434,13 +432,12 @@ class ExecutionRunner:
     def _forget_unacked(self) -> None:
         """The run ends without waiting for what it sent (it stops or shuts down): a
         refusal of one is logged, not an unretrieved exception."""
-        with contextlib.suppress(LogUnavailable):
-            self._release()
+        self._release()
         for future, _ in self._unacked:
-            if future.done():  # the run stopped on it (or after it)
-                _unavailable(future, None)
-            else:
+            if not future.done():
                 future.add_done_callback(_retrieve)
+            elif not future.cancelled():  # the run stopped on it, or after it: said already
+                future.exception()
         self._unacked = []
 
     async def _checkpoint(self) -> None:
@@ -886,7 +883,7 @@ def _pending_or_failed(future: asyncio.Future[Any]) -> bool:
     return not future.done() or (not future.cancelled() and future.exception() is not None)
 
 
-def _unavailable(future: asyncio.Future[Any], body: Body | None) -> LogUnavailable | None:
+def _unavailable(future: asyncio.Future[Any], body: Body) -> LogUnavailable | None:
     """A failed append as the run's LogUnavailable (None: it did not fail)."""
     exc = None if future.cancelled() else future.exception()
     if isinstance(exc, AppendError):

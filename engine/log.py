@@ -252,7 +252,7 @@ class EventLog:
                 self._producer.poll(0.1)
                 produce()
         except KafkaException as exc:
-            raise AppendError(self.topic, str(exc.args[0]), _permanent(exc.args[0])) from None
+            raise _refusal(self.topic, exc.args[0]) from None
         except BufferError as exc:
             raise AppendError(self.topic, f"the producer's queue is full: {exc}") from None
         return partition
@@ -281,16 +281,10 @@ class EventLog:
         ``partition`` is for events of no execution (a partition claim); every
         other event goes to its execution id's partition.
         """
-        return await self.send(event, partition)
-
-    def send(self, event: Event, partition: int | None = None) -> asyncio.Future[tuple[int, int]]:
-        """Append; the future resolves with (partition, offset) on the acknowledgement (or
-        fails with :class:`AppendError`). For a caller that has more to do before it
-        needs the answer: the order of one partition is kept whenever it awaits."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
         self._produce(event, self._resolved_on(loop, future), partition)
-        return future
+        return await future
 
     def append_nowait(self, event: Event, partition: int | None = None) -> None:
         """Append without waiting; the partition's order is kept all the same."""
@@ -299,9 +293,10 @@ class EventLog:
     def send_all(self, events: Sequence[tuple[Event, bool]]
                  ) -> list[asyncio.Future[tuple[int, int]] | None]:
         """Append several events of one execution together. For each ``(event, waited)``:
-        a future as :meth:`send` gives (``waited``), or None (an append that nobody waits
-        for: a refusal is logged). Never raises: an event the producer does not take gets
-        a failed future (and, handed over one by one, so does every one after it).
+        a future of (partition, offset) or :class:`AppendError` (``waited``), or None (an
+        append that nobody waits for: a refusal is logged). Never raises: an event the
+        producer does not take gets a failed future (and, handed over one by one, so
+        does every one after it).
 
         Small events go to the producer in one call (``produce_batch``), one right
         after the other: they normally travel in one record batch, which the broker
@@ -341,9 +336,9 @@ class EventLog:
                 again = [m for m in messages if m.pop("_error", None) is not None]
                 self._producer.produce_batch(self.topic, again, partition=partition)
         except KafkaException as exc:
-            error = AppendError(self.topic, str(exc.args[0]), _permanent(exc.args[0]))
+            error = _refusal(self.topic, exc.args[0])
             return [(i, error) for i in range(len(messages))]
-        return [(i, AppendError(self.topic, str(m["_error"]), _permanent(m["_error"])))
+        return [(i, _refusal(self.topic, m["_error"]))
                 for i, m in enumerate(messages) if m.get("_error") is not None]
 
     def _produce_each(self, events: Sequence[tuple[Event, bool]], values: list[bytes],
@@ -395,7 +390,7 @@ class EventLog:
             raise AppendError(self.topic, f"no acknowledgement within {timeout_s:g} s")
         err, msg = result[0]
         if err is not None:
-            raise AppendError(self.topic, str(err), _permanent(err))
+            raise _refusal(self.topic, err)
         return msg.partition(), msg.offset()
 
     def flush(self, timeout_s: float = 30.0) -> None:
@@ -491,6 +486,11 @@ def _permanent(err: Any) -> bool:
     return isinstance(err, KafkaError) and err.code() in _REFUSALS
 
 
+def _refusal(topic: str, err: Any) -> AppendError:
+    """The AppendError of a Kafka error: permanent if sending the record again cannot help."""
+    return AppendError(topic, str(err), _permanent(err))
+
+
 def _queue_full(messages: list[dict[str, Any]]) -> bool:
     return any(m.get("_error") is not None
                and m["_error"].code() == KafkaError._QUEUE_FULL  # noqa: SLF001
@@ -522,7 +522,7 @@ def _settle_all(items: list[Any], topic: str, then: Callable[[], None] | None) -
         if isinstance(waiter, _Done):
             try:
                 if err is not None:
-                    waiter.done(AppendError(topic, str(err), _permanent(err)), -1)
+                    waiter.done(_refusal(topic, err), -1)
                 else:
                     waiter.done(None, msg.offset())
             except Exception:
@@ -537,6 +537,6 @@ def _settle(future: asyncio.Future[tuple[int, int]], err: Any, msg: Any, topic: 
     if future.done():
         return
     if err is not None:
-        future.set_exception(AppendError(topic, str(err), _permanent(err)))
+        future.set_exception(_refusal(topic, err))
     else:
         future.set_result((msg.partition(), msg.offset()))
