@@ -105,6 +105,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import collector
 from engine.app import Engine, load_app, serving_api
 from engine.broker import EmbeddedBroker, wait_for_kafka
 from engine.builder import Worker, ploy
@@ -2214,6 +2215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    collector.tune_for_serving()  # as ploy dev and ploy worker do: the engines run here
     if args.child_worker is not None:
         asyncio.run(child_worker(args.child_worker))
         return 0

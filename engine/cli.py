@@ -54,6 +54,7 @@ from typing import Any, NoReturn
 
 from connectors import dev_archive_dir, dev_restore
 from connectors.cli import add_commands as add_connector_commands
+from engine import collector
 from engine.app import SLOTS_DIR, Engine, http_server, load_app
 from engine.audit import add_commands as add_audit_commands
 from engine.builder import Worker
@@ -477,6 +478,7 @@ class _Run:
             if self.mode == "worker":
                 engine.runtime.advertise(_advertised(config, address[1]))
             self.banner(worker, engine.config, address)  # a worker: its own state slot
+            collector.tune_for_serving()
             # Step 6.
             await self.stop.wait()
             print(f"ploy {self.mode}: stopping (running steps finish)", flush=True)

@@ -12,18 +12,17 @@ deleted: a held lock is a :class:`~engine.errors.StateLockedError`.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from rocksdict import Options, Rdict
 
+from engine.collector import rare_collections
 from engine.errors import CorruptEventError, PloyError, RebuildError, StateLockedError
 from engine.log import EventLog
 from engine.skips import apply_or_skip
@@ -132,27 +131,6 @@ def _report(on_progress: Progress | None, done: int, total: int) -> None:
         on_progress(done, max(done, total))
 
 
-@contextlib.contextmanager
-def _rare_collections() -> Iterator[None]:
-    """Run the cyclic garbage collector rarely while folding.
-
-    A batch allocates tens of thousands of containers (events, decoded records)
-    that die with it and form no cycles, so the default generation-0 threshold
-    (700) runs the collector several times per batch, each time walking every
-    live container: about a fifth of the fold's time. Reference counting frees
-    all of it anyway; the collector still runs, every 100,000 allocations.
-    """
-    threshold = gc.get_threshold()
-    gc.set_threshold(_GC_THRESHOLD, *threshold[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-
-
-_GC_THRESHOLD = 100_000
-
-
 def fold_through(log: EventLog, state_path: Path, last: Mapping[int, int],
                  on_progress: Progress | None = None) -> int:
     """Fold each partition ``p`` of ``last`` from offset 0 through offset ``last[p]`` into
@@ -177,7 +155,7 @@ def _fold(log: EventLog, state_path: Path, partitions: list[int],
     done = 0
     stopped: set[int] = set()  # partitions folded through their last offset
     try:
-        with _rare_collections():
+        with rare_collections():
             for batches in log.read_until_end(dict.fromkeys(views, 0), stopped=stopped):
                 for p, records in batches.items():
                     if last is not None:
