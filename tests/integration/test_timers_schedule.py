@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 from pathlib import Path
 
@@ -103,6 +104,27 @@ async def test_a_timer_fires_at_its_wake_time_never_before(rig) -> None:  # type
     assert r.view.record("e1")["status"] == "running"  # type: ignore[index]
     await r.settle()
     assert len(r.fired) == 1
+
+
+async def test_the_switch_interval_is_short_only_while_a_timer_is_near(rig) -> None:  # type: ignore[no-untyped-def]
+    """The alarm thread gets the interpreter lock soon after it wakes (engine.timers)."""
+    normal = sys.getswitchinterval()
+    r = rig()
+    wake_at = r.clock.now() + 300
+    r.sleeper("e1", wake_at)
+    r.schedule.load(0, r.view)
+    r.schedule.start()
+    await asyncio.sleep(0.15)
+    assert sys.getswitchinterval() == normal  # due in 150 ms: not near yet
+    seen = set()
+    deadline = time.monotonic() + 2
+    while not r.fired and time.monotonic() < deadline:
+        seen.add(sys.getswitchinterval())
+        await asyncio.sleep(0.001)
+    assert len(r.fired) == 1
+    assert timers.FAST_SWITCH_S in seen
+    await r.settle()
+    assert sys.getswitchinterval() == normal  # nothing left to fire
 
 
 async def test_a_manual_clock_advanced_wakes_a_day_long_sleep_at_once(rig) -> None:  # type: ignore[no-untyped-def]
