@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
 from rocksdict import BlockBasedOptions, Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
 from engine import fold, keys
@@ -95,7 +96,7 @@ class PartitionView:
         oldest_end: int | None = None
         ends = self.db.get(keys.RETENTION) is None  # a view folded before that index
         for key, value in self._scan(keys.EXECUTION):
-            ex = json.loads(value)
+            ex = orjson.loads(value)
             eid = key[len(keys.EXECUTION):].decode()
             for status in (None, ex["status"]):
                 for index in keys.listing_keys(ex["workflow"], status, ex["created_at"], eid):
@@ -179,7 +180,7 @@ class PartitionView:
     def claim(self) -> dict[str, Any] | None:
         """The partition's current claim (epoch, worker, offset, fenced), or None."""
         raw = self.db.get(keys.CLAIM)
-        return None if raw is None else cast(dict[str, Any], json.loads(raw))
+        return None if raw is None else cast(dict[str, Any], orjson.loads(raw))
 
     def _claim_epoch(self) -> int:
         claim = self.claim()
@@ -190,7 +191,7 @@ class PartitionView:
         dropped_unmatched (kept for the retention and never delivered)."""
         raw = self.db.get(keys.EVENT_STATS)
         return {"received": 0, "duplicates": 0, "delivered": 0, "dropped_unmatched": 0,
-                **({} if raw is None else json.loads(raw))}
+                **({} if raw is None else orjson.loads(raw))}
 
     def gone(self, eid: str) -> bool:
         """Whether retention removed ``eid`` from this view (the log still has it)."""
@@ -199,7 +200,7 @@ class PartitionView:
     def record(self, eid: str) -> dict[str, Any] | None:
         """The raw execution record (for the runtime), or None."""
         raw = self.db.get(keys.execution(eid))
-        return None if raw is None else cast(dict[str, Any], json.loads(raw))
+        return None if raw is None else cast(dict[str, Any], orjson.loads(raw))
 
     def _items(self, from_key: bytes, backwards: bool = False) -> Iterator[tuple[bytes, bytes]]:
         """Raw-mode iteration: keys and values are bytes."""
@@ -227,20 +228,21 @@ class PartitionView:
     def step(self, eid: str, key: str) -> dict[str, Any] | None:
         """One step record (kind ``step``), or None."""
         raw = self.db.get(keys.step(eid, key))
-        return None if raw is None else cast(dict[str, Any], json.loads(raw))
+        return None if raw is None else cast(dict[str, Any], orjson.loads(raw))
 
     def steps(self, eid: str) -> list[dict[str, Any]]:
         """Step and sleep records of an execution, in the order they began."""
-        found = [json.loads(v) for _, v in self._scan(keys.prefix_of(keys.STEP, eid))]
-        found += [json.loads(v) for _, v in self._scan(keys.prefix_of(keys.SLEEP, eid))]
+        found = [orjson.loads(v) for _, v in self._scan(keys.prefix_of(keys.STEP, eid))]
+        found += [orjson.loads(v) for _, v in self._scan(keys.prefix_of(keys.SLEEP, eid))]
         return sorted(found, key=lambda r: r["seq"])
 
     def logs(self, eid: str) -> list[dict[str, Any]]:
-        return [json.loads(v) for _, v in self._scan(keys.prefix_of(keys.LOG, eid))]
+        return [orjson.loads(v) for _, v in self._scan(keys.prefix_of(keys.LOG, eid))]
 
     def log_positions(self, eid: str) -> list[str | None]:
         """Where each recorded log line of ``eid`` was logged (None: before schema v3)."""
-        return [json.loads(v).get("position") for _, v in self._scan(keys.prefix_of(keys.LOG, eid))]
+        return [orjson.loads(v).get("position")
+                for _, v in self._scan(keys.prefix_of(keys.LOG, eid))]
 
     def reruns(self, eid: str) -> list[str]:
         """Ids of the reruns of ``eid`` (``ploy rerun``), in the order they were triggered."""
