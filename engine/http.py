@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_jsonable_python
 from starlette.applications import Starlette
@@ -242,6 +243,10 @@ class _TotalJSON(JSONResponse):
     """JSON that always encodes: a lone surrogate in a value is written as its escape."""
 
     def render(self, content: Any) -> bytes:
+        try:  # the same text as below (payloads hold no NaN: recorded with allow_nan=False)
+            return orjson.dumps(content)  # ~5x cheaper than json.dumps
+        except TypeError:  # a lone surrogate, an int over 64 bits, a key not a string
+            pass
         text = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None,
                           separators=(",", ":"))
         return payloads.utf8(text)
