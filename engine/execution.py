@@ -294,7 +294,8 @@ class ExecutionRunner:
         # Appends sent and not waited for yet (``_send``), in log order, and those held
         # to go with the runner's next one.
         self._unacked: list[tuple[asyncio.Future[tuple[int, int]], Body]] = []
-        self._held: list[tuple[Event, bool]] = []
+        self._held: list[tuple[Event, bool]] = []  # (event, waited)
+        self._lost: LogUnavailable | None = None  # refused when released from the loop
         self._thread = threading.get_ident()  # the event loop's: _held is its alone
         self._occurrences: dict[str, int] = {}
         self._sleep_count = 0
@@ -333,13 +334,16 @@ class ExecutionRunner:
         await self._acknowledged()
 
     def _append_nowait(self, body: Body) -> None:
+        """Append without ever waiting for it (a start, a log line): held like a completion
+        (``_send``), so that a workflow's start, a step's start, and the step's completion
+        when it returns at once, go to the broker together with what follows."""
         if threading.get_ident() != self._thread:  # ctx.log in a step's thread
             try:
                 self.runtime.log.append_nowait(self._event(body))
             except AppendError as exc:
                 raise LogUnavailable(str(exc), exc.permanent, body) from exc
             return
-        self._release((self._event(body), False))
+        self._hold(self._event(body), False)
 
     def _send(self, body: Body) -> None:
         """Append without waiting: the next ``_acknowledged`` waits for it.
@@ -353,16 +357,21 @@ class ExecutionRunner:
         what that does and does not promise): a handler's last step and its end cost
         one round trip, not two.
         """
+        self._hold(self._event(body), True)
+
+    def _hold(self, event: Event, waited: bool) -> None:
         if not self._held:
             asyncio.get_running_loop().call_soon(self._release)
-        self._held.append((self._event(body), True))
+        self._held.append((event, waited))
 
     def _release(self, *more: tuple[Event, bool]) -> None:
         """Hand what ``_send`` holds, then ``more``, to the producer in one go.
 
         Nothing more goes out after an append that failed (a gap in the execution's
         history): LogUnavailable instead, as for an append refused at once that nobody
-        waits for; the refusals of the others show at ``_acknowledged``.
+        waits for; the refusals of the others show at ``_acknowledged``. Called without
+        ``more`` (from the loop, or before a wait) it never raises: such a refusal is kept
+        for the run's next append or wait.
         """
         items = self._held + list(more) if self._held else list(more)
         if not items:
@@ -386,10 +395,14 @@ class ExecutionRunner:
             elif refused is None:
                 refused = _unavailable(future, event.body)
         if refused is not None:
-            raise refused
+            if more:
+                raise refused
+            self._lost = self._lost or refused
 
     def _failed(self) -> LogUnavailable | None:
         """The first append of this run that the broker did not take, if any."""
+        if self._lost is not None:
+            return self._lost
         for future, body in self._unacked:
             if future.done():
                 failure = _unavailable(future, body)
@@ -402,11 +415,17 @@ class ExecutionRunner:
             self.runtime.tracing.recorded(self.record, self.workflow.name, body,
                                           self.runtime.clock.now())
 
-    async def _acknowledged(self) -> None:
+    async def _acknowledged(self, *, unwaited: bool = True) -> None:
         """Wait until every append sent so far is acknowledged (parallel branches may
         wait for the same ones); LogUnavailable if one was not: the run stops there, as
-        it would have at the append itself."""
-        self._release()
+        it would have at the append itself.
+
+        ``unwaited=False`` (a step about to run): appends nobody waits for (starts, log
+        lines) may stay held for the loop's next turn, or the step's completion."""
+        if unwaited or any(waited for _, waited in self._held):
+            self._release()
+        if self._lost is not None:
+            raise self._lost
         if not self._unacked:
             return
         for future, body in list(self._unacked):
@@ -619,7 +638,7 @@ class ExecutionRunner:
             if key in self._operator_outputs:
                 return json.loads(self._open(self._operator_outputs[key]))
             self._append_nowait(StepStarted(key, attempt, input_json))
-            await self._acknowledged()  # the previous step's completion, before this runs
+            await self._acknowledged(unwaited=False)  # the previous step's completion first
             started_at = self.runtime.clock.now()
             token = _IN_STEP.set((self, key, attempt))
             try:
@@ -673,6 +692,7 @@ class ExecutionRunner:
         if inspect.iscoroutinefunction(fn):
             work: Any = fn()
         else:
+            self._release()  # its start before the lines it logs from its thread
             work = self._in_thread(fn)
         task = asyncio.current_task()
         if task is not None:

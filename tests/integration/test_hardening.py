@@ -151,6 +151,21 @@ def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:  #
 
         return await ctx.step.run("c", c)
 
+    @app.workflow("waiting")
+    async def waiting(ctx: Any) -> Any:
+        async def until_released() -> str:
+            ctx.log("inside, on the loop")
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+            return "released"
+
+        def from_a_thread() -> int:
+            ctx.log("inside, from its thread")
+            return 1
+
+        await ctx.step.run("thread", from_a_thread)
+        return await ctx.step.run("wait", until_released)
+
     @app.workflow("two_steps")
     async def two_steps(ctx: Any) -> Any:
         a = await ctx.step.run("a", lambda: effects.update(["a"]) or 1)
@@ -163,7 +178,7 @@ BINDINGS = {"ECHO": "echo", "UNTYPED": "untyped", "BIG_OUTPUT": "big_output",
             "BIG_STEP": "big_step", "SURROGATES": "surrogates", "DEEP_STEP": "deep_step",
             "NAMES": "names", "LOGS": "logs", "HANG": "hang", "QUICK": "quick",
             "TWO_STEPS": "two_steps", "BRANCHES": "branches", "LARGE_END": "large_end",
-            "BOUNDED": "bounded"}
+            "BOUNDED": "bounded", "WAITING": "waiting"}
 
 
 @pytest.fixture
@@ -314,6 +329,48 @@ async def test_a_step_runs_only_once_the_completion_before_it_is_acknowledged(
     assert steps.count(("StepCompleted", "a")) == steps.count(("StepCompleted", "b")) == 1
     assert steps.index(("StepCompleted", "b")) > steps.index(("StepCompleted", "a"))
     assert history[-1].type == "WorkflowCompleted"
+
+
+async def test_a_step_that_takes_time_shows_as_running_with_its_log_lines(
+        engine: Engine, release: threading.Event) -> None:
+    """A start and a log line are held to go to the broker with what follows, but only
+    until the event loop's next turn: a step that takes time is on the log as running
+    (and a line it logs, in order after its start) while it runs."""
+    eid = (await engine.env.WAITING.trigger({}))["execution_id"]
+    deadline = time.monotonic() + 10
+    while True:
+        execution = await engine.runtime.get_execution(eid)
+        assert execution is not None
+        steps = {s.key: s.status for s in execution.steps}
+        if steps.get("wait") == "running" and len(execution.logs) == 2:
+            break
+        assert time.monotonic() < deadline, (steps, execution.logs)
+        await asyncio.sleep(0.02)
+    assert execution.status.value == "running"
+    release.set()
+    done = await wait_for_status(engine, eid, timeout_s=15)
+    assert (done.status.value, done.output) == ("completed", "released")
+    history = await engine.runtime.history(eid)
+    assert history is not None
+    order = [e.body.get("step") or e.body.get("message") for e in history
+             if e.type in ("StepStarted", "WorkflowLog")]
+    assert order == ["thread", "inside, from its thread", "wait", "inside, on the loop"]
+
+
+async def test_a_start_refused_at_once_stops_the_run_and_it_resumes(
+        engine: Engine, effects: Counter[str]) -> None:
+    """A held start that the producer refuses when the loop hands it over is not lost
+    silently: the run stops at its next wait and resumes by replay."""
+    refused = fail_appends(engine, "StepStarted", step="b")
+    eid = (await engine.env.TWO_STEPS.trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid, timeout_s=15)
+    assert (done.status.value, done.output) == ("completed", 2)
+    assert len(refused) == 1
+    history = await engine.runtime.history(eid)
+    assert history is not None
+    steps = [(e.type, e.body["step"]) for e in history if e.type.startswith("Step")]
+    assert steps.count(("StepCompleted", "b")) == 1
+    assert ("StepStarted", "b") in steps
 
 
 @pytest.mark.parametrize("binding", ["QUICK", "LARGE_END"])
