@@ -447,6 +447,7 @@ class _Run:
             loop.add_signal_handler(sig, self.stop.set)
         # Step 1. Everything that can be wrong in the app fails here, before any start.
         worker, config = load_app(self.directory, host=self.args.host, port=self.args.port)
+        collector.tune_for_serving()
         if self.mode != "dev" and not config.kafka.bootstrap_servers:
             raise CommandError(f"ploy {self.mode} needs Kafka: set kafka.bootstrap_servers in "
                                "ploy.yaml or KAFKA_BOOTSTRAP_SERVERS (ploy dev starts an "
@@ -478,7 +479,6 @@ class _Run:
             if self.mode == "worker":
                 engine.runtime.advertise(_advertised(config, address[1]))
             self.banner(worker, engine.config, address)  # a worker: its own state slot
-            collector.tune_for_serving()
             # Step 6.
             await self.stop.wait()
             print(f"ploy {self.mode}: stopping (running steps finish)", flush=True)

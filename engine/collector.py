@@ -31,9 +31,10 @@ YOUNG_THRESHOLD = 50_000
 
 def tune_for_serving() -> None:
     """Collect rarely from now on, and freeze what is live now. Called once by a
-    serving process (``ploy dev``, ``ploy worker``, ``ploy serve``) after its engine
-    started: what is reachable then (modules, the app, the engine) stays reachable
-    until exit, so walking it again and again finds nothing."""
+    serving process (``ploy dev``, ``ploy worker``, ``ploy serve``) once its app is
+    loaded, before its engine starts: what is reachable then (modules, the app) stays
+    reachable until exit, so walking it again and again finds nothing; executions and
+    requests, which come and go, are made after it and collected as usual."""
     gc.set_threshold(YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     gc.collect()
     gc.freeze()
@@ -42,8 +43,12 @@ def tune_for_serving() -> None:
 @contextlib.contextmanager
 def rare_collections(threshold: int = 2 * YOUNG_THRESHOLD) -> Iterator[None]:
     """Collect young objects only every ``threshold`` allocations inside the block
-    (a rebuild's fold); the thresholds before it are back after."""
+    (a rebuild's fold); the thresholds before it are back after. A block inside or
+    beside another (two as-of folds in threads) that finds it set already leaves it."""
     before = gc.get_threshold()
+    if before[0] >= threshold:
+        yield
+        return
     gc.set_threshold(threshold, *before[1:])
     try:
         yield

@@ -369,20 +369,26 @@ def _still_pending(view: PartitionView, timer: Timer) -> str | None:
 
 class _SwitchInterval:
     """The interpreter's switch interval: ``FAST_SWITCH_S`` while any alarm of this
-    process (one per engine) has a timer due within ``NEAR_S``, else what it was."""
+    process (one per engine) has a timer due within ``NEAR_S``, else what it was before
+    (an app's own setting is kept: it is read, not assumed, each time one comes near)."""
 
     def __init__(self) -> None:
-        self.normal = sys.getswitchinterval()
+        self._normal = sys.getswitchinterval()
         self._near: set[object] = set()
         self._lock = threading.Lock()
 
     def near(self, alarm: object, near: bool) -> None:
         with self._lock:
+            was = bool(self._near)
             if near:
                 self._near.add(alarm)
             else:
                 self._near.discard(alarm)
-            sys.setswitchinterval(FAST_SWITCH_S if self._near else self.normal)
+            if self._near and not was:
+                self._normal = sys.getswitchinterval()
+                sys.setswitchinterval(FAST_SWITCH_S)
+            elif was and not self._near:
+                sys.setswitchinterval(self._normal)
 
 
 _SWITCH = _SwitchInterval()

@@ -107,8 +107,18 @@ async def test_a_timer_fires_at_its_wake_time_never_before(rig) -> None:  # type
 
 
 async def test_the_switch_interval_is_short_only_while_a_timer_is_near(rig) -> None:  # type: ignore[no-untyped-def]
-    """The alarm thread gets the interpreter lock soon after it wakes (engine.timers)."""
-    normal = sys.getswitchinterval()
+    """The alarm thread gets the interpreter lock soon after it wakes (engine.timers);
+    an app's own switch interval is what it goes back to."""
+    default = sys.getswitchinterval()
+    normal = 0.002
+    sys.setswitchinterval(normal)
+    try:
+        await _short_while_near(rig, normal)
+    finally:
+        sys.setswitchinterval(default)
+
+
+async def _short_while_near(rig, normal: float) -> None:  # type: ignore[no-untyped-def]
     r = rig()
     wake_at = r.clock.now() + 300
     r.sleeper("e1", wake_at)

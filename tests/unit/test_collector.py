@@ -46,3 +46,14 @@ def test_rare_collections_puts_the_thresholds_back():
     with pytest.raises(RuntimeError), collector.rare_collections():
         raise RuntimeError("a failed fold")
     assert gc.get_threshold() == before
+
+
+def test_rare_collections_side_by_side_leave_the_thresholds_as_they_were():
+    before = gc.get_threshold()
+    outer = collector.rare_collections(100_000)
+    inner = collector.rare_collections(100_000)
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # the first one ends first (two folds in threads)
+    inner.__exit__(None, None, None)
+    assert gc.get_threshold() == before
