@@ -52,6 +52,14 @@ class Rig:
         assert failure is None
         self.schedule.on_folded(0, applied)
 
+    def started_with_one(self, in_ms: int) -> int:
+        """The schedule started on a view with one sleeper ("e1") due in ``in_ms``."""
+        wake_at = self.clock.now() + in_ms
+        self.sleeper("e1", wake_at)
+        self.schedule.load(0, self.view)
+        self.schedule.start()
+        return wake_at
+
     def sleeper(self, eid: str, wake_at: int, sleep: str = "sleep#1") -> None:
         self.fold((eid, WorkflowTriggered("{}")), (eid, WorkflowStarted("w")),
                   (eid, SleepScheduled(sleep, 1, wake_at)))
@@ -89,10 +97,7 @@ async def rig(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 async def test_a_timer_fires_at_its_wake_time_never_before(rig) -> None:  # type: ignore[no-untyped-def]
     r = rig()
-    wake_at = r.clock.now() + 300
-    r.sleeper("e1", wake_at)
-    r.schedule.load(0, r.view)
-    r.schedule.start()
+    wake_at = r.started_with_one(300)
     await asyncio.sleep(0.2)
     assert r.fired == []
     deadline = time.monotonic() + 2
@@ -120,10 +125,7 @@ async def test_the_switch_interval_is_short_only_while_a_timer_is_near(rig) -> N
 
 async def _short_while_near(rig, normal: float) -> None:  # type: ignore[no-untyped-def]
     r = rig()
-    wake_at = r.clock.now() + 300
-    r.sleeper("e1", wake_at)
-    r.schedule.load(0, r.view)
-    r.schedule.start()
+    r.started_with_one(300)
     await asyncio.sleep(0.15)
     assert sys.getswitchinterval() == normal  # due in 150 ms: not near yet
     seen = set()
