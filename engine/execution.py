@@ -297,6 +297,7 @@ class ExecutionRunner:
         self._held: list[tuple[Event, bool]] = []  # (event, waited)
         self._lost: LogUnavailable | None = None  # refused when released from the loop
         self._thread = threading.get_ident()  # the event loop's: _held is its alone
+        self._loop = asyncio.get_running_loop()
         self._occurrences: dict[str, int] = {}
         self._sleep_count = 0
         self._boundary = 0  # step, sleep and parallel calls made by the handler so far
@@ -336,14 +337,22 @@ class ExecutionRunner:
     def _append_nowait(self, body: Body) -> None:
         """Append without ever waiting for it (a start, a log line): held like a completion
         (``_send``), so that a workflow's start, a step's start, and the step's completion
-        when it returns at once, go to the broker together with what follows."""
-        if threading.get_ident() != self._thread:  # ctx.log in a step's thread
+        when it returns at once, go to the broker together with what follows. An async
+        step's function starts before its start is handed over: one refused then stops
+        the run at its next wait, and the replay runs the function again (as when the
+        broker refuses the start later). From another thread (ctx.log in a step's thread)
+        the event is held through the loop, so the run's events keep their order."""
+        event = self._event(body)
+        if threading.get_ident() == self._thread:
+            self._hold(event, False)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._hold, event, False)
+        except RuntimeError:  # the loop is closed (shut down): straight to the producer
             try:
-                self.runtime.log.append_nowait(self._event(body))
+                self.runtime.log.append_nowait(event)
             except AppendError as exc:
                 raise LogUnavailable(str(exc), exc.permanent, body) from exc
-            return
-        self._hold(self._event(body), False)
 
     def _send(self, body: Body) -> None:
         """Append without waiting: the next ``_acknowledged`` waits for it.
@@ -443,7 +452,7 @@ class ExecutionRunner:
     async def _settled(self, timeout_s: float = 10.0) -> None:
         """The run stops on a failed append: let the others it sent (parallel branches')
         be answered first, so that a replay started next sees them (bounded)."""
-        self._release()  # (held events are waited ones: it does not raise)
+        self._release()  # (without ``more`` it does not raise)
         pending = [f for f, _ in self._unacked if not f.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout_s)
@@ -452,6 +461,7 @@ class ExecutionRunner:
         """The run ends without waiting for what it sent (it stops or shuts down): a
         refusal of one is logged, not an unretrieved exception."""
         self._release()
+        self._held = []  # kept back after a failed append: nothing of the run follows it
         for future, _ in self._unacked:
             if not future.done():
                 future.add_done_callback(_retrieve)
@@ -692,7 +702,9 @@ class ExecutionRunner:
         if inspect.iscoroutinefunction(fn):
             work: Any = fn()
         else:
-            self._release()  # its start before the lines it logs from its thread
+            self._release()  # its start goes before the function runs
+            if self._lost is not None:
+                raise self._lost
             work = self._in_thread(fn)
         task = asyncio.current_task()
         if task is not None:

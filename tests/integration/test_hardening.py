@@ -155,6 +155,9 @@ def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:  #
     async def waiting(ctx: Any) -> Any:
         async def until_released() -> str:
             ctx.log("inside, on the loop")
+            joined = threading.Thread(target=ctx.log, args=("inside, from a thread it joins",))
+            joined.start()
+            joined.join()
             while not release.is_set():
                 await asyncio.sleep(0.01)
             return "released"
@@ -165,6 +168,19 @@ def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:  #
 
         await ctx.step.run("thread", from_a_thread)
         return await ctx.step.run("wait", until_released)
+
+    @app.workflow("gap")
+    async def gap(ctx: Any) -> Any:
+        a = await ctx.step.run("a", lambda: effects.update(["gap_a"]) or 1)
+        await asyncio.sleep(0.3)  # the handler's own await: a's completion goes alone
+
+        def b() -> int:
+            effects["gap_b"] += 1
+            if effects["gap_b"] == 1:
+                raise ConnectionError("the first call fails; retries=1 allows one more")
+            return a + 1
+
+        return await ctx.step.run("b", b, retries=1)
 
     @app.workflow("two_steps")
     async def two_steps(ctx: Any) -> Any:
@@ -178,7 +194,7 @@ BINDINGS = {"ECHO": "echo", "UNTYPED": "untyped", "BIG_OUTPUT": "big_output",
             "BIG_STEP": "big_step", "SURROGATES": "surrogates", "DEEP_STEP": "deep_step",
             "NAMES": "names", "LOGS": "logs", "HANG": "hang", "QUICK": "quick",
             "TWO_STEPS": "two_steps", "BRANCHES": "branches", "LARGE_END": "large_end",
-            "BOUNDED": "bounded", "WAITING": "waiting"}
+            "BOUNDED": "bounded", "WAITING": "waiting", "GAP": "gap"}
 
 
 @pytest.fixture
@@ -342,7 +358,7 @@ async def test_a_step_that_takes_time_shows_as_running_with_its_log_lines(
         execution = await engine.runtime.get_execution(eid)
         assert execution is not None
         steps = {s.key: s.status for s in execution.steps}
-        if steps.get("wait") == "running" and len(execution.logs) == 2:
+        if steps.get("wait") == "running" and len(execution.logs) == 3:
             break
         assert time.monotonic() < deadline, (steps, execution.logs)
         await asyncio.sleep(0.02)
@@ -354,23 +370,42 @@ async def test_a_step_that_takes_time_shows_as_running_with_its_log_lines(
     assert history is not None
     order = [e.body.get("step") or e.body.get("message") for e in history
              if e.type in ("StepStarted", "WorkflowLog")]
-    assert order == ["thread", "inside, from its thread", "wait", "inside, on the loop"]
+    assert order == ["thread", "inside, from its thread", "wait", "inside, on the loop",
+                     "inside, from a thread it joins"]
 
 
-async def test_a_start_refused_at_once_stops_the_run_and_it_resumes(
-        engine: Engine, effects: Counter[str]) -> None:
-    """A held start that the producer refuses when the loop hands it over is not lost
-    silently: the run stops at its next wait and resumes by replay."""
-    refused = fail_appends(engine, "StepStarted", step="b")
-    eid = (await engine.env.TWO_STEPS.trigger({}))["execution_id"]
+@pytest.mark.parametrize("binding", ["TWO_STEPS", "QUICK"])
+async def test_a_start_refused_at_once_stops_the_run_before_its_step_runs(
+        engine: Engine, effects: Counter[str], binding: str) -> None:
+    """A held start that the producer refuses when it is handed over is not lost
+    silently: the run stops before the step's function runs, and resumes by replay
+    (TWO_STEPS: b's start goes with a's completion; QUICK: the first step's start, with
+    the workflow's, just before its function's thread)."""
+    step = "b" if binding == "TWO_STEPS" else "q"
+    refused = fail_appends(engine, "StepStarted", step=step)
+    eid = (await engine.env[binding].trigger({}))["execution_id"]
     done = await wait_for_status(engine, eid, timeout_s=15)
-    assert (done.status.value, done.output) == ("completed", 2)
+    assert done.status.value == "completed"
     assert len(refused) == 1
+    assert effects["b" if binding == "TWO_STEPS" else "quick"] == 1  # once, after the replay
     history = await engine.runtime.history(eid)
     assert history is not None
     steps = [(e.type, e.body["step"]) for e in history if e.type.startswith("Step")]
-    assert steps.count(("StepCompleted", "b")) == 1
-    assert ("StepStarted", "b") in steps
+    assert steps.count(("StepCompleted", step)) == 1
+    assert ("StepStarted", step) in steps
+
+
+async def test_nothing_of_a_run_follows_an_append_refused_late(
+        engine: Engine, effects: Counter[str]) -> None:
+    """a's completion goes alone (the handler awaits between the steps) and is refused
+    late, as b starts: b's start, held meanwhile, must not reach the log after the gap
+    (a replay would take it for an attempt of b that ran, and b would lose a retry)."""
+    refused = fail_appends(engine, "StepCompleted", step="a", late=True, delay_s=0.1)
+    eid = (await engine.env.GAP.trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid, timeout_s=20)
+    assert len(refused) == 1
+    assert (done.status.value, done.output) == ("completed", 2)
+    assert effects["gap_b"] == 2  # attempt 1 failed, attempt 2 (its one retry) succeeded
 
 
 @pytest.mark.parametrize("binding", ["QUICK", "LARGE_END"])
