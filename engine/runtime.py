@@ -210,7 +210,7 @@ class Runtime(Queries):
         self.partitions.open()
         folded = everything if single or self.replica else ()
         # Step 2.
-        await self.partitions.start(folded)
+        await self.partitions.start(folded, alone=single)
         if not single:
             self.directory = Directory(self.log, self.worker_id, self.config.http.admin_token)
             await asyncio.to_thread(self.directory.start)
