@@ -97,12 +97,14 @@ class Partitions:
         ``alone``: this process writes nearly all its partitions get (a single worker,
         ``ploy dev``) and folds its own appends as they are acknowledged, so the fetch
         only brings what others write (an operator's ``ploy skip``, a connector in
-        another process) and may wait longer for it: ``ALONE_FETCH_WAIT_MS``.
+        another process) and may wait longer for it: ``ALONE_FETCH_WAIT_MS``, unless the
+        app's Kafka settings name a wait of their own.
         """
         self._loop = asyncio.get_running_loop()
         self.following = set(follow)
         await asyncio.to_thread(self._catch_up, sorted(self.following))
-        overrides = {"fetch.wait.max.ms": ALONE_FETCH_WAIT_MS} if alone else {}
+        overrides = ({"fetch.wait.max.ms": ALONE_FETCH_WAIT_MS}
+                     if alone and "fetch.wait.max.ms" not in self.log.extra else {})
         consumer = self.log.consumer(group_id=f"{self.log.topic}.worker", **overrides)
         consumer.assign([TopicPartition(self.log.topic, p, self.views[p].next_offset)
                          for p in sorted(self.following) if p not in self.stalled])
