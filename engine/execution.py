@@ -370,7 +370,7 @@ class ExecutionRunner:
 
     def _hold(self, event: Event, waited: bool) -> None:
         if not self._held:
-            asyncio.get_running_loop().call_soon(self._release)
+            self._loop.call_soon(self._release)
         self._held.append((event, waited))
 
     def _release(self, *more: tuple[Event, bool]) -> None:

@@ -398,10 +398,13 @@ class EventLog:
 
     # -- read ------------------------------------------------------------
 
-    def consumer(self, group_id: str | None = None, **overrides: Any) -> Consumer:
-        """A consumer of the events topic; the caller assigns or subscribes."""
+    def consumer(self, group_id: str | None = None, *, defaults: Any = None,
+                 **overrides: Any) -> Consumer:
+        """A consumer of the events topic; the caller assigns or subscribes. ``defaults``
+        replace ours and give way to the app's own Kafka settings; ``overrides`` do not."""
         return Consumer({
             **CONSUMER_DEFAULTS,
+            **(defaults or {}),
             **client_config(self.bootstrap_servers, self.extra),
             "group.id": group_id or f"{self.topic}.reader",
             **overrides,

@@ -103,9 +103,9 @@ class Partitions:
         self._loop = asyncio.get_running_loop()
         self.following = set(follow)
         await asyncio.to_thread(self._catch_up, sorted(self.following))
-        overrides = ({"fetch.wait.max.ms": ALONE_FETCH_WAIT_MS}
-                     if alone and "fetch.wait.max.ms" not in self.log.extra else {})
-        consumer = self.log.consumer(group_id=f"{self.log.topic}.worker", **overrides)
+        consumer = self.log.consumer(
+            group_id=f"{self.log.topic}.worker",
+            defaults={"fetch.wait.max.ms": ALONE_FETCH_WAIT_MS} if alone else None)
         consumer.assign([TopicPartition(self.log.topic, p, self.views[p].next_offset)
                          for p in sorted(self.following) if p not in self.stalled])
         self._consumer = consumer

