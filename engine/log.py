@@ -97,10 +97,10 @@ class EventLog:
     """Appends to and reads from ``<prefix>.events``.
 
     A background thread serves the producer's delivery callbacks. What one
-    poll of the producer acknowledged is handed on together: the appends go to
+    poll of the producer acknowledged is handed on together, with one wake-up of
+    each event loop: the awaiting coroutines are resolved, and the appends go to
     ``on_acked`` (the fold of this process's own appends, ``engine.partitions``),
-    which folds them without a fetch from the broker, and then the awaiting
-    coroutines are resolved with one wake-up of their event loop.
+    which folds them on the loop without a fetch from the broker.
     """
 
     def __init__(
@@ -123,7 +123,7 @@ class EventLog:
         self.high_acked: dict[int, int] = {}
         limit = int(self.extra.get("message.max.bytes", 1_000_000))
         self.batch_record_bytes = min(BATCH_RECORD_BYTES, limit // 2)
-        self.on_acked: Callable[[Acks, Wake], None] | None = None  # on the producer's thread
+        self.on_acked: Callable[[Acks, Wake], None] | None = None  # called on the producer's thread
         self._acks: Acks = []  # of the poll under way, on the producer's thread
         # (loop, waiter, err, msg): a future (append) or a _Done (append_from_thread)
         self._settles: list[tuple[asyncio.AbstractEventLoop, Any, Any, Any]] = []
@@ -179,9 +179,9 @@ class EventLog:
     def _poll(self) -> None:
         """Serve delivery callbacks until closed; a failing callback must not end it.
 
-        The callbacks of one poll only collect (``_in_poll``). Then ``on_acked``
-        folds the acknowledged appends here, and each event loop is woken once,
-        to resolve its waiting appends and run what the fold hands it. Once: every
+        The callbacks of one poll only collect (``_in_poll``). Then each event loop
+        is woken once, to resolve its waiting appends and run what ``on_acked``
+        hands it (the fold of the acknowledged appends). Once: every
         wake-up of another thread lets go of the interpreter lock, and getting it
         back behind a busy event loop costs up to a switch interval (5 ms).
         """

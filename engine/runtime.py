@@ -237,11 +237,9 @@ class Runtime(Queries):
     def _fire_timer(self, eid: str, workflow: str, sleep_key: str, wake_at: int,
                     partition: int, done: Callable[[BaseException | None], None]) -> None:
         """From the alarm thread (``engine.timers``): append ``TimerFired`` now. Once it is
-        acknowledged, the event loop resumes the execution: usually the fold of this
-        process's own append got there first (in the same wake-up) and started it; if
-        not (another writer's record came first, the fold thread was busy), it resumes
-        with the value in hand, not a fetch later, and the fold's ``TimerFired`` then
-        starts nothing."""
+        acknowledged, the event loop resumes the execution with the value in hand,
+        before the fold of that append (in the same wake-up), whose ``TimerFired`` then
+        starts nothing; if a fold got there first (the fetch's), it started it."""
         loop = self._loop
         assert loop is not None
 

@@ -112,8 +112,9 @@ async def test_after_another_writers_record_the_fetch_folds_on_in_log_order(
 
 async def test_a_failing_fold_of_acknowledgements_loses_no_notification(
         kafka: str, topic_prefix: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One partition's fold on the producer's thread fails: the others' are still told
-    to the event loop, and the fetch folds the failed one (nothing of it was written)."""
+    """One partition's fold of acknowledged appends (on the event loop) fails: the
+    others' are still told, and the fetch folds the failed one (nothing of it was
+    written)."""
     import threading
 
     from engine.view import PartitionView
@@ -122,7 +123,7 @@ async def test_a_failing_fold_of_acknowledgements_loses_no_notification(
     failed = []
 
     def flaky(self: PartitionView, records: Any) -> Any:
-        if threading.current_thread().name == "ploy-producer" and self.partition == 1:
+        if threading.current_thread().name != "ploy-fold" and self.partition == 1:
             failed.append(self.partition)
             raise OSError("disk hiccup")
         return apply(self, records)
