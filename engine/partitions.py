@@ -240,8 +240,13 @@ class Partitions:
         -> 5.3-5.9 s).
         """
         loop = self._loop
-        if loop is not None:
-            wake(loop, functools.partial(loop.call_soon, self._fold_acked_here, acks))
+        if loop is None:
+            return
+
+        def after_waiters() -> None:  # (what they resume with runs first: it is queued first)
+            loop.call_soon(self._fold_acked_here, acks)
+
+        wake(loop, after_waiters)
 
     def _fold_acked_here(self, acks: Acks) -> None:
         """On the event loop: fold this process's acknowledged appends, each partition's
