@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 import threading
 import time
