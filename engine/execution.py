@@ -270,10 +270,7 @@ class ExecutionRunner:
     """One execution in memory: its replay state and its live coroutine."""
 
     def __init__(self, runtime: Runtime, record: dict[str, Any], steps: list[dict[str, Any]],
-                 workflow: WorkflowDef, logged: list[str | None] = (),  # type: ignore[assignment]
-                 fired: tuple[Event, Callable[[BaseException | None], None]] | None = None):
-        """``fired``: the ``TimerFired`` that woke it, not yet appended, and what to tell of
-        the broker's answer (``Runtime._woken``): held as a step's completion is."""
+                 workflow: WorkflowDef, logged: list[str | None] = ()):  # type: ignore[assignment]
         self.runtime = runtime
         self.id: str = record["id"]
         self.record = record
@@ -297,8 +294,7 @@ class ExecutionRunner:
         # Appends sent and not waited for yet (``_send``), in log order, and those held
         # to go with the runner's next one.
         self._unacked: list[tuple[asyncio.Future[tuple[int, int]], Body]] = []
-        self._held: list[tuple[Event, bool]] = [] if fired is None else [(fired[0], True)]
-        self._fired = fired  # until handed to the producer
+        self._held: list[tuple[Event, bool]] = []  # (event, waited)
         self._lost: LogUnavailable | None = None  # refused when released from the loop
         self._thread = threading.get_ident()  # the event loop's: _held is its alone
         self._loop = asyncio.get_running_loop()
@@ -396,11 +392,6 @@ class ExecutionRunner:
             return
         self._held = []
         futures = self.runtime.log.send_all(items)
-        if self._fired is not None and items[0][0] is self._fired[0]:
-            told = self._fired[1]
-            self._fired = None
-            futures[0].add_done_callback(  # type: ignore[union-attr]  # (waited: a future)
-                lambda future: told(None if future.cancelled() else future.exception()))
         tracing = self.runtime.tracing.tracer is not None
         refused: LogUnavailable | None = None
         for (event, waited), future in zip(items, futures, strict=True):
@@ -471,9 +462,6 @@ class ExecutionRunner:
         refusal of one is logged, not an unretrieved exception."""
         self._release()
         self._held = []  # kept back after a failed append: nothing of the run follows it
-        if self._fired is not None:  # never handed over: the schedule fires it again
-            self._fired[1](LogUnavailable("the run stopped before its timer's firing went out"))
-            self._fired = None
         for future, _ in self._unacked:
             if not future.done():
                 future.add_done_callback(_retrieve)
@@ -526,8 +514,6 @@ class ExecutionRunner:
         then resumes it by replay, so no execution is left ``running`` with nothing
         to resume it.
         """
-        if self._held:  # a timer's firing: out with the first append, or on the next turn
-            self._loop.call_soon(self._release)
         try:
             end = await self._handle()
             if end is None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -102,10 +101,6 @@ user_log = logging.getLogger("ploy.workflow")  # what the terminal of `ploy dev`
 
 ID_NAMESPACE = uuid.UUID("6f1c1d1e-9a43-4b8e-9a55-3e1f0c2b7d10")
 RUNNABLE = (ExecutionStatus.QUEUED.value, ExecutionStatus.RUNNING.value)
-# A timer's firing is held by the resumed runner (one round trip for it and what follows)
-# while fewer executions than this are in memory or being woken; beyond, it is appended
-# at once from the alarm thread (Runtime._fire_timer).
-HOLD_FIRINGS_BELOW = 16
 RESERVED_EVENT_PREFIX = "ploy."  # event types only the engine sends (CHILD_ENDED)
 
 
@@ -154,7 +149,6 @@ class Runtime(Queries):
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
         self._fired_here: set[tuple[str, str]] = set()  # woken here; skip its TimerFired
-        self._firings_handed = self._firings_taken = 0  # by the alarm thread to the loop
 
     @property
     def state_path(self) -> Path:
@@ -242,98 +236,21 @@ class Runtime(Queries):
 
     def _fire_timer(self, eid: str, workflow: str, sleep_key: str, wake_at: int,
                     partition: int, done: Callable[[BaseException | None], None]) -> None:
-        """From the alarm thread (``engine.timers``): the timer is due. With few executions
-        in memory, ``TimerFired`` goes to the event loop to be held by the resumed runner
-        (``_woken``: one round trip for the firing and what follows it). Otherwise (a
-        burst of due timers, a loaded process) it is appended now from this thread, on
-        time whatever the loop is doing (librdkafka batches a burst), and the execution
-        resumes once it is acknowledged (``_timer_acked``)."""
+        """From the alarm thread (``engine.timers``): append ``TimerFired`` now. Once it is
+        acknowledged, the event loop resumes the execution with the value in hand,
+        before the fold of that append (in the same wake-up), whose ``TimerFired`` then
+        starts nothing; if a fold got there first (the fetch's), it started it."""
         loop = self._loop
         assert loop is not None
-        event = Event(eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
-                      epoch=self.ownership.epoch_of(partition))
-        # (Each counter has one writer: this thread, or the loop.)
-        if len(self.runners) + self._firings_handed - self._firings_taken < HOLD_FIRINGS_BELOW:
-            self._firings_handed += 1
-            loop.call_soon_threadsafe(self._woken, event, partition, done)
-        else:
-            self._append_fired(event, partition, done, loop)
-
-    def _woken(self, event: Event, partition: int,
-               done: Callable[[BaseException | None], None]) -> None:
-        """On the event loop: resume a plain sleep now, with its firing held by the runner
-        as a step's completion is (``ExecutionRunner(fired=...)``): it goes to the broker
-        with what the workflow appends next, normally in one record batch (a sleep
-        that ends the workflow: one round trip for both), and before the next step's
-        function runs, the next durable wait or the end, it is acknowledged; refused,
-        the run stops there and the schedule fires the timer again.
-
-        Anything else (a wait's timeout, which an event may beat; parallel waits; a
-        runner still winding down; a record the view does not have) is appended now
-        and resumes once acknowledged (``_timer_acked``), as the fold decides.
-        """
-        self._firings_taken += 1
-        eid, body = event.execution_id, event.body
-        assert isinstance(body, TimerFired)
-        view = self.views.get(partition)
-        record = None if view is None else self._asleep_on(view, partition, eid, body.sleep)
-        workflow = None if record is None else self.worker.workflow(record["workflow"])
-        if view is None or record is None or workflow is None:
-            try:
-                self._append_fired(event, partition, done, asyncio.get_running_loop())
-            except Exception as exc:  # not handed to the producer (its queue full, say)
-                done(exc)
-            return
-        steps = view.steps(eid)
-        for step in steps:
-            if step["key"] == body.sleep and step["kind"] == "sleep":
-                step["status"] = ExecutionStatus.COMPLETED.value
-        self._fired_here.add((eid, body.sleep))
-        logged = view.log_positions(eid) if record["logs"] else []
-        fired = functools.partial(self._fired_sent, event, partition, done)
-        self._run(ExecutionRunner(self, record, steps, workflow, logged, fired=(event, fired)))
-
-    def _asleep_on(self, view: PartitionView, partition: int, eid: str,
-                   sleep_key: str) -> dict[str, Any] | None:
-        """The record of ``eid`` if its runner may resume here now: asleep on exactly this
-        sleep (so the view has its events up to the ``SleepScheduled``, and no runner of
-        it wrote since), no runner of it in memory, the partition this process's to run."""
-        if (self.stopping or eid in self.runners or not self.may_run(partition)
-                or partition in self.stalled):
-            return None
-        record = view.record(eid)
-        if (record is None or record["status"] != ExecutionStatus.SLEEPING.value
-                or record["sleeping_on"] != sleep_key or waits.open_waits(record)):
-            return None
-        return record
-
-    def _fired_sent(self, event: Event, partition: int,
-                    done: Callable[[BaseException | None], None],
-                    error: BaseException | None) -> None:
-        """The broker's answer to a firing a runner held (``_woken``)."""
-        body = event.body
-        assert isinstance(body, TimerFired)
-        if error is None:
-            self.tracing.slept(self.views.get(partition), event.execution_id, event.workflow,
-                               body.sleep, self.clock.now())
-        else:
-            self._fired_here.discard((event.execution_id, body.sleep))
-        done(error)  # (an error: the schedule tries again)
-
-    def _append_fired(self, event: Event, partition: int,
-                      done: Callable[[BaseException | None], None],
-                      loop: asyncio.AbstractEventLoop) -> None:
-        """Append a firing now (from any thread); resume once it is acknowledged."""
-        body = event.body
-        assert isinstance(body, TimerFired)
 
         def acked(error: AppendError | None, offset: int) -> None:
             if error is None:
-                self._timer_acked(event.execution_id, event.workflow, body.sleep, partition,
-                                  offset)
+                self._timer_acked(eid, workflow, sleep_key, partition, offset)
             done(error)  # (an error: the schedule tries again)
 
-        self.log.append_from_thread(event, loop, acked)  # (raises: the schedule tries again)
+        self.log.append_from_thread(Event(
+            eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
+            epoch=self.ownership.epoch_of(partition)), loop, acked)
 
     def _timer_acked(self, eid: str, workflow: str, sleep_key: str, partition: int,
                      offset: int) -> None:
