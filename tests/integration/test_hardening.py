@@ -187,6 +187,16 @@ def hardening_worker(effects: Counter[str], release: threading.Event) -> Any:  #
         a = await ctx.step.run("a", lambda: effects.update(["a"]) or 1)
         return await ctx.step.run("b", lambda: effects.update(["b"]) or a + 1)
 
+    @app.workflow("nap")
+    async def nap(ctx: Any) -> Any:
+        await ctx.step.sleep(50)
+        return await ctx.step.run("after", lambda: effects.update(["after"]) or "rested")
+
+    @app.workflow("nap_end")
+    async def nap_end(ctx: Any) -> Any:
+        await ctx.step.sleep(50)
+        return "rested"
+
     return app.build()
 
 
@@ -194,7 +204,8 @@ BINDINGS = {"ECHO": "echo", "UNTYPED": "untyped", "BIG_OUTPUT": "big_output",
             "BIG_STEP": "big_step", "SURROGATES": "surrogates", "DEEP_STEP": "deep_step",
             "NAMES": "names", "LOGS": "logs", "HANG": "hang", "QUICK": "quick",
             "TWO_STEPS": "two_steps", "BRANCHES": "branches", "LARGE_END": "large_end",
-            "BOUNDED": "bounded", "WAITING": "waiting", "GAP": "gap"}
+            "BOUNDED": "bounded", "WAITING": "waiting", "GAP": "gap", "NAP": "nap",
+            "NAP_END": "nap_end"}
 
 
 @pytest.fixture
@@ -406,6 +417,33 @@ async def test_nothing_of_a_run_follows_an_append_refused_late(
     assert len(refused) == 1
     assert (done.status.value, done.output) == ("completed", 2)
     assert effects["gap_b"] == 2  # attempt 1 failed, attempt 2 (its one retry) succeeded
+
+
+@pytest.mark.parametrize(("binding", "late"), [("NAP", True), ("NAP", False),
+                                               ("NAP_END", True), ("NAP_END", False)])
+async def test_a_refused_timer_firing_is_fired_again_and_nothing_of_the_run_goes_before_it(
+        engine: Engine, effects: Counter[str], binding: str, late: bool) -> None:
+    """A timer's firing refused (late, as the broker answers; or at once): the execution
+    resumes only once a firing is on the log (the schedule fires it again), so the
+    step after the sleep runs once and the end lands once, both after the one
+    TimerFired."""
+    refused = fail_appends(engine, "TimerFired", late=late, delay_s=0.1)
+    eid = (await engine.env[binding].trigger({}))["execution_id"]
+    done = await wait_for_status(engine, eid, timeout_s=15)
+    assert (done.status.value, done.output) == ("completed", "rested")
+    assert len(refused) == 1
+    assert effects["after"] == (1 if binding == "NAP" else 0)
+    history = await engine.runtime.history(eid)
+    assert history is not None
+    types = [e.type for e in history]
+    assert types.count("TimerFired") == 1 and types.count("WorkflowCompleted") == 1
+    fired = types.index("TimerFired")
+    assert types[:fired] == ["WorkflowTriggered", "WorkflowStarted", "SleepScheduled"]
+    if binding == "NAP_END":
+        assert types[fired:] == ["TimerFired", "WorkflowCompleted"]
+    else:
+        assert [(e.type, e.body.get("step")) for e in history[fired + 1:]] == [
+            ("StepStarted", "after"), ("StepCompleted", "after"), ("WorkflowCompleted", None)]
 
 
 @pytest.mark.parametrize("binding", ["QUICK", "LARGE_END"])

@@ -138,3 +138,39 @@ async def test_a_failing_fold_of_acknowledgements_loses_no_notification(
         assert failed and engine.runtime.stalled == {}
     monkeypatch.setattr(PartitionView, "apply", apply)
     assert_rebuild_is_identical(kafka, topic_prefix, state_dir)
+
+
+async def test_readers_of_an_offset_wake_even_when_the_runtime_fails_on_its_fold(
+        kafka: str, topic_prefix: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime raising on what a fold applied (a bug) must not leave the readers of
+    that offset asleep: an event sent to an ended execution is the last append on its
+    partition, so no later fold would wake them; read-your-writes answers at once."""
+    from engine.runtime import Runtime
+
+    on_applied = Runtime._on_applied
+    failures: list[int] = []
+    armed = [False]
+
+    def failing(self: Runtime, partition: int, applied: Any) -> None:
+        if armed[0]:
+            failures.append(partition)
+            raise RuntimeError("injected: the runtime failed on a fold")
+        on_applied(self, partition, applied)
+
+    monkeypatch.setattr(Runtime, "_on_applied", failing)
+    config = engine_config(kafka, topic_prefix, state_dir, workflow={"THREE": "three"})
+    async with running_engine(steps_worker(), config) as engine:
+        done = await engine.env.THREE.trigger({"n": 1})
+        assert await done.result(timeout=10) == 4
+        armed[0] = True
+        # The last append to that partition: nothing folded after it would wake a reader.
+        await engine.runtime.send_event("nobody.waits", {"n": 1},
+                                        execution_id=done.execution_id)
+        started = asyncio.get_running_loop().time()
+        # (before the event's fold: it comes two turns of the loop after its ack)
+        assert await engine.runtime.get_execution(done.execution_id) is not None
+        assert asyncio.get_running_loop().time() - started < 2  # not the 10 s read timeout
+        assert failures
+        armed[0] = False
+        handle = await engine.env.THREE.trigger({"n": 10})
+        assert await handle.result(timeout=10) == 13
