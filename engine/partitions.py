@@ -18,12 +18,13 @@ The fold thread:
    the readers waiting for an offset (read-your-writes).
 
 This process's own appends are folded sooner, on the event loop, as soon as
-they are acknowledged and their waiters have gone on (``fold_acked``): the record at a view's next
-offset is the log's record there, whoever reads it, so folding the bytes the
-broker acknowledged gives the view the fetch would, without waiting for the
-fetch (a hop of up to ``fetch.wait.max.ms``). Only a run that starts exactly at
-the view's next offset is folded; after another writer's record (a gap), the
-fetch folds on and the fold thread steps over what is already in the view.
+they are acknowledged and their waiters have gone on (``fold_acked``): the
+record at a view's next offset is the log's record there, whoever reads it, so
+folding the bytes the broker acknowledged gives the view the fetch would,
+without waiting for the fetch (a hop of up to ``fetch.wait.max.ms``). Only a run
+that starts exactly at the view's next offset is folded; after another writer's
+record (a gap), the fetch folds on and the fold thread steps over what is
+already in the view.
 One lock keeps the two folds of a partition in order, and one queue hands what
 they applied to the event loop in that order.
 """
