@@ -125,7 +125,7 @@ class Partitions:
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None
-        with self._fold_lock:  # not while the producer's thread folds into them
+        with self._fold_lock:  # not while a fold writes into them
             for view in self.views.values():
                 view.close()
             self.views.clear()
