@@ -24,9 +24,8 @@ folding the bytes the broker acknowledged gives the view the fetch would,
 without waiting for the fetch (a hop of up to ``fetch.wait.max.ms``). Only a run
 that starts exactly at the view's next offset is folded; after another writer's
 record (a gap), the fetch folds on and the fold thread steps over what is
-already in the view.
-One lock keeps the two folds of a partition in order, and one queue hands what
-they applied to the event loop in that order.
+already in the view. One lock keeps the two folds of a partition in order, and
+one queue hands what they applied to the event loop in that order.
 """
 
 from __future__ import annotations

@@ -238,8 +238,9 @@ class Runtime(Queries):
                     partition: int, done: Callable[[BaseException | None], None]) -> None:
         """From the alarm thread (``engine.timers``): append ``TimerFired`` now. Once it is
         acknowledged, the event loop resumes the execution with the value in hand,
-        before the fold of that append (in the same wake-up), whose ``TimerFired`` then
-        starts nothing; if a fold got there first (the fetch's), it started it."""
+        before the loop folds that append (two turns later: ``Partitions.fold_acked``),
+        whose ``TimerFired`` then starts nothing; if the fetch's fold got there first,
+        it started it."""
         loop = self._loop
         assert loop is not None
 
