@@ -84,6 +84,7 @@ from engine.execution import (
 )
 from engine.flow import FlowControl
 from engine.fold import new_execution
+from engine.ingress import Ingress
 from engine.log import EventLog
 from engine.metrics import Metrics
 from engine.models import ExecutionStatus
@@ -149,6 +150,7 @@ class Runtime(Queries):
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
         self._fired_here: set[tuple[str, str]] = set()  # woken here; skip its TimerFired
+        self.ingress = Ingress(self._maybe_start)  # a burst of triggers is answered first
 
     @property
     def state_path(self) -> Path:
@@ -312,6 +314,7 @@ class Runtime(Queries):
         await self.schedules.stop()
         await self.timers.stop()
         self.flow.stop()
+        self.ingress.stop()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:
@@ -338,26 +341,32 @@ class Runtime(Queries):
         self.metrics.observe(applied)
         self._tell_listers(applied)
         for offset, event in applied:
-            body = event.body
             watchers = self._watchers.get(event.execution_id)
             if watchers:
                 for queue in watchers:
                     queue.put_nowait((partition, offset, event))
-            if isinstance(body, ENDS):
+            if isinstance(event.body, ENDS):
                 for queue in self._end_watchers.get(event.execution_id, ()):
                     queue.put_nowait((partition, offset, event))
             self._tell_flow(partition, offset, event)
-            if isinstance(body, WorkflowTriggered) and event.execution_id in self._started_on_ack:
-                self._started_on_ack.discard(event.execution_id)  # trigger() started it
-            elif isinstance(body, TimerFired) and (event.execution_id, body.sleep) in (
-                    self._fired_here):
-                self._fired_here.discard((event.execution_id, body.sleep))  # woken on its ack
-            elif isinstance(body, WorkflowTriggered | TimerFired | WaitStarted | EventSent):
-                self._maybe_start(event.execution_id)  # (a wait its event ended: runnable)
-            elif isinstance(body, CancelRequested):
-                self._on_cancel(event.execution_id)
-            elif isinstance(body, StepResolved):
-                self._on_resolved(partition, event.execution_id, body)
+            self._act_on(partition, event)
+
+    def _act_on(self, partition: int, event: Event) -> None:
+        """Start what an applied event made runnable; pass a cancel or a resolution on."""
+        body, eid = event.body, event.execution_id
+        if isinstance(body, WorkflowTriggered):
+            if eid in self._started_on_ack:
+                self._started_on_ack.discard(eid)  # trigger() started it
+            elif not self.ingress.hold(eid):  # (a burst of triggers: once it is answered)
+                self._maybe_start(eid)
+        elif isinstance(body, TimerFired) and (eid, body.sleep) in self._fired_here:
+            self._fired_here.discard((eid, body.sleep))  # woken on its ack
+        elif isinstance(body, TimerFired | WaitStarted | EventSent):
+            self._maybe_start(eid)  # (a wait its event ended: runnable)
+        elif isinstance(body, CancelRequested):
+            self._on_cancel(eid)
+        elif isinstance(body, StepResolved):
+            self._on_resolved(partition, eid, body)
 
     def _tell_flow(self, partition: int, offset: int, event: Event) -> None:
         """Flow control follows the fold: slots freed by ends, starts for rates, triggers
@@ -591,8 +600,17 @@ class Runtime(Queries):
 
         With a ``subject`` the input is sealed with that subject's key (created on
         its first trigger) before step 4, and so is every payload the execution
-        records (``engine.erasure``).
+        records (``engine.erasure``). During a burst of triggers, step 5 is left to
+        the fold, which holds the start until the burst is answered (``engine.ingress``).
         """
+        self.ingress.enter()
+        try:
+            return await self._trigger(workflow, input, idempotency_key, subject)
+        finally:
+            self.ingress.leave()
+
+    async def _trigger(self, workflow: str, input: Any, idempotency_key: str | None,
+                       subject: str | None) -> str:
         wf = self._workflow(workflow)
         # Step 1.
         text = self._input_json(wf, input)
@@ -631,7 +649,8 @@ class Runtime(Queries):
         view = self.views.get(partition)
         if (view is not None and view.next_offset <= offset and partition in self.owned
                 and partition not in self.stalled and not self.stopping
-                and eid not in self.runners and eid not in self._started_on_ack
+                and not self.ingress.holding and eid not in self.runners
+                and eid not in self._started_on_ack
                 and view.record(eid) is None and not view.gone(eid)):  # gone: retention
             record = new_execution(event, body, partition)
             if self.flow.admit(partition, self.ownership.epoch_of(partition), view, record):
