@@ -12,7 +12,8 @@ sample list; a rate of a repeatable scenario is the median of its repeats.
 
 Scenarios (``--quick`` shrinks every count about 10x, for a CI smoke test):
 
-floor       one ``EventLog.append`` awaited at a time: the baseline of ratios
+floor       one ``EventLog.append`` awaited at a time: the baseline of ratios; and one
+            after 0.1 s idle (what a client meets at an idle engine: the sleepers of peer)
 log         batched appends (append_nowait + flush) and their fold, events/s
 step        10 no-op async steps per execution; per-step latency and its ratio to floor
 sequential  3-step executions one after another, trigger to completed (get_execution)
@@ -337,6 +338,7 @@ class Bench:
     notes: list[str] = field(default_factory=list)  # printed under the table, '# ' first
     floor_p50_ms: float | None = None
     floor_p99_ms: float | None = None
+    floor_idle_p50_ms: float | None = None
 
     def add(self, scenario: str, metric: str, value: float, unit: str,
             target: Target | None = None) -> Figure:
@@ -564,13 +566,33 @@ async def floor(bench: Bench) -> None:
             await log.append(event)
             if n >= 50:  # the first appends connect and set up the idempotent producer
                 samples.append(ms(time.perf_counter() - started))
+        idle = [ms(await _append_after(log, FLOOR_IDLE_S))
+                for _ in range(min(FLOOR_IDLE_SAMPLES, bench.sizes.floor_samples // 10))]
     finally:
         await asyncio.to_thread(log.close)
     bench.floor_p50_ms = percentile(samples, 50)
     bench.floor_p99_ms = percentile(samples, 99)
+    bench.floor_idle_p50_ms = percentile(idle, 50)
     bench.add("floor", "append_p50", bench.floor_p50_ms, "ms")
     bench.add("floor", "append_p99", bench.floor_p99_ms, "ms")
     bench.add("floor", "samples", len(samples), "count")
+    bench.add("floor", "append_after_idle_p50", bench.floor_idle_p50_ms, "ms")
+
+
+# An append after the process sat idle costs more than one right after another (threads,
+# the broker's and librdkafka's, and idle CPUs wake up): the baseline of what a client
+# meets at an idle engine, as the peer workload's sleepers do (one every 0.1 s).
+FLOOR_IDLE_S = 0.1
+FLOOR_IDLE_SAMPLES = 30
+
+
+async def _append_after(log: EventLog, idle_s: float) -> float:
+    """Seconds one append awaited takes after ``idle_s`` of nothing."""
+    await asyncio.sleep(idle_s)
+    event = Event(uuid.uuid4().hex, "floor", Clock().now(), WorkflowTriggered("{}"))
+    started = time.perf_counter()
+    await log.append(event)
+    return time.perf_counter() - started
 
 
 async def log_scenario(bench: Bench) -> None:
@@ -1995,6 +2017,8 @@ async def peer(bench: Bench) -> None:
     bench.add("peer", "rss_broker_peak", broker_peak, "MB")
     if bench.floor_p50_ms is not None:
         bench.add("peer", "floor_append_p50", bench.floor_p50_ms, "ms")
+    if bench.floor_idle_p50_ms is not None:
+        bench.add("peer", "floor_append_after_idle_p50", bench.floor_idle_p50_ms, "ms")
 
 
 async def _peer_sequential(bench: Bench, client: PeerClient, server: PeerServer,

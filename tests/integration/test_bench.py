@@ -57,8 +57,9 @@ def test_quick_floor_and_step_print_parseable_positive_figures(kafka: str, tmp_p
     assert all(value > 0 for _, _, value, _ in figures), figures
     assert {f[0] for f in figures} == {"floor", "step"}
     metrics = {(f[0], f[1]) for f in figures}
-    assert {("floor", "append_p50"), ("floor", "append_p99"), ("step", "step_p50"),
-            ("step", "step_p99"), ("step", "step_p50_over_floor_p50")} <= metrics
+    assert {("floor", "append_p50"), ("floor", "append_p99"), ("floor", "append_after_idle_p50"),
+            ("step", "step_p50"), ("step", "step_p99"), ("step", "step_p50_over_floor_p50")
+            } <= metrics
 
 
 def test_quick_scale_failover_rolling_run_worker_processes_and_leave_none(
