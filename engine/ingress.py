@@ -14,13 +14,17 @@ So while a burst is being accepted, new executions wait:
    call to the acknowledgement). Fewer at once start as before, on the
    acknowledgement: a lone or sequential caller waits for nothing more.
 2. During a burst, every execution the fold makes startable by its
-   ``WorkflowTriggered`` (from here or from another process) is held, in log
-   order.
+   ``WorkflowTriggered`` (this process's triggers, another process's, a
+   child's) is held, in log order.
 3. The burst ends ``GRACE_S`` after the last trigger in flight was answered
    with none arriving since (the callers of a burst send the next as the last
-   is answered), or ``MAX_HOLD_S`` after its first execution was held, so a
-   steady flood of triggers cannot keep executions waiting for good. Then the
-   held executions start, ``CHUNK`` per turn of the loop.
+   is answered), or ``MAX_HOLD_S`` after it began. Then the held executions
+   start, ``CHUNK`` per turn of the loop, and new ones start on their
+   acknowledgement again.
+4. A burst cut short by ``MAX_HOLD_S`` is a steady load, not a burst: no new
+   one begins until no trigger is in flight, so triggers and executions share
+   the loop as they did before (and the callers feel the load) instead of the
+   executions falling ever further behind.
 
 Nothing here is durable: a held execution is ``queued`` in the view, and a
 restart starts it as it starts any unfinished execution.
@@ -29,11 +33,14 @@ restart starts it as it starts any unfinished execution.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
+
+logger = logging.getLogger("ploy.runtime")
 
 BURST = 16  # triggers being accepted at once that make a burst
 GRACE_S = 0.002  # quiet after the last answer that ends one
-MAX_HOLD_S = 1.0  # the longest an execution waits for a burst to end
+MAX_HOLD_S = 1.0  # the longest a burst holds executions, from its beginning
 CHUNK = 64  # held executions started per turn of the loop once it ends
 
 
@@ -44,7 +51,9 @@ class Ingress:
         self._start = start
         self.accepting = 0
         self.burst = False
-        self._held: list[str] = []
+        self._armed = True  # step 4: False from a cut-short burst until a quiet moment
+        self._held: list[str] = []  # by the burst under way
+        self._starting: list[str] = []  # held by one that ended, being started
         self._quiet: asyncio.TimerHandle | None = None  # step 3: the grace
         self._deadline: asyncio.TimerHandle | None = None  # step 3: MAX_HOLD_S
         self._releasing = False
@@ -52,60 +61,70 @@ class Ingress:
     def enter(self) -> None:
         """A trigger is being accepted."""
         self.accepting += 1
-        if self.accepting >= BURST:
-            self.burst = True
         if self._quiet is not None:
             self._quiet.cancel()
             self._quiet = None
+        if self.accepting >= BURST and self._armed and not self.burst:
+            self.burst = True
+            self._deadline = asyncio.get_running_loop().call_later(
+                MAX_HOLD_S, self._end, True)
 
     def leave(self) -> None:
         """A trigger was answered (or failed)."""
         self.accepting -= 1
-        if self.accepting == 0 and self.burst:
-            self._quiet = asyncio.get_running_loop().call_later(GRACE_S, self._end, False)
+        if self.accepting == 0:
+            self._armed = True
+            if self.burst:
+                self._quiet = asyncio.get_running_loop().call_later(GRACE_S, self._end, False)
 
     @property
     def holding(self) -> bool:
-        """Whether a new execution waits (step 2): during a burst, and while the held
-        ones are being started (they keep their order)."""
-        return self.burst or bool(self._held)
+        """Whether a new execution waits (step 2)."""
+        return self.burst
 
     def hold(self, eid: str) -> bool:
         """Hold ``eid``'s start (True), or not: start it now (False)."""
-        if not self.holding:
-            return False
-        self._held.append(eid)
-        if self._deadline is None:
-            self._deadline = asyncio.get_running_loop().call_later(MAX_HOLD_S, self._end, True)
-        return True
+        if self.burst:
+            self._held.append(eid)
+        return self.burst
 
-    def _end(self, forced: bool) -> None:
-        if self.accepting and not forced:
-            return  # (a trigger came as the grace ran out)
+    def _end(self, cut_short: bool) -> None:
+        self._cancel_timers()
         self.burst = False
-        for handle in (self._quiet, self._deadline):
-            if handle is not None:
-                handle.cancel()
-        self._quiet = self._deadline = None
-        if self._held and not self._releasing:
+        if cut_short and self.accepting:
+            self._armed = False  # step 4
+        self._starting += self._held
+        self._held = []
+        if self._starting and not self._releasing:
             self._releasing = True
             asyncio.get_running_loop().call_soon(self._release)
 
     def _release(self) -> None:
-        """Start the next ``CHUNK`` held executions, the rest on the next turns."""
-        chunk, self._held = self._held[:CHUNK], self._held[CHUNK:]
-        for eid in chunk:
-            self._start(eid)
-        if self._held:
-            asyncio.get_running_loop().call_soon(self._release)
-        else:
-            self._releasing = False
+        """Start the next ``CHUNK`` held executions, the rest on the next turns. A start
+        that fails is logged: the others still start (that one starts on a restart, a
+        partition move, or the next event of it)."""
+        chunk, self._starting = self._starting[:CHUNK], self._starting[CHUNK:]
+        try:
+            for eid in chunk:
+                try:
+                    self._start(eid)
+                except Exception:
+                    logger.exception("execution %s: starting it after a burst failed", eid)
+        finally:
+            if self._starting:
+                asyncio.get_running_loop().call_soon(self._release)
+            else:
+                self._releasing = False
 
-    def stop(self) -> None:
-        """Forget what is held (a restart starts it from the view)."""
+    def _cancel_timers(self) -> None:
         for handle in (self._quiet, self._deadline):
             if handle is not None:
                 handle.cancel()
         self._quiet = self._deadline = None
+
+    def stop(self) -> None:
+        """Forget what is held (a restart starts it from the view)."""
+        self._cancel_timers()
         self._held.clear()
+        self._starting.clear()
         self.burst = False

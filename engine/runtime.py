@@ -150,7 +150,7 @@ class Runtime(Queries):
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
         self._fired_here: set[tuple[str, str]] = set()  # woken here; skip its TimerFired
-        self.ingress = Ingress(self._maybe_start)  # a burst of triggers is answered first
+        self.ingress = Ingress(self._start_held)  # a burst of triggers is answered first
 
     @property
     def state_path(self) -> Path:
@@ -487,6 +487,12 @@ class Runtime(Queries):
         if not self.flow.admit(partition, self.ownership.epoch_of(partition), view, record):
             return  # queued behind a flow control (engine.flow): started on a release/wake
         self._run_recorded(view, record, workflow, view.steps(eid))
+
+    def _start_held(self, eid: str) -> None:
+        """Start an execution held during a burst of triggers (``engine.ingress``), unless
+        something started it meanwhile (a partition claimed, a flow control's release)."""
+        if eid not in self.runners:
+            self._maybe_start(eid)
 
     def _run_recorded(self, view: PartitionView, record: dict[str, Any], workflow: WorkflowDef,
                       steps: list[dict[str, Any]]) -> None:

@@ -15,88 +15,150 @@ def started_into(seen: list[str]) -> Ingress:
     return Ingress(seen.append)
 
 
-async def turns(n: int = 5) -> None:
+def accept(gate: Ingress, n: int = BURST) -> None:
+    for _ in range(n):
+        gate.enter()
+
+
+def answer(gate: Ingress, n: int = BURST) -> None:
+    for _ in range(n):
+        gate.leave()
+
+
+async def turns(n: int = 10) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
 
 
-async def test_fewer_triggers_than_a_burst_hold_nothing() -> None:
+@pytest.fixture
+def grace(monkeypatch: pytest.MonkeyPatch) -> float:
+    """A grace that no stall of a busy machine outlasts, and a long bound."""
+    monkeypatch.setattr(ingress, "GRACE_S", 0.2)
+    monkeypatch.setattr(ingress, "MAX_HOLD_S", 30.0)
+    return 0.2
+
+
+async def test_fewer_triggers_than_a_burst_hold_nothing(grace: float) -> None:
     seen: list[str] = []
     gate = started_into(seen)
-    for _ in range(BURST - 1):
-        gate.enter()
+    accept(gate, BURST - 1)
     assert not gate.holding
     assert gate.hold("a") is False  # start it now
-    for _ in range(BURST - 1):
-        gate.leave()
-    assert gate.accepting == 0 and not gate.holding
+    answer(gate, BURST - 1)
+    assert gate.accepting == 0 and not gate.holding and seen == []
 
 
 async def test_a_burst_holds_starts_until_it_is_answered_then_starts_them_in_order(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingress, "GRACE_S", 0.05)
+        grace: float) -> None:
     seen: list[str] = []
     gate = started_into(seen)
-    for _ in range(BURST):
-        gate.enter()
-    ids = [f"e{i}" for i in range(150)]  # more than a CHUNK: released over several turns
+    accept(gate)
+    ids = [f"e{i}" for i in range(150)]  # more than a CHUNK: started over several turns
     assert all(gate.hold(eid) for eid in ids)
-    for _ in range(BURST):
-        gate.leave()
-    await asyncio.sleep(0.01)
+    answer(gate)
+    await asyncio.sleep(grace / 4)
     assert seen == []  # the grace runs: the burst's next triggers may still come
-    await asyncio.sleep(0.1)
-    await turns(10)
+    await asyncio.sleep(grace * 2)
+    await turns()
     assert seen == ids
     assert not gate.holding and gate.hold("later") is False
 
 
-async def test_a_trigger_in_the_grace_keeps_the_burst_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingress, "GRACE_S", 0.05)
+async def test_a_trigger_in_the_grace_keeps_the_burst_on(grace: float) -> None:
     seen: list[str] = []
     gate = started_into(seen)
-    for _ in range(BURST):
-        gate.enter()
+    accept(gate)
     gate.hold("a")
-    for _ in range(BURST):
-        gate.leave()
-    await asyncio.sleep(0.03)
+    answer(gate)
+    await asyncio.sleep(grace / 4)
     gate.enter()  # the next of the burst
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(grace * 2)
     assert seen == [] and gate.holding
     gate.hold("b")
     gate.leave()
-    await asyncio.sleep(0.08)
+    await asyncio.sleep(grace * 2)
     await turns()
     assert seen == ["a", "b"]
 
 
-async def test_a_flood_that_never_ends_holds_a_start_for_max_hold_at_most(
+async def test_a_steady_flood_gets_max_hold_then_shares_the_loop_until_a_quiet_moment(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingress, "GRACE_S", 0.01)
     monkeypatch.setattr(ingress, "MAX_HOLD_S", 0.1)
     seen: list[str] = []
     gate = started_into(seen)
-    for _ in range(BURST):
-        gate.enter()  # never answered
-    gate.hold("a")
-    await asyncio.sleep(0.05)
-    assert seen == []
+    accept(gate)  # never all answered: a steady load
+    assert gate.hold("a")
+    await asyncio.sleep(0.3)
+    await turns()
+    assert seen == ["a"]  # held for MAX_HOLD_S at most
+    accept(gate, BURST)  # more of the flood: no new burst, it would starve the executions
+    assert gate.hold("b") is False
+    answer(gate, 2 * BURST)  # a quiet moment
+    accept(gate)
+    assert gate.hold("c") is True  # a new burst
+    answer(gate)
     await asyncio.sleep(0.1)
     await turns()
-    assert seen == ["a"]
-    assert gate.hold("b") is False  # over: a new burst begins with the next trigger
+    assert seen == ["a", "c"]
 
 
-async def test_stop_forgets_what_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingress, "GRACE_S", 0.01)
+async def test_a_start_that_fails_stops_neither_the_others_nor_later_bursts(
+        grace: float, caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[str] = []
+
+    def start(eid: str) -> None:
+        if eid == "bad":
+            raise OSError("the producer's queue is full")
+        seen.append(eid)
+
+    gate = Ingress(start)
+    accept(gate)
+    gate.hold("bad")
+    gate.hold("good")
+    answer(gate)
+    await asyncio.sleep(grace * 2)
+    await turns()
+    assert seen == ["good"]
+    assert "bad: starting it after a burst failed" in caplog.text
+    accept(gate)
+    gate.hold("next")
+    answer(gate)
+    await asyncio.sleep(grace * 2)
+    await turns()
+    assert seen == ["good", "next"] and not gate.holding
+    assert gate.hold("lone") is False
+
+
+async def test_what_a_new_burst_holds_waits_for_it_not_for_the_last_ones_start(
+        grace: float) -> None:
     seen: list[str] = []
     gate = started_into(seen)
-    for _ in range(BURST):
-        gate.enter()
+    accept(gate)
+    ids = [f"e{i}" for i in range(200)]
+    for eid in ids:
+        gate.hold(eid)
+    answer(gate)
+    while not seen:  # the end: its starts go over the next turns, a CHUNK a turn
+        await asyncio.sleep(0.001)
+    assert len(seen) < len(ids)
+    accept(gate)  # a new burst begins as they start
+    gate.hold("new")
+    await turns(20)
+    assert seen == ids and gate.holding
+    answer(gate)
+    await asyncio.sleep(grace * 2)
+    await turns()
+    assert seen == [*ids, "new"]
+
+
+async def test_stop_forgets_what_is_held(grace: float) -> None:
+    seen: list[str] = []
+    gate = started_into(seen)
+    accept(gate)
     gate.hold("a")
     gate.stop()
-    for _ in range(BURST):
-        gate.leave()
-    await asyncio.sleep(0.05)
+    answer(gate)
+    await asyncio.sleep(grace * 2)
     await turns()
     assert seen == [] and not gate.holding
