@@ -19,12 +19,13 @@ So while a burst is being accepted, new executions wait:
 3. The burst ends ``GRACE_S`` after the last trigger in flight was answered
    with none arriving since (the callers of a burst send the next as the last
    is answered), or ``MAX_HOLD_S`` after it began. Then the held executions
-   start, ``CHUNK`` per turn of the loop, and new ones start on their
-   acknowledgement again.
+   start in log order, ``CHUNK`` per turn of the loop; one that becomes
+   startable meanwhile takes its turn after them. Once they are started, new
+   ones start on their acknowledgement again.
 4. A burst cut short by ``MAX_HOLD_S`` is a steady load, not a burst: no new
-   one begins until no trigger is in flight, so triggers and executions share
-   the loop as they did before (and the callers feel the load) instead of the
-   executions falling ever further behind.
+   one begins until no trigger has been in flight for ``GRACE_S``, so triggers
+   and executions share the loop as they did before (and the callers feel the
+   load) instead of the executions falling ever further behind.
 
 Nothing here is durable: a held execution is ``queued`` in the view, and a
 restart starts it as it starts any unfinished execution.
@@ -55,8 +56,9 @@ class Ingress:
         self.accepting = 0
         self.burst = False
         self._armed = True  # step 4: False from a cut-short burst until a quiet moment
+        self._stopped = False
         self._held: list[str] = []  # by the burst under way
-        self._starting: list[str] = []  # held by one that ended, being started
+        self._starting: list[str] = []  # held by one that ended (and since), being started
         self._quiet: asyncio.TimerHandle | None = None  # step 3: the grace
         self._deadline: asyncio.TimerHandle | None = None  # step 3: MAX_HOLD_S
         self._releasing = False
@@ -67,7 +69,7 @@ class Ingress:
         if self._quiet is not None:
             self._quiet.cancel()
             self._quiet = None
-        if self.accepting >= BURST and self._armed and not self.burst:
+        if self.accepting >= BURST and self._armed and not self.burst and not self._stopped:
             self.burst = True
             self._deadline = asyncio.get_running_loop().call_later(
                 MAX_HOLD_S, self._end, True)
@@ -75,21 +77,31 @@ class Ingress:
     def leave(self) -> None:
         """A trigger was answered (or failed)."""
         self.accepting -= 1
-        if self.accepting == 0:
-            self._armed = True
-            if self.burst:
-                self._quiet = asyncio.get_running_loop().call_later(GRACE_S, self._end, False)
+        if self.accepting == 0 and (self.burst or not self._armed):
+            self._quiet = asyncio.get_running_loop().call_later(GRACE_S, self._quiet_moment)
+
+    def _quiet_moment(self) -> None:
+        """``GRACE_S`` with no trigger in flight: a burst ends, a steady load is over."""
+        self._quiet = None
+        self._armed = True
+        if self.burst:
+            self._end(False)
 
     @property
     def holding(self) -> bool:
-        """Whether a new execution waits (step 2)."""
-        return self.burst
+        """Whether a new execution waits (step 2): during a burst, and while the held ones
+        are being started (it takes its turn after them)."""
+        return self.burst or self._releasing
 
     def hold(self, eid: str) -> bool:
         """Hold ``eid``'s start (True), or not: start it now (False)."""
         if self.burst:
             self._held.append(eid)
-        return self.burst
+        elif self._releasing:
+            self._starting.append(eid)
+        else:
+            return False
+        return True
 
     def _end(self, cut_short: bool) -> None:
         self._cancel_timers()
@@ -126,7 +138,8 @@ class Ingress:
         self._quiet = self._deadline = None
 
     def stop(self) -> None:
-        """Forget what is held (a restart starts it from the view)."""
+        """Forget what is held (a restart starts it from the view); hold nothing more."""
+        self._stopped = True
         self._cancel_timers()
         self._held.clear()
         self._starting.clear()
