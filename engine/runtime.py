@@ -486,7 +486,9 @@ class Runtime(Queries):
             return
         if not self.flow.admit(partition, self.ownership.epoch_of(partition), view, record):
             return  # queued behind a flow control (engine.flow): started on a release/wake
-        self._run_recorded(view, record, workflow, view.steps(eid))
+        # Only its trigger folded (a new execution, a held start): no steps to read.
+        steps = view.steps(eid) if record["events"] > 1 else []
+        self._run_recorded(view, record, workflow, steps)
 
     def _start_held(self, eid: str) -> None:
         """Start an execution held during a burst of triggers (``engine.ingress``), unless
