@@ -608,8 +608,9 @@ class Runtime(Queries):
 
         With a ``subject`` the input is sealed with that subject's key (created on
         its first trigger) before step 4, and so is every payload the execution
-        records (``engine.erasure``). During a burst of triggers, step 5 is left to
-        the fold, which holds the start until the burst is answered (``engine.ingress``).
+        records (``engine.erasure``). During a burst of triggers, and while what it
+        held is being started, step 5 is left to the fold, which holds the start until
+        the burst is answered and starts it in log order (``engine.ingress``).
         """
         self.ingress.enter()
         try:
