@@ -839,6 +839,9 @@ class _Api:
         started = {"execution_id": eid, "partition": partition, "offset": offset}
         if wait_s is None:
             return _json(201, started)
+        # The execution started on the trigger's acknowledgement (a task) runs up to its
+        # first wait before this caller's wait is set up: it is what the caller waits for.
+        await asyncio.sleep(0)
         # It is started: whatever the wait meets (it ran out, the owner is changing), the
         # answer says so, never an error that would invite a second trigger.
         try:
