@@ -93,6 +93,11 @@ class Ingress:
         are being started (it takes its turn after them)."""
         return self.burst or self._releasing
 
+    @property
+    def held(self) -> int:
+        """How many executions wait: held by a burst, or not yet started after one."""
+        return len(self._held) + len(self._starting)
+
     def hold(self, eid: str) -> bool:
         """Hold ``eid``'s start (True), or not: start it now (False)."""
         if self.burst:

@@ -152,6 +152,9 @@ class Metrics:
                            "Executions running in this process now.", [((), len(runtime.runners))])
         yield from _family("ploy_partitions_owned", "gauge",
                            "Partitions this process runs.", [((), len(runtime.owned))])
+        yield from _family("ploy_executions_held", "gauge",
+                           "Executions held until a burst of triggers is answered "
+                           "(engine.ingress).", [((), runtime.ingress.held)])
 
     def _histogram(self) -> Iterator[str]:
         name = "ploy_step_duration_seconds"

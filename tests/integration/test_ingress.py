@@ -46,9 +46,13 @@ async def test_a_burst_is_answered_first_then_every_execution_runs_once(
         for handle in handles:
             execution = await engine.env.BUMP.get_execution(handle.execution_id)
             assert execution is not None and execution.status == "queued"
+        metrics = await engine.runtime.metrics.render(engine.runtime)
+        assert "\nploy_executions_held 40\n" in metrics
         results = await asyncio.gather(*(h.result(timeout=20) for h in handles))
         assert results == [n + 1 for n in range(40)]
         assert sorted(RAN) == list(range(40))  # each step once
+        metrics = await engine.runtime.metrics.render(engine.runtime)
+        assert "\nploy_executions_held 0\n" in metrics
         assert engine.runtime.ingress.accepting == 0 and not engine.runtime.ingress.holding
 
 
