@@ -561,12 +561,10 @@ async def floor(bench: Bench) -> None:
     try:
         samples: list[float] = []
         for n in range(bench.sizes.floor_samples + 50):
-            event = Event(uuid.uuid4().hex, "floor", Clock().now(), WorkflowTriggered("{}"))
-            started = time.perf_counter()
-            await log.append(event)
+            took = await _timed_append(log)
             if n >= 50:  # the first appends connect and set up the idempotent producer
-                samples.append(ms(time.perf_counter() - started))
-        idle = [ms(await _append_after(log, FLOOR_IDLE_S))
+                samples.append(ms(took))
+        idle = [ms(await _timed_append(log, FLOOR_IDLE_S))
                 for _ in range(min(FLOOR_IDLE_SAMPLES, bench.sizes.floor_samples // 10))]
     finally:
         await asyncio.to_thread(log.close)
@@ -586,9 +584,10 @@ FLOOR_IDLE_S = 0.1
 FLOOR_IDLE_SAMPLES = 30
 
 
-async def _append_after(log: EventLog, idle_s: float) -> float:
-    """Seconds one append awaited takes after ``idle_s`` of nothing."""
-    await asyncio.sleep(idle_s)
+async def _timed_append(log: EventLog, idle_s: float = 0.0) -> float:
+    """Seconds one append awaited takes (after ``idle_s`` of nothing, if any)."""
+    if idle_s:
+        await asyncio.sleep(idle_s)
     event = Event(uuid.uuid4().hex, "floor", Clock().now(), WorkflowTriggered("{}"))
     started = time.perf_counter()
     await log.append(event)

@@ -30,6 +30,17 @@ async def turns(n: int = 10) -> None:
         await asyncio.sleep(0)
 
 
+async def burst_of(gate: Ingress, ids: list[str], grace: float) -> None:
+    """A burst that holds ``ids`` and is answered; back once its grace ran out and the
+    starts it held were made."""
+    accept(gate)
+    for eid in ids:
+        gate.hold(eid)
+    answer(gate)
+    await asyncio.sleep(grace * 2)
+    await turns(20)
+
+
 @pytest.fixture
 def grace(monkeypatch: pytest.MonkeyPatch) -> float:
     """A grace that no stall of a busy machine outlasts, and a long bound."""
@@ -117,19 +128,10 @@ async def test_a_start_that_fails_stops_neither_the_others_nor_later_bursts(
         seen.append(eid)
 
     gate = Ingress(start)
-    accept(gate)
-    gate.hold("bad")
-    gate.hold("good")
-    answer(gate)
-    await asyncio.sleep(grace * 2)
-    await turns()
+    await burst_of(gate, ["bad", "good"], grace)
     assert seen == ["good"]
     assert "bad: starting it after a burst failed" in caplog.text
-    accept(gate)
-    gate.hold("next")
-    answer(gate)
-    await asyncio.sleep(grace * 2)
-    await turns()
+    await burst_of(gate, ["next"], grace)
     assert seen == ["good", "next"] and not gate.holding
     assert gate.hold("lone") is False
 
@@ -146,13 +148,8 @@ async def test_what_a_new_burst_holds_waits_for_it_not_for_the_last_ones_start(
         seen.append(eid)
 
     gate = Ingress(start)
-    accept(gate)
     ids = [f"e{i}" for i in range(200)]
-    for eid in ids:
-        gate.hold(eid)
-    answer(gate)
-    await asyncio.sleep(grace * 2)
-    await turns(20)
+    await burst_of(gate, ids, grace)
     assert seen == ids and gate.holding  # all of the last burst, none of this one
     answer(gate)
     await asyncio.sleep(grace * 2)
@@ -171,13 +168,8 @@ async def test_what_becomes_startable_while_the_held_start_waits_its_turn(
         seen.append(eid)
 
     gate = Ingress(start)
-    accept(gate)
     ids = [f"e{i}" for i in range(150)]
-    for eid in ids:
-        gate.hold(eid)
-    answer(gate)
-    await asyncio.sleep(grace * 2)
-    await turns(20)
+    await burst_of(gate, ids, grace)
     assert seen == [*ids, "late"]
     assert not gate.holding and gate.hold("now") is False
 
