@@ -296,6 +296,10 @@ class ExecutionRunner:
         self._unacked: list[tuple[asyncio.Future[tuple[int, int]], Body]] = []
         self._held: list[tuple[Event, bool]] = []  # (event, waited)
         self._lost: LogUnavailable | None = None  # refused when released from the loop
+        # The offset of this run's last acknowledged append, and whether it ended with
+        # none unanswered (``Runtime._appended``: a replay waits for their fold).
+        self.acked_to = -1
+        self.settled = True
         self._thread = threading.get_ident()  # the event loop's: _held is its alone
         self._loop = asyncio.get_running_loop()
         self._occurrences: dict[str, int] = {}
@@ -442,7 +446,7 @@ class ExecutionRunner:
                 if not future.done():  # shared: a waiter cancelled must not cancel it
                     await asyncio.shield(future)
                 if not future.cancelled():
-                    future.result()
+                    self.acked_to = max(self.acked_to, future.result()[1])
             except AppendError as exc:
                 raise LogUnavailable(str(exc), exc.permanent, body) from exc
         # Only those acknowledged: one that failed meanwhile (a parallel branch's) stays,
@@ -464,9 +468,11 @@ class ExecutionRunner:
         self._held = []  # kept back after a failed append: nothing of the run follows it
         for future, _ in self._unacked:
             if not future.done():
+                self.settled = False
                 future.add_done_callback(_retrieve)
             elif not future.cancelled():  # the run stopped on it, or after it: said already
-                future.exception()
+                if future.exception() is None:
+                    self.acked_to = max(self.acked_to, future.result()[1])
         self._unacked = []
 
     async def _checkpoint(self) -> None:

@@ -150,6 +150,10 @@ class Runtime(Queries):
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
         self._fired_here: set[tuple[str, str]] = set()  # woken here; skip its TimerFired
+        # Execution -> the last offset a run of it here had acknowledged, while the view
+        # may not hold it yet (None: a run that stopped with appends unanswered). A
+        # replay waits for that fold, so that it never runs a completed step again.
+        self._appended_to: dict[str, int | None] = {}
         self.ingress = Ingress(self._start_held)  # a burst of triggers is answered first
 
     @property
@@ -217,7 +221,7 @@ class Runtime(Queries):
             self.directory = Directory(self.log, self.worker_id, self.config.http.admin_token)
             await asyncio.to_thread(self.directory.start)
         # Step 3.
-        self.ownership.on_change(self._schedule_timers)
+        self.ownership.on_change(self._ownership_changed)
         if single:
             self.ownership.start_single()
         elif self.runs:
@@ -228,13 +232,16 @@ class Runtime(Queries):
             self.schedules.start()
         self._spawn(self.partitions.watch_stalled(lambda: self.stopping), "ploy-watch-stalled")
 
-    def _schedule_timers(self, owned: frozenset[int]) -> None:
-        """The timer schedule follows ownership: load what is new, drop what left."""
+    def _ownership_changed(self, owned: frozenset[int]) -> None:
+        """The timer schedule follows ownership (load what is new, drop what left), and
+        what this process noted of its runs on partitions it no longer owns is gone."""
         for p in sorted(owned - self._timed):
             self.timers.load(p, self.views[p])
         for p in sorted(self._timed - owned):
             self.timers.drop(p)
         self._timed = owned
+        for eid in [e for e in self._appended_to if self.log.partition_for(e) not in owned]:
+            del self._appended_to[eid]  # its next owner replays it from its own view
 
     def _fire_timer(self, eid: str, workflow: str, sleep_key: str, wake_at: int,
                     partition: int, done: Callable[[BaseException | None], None]) -> None:
@@ -341,6 +348,8 @@ class Runtime(Queries):
         self.metrics.observe(applied)
         self._tell_listers(applied)
         for offset, event in applied:
+            if self._appended_to:
+                self._folded_to(event.execution_id, offset, event)
             watchers = self._watchers.get(event.execution_id)
             if watchers:
                 for queue in watchers:
@@ -471,10 +480,14 @@ class Runtime(Queries):
         if partition not in self.owned or partition in self.stalled:
             return
         view = self.views[partition]
-        target = self.log.high_acked.get(partition, -1)
+        target = self._appended_to.get(eid, -1)
+        if target is None:
+            target = self.log.high_acked.get(partition, -1)
         if view.next_offset <= target:
-            # The view lacks events this process has had acknowledged (a runner that
-            # just ended, say): replaying from it could run a completed step again.
+            # The view lacks events of this execution that this process has had
+            # acknowledged (a run that just ended, say): replaying from it could run a
+            # completed step again. Only its own: other executions' acknowledgements,
+            # ahead of the fold under load, are no reason to wait.
             self._spawn(self._start_when_folded(eid, partition, target), f"ploy-wait-{eid}")
             return
         record = view.record(eid)
@@ -541,9 +554,38 @@ class Runtime(Queries):
             logger.exception("execution %s: the runtime failed to record its end", runner.id)
         finally:
             self.runners.pop(runner.id, None)
+            self._appended(runner.id, runner.acked_to if runner.settled else None)
             if runner.id in self._resume_after:
                 self._resume_after.discard(runner.id)
                 self._maybe_start(runner.id)
+
+    def _appended(self, eid: str, offset: int | None) -> None:
+        """Note the last offset a run of ``eid`` (or its end, written by the runtime) had
+        acknowledged; None: the run stopped with appends unanswered (a replay then
+        waits for all this process had acknowledged on the partition)."""
+        partition = self.log.partition_for(eid)
+        if partition not in self.owned:
+            self._appended_to.pop(eid, None)  # its next owner replays it from its view
+            return
+        if offset is None:
+            self._appended_to[eid] = None
+            return
+        known = self._appended_to.get(eid)
+        if known is not None and known > offset:
+            offset = known  # the end a cancelled run had the runtime write
+        view = self.views.get(partition)
+        if view is None or view.next_offset > offset:
+            self._appended_to.pop(eid, None)  # the view holds it already
+        else:
+            self._appended_to[eid] = offset
+
+    def _folded_to(self, eid: str, offset: int, event: Event) -> None:
+        """The fold applied ``event`` of ``eid`` at ``offset``: a replay need not wait for
+        what it had acknowledged up to there, nor for anything once it ended."""
+        known = self._appended_to.get(eid, -1)
+        if (known is not None and 0 <= known <= offset) or (
+                eid in self._appended_to and isinstance(event.body, ENDS)):
+            del self._appended_to[eid]
 
     def _explain_wait(self, eid: str, workflow: str, text: str, position: str) -> None:
         """Record on a queued execution why it waits (engine.flow), as a log line."""
@@ -768,8 +810,9 @@ class Runtime(Queries):
                     await self.cancel_children(eid)
                 if record.get("parent_id"):
                     await self.notify_parent(record, end)
-                await self.log.append(Event(eid, record["workflow"], self.clock.now(), end,
-                                            epoch=self.epoch_of(eid)))
+                _, offset = await self.log.append(Event(eid, record["workflow"], self.clock.now(),
+                                                        end, epoch=self.epoch_of(eid)))
+                self._appended(eid, offset)
                 return
             except Exception as exc:
                 if self.stopping or not self.may_run(self.log.partition_for(eid)):

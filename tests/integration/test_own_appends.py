@@ -10,7 +10,6 @@ whatever the view holds meanwhile came from the acknowledgements alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import pytest
 from engine import ploy
 from engine.events import Event, WorkflowTriggered
 from engine.log import EventLog
-from engine.partitions import Partitions
 from engine.rebuild import rebuild
 from engine.testing import engine_config, running_engine
 from tests.integration.test_cli_e2e import dump
@@ -48,22 +46,6 @@ def assert_rebuild_is_identical(kafka: str, topic_prefix: str, state_dir: Path) 
     finally:
         log.close()
     assert dump(state_dir / topic, topic) == before
-
-
-@pytest.fixture
-def no_fetch(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, bool]]:
-    """``switch["fetch"] = False`` stops the fold thread's fetches (True: on again)."""
-    switch = {"fetch": True}
-    poll = Partitions._poll
-
-    def gated(self: Partitions, timeout_s: float) -> dict[int, list[tuple[int, bytes]]]:
-        if not switch["fetch"]:
-            self._stop.wait(timeout_s)
-            return {}
-        return poll(self, timeout_s)
-
-    monkeypatch.setattr(Partitions, "_poll", gated)
-    yield switch
 
 
 async def test_executions_end_and_results_wake_with_no_fetch_at_all(
