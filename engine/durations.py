@@ -19,6 +19,10 @@ _DURATION = re.compile(
     r"(?:(?P<s>[0-9]+)s)?(?:(?P<ms>[0-9]+)ms)?"
 )
 _UNIT_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
+# The longest duration: 100 years. A wake time or a deadline (now plus a duration) then
+# always fits the log's 64-bit timestamps, and a sleep of longer is a mistake.
+MAX_DURATION_MS = 100 * 365 * 86_400_000
+_MAX_TEXT = 64  # characters: any duration string of 100 years or less is far shorter
 
 
 def parse_duration(value: int | str) -> int:
@@ -35,20 +39,33 @@ def parse_duration(value: int | str) -> int:
 
     Raises:
         DurationError: For anything else (negative, float, bool, None,
-            ``""``, ``"5 parsecs"``, ``"1s1h"``).
+            ``""``, ``"5 parsecs"``, ``"1s1h"``), and for more than 100 years
+            (``MAX_DURATION_MS``).
     """
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise DurationError(value)
-        return value
+        return _at_most_max(value, value)
     if not isinstance(value, str):
         raise DurationError(value)
+    if len(value) > _MAX_TEXT:  # (and int() of thousands of digits would raise its own error)
+        raise DurationError(value, _TOO_LONG if value.isascii() and value.isdigit() else None)
     if value.isascii() and value.isdigit():
-        return int(value)
+        return _at_most_max(int(value), value)
     match = _DURATION.fullmatch(value)
     if not value or match is None:
         raise DurationError(value)
-    return sum(int(n) * _UNIT_MS[unit] for unit, n in match.groupdict().items() if n is not None)
+    ms = sum(int(n) * _UNIT_MS[unit] for unit, n in match.groupdict().items() if n is not None)
+    return _at_most_max(ms, value)
+
+
+_TOO_LONG = f"longer than 100 years ({MAX_DURATION_MS} ms), the longest there is"
+
+
+def _at_most_max(ms: int, value: int | str) -> int:
+    if ms > MAX_DURATION_MS:
+        raise DurationError(value, _TOO_LONG)
+    return ms
 
 
 def backoff_ms(

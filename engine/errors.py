@@ -129,13 +129,20 @@ class PayloadTooDeepError(PloyError, ValueError):
 
 
 class DurationError(PloyError, ValueError):
-    """A duration that is neither int milliseconds nor like '1h30m'."""
+    """A duration that is neither int milliseconds nor like '1h30m', or is too long."""
 
-    def __init__(self, value: object):
+    def __init__(self, value: object, reason: str | None = None):
         self.value = value
+        try:
+            shown = repr(value)
+        except ValueError:  # an int of more digits than Python will print
+            shown = "<an int of thousands of digits>"
+        if len(shown) > 80:
+            shown = shown[:60] + f"... ({len(shown)} characters)"
         super().__init__(
-            f"invalid duration {value!r}: use int milliseconds or a string like "
-            "'500ms', '30s', '5m', '1h', '1d', '1h30m'"
+            f"invalid duration {shown}: " + (reason or (
+                "use int milliseconds or a string like "
+                "'500ms', '30s', '5m', '1h', '1d', '1h30m'"))
         )
 
 

@@ -201,12 +201,19 @@ def check_event_type(event_type: str) -> None:
                          f"{len(event_type.encode())}")
 
 
+# What ``since`` may be: ms since the epoch of a time in the years 1 to 9999 (datetime's).
+_EPOCH_MS_RANGE = range(-62_135_596_800_000, 253_402_300_800_000)
+
+
 def _epoch_ms(since: int | datetime) -> int:
     """``since`` as ms since the epoch (a datetime without a zone is taken as UTC)."""
     if isinstance(since, datetime):
         aware = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
         return int(aware.timestamp() * 1000)
     if isinstance(since, int) and not isinstance(since, bool):
+        if since not in _EPOCH_MS_RANGE:
+            raise ValueError("since must be ms since the epoch of a time in the years 1 to "
+                             f"9999, got {since if abs(since) < 10**30 else 'a larger number'}")
         return since
     raise TypeError(f"since must be ms since the epoch (int) or a datetime, got {since!r}")
 
@@ -394,8 +401,8 @@ class ExecutionRunner:
             if more:  # (called from the loop, it just keeps them: the run is stopping)
                 raise failed
             return
+        futures = self.runtime.log.send_all(items)  # (ValueError: nothing sent, all kept)
         self._held = []
-        futures = self.runtime.log.send_all(items)
         tracing = self.runtime.tracing.tracer is not None
         refused: LogUnavailable | None = None
         for (event, waited), future in zip(items, futures, strict=True):

@@ -294,9 +294,10 @@ class EventLog:
                  ) -> list[asyncio.Future[tuple[int, int]] | None]:
         """Append several events of one execution together. For each ``(event, waited)``:
         a future of (partition, offset) or :class:`AppendError` (``waited``), or None (an
-        append that nobody waits for: a refusal is logged). Never raises: an event the
-        producer does not take gets a failed future (and, handed over one by one, so
-        does every one after it).
+        append that nobody waits for: a refusal is logged). An event the producer does
+        not take gets a failed future (and, handed over one by one, so does every one
+        after it); only one that cannot be encoded raises ValueError, before any is
+        handed over.
 
         Small events go to the producer in one call (``produce_batch``), one right
         after the other: they normally travel in one record batch, which the broker
@@ -307,7 +308,7 @@ class EventLog:
         by one, stopping at the first refusal.
         """
         loop = asyncio.get_running_loop()
-        values = [self.codec.encode(event) for event, _ in events]
+        values = [_encoded(self.codec, event) for event, _ in events]
         futures = [loop.create_future() if waited else None for _, waited in events]
         callbacks = [_logged(event.type) if future is None else self._resolved_on(loop, future)
                      for (event, _), future in zip(events, futures, strict=True)]
@@ -483,6 +484,16 @@ class EventLog:
 # Errors that refuse the record itself: sending it again gets the same answer.
 _REFUSALS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
              KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE}
+
+
+def _encoded(codec: Codec, event: Event) -> bytes:
+    """The event's bytes; ValueError naming it if a value does not fit the schema (a
+    number beyond 64 bits: the callers check what users give, so this is a last guard)."""
+    try:
+        return codec.encode(event)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"{event.type} of execution {event.execution_id} cannot be "
+                         f"written to the log: {exc}") from exc
 
 
 def _permanent(err: Any) -> bool:

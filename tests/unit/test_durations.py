@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.durations import backoff_ms, format_duration, parse_duration
+from engine.durations import MAX_DURATION_MS, backoff_ms, format_duration, parse_duration
 from engine.errors import DurationError
 
 
@@ -67,6 +67,22 @@ def test_parse_duration_rejects_naming_the_value(value: object) -> None:
     assert info.value.value == value
     assert repr(value) in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_durations_go_up_to_100_years() -> None:
+    assert parse_duration(MAX_DURATION_MS) == parse_duration("36500d") == 3_153_600_000_000
+    assert parse_duration(str(MAX_DURATION_MS)) == MAX_DURATION_MS
+
+
+@pytest.mark.parametrize("value", [MAX_DURATION_MS + 1, "36500d1ms", "36501d", 10**30,
+                                   "9" * 30, "9" * 5000, 10**5000],
+                         ids=["max+1", "36500d1ms", "36501d", "10**30", "30 digits",
+                              "5000 digits", "an int of 5001 digits"])
+def test_longer_than_100_years_is_refused_clearly(value: object) -> None:
+    with pytest.raises(DurationError, match=r"longer than 100 years \(3153600000000 ms\)") as info:
+        parse_duration(value)  # type: ignore[arg-type]
+    assert info.value.value == value
+    assert len(str(info.value)) < 200  # a huge value is shown cut short
 
 
 def test_backoff_doubles_from_one_second_up_to_sixty() -> None:
