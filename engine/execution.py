@@ -453,12 +453,19 @@ class ExecutionRunner:
                 if not future.done():  # shared: a waiter cancelled must not cancel it
                     await asyncio.shield(future)
                 if not future.cancelled():
-                    self.acked_to = max(self.acked_to, future.result()[1])
+                    future.result()
             except AppendError as exc:
                 raise LogUnavailable(str(exc), exc.permanent, body) from exc
-        # Only those acknowledged: one that failed meanwhile (a parallel branch's) stays,
-        # for the next wait to raise.
-        self._unacked = [(f, b) for f, b in self._unacked if _pending_or_failed(f)]
+        # Only those acknowledged leave, each counted in the run's mark (another branch's
+        # too, though not waited for here); one that failed meanwhile (a parallel
+        # branch's) stays, for the next wait to raise.
+        kept = []
+        for future, body in self._unacked:
+            if _pending_or_failed(future):
+                kept.append((future, body))
+            elif not future.cancelled():
+                self.acked_to = max(self.acked_to, future.result()[1])
+        self._unacked = kept
 
     async def _settled(self, timeout_s: float = 10.0) -> None:
         """The run stops on a failed append: let the others it sent (parallel branches')

@@ -516,7 +516,11 @@ class Runtime(Queries):
         self._run(ExecutionRunner(self, record, steps, workflow, logged))
 
     async def _start_when_folded(self, eid: str, partition: int, offset: int) -> None:
-        await self.partitions.folded(partition, offset)
+        try:
+            await self.partitions.folded(partition, offset)
+        except TimeoutError:  # (a stalled or lost partition: _maybe_start says no)
+            logger.warning("execution %s waits for partition %d's view to reach offset %d",
+                           eid, partition, offset)
         self._maybe_start(eid)
 
     def _run(self, runner: ExecutionRunner) -> None:
@@ -909,6 +913,7 @@ class Runtime(Queries):
         _, offset = await self.log.append(Event(
             execution_id, execution.workflow, self.clock.now(),
             StepResolved(step, action, text, actor, reason.strip())))
+        self._appended(execution_id, offset)  # a replay first folds the operator's output
         after = await self.get_execution(execution_id, min_offset=offset)
         done = next((s for s in after.steps if s.key == step), None) if after else None
         return done is not None and (done.status == "completed" if action == "complete"

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from engine import ploy
+from engine.errors import AppendError
 from engine.events import Event, WorkflowTriggered
 from engine.log import EventLog
 from engine.runtime import Runtime
@@ -131,3 +132,100 @@ async def test_other_executions_appends_hold_no_replay_back(
             assert (await handle.result(timeout=10)) is None
         assert ran[eid] == 1
         await until(lambda: not runtime._appended_to)  # noqa: SLF001 - ends forget theirs
+
+
+def parallel_app(ran: Counter[str], gate: asyncio.Event) -> Any:
+    app = ploy()
+
+    @app.workflow("par")
+    async def par(ctx: Any) -> None:
+        async def big() -> str:
+            ran["p0"] += 1
+            await gate.wait()
+            return "x" * 9000  # a large output: its completion is waited for alone
+
+        async def small() -> str:
+            ran["p1"] += 1
+            await gate.wait()
+            return "ok"  # its completion is sent and not waited for by this branch
+
+        await ctx.step.parallel("p", [big, small])
+
+        def after() -> int:
+            ran["after"] += 1
+            return 1
+
+        await ctx.step.run("after", after)
+
+    @app.workflow("noop")
+    async def noop(ctx: Any) -> None:
+        return None
+
+    return app.build()
+
+
+async def test_a_parallel_branch_s_acknowledged_completion_holds_the_replay_back(
+        kafka: str, topic_prefix: str, state_dir: Path, no_fetch: dict[str, bool],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Branch p[0] waits for its own completion's acknowledgement; p[1]'s is acknowledged
+    meanwhile, after another process's record that holds the fold. The run then stops
+    (the broker refuses the next step's start once) and resumes by replay 1 s later:
+    the replay waits for p[1]'s completion to be folded, and p[1] never runs again."""
+    ran: Counter[str] = Counter()
+    gate = asyncio.Event()
+    config = engine_config(kafka, topic_prefix, state_dir, workflow={"PAR": "par"},
+                           partitions=1)
+    async with running_engine(parallel_app(ran, gate), config) as engine:
+        other = await asyncio.to_thread(EventLog, kafka, topic_prefix)  # (the topic exists)
+        try:
+            runtime, log = engine.runtime, engine.runtime.log
+            view = runtime.views[0]
+            loop = asyncio.get_running_loop()
+            send_all = log.send_all
+            state: dict[str, Any] = {"held_at": None, "refused": False}
+
+            def acknowledged(before: int, count: int) -> None:
+                """Block the loop (a busy one) until ``count`` appends after ``before``
+                are acknowledged (the producer's thread marks them)."""
+                deadline = time.monotonic() + 5
+                while log.high_acked.get(0, -1) < before + count:
+                    assert time.monotonic() < deadline, "not acknowledged"
+                    time.sleep(0.001)
+
+            def sending(items: Any) -> Any:
+                steps = [(type(e.body).__name__, getattr(e.body, "step", None))
+                         for e, _ in items]
+                if ("StepStarted", "after") in steps and not state["refused"]:
+                    state["refused"] = True  # refused once: the run stops, RETRY_LATER
+                    i = steps.index(("StepStarted", "after"))
+                    futures = send_all(items[:i]) if i else []
+                    for _ in items[i:]:
+                        failed = loop.create_future()
+                        failed.set_exception(AppendError(log.topic, "refused for the test"))
+                        futures.append(failed)
+                    return futures
+                before = log.high_acked.get(0, -1)
+                futures = send_all(items)
+                if ("StepCompleted", "p[0]") in steps and state["held_at"] is None:
+                    acknowledged(before, len(items))
+                    _, state["held_at"] = other.append_sync(Event(
+                        "from-elsewhere", "noop", 1, WorkflowTriggered("{}")), partition=0)
+                if ("StepCompleted", "p[1]") in steps:
+                    acknowledged(before, len(items))
+                return futures
+
+            monkeypatch.setattr(log, "send_all", sending)
+            no_fetch["fetch"] = False  # (its own appends are still folded on their ack)
+            eid = (await engine.env.PAR.trigger({})).execution_id
+            await until(lambda: ran["p0"] == 1 and ran["p1"] == 1)
+            gate.set()
+            await until(lambda: state["refused"] and eid not in runtime.runners)
+            assert view.next_offset == state["held_at"]  # p[1]'s completion: not folded
+            assert log.high_acked[0] > state["held_at"]
+            await asyncio.sleep(2.0)  # the replay is due after 1 s
+            assert ran["p1"] == 1 and eid not in runtime.runners
+            no_fetch["fetch"] = True
+            await until(lambda: (view.record(eid) or {}).get("status") == "completed")
+            assert (ran["p0"], ran["p1"]) == (1, 1)
+        finally:
+            await asyncio.to_thread(other.close)
