@@ -303,10 +303,12 @@ class ExecutionRunner:
         self._unacked: list[tuple[asyncio.Future[tuple[int, int]], Body]] = []
         self._held: list[tuple[Event, bool]] = []  # (event, waited)
         self._lost: LogUnavailable | None = None  # refused when released from the loop
-        # The offset of this run's last acknowledged append, and whether it ended with
-        # none unanswered (``Runtime._appended``: a replay waits for their fold).
+        # The offset of this run's last acknowledged append, and whether that covers all
+        # it sent: none unanswered, and none that nobody waits for (a start, a log line)
+        # after it (``Runtime._appended``: a replay waits for their fold).
         self.acked_to = -1
         self.settled = True
+        self._unwaited_last = False  # the last event handed over was one nobody waits for
         self._thread = threading.get_ident()  # the event loop's: _held is its alone
         self._loop = asyncio.get_running_loop()
         self._occurrences: dict[str, int] = {}
@@ -403,6 +405,7 @@ class ExecutionRunner:
             return
         futures = self.runtime.log.send_all(items)  # (ValueError: nothing sent, all kept)
         self._held = []
+        self._unwaited_last = not items[-1][1]
         tracing = self.runtime.tracing.tracer is not None
         refused: LogUnavailable | None = None
         for (event, waited), future in zip(items, futures, strict=True):
@@ -480,6 +483,8 @@ class ExecutionRunner:
         refusal of one is logged, not an unretrieved exception."""
         self._release()
         self._held = []  # kept back after a failed append: nothing of the run follows it
+        if self._unwaited_last:  # its acknowledgement is known to nobody
+            self.settled = False
         for future, _ in self._unacked:
             if not future.done():
                 self.settled = False

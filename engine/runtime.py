@@ -572,7 +572,11 @@ class Runtime(Queries):
             self._appended_to.pop(eid, None)  # its next owner replays it from its view
             return
         if offset is None:
-            self._appended_to[eid] = None
+            record = self.views[partition].record(eid)  # (rare: a run cut short)
+            if record is None or ExecutionStatus(record["status"]).terminal:
+                self._appended_to.pop(eid, None)  # ended: nothing replays it
+            else:
+                self._appended_to[eid] = None  # forgotten when its end is folded
             return
         known = self._appended_to.get(eid)
         if known is not None and known > offset:
