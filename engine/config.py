@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from engine.cron import Cron, Timing
-from engine.durations import parse_duration
+from engine.durations import MAX_DURATION_MS, parse_duration
 from engine.errors import ConfigError, DurationError
 
 FILENAME = "ploy.yaml"
@@ -74,7 +74,7 @@ class Rate(BaseModel):
 
     model_config = _MODEL
     limit: int = Field(ge=1)
-    period_ms: int = Field(ge=1)
+    period_ms: int = Field(ge=1, le=MAX_DURATION_MS)
     key: str | None = Field(default=None, pattern=_INPUT_PATH)
     # As concurrency's: among the queued, a higher number first (default 0).
     priority: str | None = Field(default=None, pattern=_INPUT_PATH)
@@ -86,7 +86,7 @@ class Debounce(BaseModel):
     (``engine.debounce``)."""
 
     model_config = _MODEL
-    period_ms: int = Field(ge=1)
+    period_ms: int = Field(ge=1, le=MAX_DURATION_MS)
     key: str | None = Field(default=None, pattern=_INPUT_PATH)
 
 
@@ -113,8 +113,8 @@ class Backoff(BaseModel):
     """The wait between attempts of a step: ``initial_ms * multiplier**n``, capped."""
 
     model_config = _MODEL
-    initial_ms: int = Field(default=1000, ge=0)
-    max_ms: int = Field(default=60_000, ge=0)
+    initial_ms: int = Field(default=1000, ge=0, le=MAX_DURATION_MS)
+    max_ms: int = Field(default=60_000, ge=0, le=MAX_DURATION_MS)
     multiplier: float = Field(default=2.0, ge=1)
 
     @model_validator(mode="after")
@@ -312,7 +312,7 @@ class ScheduleConfig(BaseModel):
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
     binding: str = Field(min_length=1)
     cron: str | None = None
-    every_ms: int | None = Field(default=None, ge=1000)
+    every_ms: int | None = Field(default=None, ge=1000, le=MAX_DURATION_MS)
     input: Any = None
     timezone: str = "UTC"
     catchup: Literal["skip", "once", "all"] = "once"
@@ -380,7 +380,7 @@ class Config(BaseModel):
     erasure: ErasureConfig = Field(default_factory=ErasureConfig)
     # engine.retention: finished executions leave the view this long after they end
     # (the log keeps them); None keeps every one.
-    retention_ms: int | None = Field(default=None, ge=1)
+    retention_ms: int | None = Field(default=None, ge=1, le=MAX_DURATION_MS)
     schedules: list[ScheduleConfig] = Field(default_factory=list)
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)
 

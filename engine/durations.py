@@ -19,13 +19,14 @@ _DURATION = re.compile(
     r"(?:(?P<s>[0-9]+)s)?(?:(?P<ms>[0-9]+)ms)?"
 )
 _UNIT_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1_000, "ms": 1}
-# The longest duration: 100 years. A wake time or a deadline (now plus a duration) then
-# always fits the log's 64-bit timestamps, and a sleep of longer is a mistake.
-MAX_DURATION_MS = 100 * 365 * 86_400_000
+# The longest duration written anew: 100 years. A wake time or a deadline (now plus a
+# duration) then always fits the log's 64-bit timestamps, and a sleep of longer is a
+# mistake. (Those recorded before this limit replay as they were.)
+MAX_DURATION_MS = 36_525 * 86_400_000
 _MAX_TEXT = 64  # characters: any duration string of 100 years or less is far shorter
 
 
-def parse_duration(value: int | str) -> int:
+def parse_duration(value: int | str, *, limit: int | None = MAX_DURATION_MS) -> int:
     """Convert a duration to milliseconds.
 
     Args:
@@ -33,38 +34,38 @@ def parse_duration(value: int | str) -> int:
             (milliseconds), or a string of units in descending order, each at
             most once and without spaces: ``"500ms"``, ``"30s"``, ``"5m"``,
             ``"1h"``, ``"1d"``, ``"1h30m"``, ``"1d2h"``.
+        limit: The longest accepted (None: any; the workflow context checks it only
+            where a duration is written to the log, :func:`within_limit`).
 
     Returns:
         The duration in milliseconds.
 
     Raises:
         DurationError: For anything else (negative, float, bool, None,
-            ``""``, ``"5 parsecs"``, ``"1s1h"``), and for more than 100 years
-            (``MAX_DURATION_MS``).
+            ``""``, ``"5 parsecs"``, ``"1s1h"``), and for more than ``limit``
+            (100 years, ``MAX_DURATION_MS``).
     """
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise DurationError(value)
-        return _at_most_max(value, value)
-    if not isinstance(value, str):
-        raise DurationError(value)
-    if len(value) > _MAX_TEXT:  # (and int() of thousands of digits would raise its own error)
-        raise DurationError(value, _TOO_LONG if value.isascii() and value.isdigit() else None)
-    if value.isascii() and value.isdigit():
-        return _at_most_max(int(value), value)
-    match = _DURATION.fullmatch(value)
-    if not value or match is None:
-        raise DurationError(value)
-    ms = sum(int(n) * _UNIT_MS[unit] for unit, n in match.groupdict().items() if n is not None)
-    return _at_most_max(ms, value)
+        ms = value
+    elif not isinstance(value, str) or len(value) > _MAX_TEXT:  # (int() of thousands of
+        raise DurationError(value)  # digits would raise an error of its own)
+    elif value.isascii() and value.isdigit():
+        ms = int(value)
+    else:
+        match = _DURATION.fullmatch(value)
+        if not value or match is None:
+            raise DurationError(value)
+        ms = sum(int(n) * _UNIT_MS[u] for u, n in match.groupdict().items() if n is not None)
+    return ms if limit is None else within_limit(ms, value, limit)
 
 
-_TOO_LONG = f"longer than 100 years ({MAX_DURATION_MS} ms), the longest there is"
-
-
-def _at_most_max(ms: int, value: int | str) -> int:
-    if ms > MAX_DURATION_MS:
-        raise DurationError(value, _TOO_LONG)
+def within_limit(ms: int, value: int | str, limit: int = MAX_DURATION_MS) -> int:
+    """``ms`` (parsed from ``value``), or DurationError if it is longer than ``limit``."""
+    if ms > limit:
+        years = " (100 years)" if limit == MAX_DURATION_MS else ""
+        raise DurationError(value, f"longer than {limit} ms{years}, the longest there is")
     return ms
 
 
@@ -94,7 +95,9 @@ def backoff_ms(
         wait = initial_ms * multiplier ** (attempt - 1)
     except OverflowError:  # a huge attempt number: the cap applies anyway
         return max_ms
-    return min(round(wait), max_ms)
+    if not wait < max_ms:  # (also inf: 1000 * 2.0 ** 1023 is beyond a float)
+        return max_ms
+    return round(wait)
 
 
 def format_duration(ms: int) -> str:

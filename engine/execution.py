@@ -45,7 +45,7 @@ from pydantic import BaseModel
 
 from engine import erasure, models, payloads, waits
 from engine.context import Context
-from engine.durations import backoff_ms, parse_duration
+from engine.durations import MAX_DURATION_MS, backoff_ms, parse_duration, within_limit
 from engine.errors import (
     AppendError,
     NonRetryableError,
@@ -72,6 +72,7 @@ from engine.events import (
     WorkflowLog,
     WorkflowStarted,
 )
+from engine.log import UnencodableEventError
 from engine.models import ExecutionStatus, ReceivedEvent
 from engine.versioning import Diverged, Replay
 from engine.waits import WAIT_KINDS
@@ -201,21 +202,24 @@ def check_event_type(event_type: str) -> None:
                          f"{len(event_type.encode())}")
 
 
-# What ``since`` may be: ms since the epoch of a time in the years 1 to 9999 (datetime's).
-_EPOCH_MS_RANGE = range(-62_135_596_800_000, 253_402_300_800_000)
+# What ``since`` may be: ms since the epoch of a time from 1970 to the end of 9999.
+_EPOCH_MS_RANGE = range(0, 253_402_300_800_000)
 
 
 def _epoch_ms(since: int | datetime) -> int:
     """``since`` as ms since the epoch (a datetime without a zone is taken as UTC)."""
     if isinstance(since, datetime):
         aware = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
-        return int(aware.timestamp() * 1000)
-    if isinstance(since, int) and not isinstance(since, bool):
-        if since not in _EPOCH_MS_RANGE:
-            raise ValueError("since must be ms since the epoch of a time in the years 1 to "
-                             f"9999, got {since if abs(since) < 10**30 else 'a larger number'}")
-        return since
-    raise TypeError(f"since must be ms since the epoch (int) or a datetime, got {since!r}")
+        ms = int(aware.timestamp() * 1000)
+    elif isinstance(since, int) and not isinstance(since, bool):
+        ms = since
+    else:
+        raise TypeError(f"since must be ms since the epoch (int) or a datetime, got {since!r}")
+    if ms not in _EPOCH_MS_RANGE:
+        shown = since if not isinstance(since, int) or abs(since) < 10**30 else "a larger number"
+        raise ValueError(f"since must be a time from 1970 to 9999 (ms since the epoch), "
+                         f"got {shown}")
+    return ms
 
 
 def match_text(match: dict[str, Any] | None) -> str:
@@ -403,7 +407,12 @@ class ExecutionRunner:
             if more:  # (called from the loop, it just keeps them: the run is stopping)
                 raise failed
             return
-        futures = self.runtime.log.send_all(items)  # (ValueError: nothing sent, all kept)
+        try:
+            futures = self.runtime.log.send_all(items)
+        except UnencodableEventError as exc:  # nothing was sent
+            self._drop_unencodable(exc)  # (one of ``more``: raised, the held ones kept)
+            self._release(*more)  # the rest, without it
+            return
         self._held = []
         self._unwaited_last = not items[-1][1]
         tracing = self.runtime.tracing.tracer is not None
@@ -421,6 +430,18 @@ class ExecutionRunner:
             if more:
                 raise refused
             self._lost = self._lost or refused
+
+    def _drop_unencodable(self, exc: UnencodableEventError) -> None:
+        """A held event that can never be written (a bug upstream) must not stop every
+        later append: it is dropped, loudly; if it was a completion, the run stops at
+        its next wait, as on a refusal. One the caller passed is the caller's error."""
+        dropped = [(e, waited) for e, waited in self._held if e is exc.event]
+        if not dropped:
+            raise exc
+        logger.error("execution %s: %s; dropped", self.id, exc)
+        self._held = [(e, waited) for e, waited in self._held if e is not exc.event]
+        if dropped[0][1]:
+            self._lost = self._lost or LogUnavailable(str(exc), True, exc.event.body)
 
     def _failed(self) -> LogUnavailable | None:
         """The first append of this run that the broker did not take, if any."""
@@ -654,7 +675,9 @@ class ExecutionRunner:
 
     async def _step(self, key: str, fn: Callable[[], Any], input: Any, retries: int | None,
                     timeout: int | str | None) -> Any:
-        timeout_ms = None if timeout is None else parse_duration(timeout)
+        # (not written to the log: one of over 100 years is as good as none)
+        timeout_ms = None if timeout is None else min(parse_duration(timeout, limit=None),
+                                                      MAX_DURATION_MS)
         limit = self.runtime.config.retries_for(self.workflow.name) if retries is None else retries
         if limit < 0:
             raise ValueError(f"step '{key}': retries must be >= 0, got {limit}")
@@ -789,7 +812,8 @@ class ExecutionRunner:
     # -- ctx.step.sleep -------------------------------------------------------
 
     async def sleep(self, duration: int | str) -> None:
-        ms = parse_duration(duration)
+        ms = parse_duration(duration, limit=None)  # (limited where it is written: a replay
+        # of one recorded before the limit goes on)
         await self._checkpoint()
         self._boundary += 1
         self._since_boundary = 0
@@ -801,6 +825,7 @@ class ExecutionRunner:
             if recorded["status"] == "completed":
                 return
             raise Suspend  # still waiting for its timer
+        within_limit(ms, duration)
         await self._append(SleepScheduled(key, ms, self.runtime.clock.now() + ms))
         raise Suspend
 
@@ -812,20 +837,20 @@ class ExecutionRunner:
         check_event_type(event_type)
         match_json = match_text(match)
         self._check_size(f"the match of wait '{name}'", match_json)
-        timeout_ms = None if timeout is None else parse_duration(timeout)
-        since_ms = self.record["created_at"] if since is None else _epoch_ms(since)
+        timeout_ms = None if timeout is None else parse_duration(timeout, limit=None)
         await self._checkpoint()
         key = self._key(name)
         self.replay.meet(key, "wait")
         wait = self.waits.get(key)
         if wait is not None:
             return received_event(wait)
+        since_ms = self.record["created_at"] if since is None else _epoch_ms(since)
         await self._open_wait(WaitStarted(key, event_type, match_json, since_ms,
-                                          self._deadline(timeout_ms)))
+                                          self._deadline(timeout_ms, timeout)))
 
     async def invoke(self, name: str, binding: str, input: Any, timeout: int | str | None,
                      cancel_with_parent: bool) -> Any:
-        timeout_ms = None if timeout is None else parse_duration(timeout)
+        timeout_ms = None if timeout is None else parse_duration(timeout, limit=None)
         target = self.runtime.env[binding]  # UnknownBindingError names the known ones
         await self._checkpoint()
         key = self._key(name)
@@ -833,6 +858,8 @@ class ExecutionRunner:
         wait = self.waits.get(key)
         if wait is not None:
             return child_result(key, wait, self._open)
+        if timeout_ms is not None:  # (before its child starts)
+            within_limit(timeout_ms, timeout)  # type: ignore[arg-type]
         child = [self.runtime.child_id(self.id, key)]
 
         async def start_child() -> None:
@@ -848,11 +875,15 @@ class ExecutionRunner:
         # second trigger of the same id changes nothing.
         await self._open_wait(lambda: WaitStarted(
             key, CHILD_ENDED, to_json({"execution_id": child[0]}, "match"),
-            self.record["created_at"], self._deadline(timeout_ms), child[0], cancel_with_parent),
+            self.record["created_at"], self._deadline(timeout_ms, timeout), child[0],
+            cancel_with_parent),
             start_child)
 
-    def _deadline(self, timeout_ms: int | None) -> int | None:
-        return None if timeout_ms is None else self.runtime.clock.now() + timeout_ms
+    def _deadline(self, timeout_ms: int | None, timeout: int | str | None) -> int | None:
+        """When a new wait times out (DurationError for a timeout over 100 years)."""
+        if timeout_ms is None or timeout is None:
+            return None
+        return self.runtime.clock.now() + within_limit(timeout_ms, timeout)
 
     async def _open_wait(self, body: WaitStarted | Callable[[], WaitStarted],
                          first: Callable[[], Awaitable[None]] | None = None) -> NoReturn:

@@ -296,8 +296,8 @@ class EventLog:
         a future of (partition, offset) or :class:`AppendError` (``waited``), or None (an
         append that nobody waits for: a refusal is logged). An event the producer does
         not take gets a failed future (and, handed over one by one, so does every one
-        after it); only one that cannot be encoded raises ValueError, before any is
-        handed over.
+        after it); only one that cannot be encoded raises UnencodableEventError, before
+        any is handed over.
 
         Small events go to the producer in one call (``produce_batch``), one right
         after the other: they normally travel in one record batch, which the broker
@@ -486,14 +486,21 @@ _REFUSALS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD,
              KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE}
 
 
+class UnencodableEventError(ValueError):
+    """An event with a value its schema cannot hold (a number beyond 64 bits): the
+    callers check what users give, so this is a last guard."""
+
+    def __init__(self, event: Event, cause: BaseException):
+        self.event = event
+        super().__init__(f"{event.type} of execution {event.execution_id} cannot be "
+                         f"written to the log: {cause}")
+
+
 def _encoded(codec: Codec, event: Event) -> bytes:
-    """The event's bytes; ValueError naming it if a value does not fit the schema (a
-    number beyond 64 bits: the callers check what users give, so this is a last guard)."""
     try:
         return codec.encode(event)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ValueError(f"{event.type} of execution {event.execution_id} cannot be "
-                         f"written to the log: {exc}") from exc
+        raise UnencodableEventError(event, exc) from exc
 
 
 def _permanent(err: Any) -> bool:

@@ -154,6 +154,7 @@ class Runtime(Queries):
         # may not hold it yet (None: a run that stopped with appends unanswered). A
         # replay waits for that fold, so that it never runs a completed step again.
         self._appended_to: dict[str, int | None] = {}
+        self._deferred: set[str] = set()  # starts waiting for that fold (one each)
         self.ingress = Ingress(self._start_held)  # a burst of triggers is answered first
 
     @property
@@ -481,15 +482,21 @@ class Runtime(Queries):
             return
         view = self.views[partition]
         target = self._appended_to.get(eid, -1)
-        if target is None:
-            target = self.log.high_acked.get(partition, -1)
+        if target is None:  # a run cut short: what this process had acknowledged there,
+            target = self.log.high_acked.get(partition, -1)  # fixed now (not chased)
+            self._appended_to[eid] = target
         if view.next_offset <= target:
             # The view lacks events of this execution that this process has had
             # acknowledged (a run that just ended, say): replaying from it could run a
             # completed step again. Only its own: other executions' acknowledgements,
             # ahead of the fold under load, are no reason to wait.
-            self._spawn(self._start_when_folded(eid, partition, target), f"ploy-wait-{eid}")
+            if eid not in self._deferred:
+                self._deferred.add(eid)
+                self._spawn(self._start_when_folded(eid, partition, target),
+                            f"ploy-wait-{eid}")
             return
+        if eid in self._appended_to:
+            del self._appended_to[eid]  # (the view holds it)
         record = view.record(eid)
         if record is None or record["status"] not in RUNNABLE or record.get("held"):
             return  # held: a rerun whose copy of its source is being appended (engine.rerun)
@@ -521,6 +528,8 @@ class Runtime(Queries):
         except TimeoutError:  # (a stalled or lost partition: _maybe_start says no)
             logger.warning("execution %s waits for partition %d's view to reach offset %d",
                            eid, partition, offset)
+        finally:
+            self._deferred.discard(eid)
         self._maybe_start(eid)
 
     def _run(self, runner: ExecutionRunner) -> None:

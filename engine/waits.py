@@ -210,7 +210,8 @@ def _may_receive(tx: Tx, eid: str, wait: Record, fields: Record, data: Any) -> b
 def _look_back(tx: Tx, eid: str, wait: Record) -> tuple[bytes, Record, bytes] | None:
     """The earliest kept event this new wait receives, if any."""
     prefix = keys.EVENT + wait["event_type"].encode() + keys.SEP
-    for row_key, value in tx.scan(prefix, prefix + keys.u64(wait["since"])):
+    # (a since before 1970, from another writer: every kept event is after it)
+    for row_key, value in tx.scan(prefix, prefix + keys.u64(max(wait["since"], 0))):
         fields, raw = _unrow(value)
         if _may_receive(tx, eid, wait, fields, loads(fields["data"])):
             return row_key, fields, raw

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from engine.durations import MAX_DURATION_MS, backoff_ms, format_duration, parse_duration
+from engine.durations import (
+    MAX_DURATION_MS,
+    backoff_ms,
+    format_duration,
+    parse_duration,
+    within_limit,
+)
 from engine.errors import DurationError
 
 
@@ -70,19 +76,28 @@ def test_parse_duration_rejects_naming_the_value(value: object) -> None:
 
 
 def test_durations_go_up_to_100_years() -> None:
-    assert parse_duration(MAX_DURATION_MS) == parse_duration("36500d") == 3_153_600_000_000
+    assert parse_duration(MAX_DURATION_MS) == parse_duration("36525d") == 3_155_760_000_000
     assert parse_duration(str(MAX_DURATION_MS)) == MAX_DURATION_MS
 
 
-@pytest.mark.parametrize("value", [MAX_DURATION_MS + 1, "36500d1ms", "36501d", 10**30,
-                                   "9" * 30, "9" * 5000, 10**5000],
-                         ids=["max+1", "36500d1ms", "36501d", "10**30", "30 digits",
-                              "5000 digits", "an int of 5001 digits"])
+@pytest.mark.parametrize("value", [MAX_DURATION_MS + 1, "36525d1ms", "36526d", 10**30,
+                                   "9" * 30, 10**5000],
+                         ids=["max+1", "36525d1ms", "36526d", "10**30", "30 digits",
+                              "an int of 5001 digits"])
 def test_longer_than_100_years_is_refused_clearly(value: object) -> None:
-    with pytest.raises(DurationError, match=r"longer than 100 years \(3153600000000 ms\)") as info:
+    with pytest.raises(DurationError, match=r"longer than 3155760000000 ms \(100 years\)") as info:
         parse_duration(value)  # type: ignore[arg-type]
     assert info.value.value == value
     assert len(str(info.value)) < 200  # a huge value is shown cut short
+
+
+def test_without_a_limit_any_length_parses_and_within_limit_checks_it_later() -> None:
+    assert parse_duration(10**30, limit=None) == 10**30
+    assert parse_duration("36526d", limit=None) == 36_526 * 86_400_000
+    with pytest.raises(DurationError, match="longer than"):
+        within_limit(10**30, 10**30)
+    with pytest.raises(DurationError):  # text of thousands of digits is refused as text
+        parse_duration("9" * 5000, limit=None)
 
 
 def test_backoff_doubles_from_one_second_up_to_sixty() -> None:
@@ -102,6 +117,8 @@ def test_backoff_uses_its_parameters() -> None:
 
 def test_backoff_of_a_huge_attempt_is_the_cap() -> None:
     assert backoff_ms(100_000) == 60_000
+    # Where the power still fits a float but the product does not (inf): the cap too.
+    assert [backoff_ms(n) for n in (1022, 1023, 1024, 1025)] == [60_000] * 4
 
 
 def test_backoff_attempts_are_one_based() -> None:

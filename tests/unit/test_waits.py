@@ -100,6 +100,14 @@ def test_an_event_before_the_wait_is_found_by_the_lookback_not_before_since() ->
     assert s.wait("e1", "w3")["status"] == "waiting"
 
 
+def test_a_since_before_1970_from_another_writer_looks_back_over_every_kept_event() -> None:
+    s = Store()
+    s.apply(sent("old", {"k": 1}), "x", 500)
+    started(s, "e1")
+    assert s.apply(wait({"k": 1}, since=-1000), "e1", 2000) == ["e1"]  # no fold failure
+    assert s.wait("e1")["event"]["id"] == "old"
+
+
 def test_a_repeated_id_is_ignored_and_each_waiter_gets_a_broadcast_once() -> None:
     s = Store()
     for eid in ("e1", "e2"):
