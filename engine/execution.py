@@ -858,8 +858,8 @@ class ExecutionRunner:
         wait = self.waits.get(key)
         if wait is not None:
             return child_result(key, wait, self._open)
-        if timeout_ms is not None:  # (before its child starts)
-            within_limit(timeout_ms, timeout)  # type: ignore[arg-type]
+        if timeout is not None and timeout_ms is not None:  # (before its child starts)
+            within_limit(timeout_ms, timeout)
         child = [self.runtime.child_id(self.id, key)]
 
         async def start_child() -> None:

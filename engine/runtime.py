@@ -151,8 +151,9 @@ class Runtime(Queries):
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
         self._fired_here: set[tuple[str, str]] = set()  # woken here; skip its TimerFired
         # Execution -> the last offset a run of it here had acknowledged, while the view
-        # may not hold it yet (None: a run that stopped with appends unanswered). A
-        # replay waits for that fold, so that it never runs a completed step again.
+        # may not hold it yet (None: a run that stopped with appends unanswered, or whose
+        # last were ones nobody waits for). A replay waits for that fold, so that it
+        # never runs a completed step again.
         self._appended_to: dict[str, int | None] = {}
         self._deferred: set[str] = set()  # starts waiting for that fold (one each)
         self.ingress = Ingress(self._start_held)  # a burst of triggers is answered first
@@ -573,9 +574,10 @@ class Runtime(Queries):
                 self._maybe_start(runner.id)
 
     def _appended(self, eid: str, offset: int | None) -> None:
-        """Note the last offset a run of ``eid`` (or its end, written by the runtime) had
-        acknowledged; None: the run stopped with appends unanswered (a replay then
-        waits for all this process had acknowledged on the partition)."""
+        """Note the last offset a run of ``eid`` (or an end or a resolution the runtime
+        wrote) had acknowledged; None: the run's last appends are not all known to be
+        acknowledged (a replay then waits for all this process had acknowledged on the
+        partition by then)."""
         partition = self.log.partition_for(eid)
         if partition not in self.owned:
             self._appended_to.pop(eid, None)  # its next owner replays it from its view
