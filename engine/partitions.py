@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -155,9 +156,15 @@ class Partitions:
         if view.next_offset > offset:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters[partition].append((offset, future))
-        async with asyncio.timeout(timeout_s):
-            await future
+        waiter = (offset, future)
+        self._waiters[partition].append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await future
+        finally:
+            if future.cancelled() or not future.done():  # (timed out): none to wake
+                with contextlib.suppress(ValueError):
+                    self._waiters[partition].remove(waiter)
 
     async def caught_up(self, partition: int, offset: int | None = None,
                         timeout_s: float = 10.0) -> PartitionView | None:

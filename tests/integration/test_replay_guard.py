@@ -229,3 +229,16 @@ async def test_a_parallel_branch_s_acknowledged_completion_holds_the_replay_back
             assert (ran["p0"], ran["p1"]) == (1, 1)
         finally:
             await asyncio.to_thread(other.close)
+
+
+async def test_a_wait_for_the_fold_that_times_out_leaves_no_waiter(
+        kafka: str, topic_prefix: str, state_dir: Path) -> None:
+    config = engine_config(kafka, topic_prefix, state_dir, workflow={"NAP": "nap"},
+                           partitions=1)
+    async with running_engine(nap_app(Counter(), asyncio.Event()), config) as engine:
+        partitions = engine.runtime.partitions
+        ahead = engine.runtime.views[0].next_offset + 100
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                await partitions.folded(0, ahead, timeout_s=0.05)
+        assert partitions._waiters[0] == []  # noqa: SLF001
