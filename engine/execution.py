@@ -487,9 +487,14 @@ class ExecutionRunner:
         for future, body in self._unacked:
             if _pending_or_failed(future):
                 kept.append((future, body))
-            elif not future.cancelled():
-                self.acked_to = max(self.acked_to, future.result()[1])
+            else:
+                self._count_acked(future)
         self._unacked = kept
+
+    def _count_acked(self, future: asyncio.Future[tuple[int, int]]) -> None:
+        """An acknowledged append leaves ``_unacked``: the run's mark covers it."""
+        if not future.cancelled():
+            self.acked_to = max(self.acked_to, future.result()[1])
 
     async def _settled(self, timeout_s: float = 10.0) -> None:
         """The run stops on a failed append: let the others it sent (parallel branches')
@@ -510,9 +515,9 @@ class ExecutionRunner:
             if not future.done():
                 self.settled = False
                 future.add_done_callback(_retrieve)
-            elif not future.cancelled():  # the run stopped on it, or after it: said already
-                if future.exception() is None:
-                    self.acked_to = max(self.acked_to, future.result()[1])
+            elif not future.cancelled() and future.exception() is None:
+                self._count_acked(future)
+            # (one that failed: the run stopped on it, or after it, and said so already)
         self._unacked = []
 
     async def _checkpoint(self) -> None:
@@ -825,8 +830,7 @@ class ExecutionRunner:
             if recorded["status"] == "completed":
                 return
             raise Suspend  # still waiting for its timer
-        within_limit(ms, duration)
-        await self._append(SleepScheduled(key, ms, self.runtime.clock.now() + ms))
+        await self._append(SleepScheduled(key, ms, self._wake_at(ms, duration)))
         raise Suspend
 
     # -- ctx.step.wait_for_event and ctx.step.invoke ---------------------------------------
@@ -880,10 +884,14 @@ class ExecutionRunner:
             start_child)
 
     def _deadline(self, timeout_ms: int | None, timeout: int | str | None) -> int | None:
-        """When a new wait times out (DurationError for a timeout over 100 years)."""
+        """When a new wait times out, if it does."""
         if timeout_ms is None or timeout is None:
             return None
-        return self.runtime.clock.now() + within_limit(timeout_ms, timeout)
+        return self._wake_at(timeout_ms, timeout)
+
+    def _wake_at(self, ms: int, value: int | str) -> int:
+        """Now plus a duration about to be written (DurationError over 100 years)."""
+        return self.runtime.clock.now() + within_limit(ms, value)
 
     async def _open_wait(self, body: WaitStarted | Callable[[], WaitStarted],
                          first: Callable[[], Awaitable[None]] | None = None) -> NoReturn:

@@ -162,7 +162,7 @@ class Partitions:
             async with asyncio.timeout(timeout_s):
                 await future
         finally:
-            if future.cancelled() or not future.done():  # (timed out): none to wake
+            if future.cancelled():  # timed out (or the caller cancelled): none to wake
                 with contextlib.suppress(ValueError):
                     self._waiters[partition].remove(waiter)
 
