@@ -71,6 +71,7 @@ from engine.events import (
     WorkflowFailed,
     WorkflowLog,
     WorkflowStarted,
+    WorkflowTriggered,
 )
 from engine.log import UnencodableEventError
 from engine.models import ExecutionStatus, ReceivedEvent
@@ -281,7 +282,8 @@ class ExecutionRunner:
     """One execution in memory: its replay state and its live coroutine."""
 
     def __init__(self, runtime: Runtime, record: dict[str, Any], steps: list[dict[str, Any]],
-                 workflow: WorkflowDef, logged: list[str | None] = ()):  # type: ignore[assignment]
+                 workflow: WorkflowDef, logged: list[str | None] = (),  # type: ignore[assignment]
+                 after: tuple[asyncio.Future[tuple[int, int]], Body] | None = None):
         self.runtime = runtime
         self.id: str = record["id"]
         self.record = record
@@ -306,6 +308,19 @@ class ExecutionRunner:
         # to go with the runner's next one.
         self._unacked: list[tuple[asyncio.Future[tuple[int, int]], Body]] = []
         self._held: list[tuple[Event, bool]] = []  # (event, waited)
+        # ``after``: the runtime's append this run follows, sent right before it started
+        # (its trigger, its timer's firing): the run's first wait waits for it, and a
+        # refusal of it stops the run, as one of its own would. After a trigger, nothing
+        # of the run even goes to the producer before it is acknowledged: a refused
+        # trigger must leave no event of an execution the log never had (the fold would
+        # stop the partition on it). After a timer, the run's appends follow it in the
+        # producer's order, as what a run sends after a step's completion does
+        # (``EventLog.send_all`` says what that promises).
+        self._after: asyncio.Future[tuple[int, int]] | None = None
+        if after is not None:
+            self._unacked.append(after)
+            if isinstance(after[1], WorkflowTriggered):
+                self._after = after[0]
         self._lost: LogUnavailable | None = None  # refused when released from the loop
         # The offset of this run's last acknowledged append, and whether that covers all
         # it sent: none unanswered, and none that nobody waits for (a start, a log line)
@@ -315,6 +330,8 @@ class ExecutionRunner:
         self._unwaited_last = False  # the last event handed over was one nobody waits for
         self._thread = threading.get_ident()  # the event loop's: _held is its alone
         self._loop = asyncio.get_running_loop()
+        if self._after is not None:
+            self._after.add_done_callback(lambda _: self._release())
         self._occurrences: dict[str, int] = {}
         self._sleep_count = 0
         self._boundary = 0  # step, sleep and parallel calls made by the handler so far
@@ -402,10 +419,8 @@ class ExecutionRunner:
         items = self._held + list(more) if self._held else list(more)
         if not items:
             return
-        failed = self._failed()
-        if failed is not None:
-            if more:  # (called from the loop, it just keeps them: the run is stopping)
-                raise failed
+        if not self._may_send(raising=bool(more)):
+            self._held = items
             return
         try:
             futures = self.runtime.log.send_all(items)
@@ -430,6 +445,16 @@ class ExecutionRunner:
             if more:
                 raise refused
             self._lost = self._lost or refused
+
+    def _may_send(self, raising: bool) -> bool:
+        """False while what the run follows (``after``) is unanswered; False or raised (for
+        the caller's own append) once an append of the run failed: nothing follows it."""
+        failed = self._failed()
+        if failed is not None:
+            if raising:  # (called from the loop, it just keeps them: the run is stopping)
+                raise failed
+            return False
+        return self._after is None or self._after.done()  # (released on its answer)
 
     def _drop_unencodable(self, exc: UnencodableEventError) -> None:
         """A held event that can never be written (a bug upstream) must not stop every
@@ -466,6 +491,7 @@ class ExecutionRunner:
 
         ``unwaited=False`` (a step about to run): appends nobody waits for (starts, log
         lines) may stay held for the loop's next turn, or the step's completion."""
+        await self._after_runtime()
         if unwaited or any(waited for _, waited in self._held):
             self._release()
         if self._lost is not None:
@@ -490,6 +516,14 @@ class ExecutionRunner:
             else:
                 self._count_acked(future)
         self._unacked = kept
+
+    async def _after_runtime(self) -> None:
+        """Wait for the runtime's append this run follows (``after``); its refusal is raised
+        with the run's others."""
+        after = self._after
+        if after is not None and not after.done():
+            with contextlib.suppress(AppendError):
+                await asyncio.shield(after)
 
     def _count_acked(self, future: asyncio.Future[tuple[int, int]]) -> None:
         """An acknowledged append leaves ``_unacked``: the run's mark covers it."""
@@ -867,6 +901,10 @@ class ExecutionRunner:
         child = [self.runtime.child_id(self.id, key)]
 
         async def start_child() -> None:
+            await self._after_runtime()  # (a child of a parent the log never had: none)
+            failed = self._failed()
+            if failed is not None:
+                raise failed
             try:
                 child[0] = await self.runtime.trigger_child(
                     target.workflow, input, child[0], self.id, key, self.subject)

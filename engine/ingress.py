@@ -94,6 +94,13 @@ class Ingress:
         return self.burst or self._releasing
 
     @property
+    def lone(self) -> bool:
+        """Whether the trigger being accepted is the only one: it may start before its
+        acknowledgement (``Runtime._append_trigger``). With others, it starts on its
+        acknowledgement, when a burst they make is known."""
+        return self.accepting == 1 and not self.holding
+
+    @property
     def held(self) -> int:
         """How many executions wait: held by a burst, or not yet started after one."""
         return len(self._held) + len(self._starting)

@@ -281,10 +281,15 @@ class EventLog:
         ``partition`` is for events of no execution (a partition claim); every
         other event goes to its execution id's partition.
         """
+        return await self.send(event, partition)
+
+    def send(self, event: Event, partition: int | None = None) -> asyncio.Future[tuple[int, int]]:
+        """Hand ``event`` to the producer now; the future resolves on the acknowledgement
+        (to (partition, offset)) or the refusal (AppendError)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
         self._produce(event, self._resolved_on(loop, future), partition)
-        return await future
+        return future
 
     def append_nowait(self, event: Event, partition: int | None = None) -> None:
         """Append without waiting; the partition's order is kept all the same."""

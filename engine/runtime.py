@@ -22,6 +22,7 @@ partition, and asks no one.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import json
 import logging
@@ -247,29 +248,83 @@ class Runtime(Queries):
 
     def _fire_timer(self, eid: str, workflow: str, sleep_key: str, wake_at: int,
                     partition: int, done: Callable[[BaseException | None], None]) -> None:
-        """From the alarm thread (``engine.timers``): append ``TimerFired`` now. Once it is
-        acknowledged, the event loop resumes the execution with the value in hand,
-        before the loop folds that append (two turns later: ``Partitions.fold_acked``),
-        whose ``TimerFired`` then starts nothing; if the fetch's fold got there first,
-        it started it."""
+        """From the alarm thread (``engine.timers``): append ``TimerFired`` now.
+
+        The event loop wakes a plain sleep as the append goes out (``_wake_fired``):
+        its runner counts the ``TimerFired`` among its own appends in flight, so its
+        next step runs, and its end is acknowledged, only after it. Any other (a
+        wait's timeout, which races its event on the log) resumes once the append is
+        acknowledged, from the view as of right before it (``_resume_fired``). Either
+        way the fold's ``TimerFired`` then starts nothing; if the fetch's fold got
+        there first, it started it."""
         loop = self._loop
         assert loop is not None
+        event = Event(eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
+                      epoch=self.ownership.epoch_of(partition))
+        firing = _Firing(event, partition)
 
         def acked(error: AppendError | None, offset: int) -> None:
+            firing.acked = (error, offset)
             if error is None:
-                self._timer_acked(eid, workflow, sleep_key, partition, offset)
+                self.tracing.slept(self.views.get(partition), eid, workflow, sleep_key,
+                                   self.clock.now())
+            if firing.woken is not None:
+                _settle(firing.woken, error, partition, offset)
+            elif firing.looked and error is None:
+                self._resume_acked(firing, offset)
             done(error)  # (an error: the schedule tries again)
 
-        self.log.append_from_thread(Event(
-            eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
-            epoch=self.ownership.epoch_of(partition)), loop, acked)
+        self.log.append_from_thread(event, loop, acked)  # (it raises: tried again, too)
+        # After the append is handed over: whatever the runner appends comes after it.
+        loop.call_soon_threadsafe(self._wake_fired, firing)
 
-    def _timer_acked(self, eid: str, workflow: str, sleep_key: str, partition: int,
-                     offset: int) -> None:
+    def _wake_fired(self, firing: _Firing) -> None:
+        """Run a plain sleep's execution on from its view, as its ``TimerFired`` goes out:
+        the timer's round trip is not waited for (see ``_fire_timer``). Nothing but the
+        timer ends a sleep, and the replay waits for the run's own earlier appends, as a
+        start does (``_maybe_start``); in any doubt the acknowledgement resumes it."""
+        firing.looked = True
+        body = firing.event.body
+        assert isinstance(body, TimerFired)
+        eid, partition = firing.event.execution_id, firing.partition
+        if firing.acked is not None:  # acknowledged already (rare): resumed as acknowledged
+            error, offset = firing.acked
+            if error is None:
+                self._resume_acked(firing, offset)
+            return
         view = self.views.get(partition)
-        self.tracing.slept(view, eid, workflow, sleep_key, self.clock.now())
-        if view is not None and view.next_offset <= offset:  # (else the fold started it)
-            self._spawn(self._resume_fired(eid, sleep_key, partition, offset),
+        if (view is None or self.stopping or eid in self.runners or not self.may_run(partition)
+                or partition in self.stalled):
+            return
+        mark = self._appended_to.get(eid, -1)
+        if mark is None or view.next_offset <= mark:
+            return  # its last run's appends are not all folded: the ack path waits for them
+        record = view.record(eid)
+        if record is None or record["sleeping_on"] != body.sleep or waits.open_waits(record):
+            return  # (sleeping_on: not ended, not a wait; open waits: parallel ones)
+        workflow = self.worker.workflow(record["workflow"])
+        if workflow is None:
+            return
+        steps = view.steps(eid)
+        for step in steps:
+            if step["key"] == body.sleep and step["kind"] == "sleep":
+                step["status"] = ExecutionStatus.COMPLETED.value
+        assert self._loop is not None
+        firing.woken = self._loop.create_future()
+        self._fired_here.add((eid, body.sleep))
+        logged = view.log_positions(eid) if record["logs"] else []
+        self._run(ExecutionRunner(self, record, steps, workflow, logged,
+                                  after=(firing.woken, body)))
+
+    def _resume_acked(self, firing: _Firing, offset: int) -> None:
+        """A fired timer ``_wake_fired`` did not wake: resume it from the view as of right
+        before its ``TimerFired``, unless the fold got there first (and started it)."""
+        view = self.views.get(firing.partition)
+        body = firing.event.body
+        assert isinstance(body, TimerFired)
+        if view is not None and view.next_offset <= offset:
+            eid = firing.event.execution_id
+            self._spawn(self._resume_fired(eid, body.sleep, firing.partition, offset),
                         f"ploy-woke-{eid}")
 
     async def _resume_fired(self, eid: str, sleep_key: str, partition: int, offset: int) -> None:
@@ -711,20 +766,55 @@ class Runtime(Queries):
         return eid
 
     async def _append_trigger(self, wf: WorkflowDef, eid: str, body: WorkflowTriggered) -> None:
-        """Steps 4 and 5 of :meth:`trigger`."""
+        """Steps 4 and 5 of :meth:`trigger`.
+
+        A lone trigger (``Ingress.lone``) of a workflow with no flow control starts its
+        execution as the trigger goes out, not on the acknowledgement: meanwhile the
+        handler runs its replayable code, which nothing outside sees, up to its first
+        step, durable wait or end. Its runner follows the trigger (``after``): nothing
+        of the run is written, and no step's function runs, before the trigger is
+        acknowledged; if it is refused, the run stops there. A wait's time counts from
+        the handler's call, as always. Flow control decides on the acknowledgement.
+        """
+        caller = contextvars.copy_context()  # the runner's, not the trigger span's
         with self.tracing.trigger(wf.name, eid, body.trace_parent) as trace_parent:
             body = dataclasses.replace(body, trace_parent=trace_parent)  # engine.tracing
             event = Event(eid, wf.name, self.clock.now(), body, epoch=self.epoch_of(eid))
-            partition, offset = await self.log.append(event)
+            partition = self.log.partition_for(eid)
+            if (not self.ingress.lone or not self._may_start_new(eid, partition)
+                    or self.flow.rules_of(wf.name) is not None):
+                partition, offset = await self.log.append(event)
+                self._start_acked(wf, event, body, partition, offset)
+                return
+            sent = self.log.send(event)
+            self._started_on_ack.add(eid)
+            runner = ExecutionRunner(self, new_execution(event, body, partition), [], wf,
+                                     after=(sent, body))
+            caller.run(self._run, runner)
+            try:
+                await asyncio.shield(sent)
+            except AppendError:
+                self._started_on_ack.discard(eid)  # (its runner stops at its first wait)
+                raise
+
+    def _may_start_new(self, eid: str, partition: int) -> bool:
+        """Whether this process starts a new execution it triggers (else the fold does)."""
         view = self.views.get(partition)
-        if (view is not None and view.next_offset <= offset and partition in self.owned
-                and partition not in self.stalled and not self.stopping
-                and not self.ingress.holding and eid not in self.runners
+        return (view is not None and partition in self.owned and partition not in self.stalled
+                and not self.stopping and not self.ingress.holding and eid not in self.runners
                 and eid not in self._started_on_ack
-                and view.record(eid) is None and not view.gone(eid)):  # gone: retention
+                and view.record(eid) is None and not view.gone(eid))  # gone: retention
+
+    def _start_acked(self, wf: WorkflowDef, event: Event, body: WorkflowTriggered,
+                     partition: int, offset: int) -> None:
+        """Start a new execution on its trigger's acknowledgement, unless the fold got
+        there first, or flow control holds it back."""
+        view = self.views.get(partition)
+        if view is not None and view.next_offset <= offset and self._may_start_new(
+                event.execution_id, partition):
             record = new_execution(event, body, partition)
             if self.flow.admit(partition, self.ownership.epoch_of(partition), view, record):
-                self._started_on_ack.add(eid)
+                self._started_on_ack.add(event.execution_id)
                 self._run(ExecutionRunner(self, record, [], wf))
 
     # -- child executions and events for waiting executions ------------------------------
@@ -969,6 +1059,28 @@ class Runtime(Queries):
         partition, offset = await self.log.append(event, partition=0)
         return {"subject": subject, "key_destroyed": destroyed, "partition": partition,
                 "offset": offset}
+
+
+@dataclasses.dataclass
+class _Firing:
+    """A ``TimerFired`` on its way. Its acknowledgement and the look at waking its
+    execution (``Runtime._wake_fired``) both run on the event loop, in either order."""
+
+    event: Event
+    partition: int
+    acked: tuple[AppendError | None, int] | None = None
+    looked: bool = False  # _wake_fired has run
+    woken: asyncio.Future[tuple[int, int]] | None = None  # its runner's, if it woke one
+
+
+def _settle(future: asyncio.Future[tuple[int, int]], error: AppendError | None,
+            partition: int, offset: int) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result((partition, offset))
+    else:
+        future.set_exception(error)
 
 
 def _ending(end: Any) -> tuple[str, str | None, dict[str, str] | None]:
