@@ -71,7 +71,6 @@ from engine.events import (
     WorkflowFailed,
     WorkflowLog,
     WorkflowStarted,
-    WorkflowTriggered,
 )
 from engine.log import UnencodableEventError
 from engine.models import ExecutionStatus, ReceivedEvent
@@ -309,18 +308,15 @@ class ExecutionRunner:
         self._unacked: list[tuple[asyncio.Future[tuple[int, int]], Body]] = []
         self._held: list[tuple[Event, bool]] = []  # (event, waited)
         # ``after``: the runtime's append this run follows, sent right before it started
-        # (its trigger, its timer's firing): the run's first wait waits for it, and a
-        # refusal of it stops the run, as one of its own would. After a trigger, nothing
-        # of the run even goes to the producer before it is acknowledged: a refused
-        # trigger must leave no event of an execution the log never had (the fold would
-        # stop the partition on it). After a timer, the run's appends follow it in the
-        # producer's order, as what a run sends after a step's completion does
-        # (``EventLog.send_all`` says what that promises).
+        # (its trigger, its timer's firing). Nothing of the run goes to the producer
+        # before it is acknowledged, and a refusal of it stops the run, as one of its own
+        # would: a refused trigger leaves no event of an execution the log never had (the
+        # fold would stop the partition on it), a refused firing no step start before
+        # the sleep's end (a replay would count it as an attempt).
         self._after: asyncio.Future[tuple[int, int]] | None = None
         if after is not None:
+            self._after = after[0]
             self._unacked.append(after)
-            if isinstance(after[1], WorkflowTriggered):
-                self._after = after[0]
         self._lost: LogUnavailable | None = None  # refused when released from the loop
         # The offset of this run's last acknowledged append, and whether that covers all
         # it sent: none unanswered, and none that nobody waits for (a start, a log line)
