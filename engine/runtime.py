@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import (
@@ -104,6 +105,11 @@ user_log = logging.getLogger("ploy.workflow")  # what the terminal of `ploy dev`
 ID_NAMESPACE = uuid.UUID("6f1c1d1e-9a43-4b8e-9a55-3e1f0c2b7d10")
 RUNNABLE = (ExecutionStatus.QUEUED.value, ExecutionStatus.RUNNING.value)
 RESERVED_EVENT_PREFIX = "ploy."  # event types only the engine sends (CHILD_ENDED)
+# TimerFired appends unanswered up to which a sleep wakes before its acknowledgement.
+# Beyond, many are due at once and the loop, not the round trip, is what they wait for:
+# waking on the acknowledgement costs less. engine.bench sleepers (10,000 due at once),
+# alternating: woken early, every one, 4.5-5.9 s; -> 3.7-5.4 s as before.
+WAKE_EARLY_AT_MOST = 8
 
 
 class Runtime(Queries):
@@ -151,6 +157,9 @@ class Runtime(Queries):
         self._resume_after: set[str] = set()
         self._started_on_ack: set[str] = set()  # triggered here; skip its WorkflowTriggered
         self._fired_here: set[tuple[str, str]] = set()  # woken here; skip its TimerFired
+        self._firings = 0  # TimerFired appends handed over, not answered yet (on the loop)
+        self._fired: list[_Firing] = []  # handed over by the alarm thread, for the loop
+        self._fired_lock = threading.Lock()
         # Execution -> the last offset a run of it here had acknowledged, while the view
         # may not hold it yet (None: a run that stopped with appends unanswered, or whose
         # last were ones nobody waits for). A replay waits for that fold, so that it
@@ -264,6 +273,7 @@ class Runtime(Queries):
         firing = _Firing(event, partition)
 
         def acked(error: AppendError | None, offset: int) -> None:
+            self._firings -= 1
             firing.acked = (error, offset)
             if error is None:
                 self.tracing.slept(self.views.get(partition), eid, workflow, sleep_key,
@@ -275,8 +285,18 @@ class Runtime(Queries):
             done(error)  # (an error: the schedule tries again)
 
         self.log.append_from_thread(event, loop, acked)  # (it raises: tried again, too)
-        # After the append is handed over: whatever the runner appends comes after it.
-        loop.call_soon_threadsafe(self._wake_fired, firing)
+        with self._fired_lock:  # one wake-up of the loop for the firings of one moment
+            self._fired.append(firing)
+            if len(self._fired) > 1:
+                return
+        loop.call_soon_threadsafe(self._wake_all_fired)
+
+    def _wake_all_fired(self) -> None:
+        with self._fired_lock:
+            fired, self._fired = self._fired, []
+        self._firings += len(fired)
+        for firing in fired:
+            self._wake_fired(firing)
 
     def _wake_fired(self, firing: _Firing) -> None:
         """Run a plain sleep's execution on from its view, as its ``TimerFired`` goes out:
@@ -292,6 +312,8 @@ class Runtime(Queries):
             if error is None:
                 self._resume_acked(firing, offset)
             return
+        if self._firings > WAKE_EARLY_AT_MOST:
+            return  # many due at once: each resumes on its acknowledgement
         view = self.views.get(partition)
         if (view is None or self.stopping or eid in self.runners or not self.may_run(partition)
                 or partition in self.stalled):
