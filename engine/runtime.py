@@ -263,7 +263,7 @@ class Runtime(Queries):
         its runner counts the ``TimerFired`` among its own appends in flight, so its
         next step runs, and its end is acknowledged, only after it. Any other (a
         wait's timeout, which races its event on the log) resumes once the append is
-        acknowledged, from the view as of right before it (``_resume_fired``). Either
+        acknowledged, from the view as of right before it (``_resume_acked``). Either
         way the fold's ``TimerFired`` then starts nothing; if the fetch's fold got
         there first, it started it."""
         loop = self._loop
@@ -304,9 +304,6 @@ class Runtime(Queries):
         timer ends a sleep, and the replay waits for the run's own earlier appends, as a
         start does (``_maybe_start``); in any doubt the acknowledgement resumes it."""
         firing.looked = True
-        body = firing.event.body
-        assert isinstance(body, TimerFired)
-        eid, partition = firing.event.execution_id, firing.partition
         if firing.acked is not None:  # acknowledged already (rare): resumed as acknowledged
             error, offset = firing.acked
             if error is None:
@@ -314,16 +311,53 @@ class Runtime(Queries):
             return
         if self._firings > WAKE_EARLY_AT_MOST:
             return  # many due at once: each resumes on its acknowledgement
+        eid, partition = firing.event.execution_id, firing.partition
         view = self.views.get(partition)
-        if (view is None or self.stopping or eid in self.runners or not self.may_run(partition)
-                or partition in self.stalled):
+        if view is None or not self._may_resume(eid, partition):
             return
         mark = self._appended_to.get(eid, -1)
-        if mark is None or view.next_offset <= mark:
-            return  # its last run's appends are not all folded: the ack path waits for them
+        if mark is not None and view.next_offset > mark:  # (else the ack path waits for it)
+            self._resume_timed(view, firing)
+
+    def _resume_acked(self, firing: _Firing, offset: int) -> None:
+        """A fired timer ``_wake_fired`` did not wake: resume it from the view as of right
+        before its ``TimerFired``, unless the fold got there first (and started it)."""
+        view = self.views.get(firing.partition)
+        if view is None or view.next_offset > offset:
+            return
+        if view.next_offset < offset:  # the view lacks records before it: once it has them
+            eid = firing.event.execution_id
+            self._spawn(self._resume_folded(firing, offset), f"ploy-woke-{eid}")
+        elif self._may_resume(firing.event.execution_id, firing.partition):
+            self._resume_timed(view, firing, acked=True)
+
+    async def _resume_folded(self, firing: _Firing, offset: int) -> None:
+        await self.partitions.folded(firing.partition, offset - 1)
+        view = self.views.get(firing.partition)
+        if (view is not None and view.next_offset == offset
+                and self._may_resume(firing.event.execution_id, firing.partition)):
+            self._resume_timed(view, firing, acked=True)  # (else the fold started it)
+
+    def _may_resume(self, eid: str, partition: int) -> bool:
+        return not (self.stopping or eid in self.runners or not self.may_run(partition)
+                    or partition in self.stalled)
+
+    def _resume_timed(self, view: PartitionView, firing: _Firing, acked: bool = False) -> None:
+        """Start the runner of an execution whose sleep (or wait, once ``acked``) this
+        process fired, from ``view`` plus that firing: acknowledged, or on its way (then
+        the runner follows it)."""
+        eid = firing.event.execution_id
+        body = firing.event.body
+        assert isinstance(body, TimerFired)
         record = view.record(eid)
-        if record is None or record["sleeping_on"] != body.sleep or waits.open_waits(record):
-            return  # (sleeping_on: not ended, not a wait; open waits: parallel ones)
+        if record is None:
+            return
+        opened = waits.open_waits(record)
+        if record["sleeping_on"] != body.sleep and (not acked or body.sleep not in opened):
+            return  # cancelled meanwhile, or an event came first (a wait's timeout races
+            # its event: on the log, not before)
+        if [w for w in opened if w != body.sleep]:
+            return  # parallel waits: it runs once the fold has ended the last of them
         workflow = self.worker.workflow(record["workflow"])
         if workflow is None:
             return
@@ -331,49 +365,16 @@ class Runtime(Queries):
         for step in steps:
             if step["key"] == body.sleep and step["kind"] == "sleep":
                 step["status"] = ExecutionStatus.COMPLETED.value
-        assert self._loop is not None
-        firing.woken = self._loop.create_future()
+            elif step["key"] == body.sleep and step["kind"] in waits.WAIT_KINDS:
+                step["status"] = waits.TIMED_OUT
+        after = None
+        if not acked:
+            assert self._loop is not None
+            firing.woken = self._loop.create_future()
+            after = (firing.woken, body)
         self._fired_here.add((eid, body.sleep))
         logged = view.log_positions(eid) if record["logs"] else []
-        self._run(ExecutionRunner(self, record, steps, workflow, logged,
-                                  after=(firing.woken, body)))
-
-    def _resume_acked(self, firing: _Firing, offset: int) -> None:
-        """A fired timer ``_wake_fired`` did not wake: resume it from the view as of right
-        before its ``TimerFired``, unless the fold got there first (and started it)."""
-        view = self.views.get(firing.partition)
-        body = firing.event.body
-        assert isinstance(body, TimerFired)
-        if view is not None and view.next_offset <= offset:
-            eid = firing.event.execution_id
-            self._spawn(self._resume_fired(eid, body.sleep, firing.partition, offset),
-                        f"ploy-woke-{eid}")
-
-    async def _resume_fired(self, eid: str, sleep_key: str, partition: int, offset: int) -> None:
-        """Start the runner of a sleep this process just fired, from the view as it stands
-        right before the ``TimerFired`` at ``offset`` plus that firing."""
-        await self.partitions.folded(partition, offset - 1)
-        view = self.views.get(partition)
-        if (view is None or view.next_offset > offset or self.stopping or eid in self.runners
-                or not self.may_run(partition)):
-            return  # the fold got there first (and started it), or it is not ours to run
-        record = view.record(eid)
-        if record is None or (record["sleeping_on"] != sleep_key
-                              and sleep_key not in waits.open_waits(record)):
-            return  # cancelled meanwhile, or an event came first: the fold decides
-        if [w for w in waits.open_waits(record) if w != sleep_key]:
-            return  # parallel waits: it runs once the fold has ended the last of them
-        workflow = self.worker.workflow(record["workflow"])
-        if workflow is None:
-            return
-        steps = view.steps(eid)
-        for step in steps:
-            if step["key"] == sleep_key and step["kind"] == "sleep":
-                step["status"] = ExecutionStatus.COMPLETED.value
-            elif step["key"] == sleep_key and step["kind"] in waits.WAIT_KINDS:
-                step["status"] = waits.TIMED_OUT
-        self._fired_here.add((eid, sleep_key))
-        self._run_recorded(view, record, workflow, steps)
+        self._run(ExecutionRunner(self, record, steps, workflow, logged, after=after))
 
     def advertise(self, url: str) -> None:
         """The address of this process's engine API, where others send their queries."""
