@@ -65,12 +65,14 @@ from engine.events import (
     StepCompleted,
     StepFailed,
     StepStarted,
+    TimerFired,
     WaitStarted,
     WorkflowCancelled,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowLog,
     WorkflowStarted,
+    WorkflowTriggered,
 )
 from engine.log import UnencodableEventError
 from engine.models import ExecutionStatus, ReceivedEvent
@@ -314,9 +316,12 @@ class ExecutionRunner:
         # fold would stop the partition on it), a refused firing no step start before
         # the sleep's end (a replay would count it as an attempt).
         self._after: asyncio.Future[tuple[int, int]] | None = None
+        self._waking: str | None = None  # the sleep that firing ends
         if after is not None:
             self._after = after[0]
             self._unacked.append(after)
+            if isinstance(after[1], TimerFired):
+                self._waking = after[1].sleep
         self._lost: LogUnavailable | None = None  # refused when released from the loop
         # The offset of this run's last acknowledged append, and whether that covers all
         # it sent: none unanswered, and none that nobody waits for (a start, a log line)
@@ -447,9 +452,9 @@ class ExecutionRunner:
         the caller's own append) once an append of the run failed: nothing follows it."""
         failed = self._failed()
         if failed is not None:
-            if raising:  # (called from the loop, it just keeps them: the run is stopping)
+            if raising:
                 raise failed
-            return False
+            return False  # (called from the loop, it just keeps them: the run is stopping)
         return self._after is None or self._after.done()  # (released on its answer)
 
     def _drop_unencodable(self, exc: UnencodableEventError) -> None:
@@ -514,12 +519,15 @@ class ExecutionRunner:
         self._unacked = kept
 
     async def _after_runtime(self) -> None:
-        """Wait for the runtime's append this run follows (``after``); its refusal is raised
-        with the run's others."""
+        """Wait for the runtime's append this run follows (``after``); raise a refusal of it
+        (or of any other append of the run) as the run's LogUnavailable."""
         after = self._after
         if after is not None and not after.done():
             with contextlib.suppress(AppendError):
                 await asyncio.shield(after)
+        failed = self._failed()
+        if failed is not None:
+            raise failed
 
     def _count_acked(self, future: asyncio.Future[tuple[int, int]]) -> None:
         """An acknowledged append leaves ``_unacked``: the run's mark covers it."""
@@ -615,6 +623,8 @@ class ExecutionRunner:
                 refused = AppendError(self.runtime.log.topic, f"the output was refused: {exc}")
                 await self._end(WorkflowFailed(*error_fields(refused)))
         except LogUnavailable as exc:
+            if isinstance(exc.refused, WorkflowTriggered):  # it ran ahead of its trigger,
+                return Outcome.ENDED  # which was refused: its caller has the error
             logger.warning("execution %s: %s; it resumes later", self.id, exc)
             await self._settled()
             return Outcome.RETRY_LATER
@@ -858,6 +868,9 @@ class ExecutionRunner:
         recorded = self.sleeps.get(key)
         if recorded is not None:
             if recorded["status"] == "completed":
+                if key == self._waking:  # woken as its TimerFired went out: on once the
+                    await self._after_runtime()  # log has it, and what came before it
+                    await self._checkpoint()  # (a cancel written before it)
                 return
             raise Suspend  # still waiting for its timer
         await self._append(SleepScheduled(key, ms, self._wake_at(ms, duration)))
@@ -897,10 +910,6 @@ class ExecutionRunner:
         child = [self.runtime.child_id(self.id, key)]
 
         async def start_child() -> None:
-            await self._after_runtime()  # (a child of a parent the log never had: none)
-            failed = self._failed()
-            if failed is not None:
-                raise failed
             try:
                 child[0] = await self.runtime.trigger_child(
                     target.workflow, input, child[0], self.id, key, self.subject)

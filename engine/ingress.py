@@ -11,8 +11,9 @@ anything runs, too).
 So while a burst is being accepted, new executions wait:
 
 1. A burst begins when ``BURST`` triggers are being accepted at once (from the
-   call to the acknowledgement). Fewer at once start as before, on the
-   acknowledgement: a lone or sequential caller waits for nothing more.
+   call to the acknowledgement). Fewer at once start on the acknowledgement, and
+   a lone one as it goes out (``lone``): a lone or sequential caller waits for
+   nothing more.
 2. During a burst, every execution the fold makes startable by its
    ``WorkflowTriggered`` (this process's triggers, another process's, a
    child's) is held, in log order.

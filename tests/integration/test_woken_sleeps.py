@@ -1,7 +1,8 @@
-"""A plain sleep's execution runs on as its ``TimerFired`` goes out, before the
-acknowledgement (``Runtime._wake_fired``); what comes after the sleep waits for it:
-the next step's function runs, and the end is acknowledged, only once the timer is on
-the log, and nothing of the run goes to the producer before it.
+"""A plain sleep's execution is replayed as its ``TimerFired`` goes out, before the
+acknowledgement (``Runtime._wake_fired``), and its sleep returns once the log has the
+firing and the view what the log has before it: nothing after the sleep runs, and
+nothing of the run goes to the producer, before that; a cancel written before the
+firing ends the run at its sleep, as it does when the firing is waited for.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import pytest
 
 from engine import ploy
 from engine.errors import AppendError
-from engine.events import TimerFired
+from engine.events import CancelRequested, Event, TimerFired
+from engine.log import EventLog
 from engine.testing import engine_config, running_engine
 from tests.integration.test_own_appends import assert_rebuild_is_identical
 
-REACHED: list[int] = []  # the handler's code after its sleep (replayable: it may run again)
+REACHED: list[int] = []  # the handler's code after its sleep
 RAN: list[int] = []  # the step after the sleep
 
 
@@ -86,12 +88,13 @@ async def test_the_step_after_a_woken_sleep_waits_for_its_timer_on_the_log(
         monkeypatch: pytest.MonkeyPatch) -> None:
     config = engine_config(kafka, topic_prefix, state_dir, workflow={"NAP": "nap"})
     async with running_engine(worker(), config) as engine:
-        timers = HeldTimers(engine.runtime, monkeypatch)
+        runtime = engine.runtime
+        timers = HeldTimers(runtime, monkeypatch)
         handle = await engine.env.NAP.trigger({"n": 1, "ms": 300})
-        await wait_for(lambda: REACHED == [1], "the handler past its sleep")
+        await wait_for(lambda: timers.fired == 1 and handle.execution_id in runtime.runners,
+                       "woken as its timer went out")
         await asyncio.sleep(0.3)
-        # Woken as the timer went out; the step waits for its acknowledgement.
-        assert timers.fired == 1 and RAN == []
+        assert REACHED == [] and RAN == []  # at its sleep, until the firing is answered
         timers.answer()
         assert await handle.result(timeout=10) == 1
         assert RAN == [1]
@@ -106,12 +109,14 @@ async def test_a_woken_sleep_whose_timer_is_refused_wakes_again_and_runs_its_ste
         monkeypatch: pytest.MonkeyPatch) -> None:
     config = engine_config(kafka, topic_prefix, state_dir, workflow={"NAP": "nap"})
     async with running_engine(worker(), config) as engine:
-        timers = HeldTimers(engine.runtime, monkeypatch, refuse=True)
+        runtime = engine.runtime
+        timers = HeldTimers(runtime, monkeypatch, refuse=True)
         handle = await engine.env.NAP.trigger({"n": 2, "ms": 200})
-        await wait_for(lambda: REACHED == [2], "the handler past its sleep")
-        timers.answer()  # refused: the run stops at its step; the schedule fires again
+        await wait_for(lambda: timers.fired == 1 and handle.execution_id in runtime.runners,
+                       "woken as its timer went out")
+        timers.answer()  # refused: the run stops at its sleep; the schedule fires again
         assert await handle.result(timeout=10) == 2
-        assert RAN == [2] and timers.fired == 1
+        assert REACHED == RAN == [2] and timers.fired == 1
         execution = await engine.env.NAP.get_execution(handle.execution_id)
         assert execution is not None and execution.status == "completed"
         # Nothing of the run that woke on the refused firing reached the log: the step's
@@ -119,4 +124,42 @@ async def test_a_woken_sleep_whose_timer_is_refused_wakes_again_and_runs_its_ste
         history = [e.type for e in await engine.runtime.history(handle.execution_id) or []]
         assert history == ["WorkflowTriggered", "WorkflowStarted", "SleepScheduled",
                            "TimerFired", "StepStarted", "StepCompleted", "WorkflowCompleted"]
+    assert_rebuild_is_identical(kafka, topic_prefix, state_dir)
+
+
+async def test_a_cancel_written_before_the_firing_ends_the_woken_run_at_its_sleep(
+        kafka: str, topic_prefix: str, state_dir: Path, no_fetch: dict[str, bool]) -> None:
+    """The cancel comes from another process's producer, and this process's fetch is off:
+    its view lacks the cancel when the timer fires (after it, on the log) and wakes the
+    run. The sleep returns only once the fold has the cancel: the run ends cancelled,
+    and nothing after the sleep ran."""
+    config = engine_config(kafka, topic_prefix, state_dir, workflow={"NAP": "nap"})
+    async with running_engine(worker(), config) as engine:
+        runtime = engine.runtime
+        other = EventLog(kafka, topic_prefix)
+        try:
+            handle = await engine.env.NAP.trigger({"n": 3, "ms": 2000})
+            await wait_for(lambda: handle.execution_id not in runtime.runners, "asleep")
+            no_fetch["fetch"] = False
+            _, cancel_at = await asyncio.to_thread(other.append_sync, Event(
+                handle.execution_id, "nap", 1, CancelRequested("from elsewhere", "test")))
+        finally:
+            other.close()
+        await wait_for(lambda: handle.execution_id in runtime.runners, "woken by its timer")
+        await asyncio.sleep(0.3)
+        assert REACHED == [] and RAN == []  # the woken run waits at its sleep
+        no_fetch["fetch"] = True
+        history: list[Any] = []
+        for _ in range(2000):  # the run writes the end: its children and parent are told
+            history = await runtime.history(handle.execution_id) or []
+            if history and history[-1].type == "WorkflowCancelled":
+                break
+            await asyncio.sleep(0.01)
+        execution = await engine.env.NAP.get_execution(handle.execution_id)
+        assert execution is not None and execution.status == "cancelled"
+        fired = next(e for e in history if e.type == "TimerFired")
+        assert fired.offset > cancel_at  # the firing came after the cancel on the log
+        assert history[-1].type == "WorkflowCancelled"
+        assert "StepStarted" not in [e.type for e in history]
+        assert REACHED == [] and RAN == []
     assert_rebuild_is_identical(kafka, topic_prefix, state_dir)
