@@ -841,7 +841,8 @@ class Runtime(Queries):
             body = dataclasses.replace(body, trace_parent=trace_parent)  # engine.tracing
             event = Event(eid, wf.name, self.clock.now(), body, epoch=self.epoch_of(eid))
             partition = self.log.partition_for(eid)
-            if (not ahead or not self._may_start_new(eid, partition)
+            drawn = body.idempotency_key is None and body.parent_id is None
+            if (not ahead or not self._may_start_new(eid, partition, drawn)
                     or self.flow.rules_of(wf.name) is not None):
                 partition, offset = await self.log.append(event)
                 caller.run(self._start_acked, wf, event, body, partition, offset)
@@ -860,13 +861,15 @@ class Runtime(Queries):
         if sent.cancelled() or sent.exception() is not None:
             self._started_on_ack.discard(eid)
 
-    def _may_start_new(self, eid: str, partition: int) -> bool:
-        """Whether this process starts a new execution it triggers (else the fold does)."""
+    def _may_start_new(self, eid: str, partition: int, drawn: bool = False) -> bool:
+        """Whether this process starts a new execution it triggers (else the fold does).
+        ``drawn``: an id just drawn at random, which no view can hold yet (no reads)."""
         view = self.views.get(partition)
         return (view is not None and partition in self.owned and partition not in self.stalled
                 and not self.stopping and not self.ingress.holding and eid not in self.runners
                 and eid not in self._started_on_ack
-                and view.record(eid) is None and not view.gone(eid))  # gone: retention
+                and (drawn or (view.record(eid) is None
+                               and not view.gone(eid))))  # gone: retention
 
     def _start_acked(self, wf: WorkflowDef, event: Event, body: WorkflowTriggered,
                      partition: int, offset: int) -> None:
