@@ -141,6 +141,7 @@ async def test_a_cancel_written_before_the_firing_ends_the_woken_run_at_its_slee
             handle = await engine.env.NAP.trigger({"n": 3, "ms": 2000})
             await wait_for(lambda: handle.execution_id not in runtime.runners, "asleep")
             no_fetch["fetch"] = False
+            await asyncio.sleep(0.3)  # (a poll under way still brings what arrives during it)
             _, cancel_at = await asyncio.to_thread(other.append_sync, Event(
                 handle.execution_id, "nap", 1, CancelRequested("from elsewhere", "test")))
         finally:
