@@ -188,3 +188,35 @@ async def test_a_burst_of_triggers_that_fail_leaves_no_burst_behind(
         handle = await engine.env.BUMP.trigger({"n": 1})
         assert handle.execution_id in runtime.runners  # started on its acknowledgement
         assert await handle.result(timeout=10) == 2
+
+
+async def test_a_refused_lone_trigger_whose_caller_gave_up_may_be_sent_again(
+        kafka: str, topic_prefix: str, state_dir: Path, long_grace: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller stops waiting (its own timeout, say) before the broker refuses the
+    trigger: sent again with the same key, the execution starts and runs."""
+    config = engine_config(kafka, topic_prefix, state_dir, workflow={"BUMP": "bump"})
+    async with running_engine(worker(), config) as engine:
+        runtime = engine.runtime
+        send = runtime.log.send
+        gate = _acks_held(runtime, monkeypatch, refuse=True)
+        caller = asyncio.ensure_future(engine.env.BUMP.trigger({"n": 4}, idempotency_key="k"))
+        for _ in range(100):
+            if REACHED == [4]:
+                break
+            await asyncio.sleep(0.01)
+        eid = next(iter(runtime.runners))
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        gate.set()
+        for _ in range(100):
+            if eid not in runtime.runners:
+                break
+            await asyncio.sleep(0.01)
+        assert eid not in runtime.runners and eid not in runtime._started_on_ack
+        monkeypatch.setattr(runtime.log, "send", send)
+        handle = await engine.env.BUMP.trigger({"n": 4}, idempotency_key="k")
+        assert handle.execution_id == eid
+        assert await handle.result(timeout=10) == 5
+        assert RAN == [4]
