@@ -9,6 +9,9 @@ Producer settings that the engine controls: ``enable.idempotence`` and
 is kept even for appends that nobody waits for), and ``linger.ms=0``: a step
 waits on its completion's acknowledgement, so any linger is added to every
 step; under load, records still batch while earlier requests are in flight.
+By default (``kafka.config`` may change it) the producer's sockets send at once
+(``socket.nagle.disable``): an append after an idle moment, alternating five
+rounds of 40 each, 0.91-1.04 ms p50 against 0.96-1.12 ms with Nagle's algorithm.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ Wake = Callable[[asyncio.AbstractEventLoop | None, Callable[[], None] | None], N
 # Events of one execution appended together (send_all) up to this size each go as one
 # produce_batch: one record batch, well under any broker's message and batch limits.
 BATCH_RECORD_BYTES = 64 * 1024
-PRODUCER_DEFAULTS = {"linger.ms": 0, "compression.type": "none"}
+PRODUCER_DEFAULTS = {"linger.ms": 0, "compression.type": "none", "socket.nagle.disable": True}
 PRODUCER_FIXED = {"enable.idempotence": True, "acks": "all"}
 CONSUMER_DEFAULTS = {"fetch.wait.max.ms": 10, "fetch.min.bytes": 1}
 CONSUMER_FIXED = {"enable.auto.commit": False, "auto.offset.reset": "earliest"}
