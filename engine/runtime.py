@@ -263,13 +263,13 @@ class Runtime(Queries):
                     partition: int, done: Callable[[BaseException | None], None]) -> None:
         """From the alarm thread (``engine.timers``): append ``TimerFired`` now.
 
-        The event loop wakes a plain sleep as the append goes out (``_wake_fired``):
-        its runner counts the ``TimerFired`` among its own appends in flight, so its
-        next step runs, and its end is acknowledged, only after it. Any other (a
-        wait's timeout, which races its event on the log) resumes once the append is
-        acknowledged, from the view as of right before it (``_resume_acked``). Either
-        way the fold's ``TimerFired`` then starts nothing; if the fetch's fold got
-        there first, it started it."""
+        The event loop replays a plain sleep's execution as the append goes out
+        (``_wake_fired``), and its sleep returns once the append is acknowledged and
+        the view holds what the log has before it (``_settle_woken``). Any other (a
+        wait's timeout, which races its event on the log; many due at once) resumes
+        once the append is acknowledged, from the view as of right before it
+        (``_resume_acked``). Either way the fold's ``TimerFired`` then starts nothing;
+        if the fetch's fold got there first, it started it."""
         loop = self._loop
         assert loop is not None
         event = Event(eid, workflow, self.clock.now(), TimerFired(sleep_key, wake_at),
@@ -307,13 +307,13 @@ class Runtime(Queries):
             try:
                 self._wake_fired(firing)
             except Exception:  # (its acknowledgement resumes it)
-                logger.exception("timer %s of %s", firing.event.body, firing.event.execution_id)
+                logger.exception("waking execution %s", firing.event.execution_id)
 
     def _wake_fired(self, firing: _Firing) -> None:
-        """Run a plain sleep's execution on from its view, as its ``TimerFired`` goes out:
-        the timer's round trip is not waited for (see ``_fire_timer``). Nothing but the
-        timer ends a sleep, and the replay waits for the run's own earlier appends, as a
-        start does (``_maybe_start``); in any doubt the acknowledgement resumes it."""
+        """Replay a plain sleep's execution from its view as its ``TimerFired`` goes out,
+        while the firing makes its round trip (see ``_fire_timer``). Only if the view
+        holds the run's own earlier appends, as for a start (``_maybe_start``); in any
+        doubt the acknowledgement resumes it."""
         firing.looked = True
         if firing.acked is not None:  # acknowledged already (rare): resumed as acknowledged
             error, offset = firing.acked
