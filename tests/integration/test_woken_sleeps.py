@@ -53,7 +53,10 @@ class HeldTimers:
             self.fired += 1
 
             def later(error: AppendError | None, offset: int) -> None:  # on the loop
-                self._answers.append(lambda: done(error, offset))
+                if self._open:
+                    done(error, offset)
+                else:
+                    self._answers.append(lambda: done(error, offset))
 
             if refuse:
                 error = AppendError(runtime.log.topic, "refused (test)")
