@@ -88,6 +88,15 @@ async def test_a_lone_trigger_starts_its_execution_at_once(
             assert await handle.result(timeout=10) == n + 1
 
 
+async def until(check: Any, timeout_s: float = 5.0) -> None:
+    """Wait until ``check()`` holds; AssertionError if it does not within ``timeout_s``."""
+    for _ in range(int(timeout_s / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached in time")
+
+
 def _acks_held(runtime: Any, monkeypatch: pytest.MonkeyPatch,
                refuse: bool = False) -> asyncio.Event:
     """Appends answered only once the returned event is set: acknowledged (the record
@@ -138,17 +147,12 @@ async def test_a_lone_trigger_the_broker_refuses_leaves_no_execution(
         send = runtime.log.send
         gate = _acks_held(runtime, monkeypatch, refuse=True)
         trigger = asyncio.ensure_future(engine.env.BUMP.trigger({"n": 7}))
-        for _ in range(20):
-            await asyncio.sleep(0.01)
-        assert REACHED == [7]
+        await until(lambda: REACHED == [7])
         eid = next(iter(runtime.runners))
         gate.set()
         with pytest.raises(AppendError, match="refused"):
             await trigger
-        for _ in range(100):
-            if eid not in runtime.runners:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: eid not in runtime.runners)
         # Its runner stopped at its step, which never ran; nothing was started for it,
         # and the retry a stopped run gets finds no execution to run.
         assert eid not in runtime.runners and RAN == []
@@ -201,19 +205,13 @@ async def test_a_refused_lone_trigger_whose_caller_gave_up_may_be_sent_again(
         send = runtime.log.send
         gate = _acks_held(runtime, monkeypatch, refuse=True)
         caller = asyncio.ensure_future(engine.env.BUMP.trigger({"n": 4}, idempotency_key="k"))
-        for _ in range(100):
-            if REACHED == [4]:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: REACHED == [4])
         eid = next(iter(runtime.runners))
         caller.cancel()
         with pytest.raises(asyncio.CancelledError):
             await caller
         gate.set()
-        for _ in range(100):
-            if eid not in runtime.runners:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: eid not in runtime.runners)
         assert eid not in runtime.runners and eid not in runtime._started_on_ack
         monkeypatch.setattr(runtime.log, "send", send)
         handle = await engine.env.BUMP.trigger({"n": 4}, idempotency_key="k")
