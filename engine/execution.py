@@ -519,10 +519,12 @@ class ExecutionRunner:
         self._unacked = kept
 
     async def _after_runtime(self) -> None:
-        """Wait for the runtime's append this run follows (``after``); raise a refusal of it
-        (or of any other append of the run) as the run's LogUnavailable."""
+        """Wait for the runtime's append this run follows (``after``, if any); raise a
+        refusal of it (or of another append of the run) as the run's LogUnavailable."""
         after = self._after
-        if after is not None and not after.done():
+        if after is None:
+            return
+        if not after.done():
             with contextlib.suppress(AppendError):
                 await asyncio.shield(after)
         failed = self._failed()
