@@ -492,7 +492,8 @@ class ExecutionRunner:
 
         ``unwaited=False`` (a step about to run): appends nobody waits for (starts, log
         lines) may stay held for the loop's next turn, or the step's completion."""
-        await self._after_runtime()
+        if self._after is not None:
+            await self._after_runtime()
         if unwaited or any(waited for _, waited in self._held):
             self._release()
         if self._lost is not None:

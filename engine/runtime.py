@@ -367,10 +367,7 @@ class Runtime(Queries):
 
     async def _resume_folded(self, firing: _Firing, offset: int) -> None:
         await self.partitions.folded(firing.partition, offset - 1)
-        view = self.views.get(firing.partition)
-        if (view is not None and view.next_offset == offset
-                and self._may_resume(firing.event.execution_id, firing.partition)):
-            self._resume_timed(view, firing, acked=True)  # (else the fold started it)
+        self._resume_acked(firing, offset)  # (the view is as of right before it, or past it)
 
     def _may_resume(self, eid: str, partition: int) -> bool:
         return not (self.stopping or eid in self.runners or not self.may_run(partition)
@@ -407,8 +404,7 @@ class Runtime(Queries):
             firing.woken = self._loop.create_future()
             after = (firing.woken, body)
         self._fired_here.add((eid, body.sleep))
-        logged = view.log_positions(eid) if record["logs"] else []
-        self._run(ExecutionRunner(self, record, steps, workflow, logged, after=after))
+        self._run_recorded(view, record, workflow, steps, after)
 
     def advertise(self, url: str) -> None:
         """The address of this process's engine API, where others send their queries."""
@@ -630,10 +626,13 @@ class Runtime(Queries):
             self._maybe_start(eid)
 
     def _run_recorded(self, view: PartitionView, record: dict[str, Any], workflow: WorkflowDef,
-                      steps: list[dict[str, Any]]) -> None:
-        """Run an execution from what ``view`` recorded of it (its steps, its log positions)."""
+                      steps: list[dict[str, Any]],
+                      after: tuple[asyncio.Future[tuple[int, int]], TimerFired] | None = None
+                      ) -> None:
+        """Run an execution from what ``view`` recorded of it (its steps, its log positions);
+        ``after``: a firing on its way, which the run follows."""
         logged = view.log_positions(record["id"]) if record["logs"] else []
-        self._run(ExecutionRunner(self, record, steps, workflow, logged))
+        self._run(ExecutionRunner(self, record, steps, workflow, logged, after=after))
 
     async def _start_when_folded(self, eid: str, partition: int, offset: int) -> None:
         try:
